@@ -1,0 +1,262 @@
+"""Hugging Face checkpoint layout (SPEC section 4) and loading.
+
+`checkpoint_layout(config)` is the one map of tensor names and shapes: the loader checks files
+against it and the checkpoint writer writes it. `load_checkpoint` streams tensors from memory-mapped
+safetensors files into the model's (possibly fused, stacked or sharded) parameters, one tensor at a
+time, so peak memory stays near the size of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .config import Param2MoEConfig
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or tensor is missing, unexpected or of the wrong shape; the message names it."""
+
+
+# ---------------------------------------------------------------------------- the name map
+def checkpoint_layout(cfg: Param2MoEConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config holds (MTP layers aside), with its shape."""
+    h, d, v = cfg.hidden_size, cfg.head_size, cfg.vocab_size
+    nh, nkv = cfg.num_attention_heads, cfg.num_kv_heads
+    out: dict[str, tuple[int, ...]] = {"model.word_embeddings.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        out[p + "attention.query_key_value.weight"] = ((nh + 2 * nkv) * d, h)
+        if cfg.use_qkv_bias:
+            out[p + "attention.query_key_value.bias"] = ((nh + 2 * nkv) * d,)
+        out[p + "attention.dense.weight"] = (h, nh * d)
+        if cfg.use_bias:
+            out[p + "attention.dense.bias"] = (h,)
+        if cfg.use_qk_norm:
+            out[p + "attention.query_layernorm.weight"] = (d,)
+            out[p + "attention.key_layernorm.weight"] = (d,)
+        if cfg.is_dense_layer(i):
+            out.update(_swiglu(p + "mlp.", h, cfg.intermediate_size))
+            continue
+        e, im = cfg.num_experts, cfg.moe_intermediate_size
+        out[p + "mlp.gate.weight"] = (e, h)
+        if cfg.moe_router_enable_expert_bias:
+            out[p + "mlp.gate.expert_bias"] = (e,)
+        for j in range(e):
+            out.update(_swiglu(f"{p}mlp.experts.{j}.", h, im))
+        if cfg.shared_expert_intermediate_size:
+            out.update(_swiglu(p + "mlp.shared_experts.", h, cfg.shared_expert_intermediate_size))
+    return out
+
+
+def _swiglu(prefix: str, hidden: int, width: int) -> dict[str, tuple[int, ...]]:
+    return {prefix + "gate_proj.weight": (width, hidden), prefix + "up_proj.weight": (width, hidden),
+            prefix + "down_proj.weight": (hidden, width)}
+
+
+@dataclass
+class Target:
+    """Where a checkpoint tensor goes: (destination view, index of the checkpoint tensor) pairs."""
+
+    parts: list[tuple[torch.Tensor, tuple]]
+
+
+def _rows(start: int, size: int) -> tuple:
+    return (slice(start, start + size),)
+
+
+def _cols(start: int, size: int) -> tuple:
+    return (slice(None), slice(start, start + size))
+
+
+def load_targets(model) -> dict[str, Target]:
+    """Map each checkpoint tensor this rank needs onto its parameters (fused, stacked, sharded)."""
+    cfg, shard = model.config, model.shard
+    d = cfg.head_size
+    t: dict[str, Target] = {}
+    m = model.model
+    if shard.is_first_stage or (cfg.tie_word_embeddings and shard.is_last_stage):
+        w = m.word_embeddings.weight
+        t["model.word_embeddings.weight"] = Target([(w, _rows(m.vocab_start, w.shape[0]))])
+    if shard.is_last_stage:
+        t["model.norm.weight"] = Target([(m.norm.weight, ())])
+        if model.lm_head is not None:
+            w = model.lm_head.weight
+            t["lm_head.weight"] = Target([(w, _rows(m.vocab_start, w.shape[0]))])
+    for i in m.layer_range:
+        layer, p = m.layers[str(i)], f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = Target([(layer.input_layernorm.weight, ())])
+        t[p + "post_attention_layernorm.weight"] = Target([(layer.post_attention_layernorm.weight, ())])
+        att = layer.attention
+        q, kv = att.num_heads * d, att.num_kv_heads * d
+        q_src = shard.tp_rank * q
+        kv_src = shard.kv_head_start(cfg.num_kv_heads) * d
+        nh_total = cfg.num_attention_heads * d
+        nkv_total = cfg.num_kv_heads * d
+        for suffix, tensor in (("weight", att.query_key_value.weight), ("bias", att.query_key_value.bias)):
+            if tensor is None:
+                continue
+            t[p + "attention.query_key_value." + suffix] = Target([
+                (tensor[:q], _rows(q_src, q)),
+                (tensor[q:q + kv], _rows(nh_total + kv_src, kv)),
+                (tensor[q + kv:], _rows(nh_total + nkv_total + kv_src, kv)),
+            ])
+        t[p + "attention.dense.weight"] = Target([(att.dense.weight, _cols(q_src, q))])
+        if att.dense.bias is not None:
+            t[p + "attention.dense.bias"] = Target([(att.dense.bias, ())])
+        if att.query_layernorm is not None:
+            t[p + "attention.query_layernorm.weight"] = Target([(att.query_layernorm.weight, ())])
+            t[p + "attention.key_layernorm.weight"] = Target([(att.key_layernorm.weight, ())])
+        if cfg.is_dense_layer(i):
+            t.update(_swiglu_targets(p + "mlp.", layer.mlp.gate_up_proj, layer.mlp.down_proj, shard.tp_rank))
+            continue
+        moe = layer.mlp
+        t[p + "mlp.gate.weight"] = Target([(moe.gate.weight, ())])
+        if moe.gate.expert_bias is not None:
+            t[p + "mlp.gate.expert_bias"] = Target([(moe.gate.expert_bias, ())])
+        width_rank = 0 if shard.expert_parallel else shard.tp_rank
+        for j in range(moe.expert_start, moe.expert_end):
+            t.update(_swiglu_targets(f"{p}mlp.experts.{j}.", moe.w13[j - moe.expert_start],
+                                     moe.w2[j - moe.expert_start], width_rank))
+        if moe.shared_experts is not None:
+            s = moe.shared_experts
+            t.update(_swiglu_targets(p + "mlp.shared_experts.", s.gate_up_proj, s.down_proj, shard.tp_rank))
+    return t
+
+
+def _swiglu_targets(prefix: str, gate_up: torch.Tensor, down: torch.Tensor, rank: int) -> dict[str, Target]:
+    w = gate_up.shape[0] // 2
+    return {prefix + "gate_proj.weight": Target([(gate_up[:w], _rows(rank * w, w))]),
+            prefix + "up_proj.weight": Target([(gate_up[w:], _rows(rank * w, w))]),
+            prefix + "down_proj.weight": Target([(down, _cols(rank * w, w))])}
+
+
+# ---------------------------------------------------------------------------- files
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint directory (one file, or the shards of the index)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
+        if missing:
+            raise CheckpointError(f"{index} names shard file(s) that do not exist: {', '.join(missing)}")
+        return [os.path.join(path, s) for s in shards]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if files:
+        return [os.path.join(path, f) for f in files]
+    pickles = sorted(f for f in os.listdir(path) if f.endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        raise CheckpointError(
+            f"{path} holds only pickle weight files ({', '.join(pickles)}); param2moe loads safetensors only, "
+            "because unpickling can run arbitrary code. Convert the checkpoint to safetensors first.")
+    raise CheckpointError(f"{path} holds no *.safetensors weight files")
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _is_mtp(name: str, cfg: Param2MoEConfig) -> bool:
+    m = _LAYER.match(name)
+    return m is not None and int(m.group(1)) >= cfg.num_hidden_layers
+
+
+def iter_checkpoint_tensors(path: str) -> Iterator[tuple[str, str, object]]:
+    """(file, name, safetensors slice) for every tensor of every file, memory-mapped, nothing read yet."""
+    from safetensors import safe_open
+
+    for file in weight_files(path):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield file, name, f.get_slice(name)
+
+
+def load_checkpoint(model, path: str, progress: bool = True) -> None:
+    """Fill the model's parameters from the checkpoint at `path`, checking every name and shape."""
+    from tqdm import tqdm
+
+    cfg = model.config
+    layout = checkpoint_layout(cfg)
+    targets = load_targets(model)
+    found: set[str] = set()
+    files = weight_files(path)
+    bar = tqdm(total=len(layout), desc="Loading weights", unit="tensor", disable=not progress)
+    for file, name, tensor_slice in iter_checkpoint_tensors(path):
+        if _is_mtp(name, cfg) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue  # multi-token-prediction layers and a redundant tied head are not used
+        where = os.path.basename(file)
+        if name not in layout:
+            raise CheckpointError(f"unexpected tensor {name!r} in {where}: not part of this config's model")
+        shape = tuple(tensor_slice.get_shape())
+        if shape != layout[name]:
+            raise CheckpointError(
+                f"tensor {name!r} in {where} has shape {list(shape)}, expected {list(layout[name])}")
+        if name in found:
+            raise CheckpointError(f"tensor {name!r} appears twice (again in {where})")
+        found.add(name)
+        bar.update(1)
+        target = targets.get(name)
+        if target is None:  # held by another rank or pipeline stage
+            continue
+        for dest, index in target.parts:
+            src = tensor_slice[index] if index else tensor_slice[:]
+            dest.copy_(src)
+    bar.close()
+    missing = [n for n in layout if n not in found]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"{len(missing)} tensor(s) missing from {', '.join(os.path.basename(f) for f in files)}: "
+            f"{', '.join(missing[:5])}{more}")
+    _center_expert_bias(model)
+
+
+def _center_expert_bias(model) -> None:
+    # A constant added to every expert bias changes no choice (SPEC 3.4); centring keeps it small
+    # next to the scores in fp32.
+    for module in model.modules():
+        bias = getattr(getattr(module, "gate", None), "expert_bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.sub_(bias.mean())
+
+
+def init_dummy_weights(model, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights straight from the config (no files): for benchmarks of real shapes."""
+    gen = torch.Generator(device=model.model.norm.weight.device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(("bias", "expert_bias")):
+            p.zero_()
+        else:
+            p.normal_(0.0, std, generator=gen)
+
+
+def load_model(path: str | None, dtype=torch.bfloat16, device="cpu", shard=None, *, config=None,
+               dummy: bool = False, seed: int = 0, progress: bool = True):
+    """Build the network on `device` and fill it from the checkpoint at `path` (or randomly, `dummy`)."""
+    from .model import Param2MoEForCausalLM
+
+    cfg = config or Param2MoEConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        if dummy:
+            init_dummy_weights(model, seed)
+        else:
+            load_checkpoint(model, path, progress=progress)
+    return model.eval()

@@ -1,0 +1,66 @@
+"""Attention, plain torch: causal attention over variable-length sequences, and attention through a
+paged KV cache (the engine's layout). The oracles of the Triton paged-attention kernels.
+
+Paged layout: k_cache, v_cache [num_blocks, block_size, kv_heads, D]; a sequence's token j lives in
+block block_table[j // block_size] at offset j % block_size ("slot" = block * block_size + offset).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                     scale: float) -> torch.Tensor:
+    """q [T, NH, D], k/v [T, NKV, D]; sequences packed back to back at offsets cu_seqlens."""
+    out = torch.empty_like(q)
+    for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        o = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+            is_causal=True, scale=scale, enable_gqa=True)
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' k and v [T, NKV, D] at their slots (slot -1: skip)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its whole cached context.
+
+    q: [T, NH, D], the new tokens of B sequences packed at query_start_loc [B+1];
+    context_lens [B]: tokens in the cache for each sequence, the new ones included (a query's
+    position is context_len - query_len + i); block_tables [B, max_blocks].
+    The sequences are padded into one batch so that a step makes one attention call, not B.
+    """
+    b = block_tables.shape[0]
+    block_size = k_cache.shape[1]
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    max_q, max_ctx = int(q_lens.max()), int(context_lens.max())
+    dev = q.device
+    # Gather each sequence's keys and values, padded to max_ctx.
+    j = torch.arange(max_ctx, device=dev)
+    slots = block_tables.gather(1, (j // block_size).expand(b, -1).clamp(max=block_tables.shape[1] - 1))
+    slots = slots * block_size + j % block_size
+    k = k_cache.view(-1, *k_cache.shape[2:])[slots.clamp(min=0)]  # [B, max_ctx, NKV, D]
+    v = v_cache.view(-1, *v_cache.shape[2:])[slots.clamp(min=0)]
+    # Pad the queries to max_q.
+    i = torch.arange(max_q, device=dev)
+    q_valid = i[None, :] < q_lens[:, None]  # [B, max_q]
+    rows = (query_start_loc[:-1, None] + i[None, :]).clamp(max=q.shape[0] - 1)
+    qp = q[rows]  # [B, max_q, NH, D]
+    q_pos = (context_lens - q_lens)[:, None] + i[None, :]
+    mask = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < context_lens[:, None, None])
+    o = F.scaled_dot_product_attention(
+        qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+    return o.transpose(1, 2)[q_valid]

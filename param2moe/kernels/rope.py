@@ -1,0 +1,21 @@
+"""Rotary embedding applied to q and k (SPEC 3.2), plain torch. The oracle of the Triton version."""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX rotate-half over the first 2*cos.shape[-1] dims of each head; the rest pass through.
+
+    x: [T, heads, D]; cos, sin: [T, r/2] float32 (already gathered at the tokens' positions).
+    """
+    half = cos.shape[-1]
+    r = 2 * half
+    x32 = x[..., :r].float()
+    x1, x2 = x32[..., :half], x32[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+    if r == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., r:]), dim=-1)

@@ -1,0 +1,35 @@
+"""MoE routing (SPEC 3.4), plain torch, for a whole batch of tokens. The oracle of the Triton version."""
+
+from __future__ import annotations
+
+import torch
+
+
+def route(
+    logits: torch.Tensor,
+    expert_bias: torch.Tensor | None,
+    top_k: int,
+    *,
+    score_function: str = "sigmoid",
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose experts. logits: [T, E] float32. Returns (weights [T, K] float32, ids [T, K] int64)."""
+    logits = logits.float()
+    scores = logits.sigmoid() if score_function == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores if expert_bias is None else scores + expert_bias.float()
+    if n_group is not None and topk_group is not None and n_group > 1:
+        t, e = choice.shape
+        grouped = choice.view(t, n_group, e // n_group)
+        # A group's score is the sum of its two best choice scores (its best, if it has one expert).
+        group_score = grouped.topk(min(2, e // n_group), dim=-1).values.sum(-1)
+        kept = group_score.topk(topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(t, e)
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)  # the unbiased scores weight the experts
+    if norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * routed_scaling_factor, ids

@@ -1,0 +1,4 @@
+from .network import Param2MoEForCausalLM
+from .shard import Shard
+
+__all__ = ["Param2MoEForCausalLM", "Shard"]

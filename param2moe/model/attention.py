@@ -1,0 +1,42 @@
+"""How a forward pass's tokens group into sequences, and where their keys and values live.
+
+The network calls `attend(layer, q, k, v, scale)` and never needs to know which of these it has:
+- `CausalAttention`: independent sequences with no cache (the reference forward, and tests);
+- `PagedAttention`: the engine's batch over a paged KV cache (see engine/kv_cache.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels as ops
+
+
+class CausalAttention:
+    def __init__(self, seq_lens: list[int]):
+        self.cu_seqlens = [0]
+        for n in seq_lens:
+            self.cu_seqlens.append(self.cu_seqlens[-1] + n)
+
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        return ops.causal_attention(q, k, v, self.cu_seqlens, scale)
+
+
+@dataclass
+class PagedAttention:
+    """One step's batch: B sequences, their new tokens packed at query_start_loc."""
+
+    k_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, kv_heads, D]
+    v_caches: list[torch.Tensor]
+    slot_mapping: torch.Tensor  # [T] where each new token's k and v go
+    block_tables: torch.Tensor  # [B, max_blocks]
+    context_lens: torch.Tensor  # [B] cached tokens after this step's are written
+    query_start_loc: torch.Tensor  # [B + 1]
+    layer_offset: int = 0  # first layer of this pipeline stage (caches are indexed from it)
+
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        kc, vc = self.k_caches[layer - self.layer_offset], self.v_caches[layer - self.layer_offset]
+        ops.write_kv_cache(k, v, kc, vc, self.slot_mapping)
+        return ops.paged_attention(q, kc, vc, self.block_tables, self.context_lens, self.query_start_loc, scale)

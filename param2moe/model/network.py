@@ -1,0 +1,226 @@
+"""The Param2MoE network (SPEC section 3) in plain PyTorch.
+
+Tokens are flattened: every forward takes input_ids [T] and positions [T] of one or more sequences
+packed back to back, and an attention object that knows how those tokens group into sequences and
+where their keys and values live (see `attention.py`). Module names follow the Hugging Face
+checkpoint so that the name map in `checkpoint.py` stays short; what differs is fused for speed:
+gate and up projections in one matrix, routed experts stacked per layer ([E, ...] tensors).
+
+Tensor parallelism: a `Shard` tells each module which slice of heads, widths, experts and vocabulary
+this rank holds, and where the partial sums are reduced. With one rank every reduction is a no-op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels as ops
+from ..config import Param2MoEConfig
+from .rope import rope_cos_sin
+from .shard import Shard
+
+
+def _param(*shape, dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype):
+        super().__init__()
+        self.weight = _param(size, dtype=dtype)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """GQA attention with a fused QKV projection, optional QK-norm, partial RoPE (SPEC 3.2)."""
+
+    def __init__(self, cfg: Param2MoEConfig, layer_idx: int, shard: Shard, dtype):
+        super().__init__()
+        self.layer_idx, self.shard = layer_idx, shard
+        d, h = cfg.head_size, cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads // shard.tp_size
+        self.num_kv_heads = shard.local_kv_heads(cfg.num_kv_heads)
+        self.head_dim, self.scale = d, d**-0.5
+        self.query_key_value = nn.Module()
+        self.query_key_value.weight = _param((self.num_heads + 2 * self.num_kv_heads) * d, h, dtype=dtype)
+        self.query_key_value.bias = _param(self.query_key_value.weight.shape[0], dtype=dtype) \
+            if cfg.use_qkv_bias else None
+        self.dense = nn.Module()
+        self.dense.weight = _param(h, self.num_heads * d, dtype=dtype)
+        self.dense.bias = _param(h, dtype=dtype) if cfg.use_bias else None
+        if cfg.use_qk_norm:
+            self.query_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+            self.key_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        else:
+            self.query_layernorm = self.key_layernorm = None
+
+    def forward(self, x, cos, sin, attn) -> torch.Tensor:
+        t, d = x.shape[0], self.head_dim
+        qkv = F.linear(x, self.query_key_value.weight, self.query_key_value.bias)
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        q, k, v = q.reshape(t, self.num_heads, d), k.reshape(t, self.num_kv_heads, d), v.reshape(t, -1, d)
+        if self.query_layernorm is not None:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+        o = attn.attend(self.layer_idx, q, k, v, self.scale)
+        # Each rank holds a slice of the heads: partial sums, reduced; the bias is added by one rank.
+        bias = self.dense.bias if self.shard.tp_rank == 0 else None
+        return self.shard.all_reduce(F.linear(o.reshape(t, -1), self.dense.weight, bias))
+
+
+class MLP(nn.Module):
+    """SwiGLU `down(silu(gate(x)) * up(x))` with gate and up fused in one matrix (SPEC 3.3)."""
+
+    def __init__(self, hidden: int, width: int, dtype):
+        super().__init__()
+        self.gate_up_proj = _param(2 * width, hidden, dtype=dtype)  # gate rows, then up rows
+        self.down_proj = _param(hidden, width, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The partial output of this rank's slice of the width (reduced by the caller)."""
+        return F.linear(ops.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+
+
+class MoE(nn.Module):
+    """Router, routed experts stacked into [E, ...] tensors, and the shared expert (SPEC 3.4)."""
+
+    def __init__(self, cfg: Param2MoEConfig, shard: Shard, dtype):
+        super().__init__()
+        self.cfg, self.shard = cfg, shard
+        e, h = cfg.num_experts, cfg.hidden_size
+        self.expert_start, self.expert_end = shard.local_experts(e)
+        width = shard.local_expert_width(cfg.moe_intermediate_size)
+        # Routing runs in fp32 whatever the checkpoint stores (router_dtype fp32).
+        self.gate = nn.Module()
+        self.gate.weight = _param(e, h, dtype=torch.float32)
+        self.gate.expert_bias = _param(e, dtype=torch.float32) if cfg.moe_router_enable_expert_bias else None
+        n_local = self.expert_end - self.expert_start
+        self.w13 = _param(n_local, 2 * width, h, dtype=dtype)
+        self.w2 = _param(n_local, h, width, dtype=dtype)
+        shared = cfg.shared_expert_intermediate_size
+        self.shared_experts = MLP(h, shared // shard.tp_size, dtype) if shared else None
+        # Benchmarks with random weights: choose experts uniformly at random (SPEC 7).
+        self.uniform_random_routing = False
+
+    def route(self, x: torch.Tensor):
+        c = self.cfg
+        if self.uniform_random_routing:
+            ids = torch.rand(x.shape[0], c.num_experts, device=x.device).topk(c.num_experts_per_tok).indices
+            weights = torch.full(ids.shape, c.routed_scaling_factor / c.num_experts_per_tok, device=x.device)
+            return weights, ids
+        logits = F.linear(x.float(), self.gate.weight)
+        return ops.route(logits, self.gate.expert_bias, c.num_experts_per_tok, score_function=c.score_function,
+                         n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
+                         routed_scaling_factor=c.routed_scaling_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        if self.shard.ep_size > 1:  # experts held by other ranks contribute nothing here
+            local = (ids >= self.expert_start) & (ids < self.expert_end)
+            ids = torch.where(local, ids - self.expert_start, -1)
+        y = ops.moe_experts(x, self.w13, self.w2, weights, ids)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return self.shard.all_reduce(y)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Param2MoEConfig, layer_idx: int, shard: Shard, dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attention = Attention(cfg, layer_idx, shard, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if cfg.is_dense_layer(layer_idx):
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size // shard.tp_size, dtype)
+            self.reduce_mlp = shard.all_reduce
+        else:
+            self.mlp = MoE(cfg, shard, dtype)
+            self.reduce_mlp = None  # the MoE reduces its own sum
+
+    def forward(self, h, residual, cos, sin, attn):
+        """Pre-norm block with the residual carried separately: returns (mlp_out, residual)."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        a = self.attention(x, cos, sin, attn)
+        x, residual = self.post_attention_layernorm(a, residual)
+        y = self.mlp(x)
+        return (self.reduce_mlp(y) if self.reduce_mlp else y), residual
+
+
+class Param2MoEModel(nn.Module):
+    def __init__(self, cfg: Param2MoEConfig, shard: Shard, dtype):
+        super().__init__()
+        self.shard = shard
+        self.vocab_start, self.vocab_end = shard.local_vocab(cfg.vocab_size)
+        self.word_embeddings = nn.Module()
+        self.word_embeddings.weight = _param(self.vocab_end - self.vocab_start, cfg.hidden_size, dtype=dtype)
+        first, last = shard.local_layers(cfg.num_hidden_layers)
+        self.layer_range = range(first, last)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, shard, dtype) for i in self.layer_range})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.shard.tp_size == 1:
+            return F.embedding(input_ids, self.word_embeddings.weight)
+        local = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+        h = F.embedding(torch.where(local, input_ids - self.vocab_start, 0), self.word_embeddings.weight)
+        return self.shard.all_reduce(h * local[:, None].to(h.dtype))
+
+
+class Param2MoEForCausalLM(nn.Module):
+    """The whole network. Build on the meta device, then materialise and load (see checkpoint.py)."""
+
+    def __init__(self, cfg: Param2MoEConfig, dtype=torch.bfloat16, shard: Shard | None = None):
+        super().__init__()
+        self.config, self.dtype = cfg, dtype
+        self.shard = shard or Shard()
+        self.model = Param2MoEModel(cfg, self.shard, dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Module()
+            self.lm_head.weight = _param(*self.model.word_embeddings.weight.shape, dtype=dtype)
+        self.rope_cos = self.rope_sin = None
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
+
+    def init_rope(self, max_positions: int) -> None:
+        device = self.model.norm.weight.device
+        self.rope_cos, self.rope_sin = rope_cos_sin(self.config, max_positions, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
+                hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+        """Run this rank's layers. The first pipeline stage embeds input_ids; later stages take the
+        hidden state and residual of the stage before. Returns the final normed hidden state on the
+        last stage, else (hidden, residual) for the next stage."""
+        if self.rope_cos is None or int(positions.max()) >= self.rope_cos.shape[0]:
+            self.init_rope(max(self.config.max_position_embeddings, int(positions.max()) + 1))
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        shard = self.shard
+        h = self.model.embed(input_ids) if shard.is_first_stage else hidden
+        for layer in self.model.layers.values():
+            h, residual = layer(h, residual, cos, sin, attn)
+        if not shard.is_last_stage:
+            return h, residual
+        return self.model.norm(h, residual)[0] if residual is not None else self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab_size] in float32 (gathered over the ranks' vocabulary slices)."""
+        logits = F.linear(hidden, self.head_weight).float()
+        return self.shard.all_gather_vocab(logits, self.config.vocab_size)
+
+    def set_uniform_random_routing(self, on: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.uniform_random_routing = on

@@ -1,0 +1,81 @@
+"""Which part of the model this process holds, and the collectives that join the parts.
+
+Tensor parallel (TP) ranks split attention heads, MLP widths and the vocabulary; with expert
+parallelism (EP) the same ranks split the routed experts instead of their width; pipeline stages
+(PP) split the layers into contiguous runs. One process: every method is a no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Shard:
+    tp_rank: int = 0
+    tp_size: int = 1
+    expert_parallel: bool = False
+    pp_rank: int = 0
+    pp_size: int = 1
+    tp_group: object = None  # a torch.distributed process group when tp_size > 1
+
+    @property
+    def ep_size(self) -> int:
+        return self.tp_size if self.expert_parallel else 1
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    # ------------------------------------------------------------------ what this rank holds
+    def local_kv_heads(self, num_kv_heads: int) -> int:
+        """KV heads split evenly, or replicated (one per rank) when there are fewer than ranks."""
+        return max(1, num_kv_heads // self.tp_size)
+
+    def kv_head_start(self, num_kv_heads: int) -> int:
+        if num_kv_heads >= self.tp_size:
+            return self.tp_rank * (num_kv_heads // self.tp_size)
+        return self.tp_rank * num_kv_heads // self.tp_size
+
+    def local_experts(self, num_experts: int) -> tuple[int, int]:
+        if self.ep_size == 1:
+            return 0, num_experts
+        n = num_experts // self.ep_size
+        return self.tp_rank * n, (self.tp_rank + 1) * n
+
+    def local_expert_width(self, width: int) -> int:
+        return width if self.expert_parallel else width // self.tp_size
+
+    def local_vocab(self, vocab_size: int) -> tuple[int, int]:
+        per_rank = -(-vocab_size // self.tp_size)
+        start = self.tp_rank * per_rank
+        return start, min(vocab_size, start + per_rank)
+
+    def local_layers(self, num_layers: int) -> tuple[int, int]:
+        """Contiguous layers of this pipeline stage; earlier stages take the remainder."""
+        base, extra = divmod(num_layers, self.pp_size)
+        start = self.pp_rank * base + min(self.pp_rank, extra)
+        return start, start + base + (1 if self.pp_rank < extra else 0)
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            torch.distributed.all_reduce(x, group=self.tp_group)
+        return x
+
+    def all_gather_vocab(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """[N, local vocab] on each rank -> [N, vocab_size] on every rank."""
+        if self.tp_size == 1:
+            return logits
+        per_rank = -(-vocab_size // self.tp_size)
+        padded = torch.zeros(logits.shape[0], per_rank, dtype=logits.dtype, device=logits.device)
+        padded[:, : logits.shape[1]] = logits
+        parts = [torch.empty_like(padded) for _ in range(self.tp_size)]
+        torch.distributed.all_gather(parts, padded, group=self.tp_group)
+        return torch.cat(parts, dim=1)[:, :vocab_size]
