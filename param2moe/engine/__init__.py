@@ -1,0 +1,6 @@
+from .llm_engine import EngineConfig, EngineError, LLMEngine
+from .outputs import CompletionOutput, Logprob, RequestOutput
+from .sampling_params import OutputKind, SamplingParams
+
+__all__ = ["CompletionOutput", "EngineConfig", "EngineError", "LLMEngine", "Logprob", "OutputKind",
+           "RequestOutput", "SamplingParams"]

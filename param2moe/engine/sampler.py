@@ -1,0 +1,132 @@
+"""Batched sampling on the model's device: one set of tensor operations for the whole batch.
+
+Order, as in vLLM: logit bias, min_tokens masking, penalties (repetition over prompt and output,
+presence and frequency over the output), then greedy argmax, or temperature, top-k, top-p, min-p
+and a draw. The draw is an exponential race (argmax of p / E with E ~ Exp(1)), which is a sample
+from p; a seeded request draws its E from its own generator, so its tokens do not depend on what
+else is in the batch. Logprobs are those of the model's raw distribution (log_softmax of the logits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .outputs import Logprob
+from .sequence import Sequence
+
+
+class SampleResult:
+    def __init__(self, token_ids: list[int], logprobs: list[dict[int, Logprob] | None], sampled_logprob: list[float]):
+        self.token_ids, self.logprobs, self.sampled_logprob = token_ids, logprobs, sampled_logprob
+
+
+def _padded(rows: list[list[int]], device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out.to(device)
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: list[int], decode_token=None):
+        self.eos_token_ids = eos_token_ids
+        self.decode_token = decode_token  # id -> text, for Logprob.decoded_token
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        dev, (n, v) = logits.device, logits.shape
+        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
+        logits = self._apply_bias_and_penalties(logits.clone(), seqs)
+
+        params = [s.params for s in seqs]
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
+        sampled = logits.argmax(-1)
+        if not bool(greedy.all()):
+            temp = torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev, dtype=torch.float32)
+            x = logits / temp[:, None]
+            if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+                x = self._top_k_top_p_min_p(x, params)
+            probs = x.softmax(-1)
+            race = torch.empty_like(probs)
+            unseeded = [i for i, s in enumerate(seqs) if s.seed is None]
+            if unseeded:
+                race[unseeded] = torch.empty(len(unseeded), v, device=dev).exponential_()
+            for i, s in enumerate(seqs):
+                if s.seed is not None:
+                    if s.generator is None:
+                        s.generator = torch.Generator(device=dev).manual_seed(s.seed)
+                    race[i] = torch.empty(v, device=dev).exponential_(generator=s.generator)
+            drawn = (probs / race).argmax(-1)
+            sampled = torch.where(greedy, sampled, drawn)
+        token_ids = sampled.tolist()
+
+        logprobs: list[dict[int, Logprob] | None] = [None] * n
+        sampled_lp = [0.0] * n
+        if want_logprobs:
+            chosen = raw_logprobs.gather(1, sampled[:, None])[:, 0]
+            ranks = (raw_logprobs > chosen[:, None]).sum(-1) + 1
+            k = max(s.params.logprobs or 0 for s in seqs)
+            top_v, top_i = raw_logprobs.topk(max(k, 1), dim=-1)
+            chosen, ranks, top_v, top_i = chosen.tolist(), ranks.tolist(), top_v.tolist(), top_i.tolist()
+            for i, s in enumerate(seqs):
+                sampled_lp[i] = chosen[i]
+                if s.params.logprobs is None:
+                    continue
+                entry = {token_ids[i]: self._logprob(chosen[i], ranks[i], token_ids[i])}
+                for r in range(s.params.logprobs):
+                    entry.setdefault(top_i[i][r], self._logprob(top_v[i][r], r + 1, top_i[i][r]))
+                logprobs[i] = entry
+        return SampleResult(token_ids, logprobs, sampled_lp)
+
+    def _logprob(self, value: float, rank: int, token_id: int) -> Logprob:
+        return Logprob(value, rank, self.decode_token(token_id) if self.decode_token else None)
+
+    def _apply_bias_and_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        dev, v = logits.device, logits.shape[1]
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.logit_bias:
+                ids = torch.tensor([t for t in p.logit_bias if 0 <= t < v], dtype=torch.long, device=dev)
+                vals = torch.tensor([b for t, b in p.logit_bias.items() if 0 <= t < v], device=dev)
+                logits[i].index_add_(0, ids, vals.to(logits.dtype))
+            if s.num_output_tokens < p.min_tokens:
+                banned = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
+                if banned:
+                    logits[i, banned] = float("-inf")
+        rep = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+        if rep:
+            tokens = _padded([seqs[i].token_ids for i in rep], dev)
+            seen = torch.zeros(len(rep), v + 1, dtype=torch.bool, device=dev)
+            seen.scatter_(1, tokens.masked_fill(tokens < 0, v), True)
+            seen = seen[:, :v]
+            pen = torch.tensor([seqs[i].params.repetition_penalty for i in rep], device=dev)[:, None]
+            rows = logits[rep]
+            rows = torch.where(seen, torch.where(rows > 0, rows / pen, rows * pen), rows)
+            logits[rep] = rows
+        pf = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
+        if pf:
+            tokens = _padded([seqs[i].output_token_ids for i in pf], dev)
+            counts = torch.zeros(len(pf), v + 1, device=dev)
+            counts.scatter_add_(1, tokens.masked_fill(tokens < 0, v), torch.ones_like(tokens, dtype=counts.dtype))
+            counts = counts[:, :v]
+            presence = torch.tensor([seqs[i].params.presence_penalty for i in pf], device=dev)[:, None]
+            frequency = torch.tensor([seqs[i].params.frequency_penalty for i in pf], device=dev)[:, None]
+            logits[pf] -= frequency * counts + presence * (counts > 0)
+        return logits
+
+    @staticmethod
+    def _top_k_top_p_min_p(x: torch.Tensor, params) -> torch.Tensor:
+        dev, v = x.device, x.shape[1]
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else v for p in params], device=dev)
+        top_p = torch.tensor([p.top_p for p in params], device=dev)
+        min_p = torch.tensor([p.min_p for p in params], device=dev)
+        vals, idx = x.sort(-1, descending=True)
+        rank = torch.arange(v, device=dev)[None, :]
+        drop = rank >= top_k[:, None]
+        probs = vals.masked_fill(drop, float("-inf")).softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop |= (probs.cumsum(-1) - probs) > top_p[:, None]
+        drop |= probs < min_p[:, None] * probs[:, :1]
+        vals = vals.masked_fill(drop, float("-inf"))
+        return torch.empty_like(x).scatter_(1, idx, vals)

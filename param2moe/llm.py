@@ -1,0 +1,96 @@
+"""The offline API, shaped like vLLM's: `LLM(model=...)`, `generate(prompts, SamplingParams(...))`, `chat(...)`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Sequence
+
+from .engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+
+
+class LLM:
+    """An engine for offline batches. `model` is a checkpoint directory (default: the bundled small model)."""
+
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
+                 max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 kv_cache_memory: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
+                 block_size: int = 16, gpu_memory_utilization: float = 0.9, load_format: str = "auto",
+                 **engine_options):
+        config = EngineConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len,
+                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                              kv_cache_memory=kv_cache_memory, enable_prefix_caching=enable_prefix_caching,
+                              seed=seed, block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
+                              load_format=load_format, **engine_options)
+        self.llm_engine = LLMEngine(config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The checkpoint's generation_config.json sampling defaults, as vLLM applies them."""
+        path = self.llm_engine.config.model
+        file = os.path.join(path, "generation_config.json") if path else ""
+        if not os.path.exists(file):
+            return SamplingParams()
+        with open(file) as f:
+            gen = json.load(f)
+        keys = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty"}
+        return SamplingParams(**{k: v for k, v in gen.items() if k in keys})
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One output per prompt, in order. A prompt is a string, a list of token ids, or a dict with
+        "prompt" or "prompt_token_ids"."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and
+                                                 isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"sampling_params: {len(sampling_params)} given for {len(prompts)} prompts")
+        engine = self.llm_engine
+        ids = []
+        try:
+            for prompt, params in zip(prompts, sampling_params):
+                rid = str(next(self._ids))
+                engine.add_request(rid, prompt, params)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                engine.abort(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template_kwargs: dict | None = None, tools: list[dict] | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Render one conversation (a list of {"role", "content"} messages) or a list of them with the
+        checkpoint's chat template, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.get_tokenizer()
+        prompts = []
+        for conv in conversations:
+            text = tok.apply_chat_template(conv, tools=tools, add_generation_prompt=add_generation_prompt,
+                                           **(chat_template_kwargs or {}))
+            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm import tqdm
+
+        engine = self.llm_engine
+        pending = set(ids)
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
+            while pending:
+                for out in engine.step():
+                    if out.finished and out.request_id in pending:
+                        done[out.request_id] = out
+                        pending.discard(out.request_id)
+                        bar.update(1)
+        return [done[i] for i in ids]
