@@ -24,7 +24,7 @@ from .outputs import CompletionOutput, RequestOutput
 from .sampler import Sampler
 from .sampling_params import OutputKind, SamplingParams
 from .scheduler import Scheduler
-from .sequence import Request, Sequence, SeqStatus
+from .sequence import Request, Sequence
 
 log = logging.getLogger("param2moe")
 
@@ -114,8 +114,8 @@ class LLMEngine:
             if str(cfg.device).startswith("cuda"):
                 free, total = torch.cuda.mem_get_info()
                 budget = int(free - total * (1 - cfg.gpu_memory_utilization)) - (1 << 30)  # 1 GiB for activations
-            else:
-                budget = 2 << 30
+            else:  # enough for every sequence at full length, at most 2 GiB
+                budget = min(2 << 30, per_block * cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size))
         return max(1, budget // per_block)
 
     # ---------------------------------------------------------------------- requests

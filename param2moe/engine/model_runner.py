@@ -34,8 +34,9 @@ class ModelRunner:
         layer = next(iter(model.model.layers.values())).attention
         shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
         n = len(model.model.layers)
-        self.k_caches = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(n)]
-        self.v_caches = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(n)]
+        # Not zeroed (seconds for gigabytes): attention never reads a slot before it is written.
+        self.k_caches = [torch.empty(shape, dtype=model.dtype, device=self.device) for _ in range(n)]
+        self.v_caches = [torch.empty(shape, dtype=model.dtype, device=self.device) for _ in range(n)]
         self.layer_offset = model.model.layer_range.start
 
     def prepare(self, batch: ScheduledBatch):

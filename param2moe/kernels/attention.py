@@ -51,8 +51,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     j = torch.arange(max_ctx, device=dev)
     slots = block_tables.gather(1, (j // block_size).expand(b, -1).clamp(max=block_tables.shape[1] - 1))
     slots = slots * block_size + j % block_size
-    k = k_cache.view(-1, *k_cache.shape[2:])[slots.clamp(min=0)]  # [B, max_ctx, NKV, D]
-    v = v_cache.view(-1, *v_cache.shape[2:])[slots.clamp(min=0)]
+    # Slots past a sequence's context hold stale or uninitialised values (NaN even): zero them so
+    # that masked positions contribute exactly nothing.
+    valid = (j[None, :] < context_lens[:, None])[:, :, None, None]
+    k = k_cache.view(-1, *k_cache.shape[2:])[slots.clamp(min=0)].masked_fill(~valid, 0)  # [B, max_ctx, NKV, D]
+    v = v_cache.view(-1, *v_cache.shape[2:])[slots.clamp(min=0)].masked_fill(~valid, 0)
     # Pad the queries to max_q.
     i = torch.arange(max_q, device=dev)
     q_valid = i[None, :] < q_lens[:, None]  # [B, max_q]

@@ -18,21 +18,22 @@ def moe_experts(
 
     x: [T, H]; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I];
     weights: [T, K] float32; ids: [T, K] (expert index, or -1 for "no expert": contributes nothing).
-    Tokens are grouped by expert so that each expert runs one matmul over its tokens.
+    The (token, k) pairs are sorted by expert so that each expert runs one matmul over its tokens;
+    the weighted sum over k is taken in float32.
     """
     t, k = ids.shape
-    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
-    flat_ids = ids.reshape(-1)
-    order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids[flat_ids >= 0], minlength=w13.shape[0]).tolist()
-    token_of = order // k
-    start = int((flat_ids < 0).sum())  # the -1 entries sort first
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)  # -1 entries first, then expert 0, 1, ...
+    counts = torch.bincount(flat[flat >= 0], minlength=w13.shape[0]).tolist()
+    xs = x[order // k]
+    outs = torch.empty(t * k, w2.shape[1], dtype=x.dtype, device=x.device)
+    start = t * k - sum(counts)
+    outs[:start] = 0
     for expert, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = order[start:start + n]
-        tokens = token_of[start:start + n]
-        start += n
-        h = silu_and_mul(x[tokens] @ w13[expert].t()) @ w2[expert].t()
-        out.index_add_(0, tokens, h.float() * weights.reshape(-1)[rows, None])
-    return out.to(x.dtype)
+        if n:
+            seg = slice(start, start + n)
+            outs[seg] = silu_and_mul(xs[seg] @ w13[expert].t()) @ w2[expert].t()
+            start += n
+    per_pair = torch.empty_like(outs)
+    per_pair[order] = outs  # back to (token, k) order
+    return (per_pair.view(t, k, -1).float() * weights[..., None]).sum(1).to(x.dtype)

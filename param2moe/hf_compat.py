@@ -1,0 +1,70 @@
+"""Registers Param2MoE's config with transformers' AutoConfig (model types param2moe and
+bailing_moe_v2), so `AutoConfig.from_pretrained(dir)` works without trust_remote_code.
+
+transformers is optional and heavy: if it is already imported we register at once, otherwise a
+tiny import hook registers the moment something imports it.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+
+from .config import MODEL_TYPES, Param2MoEConfig
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from transformers import AutoConfig, PretrainedConfig
+
+    for model_type in MODEL_TYPES:
+        def __init__(self, **kwargs):
+            # Our dataclass holds the one list of keys and defaults (SPEC 2); validate through it.
+            known = {k: kwargs.pop(k) for k in list(kwargs) if k in Param2MoEConfig.__dataclass_fields__}
+            known.pop("model_type", None)
+            if {"vocab_size", "hidden_size"} <= known.keys():
+                ours = Param2MoEConfig.from_dict({"model_type": self.model_type, **known})
+                known = {k: v for k, v in ours.to_dict().items() if k not in ("model_type", "torch_dtype")}
+            for key, value in known.items():
+                setattr(self, key, value)
+            PretrainedConfig.__init__(self, **kwargs)
+
+        cls = type(f"Param2MoEConfig_{model_type}", (PretrainedConfig,), {"model_type": model_type,
+                                                                          "__init__": __init__})
+        try:
+            AutoConfig.register(model_type, cls)
+        except ValueError:  # a transformers release that defines it already
+            pass
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            try:
+                register()
+            except Exception:  # never break the user's import of transformers
+                pass
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+def install() -> None:
+    if "transformers" in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
