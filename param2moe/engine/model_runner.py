@@ -59,7 +59,7 @@ class ModelRunner:
         attn = PagedAttention(
             self.k_caches, self.v_caches, slot_mapping=slots.to(dev), block_tables=tables.to(dev).long(),
             context_lens=torch.tensor(ctx_lens, device=dev), query_start_loc=torch.tensor(q_start, device=dev),
-            layer_offset=self.layer_offset)
+            max_query_len=max(batch.num_new_tokens), max_context_len=max(ctx_lens), layer_offset=self.layer_offset)
         return torch.tensor(ids, device=dev), pos.to(dev), attn, q_start
 
     @torch.inference_mode()

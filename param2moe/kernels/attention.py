@@ -34,18 +34,20 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: torch.Tensor,
-                    query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+                    query_start_loc: torch.Tensor, scale: float, max_query_len: int,
+                    max_context_len: int) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached context.
 
     q: [T, NH, D], the new tokens of B sequences packed at query_start_loc [B+1];
     context_lens [B]: tokens in the cache for each sequence, the new ones included (a query's
-    position is context_len - query_len + i); block_tables [B, max_blocks].
+    position is context_len - query_len + i); block_tables [B, max_blocks] (-1 past the end);
+    max_query_len / max_context_len: the largest of each, as host ints.
     The sequences are padded into one batch so that a step makes one attention call, not B.
     """
     b = block_tables.shape[0]
     block_size = k_cache.shape[1]
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    max_q, max_ctx = int(q_lens.max()), int(context_lens.max())
+    max_q, max_ctx = max_query_len, max_context_len
     dev = q.device
     # Gather each sequence's keys and values, padded to max_ctx.
     j = torch.arange(max_ctx, device=dev)

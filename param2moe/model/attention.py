@@ -34,9 +34,12 @@ class PagedAttention:
     block_tables: torch.Tensor  # [B, max_blocks]
     context_lens: torch.Tensor  # [B] cached tokens after this step's are written
     query_start_loc: torch.Tensor  # [B + 1]
+    max_query_len: int  # host-side maxima, so kernels need no device-to-host read
+    max_context_len: int
     layer_offset: int = 0  # first layer of this pipeline stage (caches are indexed from it)
 
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         kc, vc = self.k_caches[layer - self.layer_offset], self.v_caches[layer - self.layer_offset]
         ops.write_kv_cache(k, v, kc, vc, self.slot_mapping)
-        return ops.paged_attention(q, kc, vc, self.block_tables, self.context_lens, self.query_start_loc, scale)
+        return ops.paged_attention(q, kc, vc, self.block_tables, self.context_lens, self.query_start_loc, scale,
+                                   self.max_query_len, self.max_context_len)
