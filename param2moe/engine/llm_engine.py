@@ -93,7 +93,8 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * cfg.block_size} tokens, fewer than max_model_len "
                 f"({self.max_model_len}): give it more memory or lower max_model_len")
         decode_token = (lambda i: self.tokenizer.decode([i], skip_special_tokens=False)) if self.tokenizer else None
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.device, decode_token)
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.device, self.max_model_len,
+                                  decode_token)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
                                    max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
@@ -116,7 +117,7 @@ class LLMEngine:
                 budget = int(free - total * (1 - cfg.gpu_memory_utilization)) - (1 << 30)  # 1 GiB for activations
             else:  # enough for every sequence at full length, at most 2 GiB
                 budget = min(2 << 30, per_block * cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size))
-        return max(1, budget // per_block)
+        return max(1, budget // per_block - 1)  # one block is the runner's scratch block
 
     # ---------------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,

@@ -28,11 +28,14 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, device, decode_token=None):
+    def __init__(self, model, num_blocks: int, block_size: int, device, max_model_len: int, decode_token=None):
         self.model, self.device, self.block_size = model, torch.device(device), block_size
         self.decode_token = decode_token
+        model.init_rope(max(max_model_len, model.config.max_position_embeddings))
         layer = next(iter(model.model.layers.values())).attention
-        shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+        # One block more than the block manager hands out: its slots take the writes of padding rows.
+        self.scratch_slot = num_blocks * block_size
+        shape = (num_blocks + 1, block_size, layer.num_kv_heads, layer.head_dim)
         n = len(model.model.layers)
         # Not zeroed (seconds for gigabytes): attention never reads a slot before it is written.
         self.k_caches = [torch.empty(shape, dtype=model.dtype, device=self.device) for _ in range(n)]

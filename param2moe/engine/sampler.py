@@ -40,9 +40,9 @@ class Sampler:
         logits = self._apply_bias_and_penalties(logits.clone(), seqs)
 
         params = [s.params for s in seqs]
-        greedy = torch.tensor([p.greedy for p in params], device=dev)
         sampled = logits.argmax(-1)
-        if not bool(greedy.all()):
+        if not all(p.greedy for p in params):  # decided on the host: no device read
+            greedy = torch.tensor([p.greedy for p in params], device=dev)
             temp = torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev, dtype=torch.float32)
             x = logits / temp[:, None]
             if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):

@@ -204,7 +204,7 @@ class Param2MoEForCausalLM(nn.Module):
         """Run this rank's layers. The first pipeline stage embeds input_ids; later stages take the
         hidden state and residual of the stage before. Returns the final normed hidden state on the
         last stage, else (hidden, residual) for the next stage."""
-        if self.rope_cos is None or int(positions.max()) >= self.rope_cos.shape[0]:
+        if self.rope_cos is None:  # the engine sizes the table for max_model_len up front
             self.init_rope(max(self.config.max_position_embeddings, int(positions.max()) + 1))
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         shard = self.shard
