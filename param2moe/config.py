@@ -126,16 +126,18 @@ class Param2MoEConfig:
         if rope_parameters is not None:
             rope_parameters = dict(rope_parameters)
             if "rope_theta" in rope_parameters:
-                raw.setdefault("rope_theta", rope_parameters.pop("rope_theta"))
+                theta = rope_parameters.pop("rope_theta")
+                if raw.get("rope_theta") is None:  # an explicit null must not fall back to 10000
+                    raw["rope_theta"] = theta
             kind = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
             if raw.get("rope_scaling") is None and (kind != "default" or len(rope_parameters) > 1):
                 raw["rope_scaling"] = rope_parameters
         if raw.get("torch_dtype") is None and raw.get("dtype") is not None:
             raw["torch_dtype"] = raw["dtype"]
         known = {f.name for f in fields(cls)}
-        missing = [f.name for f in fields(cls) if f.name in _REQUIRED and f.name not in raw]
+        missing = [f.name for f in fields(cls) if f.name in _REQUIRED and raw.get(f.name) is None]
         if missing:
-            raise ConfigError(f"config.json: required key(s) missing: {', '.join(missing)}")
+            raise ConfigError(f"config.json: required key(s) missing or null: {', '.join(missing)}")
         cfg = cls(**{k: v for k, v in raw.items() if k in known and (v is not None or k in _NULLABLE)})
         cfg.validate()
         return cfg

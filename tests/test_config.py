@@ -262,3 +262,14 @@ def test_moe_needs_top_k_and_expert_width():
 def test_scaled_rope_needs_a_factor():
     with pytest.raises(ConfigError, match=r"factor"):
         make(MINIMAL, rope_scaling={"rope_type": "linear"})
+
+
+def test_required_key_given_as_null_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"missing or null.*vocab_size"):
+        make(MINIMAL, vocab_size=None)
+
+
+def test_rope_parameters_theta_wins_over_an_explicit_null():
+    # A null top-level rope_theta must not fall back to 10000 (the slip SPEC 6 warns of in vLLM).
+    cfg = make(MINIMAL, rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    assert cfg.rope_theta == 1e6
