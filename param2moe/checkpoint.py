@@ -184,6 +184,31 @@ def iter_checkpoint_tensors(path: str) -> Iterator[tuple[str, str, object]]:
                 yield file, name, f.get_slice(name)
 
 
+def resolve_shared_width(cfg: Param2MoEConfig, path: str) -> Param2MoEConfig:
+    """SPEC 3.4: the checkpoint's shared-expert shape is the truth. Accept a width that matches either
+    rule (moe_shared_expert_intermediate_size as the total, or moe_intermediate_size * num_shared_experts)
+    and record it in the config; a width that matches neither is an error naming both."""
+    if not cfg.shared_expert_intermediate_size:
+        return cfg
+    layer = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_dense_layer(i))
+    name = f"model.layers.{layer}.mlp.shared_experts.gate_proj.weight"
+    for file, tensor_name, tensor_slice in iter_checkpoint_tensors(path):
+        if tensor_name != name:
+            continue
+        width = tensor_slice.get_shape()[0]
+        rules = {"moe_shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size,
+                 "moe_intermediate_size * num_shared_experts": cfg.moe_intermediate_size * cfg.num_shared_experts}
+        if width == cfg.shared_expert_intermediate_size:
+            return cfg
+        if width in rules.values():
+            cfg.moe_shared_expert_intermediate_size = width
+            return cfg
+        raise CheckpointError(
+            f"tensor {name!r} in {os.path.basename(file)} is {width} wide, which matches neither rule for the "
+            f"shared-expert width: " + ", ".join(f"{k} = {v}" for k, v in rules.items()))
+    return cfg  # absent: load_checkpoint reports it as missing
+
+
 def load_checkpoint(model, path: str, progress: bool = True) -> None:
     """Fill the model's parameters from the checkpoint at `path`, checking every name and shape."""
     from tqdm import tqdm
@@ -251,6 +276,8 @@ def load_model(path: str | None, dtype=torch.bfloat16, device="cpu", shard=None,
     from .model import Param2MoEForCausalLM
 
     cfg = config or Param2MoEConfig.from_pretrained(path)
+    if not dummy:
+        cfg = resolve_shared_width(cfg, path)
     with torch.device("meta"):
         model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard)
     model = model.to_empty(device=device)

@@ -328,9 +328,6 @@ def test_tied_checkpoint_with_a_redundant_lm_head_loads(tmp_path):
     assert model.head_weight.abs().sum() > 0  # the embedding, not the (ignored) stored head
 
 
-@pytest.mark.xfail(strict=True, reason="SPEC 3.4: the checkpoint's shared-expert shapes are the truth; the "
-                   "loader checks them only against moe_shared_expert_intermediate_size and refuses a width "
-                   "that matches the moe_intermediate_size * num_shared_experts rule")
 def test_shared_width_matching_the_other_rule_loads(tmp_path):
     # The file's shared expert is 2 x 64 = 128 wide; config.json says the total is 64.
     write(tmp_path, num_shared_experts=2, moe_shared_expert_intermediate_size=None)
@@ -341,8 +338,6 @@ def test_shared_width_matching_the_other_rule_loads(tmp_path):
     assert model.model.layers["1"].mlp.shared_experts.down_proj.shape == (128, 128)
 
 
-@pytest.mark.xfail(strict=True, reason="SPEC 3.4: a shared width matching neither rule must be an error naming "
-                   "both widths; the loader's shape error names only moe_shared_expert_intermediate_size's")
 def test_shared_width_matching_neither_rule_names_both(tmp_path):
     # rules: moe_shared_expert_intermediate_size = 64, moe_intermediate_size * num_shared_experts = 192
     write(tmp_path, num_shared_experts=3, moe_shared_expert_intermediate_size=96)

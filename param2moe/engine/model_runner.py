@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..model.attention import PagedAttention
@@ -41,39 +42,57 @@ class ModelRunner:
         self.k_caches = [torch.empty(shape, dtype=model.dtype, device=self.device) for _ in range(n)]
         self.v_caches = [torch.empty(shape, dtype=model.dtype, device=self.device) for _ in range(n)]
         self.layer_offset = model.model.layer_range.start
+        self.graphs = None  # CudaGraphRunner, set by enable_cuda_graphs()
+
+    def enable_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
+        from .cuda_graphs import CudaGraphRunner
+
+        self.graphs = CudaGraphRunner(self, max_batch_size, max_model_len)
 
     def prepare(self, batch: ScheduledBatch):
+        """Host-side arrays of the batch (numpy), built without touching the device."""
         bs = self.block_size
-        ids, positions, seq_index, q_start, ctx_lens = [], [], [], [0], []
-        for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            s = seq.num_computed_tokens
-            ids.extend(seq.token_ids[s:s + n])
-            positions.extend(range(s, s + n))
-            seq_index.extend([b] * n)
-            q_start.append(q_start[-1] + n)
-            ctx_lens.append(s + n)
+        n_seqs, counts = len(batch), batch.num_new_tokens
         width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = torch.full((len(batch), width), -1, dtype=torch.int32)
+        tables = np.zeros((n_seqs, width), dtype=np.int32)
+        starts = np.empty(n_seqs, dtype=np.int64)
+        ids: list[int] = []
         for b, seq in enumerate(batch.seqs):
-            tables[b, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        pos = torch.tensor(positions, dtype=torch.long)
-        slots = tables[torch.tensor(seq_index), pos // bs].long() * bs + pos % bs
+            tables[b, : len(seq.block_table)] = seq.block_table
+            s = starts[b] = seq.num_computed_tokens
+            ids.extend(seq.token_ids[s:s + counts[b]])
+        n = np.asarray(counts, dtype=np.int64)
+        q_start = np.zeros(n_seqs + 1, dtype=np.int64)
+        np.cumsum(n, out=q_start[1:])
+        seq_index = np.repeat(np.arange(n_seqs), n)
+        positions = np.arange(q_start[-1]) - np.repeat(q_start[:-1], n) + np.repeat(starts, n)
+        slots = tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
+        return dict(input_ids=np.asarray(ids, dtype=np.int64), positions=positions, slot_mapping=slots,
+                    block_tables=tables, context_lens=(starts + n).astype(np.int32), query_start_loc=q_start)
+
+    def _attention(self, host: dict) -> PagedAttention:
         dev = self.device
-        attn = PagedAttention(
-            self.k_caches, self.v_caches, slot_mapping=slots.to(dev), block_tables=tables.to(dev).long(),
-            context_lens=torch.tensor(ctx_lens, device=dev), query_start_loc=torch.tensor(q_start, device=dev),
-            max_query_len=max(batch.num_new_tokens), max_context_len=max(ctx_lens), layer_offset=self.layer_offset)
-        return torch.tensor(ids, device=dev), pos.to(dev), attn, q_start
+        t = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in host.items()}
+        return PagedAttention(
+            self.k_caches, self.v_caches, slot_mapping=t["slot_mapping"], block_tables=t["block_tables"],
+            context_lens=t["context_lens"], query_start_loc=t["query_start_loc"],
+            max_query_len=int(np.diff(host["query_start_loc"]).max()), max_context_len=int(host["context_lens"].max()),
+            layer_offset=self.layer_offset), t["input_ids"], t["positions"]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
-        input_ids, positions, attn, q_start = self.prepare(batch)
-        hidden = self.model(input_ids, positions, attn)
+        host = self.prepare(batch)
+        q_start = host["query_start_loc"].tolist()
         sampled_rows, rows = [], []
         for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.num_computed_tokens + n == seq.num_tokens:  # reaches the end: sample the next token
                 sampled_rows.append(b)
                 rows.append(q_start[b + 1] - 1)
+        needs_prompt_lps = any(seq.needs_prompt_logprobs for seq in batch.seqs)
+        if self.graphs is not None and not needs_prompt_lps and self.graphs.can_run(host):
+            return StepOutput(self.graphs.run(host), sampled_rows, {})
+        attn, input_ids, positions = self._attention(host)
+        hidden = self.model(input_ids, positions, attn)
         logits = self.model.compute_logits(hidden[rows]) if rows else None
         prompt_lps = {}
         for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):

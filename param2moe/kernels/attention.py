@@ -50,7 +50,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     dev = q.device
     # Gather each sequence's keys and values, padded to max_ctx.
     j = torch.arange(max_ctx, device=dev)
-    slots = block_tables.gather(1, (j // block_size).expand(b, -1).clamp(max=block_tables.shape[1] - 1))
+    slots = block_tables.long().gather(1, (j // block_size).expand(b, -1).clamp(max=block_tables.shape[1] - 1))
     slots = slots * block_size + j % block_size
     # Slots past a sequence's context hold stale or uninitialised values (NaN even): zero them so
     # that masked positions contribute exactly nothing.

@@ -1,0 +1,177 @@
+"""`param2moe bench latency|throughput`: decode latency by batch size, offline throughput, and time to
+first token, with the share of the weight-read floor (SPEC 7).
+
+The floor of a decode step is the bytes it must read (attention and dense weights, the experts the
+batch touches, the embedding rows, the head, and the KV cache) over the copy bandwidth measured in
+the same run. With dummy weights the router picks experts uniformly at random (on by default, SPEC 7),
+so a batch of B tokens touches E * (1 - (1 - K/E)^B) distinct experts per layer on average.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+
+import torch
+
+from .engine import EngineConfig, LLMEngine, SamplingParams
+
+
+def copy_bandwidth(device) -> float:
+    """Device memory bandwidth in bytes/s: a large copy, read + write counted."""
+    if not str(device).startswith("cuda"):
+        a = torch.empty(64 << 20, dtype=torch.uint8)
+        b = torch.empty_like(a)
+        b.copy_(a)
+        t = time.perf_counter()
+        for _ in range(5):
+            b.copy_(a)
+        return 2 * a.numel() * 5 / (time.perf_counter() - t)
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def decode_step_bytes(engine: LLMEngine, batch: int, context: int) -> float:
+    """Bytes one decode step of `batch` sequences with `context` cached tokens must read."""
+    cfg, model = engine.model_config, engine.model
+    elem = torch.empty((), dtype=engine.dtype).element_size()
+    total = 0.0
+    for name, p in model.named_parameters():
+        if name.endswith(("w13", "w2")):
+            continue  # routed experts: counted below, by the ones touched
+        if name.endswith("word_embeddings.weight"):
+            total += batch * p.shape[1] * p.element_size() + (p.numel() * p.element_size() if model.lm_head is None
+                                                                else 0)
+            continue
+        total += p.numel() * p.element_size()
+    if cfg.is_moe:
+        e, k = cfg.num_experts, cfg.num_experts_per_tok
+        touched = e * (1 - (1 - k / e) ** batch)
+        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * elem
+        n_moe = sum(1 for i in range(cfg.num_hidden_layers) if not cfg.is_dense_layer(i))
+        total += n_moe * touched * per_expert
+    kv = 2 * cfg.num_kv_heads * cfg.head_size * elem * cfg.num_hidden_layers
+    return total + batch * context * kv
+
+
+def _engine(args, **overrides) -> LLMEngine:
+    from .cli import engine_config
+
+    cfg: EngineConfig = engine_config(args)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    if args.routing is not None:
+        cfg.uniform_random_routing = args.routing == "uniform_random"
+    return LLMEngine(cfg)
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab, (n, length), generator=g).tolist()
+
+
+def bench_latency(engine: LLMEngine, batch: int, input_len: int, output_len: int) -> dict:
+    """TTFT of the batch's prefill, then the median decode step (ITL) over output_len steps."""
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    for i, p in enumerate(_random_prompts(batch, input_len, vocab, seed=batch)):
+        engine.add_request(f"lat-{batch}-{i}", p, params)
+    dev = engine.config.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    steps = []
+    first_token = None
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        outs = engine.step()
+        now = time.perf_counter()
+        if first_token is None and any(o.outputs[0].token_ids for o in outs):
+            first_token = now - t0
+        elif first_token is not None:
+            steps.append(now - t)
+    steps.sort()
+    itl = steps[len(steps) // 2] if steps else float("nan")
+    return {"batch": batch, "ttft_s": first_token, "itl_s": itl, "tok_per_s": batch / itl,
+            "floor_bytes": decode_step_bytes(engine, batch, input_len + output_len // 2)}
+
+
+def bench_throughput(engine: LLMEngine, num_prompts: int, input_len: int, output_len: int) -> dict:
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    for i, p in enumerate(_random_prompts(num_prompts, input_len, vocab, seed=7)):
+        engine.add_request(f"tp-{i}", p, params)
+    _sync(engine.config.device)
+    t0 = time.perf_counter()
+    tokens = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                tokens += len(out.outputs[0].token_ids)
+    elapsed = time.perf_counter() - t0
+    return {"num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "seconds": elapsed,
+            "output_tok_per_s": tokens / elapsed, "total_tok_per_s": (tokens + num_prompts * input_len) / elapsed}
+
+
+def machine_facts(device) -> dict:
+    facts = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    if str(device).startswith("cuda"):
+        facts["gpu"] = torch.cuda.get_device_name()
+    else:
+        facts["cpu"] = platform.processor() or platform.machine()
+        facts["cores"] = torch.get_num_threads()
+    try:
+        facts["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                         timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return facts
+
+
+def run_bench(args) -> int:
+    t0 = time.perf_counter()
+    engine = _engine(args)
+    start_s = time.perf_counter() - t0
+    dev = engine.config.device
+    bandwidth = copy_bandwidth(dev)
+    result = {"mode": args.mode, "model": args.model or args.preset or "bundled", "dtype": str(engine.dtype),
+              "uniform_random_routing": bool(engine.config.uniform_random_routing), "engine_start_s": start_s,
+              "copy_bandwidth_GBps": bandwidth / 1e9, "machine": machine_facts(dev), "date": time.strftime("%F"),
+              "rows": []}
+    if args.mode == "latency":
+        bench_latency(engine, 1, 16, 8)  # warm up
+        print(f"{'batch':>6} {'TTFT ms':>9} {'ITL ms':>8} {'tok/s':>9} {'floor ms':>9} {'of floor':>8}")
+        for b in args.batch_size:
+            row = bench_latency(engine, b, args.input_len, args.output_len)
+            row["floor_s"] = row["floor_bytes"] / bandwidth
+            row["share_of_floor"] = row["floor_s"] / row["itl_s"]
+            result["rows"].append(row)
+            print(f"{b:>6} {row['ttft_s'] * 1e3:>9.1f} {row['itl_s'] * 1e3:>8.2f} {row['tok_per_s']:>9.1f} "
+                  f"{row['floor_s'] * 1e3:>9.2f} {row['share_of_floor']:>8.0%}")
+    else:
+        bench_throughput(engine, min(8, args.num_prompts), 16, 8)  # warm up
+        row = bench_throughput(engine, args.num_prompts, args.input_len, args.output_len)
+        result["rows"].append(row)
+        print(f"{row['num_prompts']} requests x ({args.input_len} in, {args.output_len} out): "
+              f"{row['output_tok_per_s']:.1f} output tok/s, {row['seconds']:.2f} s")
+    if engine.config.uniform_random_routing:
+        print("(experts chosen uniformly at random: dummy-weight routing, SPEC 7)")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
