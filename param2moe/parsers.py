@@ -48,3 +48,8 @@ def split_reasoning(text: str, start_in_reasoning: bool = False) -> tuple[str | 
     parser = ReasoningParser(start_in_reasoning)
     r, c = parser.feed(text, final=True)
     return (r if r or THINK_OPEN in text or THINK_CLOSE in text or start_in_reasoning else None), c
+
+
+def prompt_ends_in_reasoning(prompt: str) -> bool:
+    """True when the prompt leaves a <think> open (the template opened it): the output starts in reasoning."""
+    return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)

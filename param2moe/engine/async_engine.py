@@ -81,10 +81,19 @@ class AsyncLLMEngine:
         finally:
             self._queues.pop(request_id, None)
             if not finished:
-                await self.abort(request_id)
+                # Not awaited: a cancelled task (a client that went away) may not await again here,
+                # and the abort must still run. The one worker thread keeps it in order.
+                self.abort_nowait(request_id)
 
     async def abort(self, request_id: str) -> None:
         await self._call(self.engine.abort, request_id)
+
+    def abort_nowait(self, request_id: str) -> None:
+        """Queue an abort on the worker thread without waiting for it (safe from a cancelled task)."""
+        try:
+            self._executor.submit(self.engine.abort, request_id)
+        except RuntimeError:  # the executor is shut down: the engine is stopping anyway
+            pass
 
     @property
     def num_running(self) -> int:
