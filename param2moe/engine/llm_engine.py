@@ -132,6 +132,14 @@ class LLMEngine:
         bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise EngineError(f"prompt: token id {bad!r} is outside the vocabulary [0, {vocab})")
+        # Checked here, not in the sampler: a bad id there would fail the whole batch's step.
+        for name, tokens in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise EngineError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > vocab:
+                raise EngineError(f"{name}={getattr(params, name)}: more than the vocabulary ({vocab} tokens)")
         if len(ids) >= self.max_model_len:
             raise EngineError(f"prompt: {len(ids)} tokens, but the context length (max_model_len) is "
                               f"{self.max_model_len} and at least one token must be generated")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -54,7 +55,7 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             fail("n", "must be an integer >= 1")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # written so that NaN fails too
             fail("temperature", "must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             fail("top_p", "must be in (0, 1]")
@@ -62,7 +63,7 @@ class SamplingParams:
             fail("top_k", "must be -1 (no limit) or a positive integer")
         if not 0.0 <= self.min_p <= 1.0:
             fail("min_p", "must be in [0, 1]")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0:
             fail("repetition_penalty", "must be > 0")
         if not -2.0 <= self.presence_penalty <= 2.0:
             fail("presence_penalty", "must be in [-2, 2]")
@@ -72,11 +73,16 @@ class SamplingParams:
             fail("max_tokens", "must be a positive integer")
         if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
             fail("min_tokens", "must be >= 0 and <= max_tokens")
-        if self.logprobs is not None and self.logprobs < 0:
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             fail("logprobs", "must be >= 0")
-        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < 0):
             fail("prompt_logprobs", "must be >= 0")
         if any(not s for s in self.stop_strings):
             fail("stop", "stop strings must not be empty")
         if self.seed is not None and not isinstance(self.seed, int):
             fail("seed", "must be an integer")
+        if self.logit_bias is not None and not all(isinstance(t, int) and not math.isnan(v)
+                                                   for t, v in self.logit_bias.items()):
+            fail("logit_bias", "must map integer token ids to numbers")
+        if not all(isinstance(t, int) for t in self.stop_token_ids):
+            fail("stop_token_ids", "must be integer token ids")
