@@ -115,7 +115,7 @@ def random_prompts(vocab: int, n: int, lo: int, hi: int, seed: int) -> list[list
 @pytest.fixture(scope="module")
 def workload(vocab):
     """64 requests: prompts of 1..100 tokens, 1..40 output tokens; half greedy, half seeded sampling with
-    temperature / top_p / top_k; every one asks for 2 logprobs."""
+    temperature / top_p / top_k; every one asks for 2 logprobs, every third for 1 prompt logprob."""
     rng = random.Random(1234)
     prompts = random_prompts(vocab, 64, 1, 100, seed=99)
     params = []
@@ -127,6 +127,8 @@ def workload(vocab):
             params.append(SamplingParams(
                 temperature=rng.choice([0.5, 0.8, 1.0, 1.3]), top_p=rng.choice([1.0, 0.9, 0.7]),
                 top_k=rng.choice([-1, 5, 50]), seed=1000 + i, max_tokens=max_tokens, ignore_eos=True, logprobs=2))
+    for sp in params[::3]:
+        sp.prompt_logprobs = 1
     return prompts, params
 
 
@@ -150,6 +152,12 @@ def assert_same_outputs(got, want, what: str) -> None:
             for tok in la:
                 assert abs(la[tok] - lb[tok]) < RUN_TOL, f"{what}: request {i}, token {pos}"
         assert abs(ca.cumulative_logprob - cb.cumulative_logprob) < 1e-4
+        assert (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
+        if a.prompt_logprobs is not None:
+            assert len(a.prompt_logprobs) == len(a.prompt_token_ids) and a.prompt_logprobs[0] is None
+            for pos, (la, lb) in enumerate(zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])):
+                assert la.keys() == lb.keys(), f"{what}: request {i}, prompt position {pos + 1}"
+                assert max(abs(la[t] - lb[t]) for t in la) < RUN_TOL
 
 
 def test_workload_lengths(workload, one_at_a_time):
