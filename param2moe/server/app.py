@@ -265,7 +265,7 @@ def render_chat(st: ServerState, messages, tools, add_generation_prompt: bool, c
     st.need_tokenizer()
     messages = normalize_messages(messages)
     if continue_final_message:
-        if add_generation_prompt is True and messages[-1]["role"] != "assistant":
+        if messages[-1]["role"] != "assistant":
             raise RequestError("continue_final_message: the last message must be the assistant's",
                                "continue_final_message")
         add_generation_prompt = False
@@ -568,6 +568,8 @@ def build_app(async_engine: AsyncLLMEngine, options: ServerOptions | None = None
             raise
         try:
             return JSONResponse(await run_until_disconnect(request, chat_full(stream, ctx, tracker)))
+        except ClientGone:
+            raise
         except Exception:
             tracker.finish("error")
             raise
@@ -628,6 +630,8 @@ def build_app(async_engine: AsyncLLMEngine, options: ServerOptions | None = None
             raise
         try:
             return JSONResponse(await run_until_disconnect(request, completion_full(streams, ctx, trackers)))
+        except ClientGone:
+            raise
         except Exception:
             for t in trackers:
                 t.finish("error")

@@ -311,7 +311,10 @@ def completion_logprobs(ctx: CompletionContext, token_ids: list[int], entries, o
             continue
         chosen = entry.get(tid)
         token_lps.append(_lp(chosen) if chosen is not None else _MIN_LOGPROB)
-        tops.append({tt.text(t, lp): _lp(lp) for t, lp in sorted(entry.items(), key=lambda x: _rank(x[1]))})
+        top: dict[str, float] = {}
+        for t, lp in sorted(entry.items(), key=lambda x: _rank(x[1])):
+            top.setdefault(tt.text(t, lp), _lp(lp))  # two tokens with one text: the likelier one's
+        tops.append(top)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
