@@ -19,3 +19,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if r == x.shape[-1]:
         return rotated
     return torch.cat((rotated, x[..., r:]), dim=-1)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                 cos: torch.Tensor, sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q [T, NH, D] and k [T, NKV, D] (none when the weights are None), then RoPE on
+    both: the composition the attention block runs, and the oracle of the fused Triton kernel."""
+    from .norm import rms_norm
+
+    if q_weight is not None:
+        q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)

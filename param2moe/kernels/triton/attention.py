@@ -1,0 +1,243 @@
+"""Paged attention and the KV-cache write in Triton. Oracles: `param2moe.kernels.attention.paged_attention`
+and `write_kv_cache`.
+
+One kernel serves decode, prefill and chunked prefill over the paged cache [num_blocks, 16, NKV, D]:
+- a program takes BLOCK_Q query tokens of one sequence and ALL the query heads of one KV head (GQA:
+  rows of the Q tile are (token, head-in-group) pairs), so each K/V tile is read once for the group;
+- it walks the sequence's KV in BLOCK_N-token tiles through the block table, causal with bottom-right
+  alignment (query i of a sequence sits at position context_len - query_len + i), online softmax in fp32
+  (exp2 domain);
+- with few programs and a long context the KV walk is split NUM_SPLITS ways (third grid axis); each
+  split writes its partial output and (max, sum) to fp32 scratch and a second kernel combines them.
+The grid's first axis is T // BLOCK_Q + B (a sequence's q-blocks start at q_start // BLOCK_Q + b, found by
+binary search), so the grid depends on shapes and host ints only: CUDA-graph capturable. The split
+count depends on (T, B, max_context_len), fixed for a captured graph (max_context_len = max_model_len);
+each split sizes its share of the walk from the device-side context length.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, mma
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_ptr, qsl_ptr, B, qk_scale,
+                       stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                       stride_ot, stride_oh, stride_bt,
+                       NH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr,
+                       INTERP: tl.constexpr):
+    pid_q = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    if DECODE:  # one query a sequence: program = sequence
+        b = pid_q
+        qblk = 0
+    else:
+        lo = 0
+        hi = B - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            first = tl.load(qsl_ptr + mid).to(tl.int32) // BLOCK_Q + mid
+            if first <= pid_q:
+                lo = mid
+            else:
+                hi = mid - 1
+        b = lo
+        qblk = pid_q - (tl.load(qsl_ptr + b).to(tl.int32) // BLOCK_Q + b)
+    q_start = tl.load(qsl_ptr + b).to(tl.int32)
+    q_len = tl.load(qsl_ptr + b + 1).to(tl.int32) - q_start
+    if qblk * BLOCK_Q >= q_len:
+        return
+    ctx = tl.load(ctx_ptr + b).to(tl.int32)
+
+    rows = tl.arange(0, BLOCK_M)
+    qi_local = rows // G_PAD
+    g = rows % G_PAD
+    qi = qblk * BLOCK_Q + qi_local
+    row_valid = (qi_local < BLOCK_Q) & (qi < q_len) & (g < G)
+    head = kvh * G + g
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    tok = (q_start + qi).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_valid[:, None] & dmask[None, :], other=0.0)
+    q_pos = ctx - q_len + qi
+    last_q = tl.minimum(qblk * BLOCK_Q + BLOCK_Q, q_len) - 1
+    kv_end = tl.minimum(ctx, ctx - q_len + last_q + 1)
+    n_tiles = tl.cdiv(kv_end, BLOCK_N)
+    if NUM_SPLITS > 1:
+        per = tl.cdiv(n_tiles, NUM_SPLITS)
+        t0 = split * per
+        t1 = tl.minimum(t0 + per, n_tiles)
+    else:
+        t0 = 0
+        t1 = n_tiles
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    bt_row = bt_ptr + b * stride_bt
+    for t in range(t0, t1):
+        j = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        jmask = j < kv_end
+        page = tl.load(bt_row + j // PAGE, mask=jmask, other=0).to(tl.int64)
+        k_off = page * stride_kb + (j % PAGE) * stride_ks + kvh * stride_kh
+        v_off = page * stride_vb + (j % PAGE) * stride_vs + kvh * stride_vh
+        kt = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=jmask[None, :] & dmask[:, None], other=0.0)
+        s = mma(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE, INTERP) * qk_scale
+        allowed = (j[None, :] <= q_pos[:, None]) & jmask[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE, INTERP)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if NUM_SPLITS > 1:
+        # scratch [T, NH, S, D] and [T, NH, S, 2]
+        base = (tok * NH + head) * NUM_SPLITS + split
+        tl.store(po_ptr + base[:, None] * BLOCK_D + d[None, :], out, mask=row_valid[:, None])
+        tl.store(pml_ptr + base * 2, m_i, mask=row_valid)
+        tl.store(pml_ptr + base * 2 + 1, l_i, mask=row_valid)
+    else:
+        tl.store(o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _split_reduce_kernel(po_ptr, pml_ptr, o_ptr, stride_ot, stride_oh, NH: tl.constexpr, D: tl.constexpr,
+                         BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask = s < NUM_SPLITS
+    base = (t * NH + h) * NUM_SPLITS + s
+    m = tl.load(pml_ptr + base * 2, mask=smask, other=float("-inf"))
+    lse = tl.load(pml_ptr + base * 2 + 1, mask=smask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(lse > 0, tl.exp2(m - m_max) * lse, 0.0)
+    o = tl.load(po_ptr + base[:, None] * BLOCK_D + d[None, :], mask=smask[:, None] & (w > 0)[:, None], other=0.0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
+
+
+@functools.cache
+def _num_sms(index) -> int:
+    if torch.cuda.is_available() and index is not None:
+        return torch.cuda.get_device_properties(index).multi_processor_count
+    return 4  # the interpreter: small, so the tests exercise the split path
+
+
+# Block sizes: tuned on the lent H100 by benchmarks/gpu_kernels.py (see benchmarks/results/).
+DECODE_CFG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+PREFILL_CFG = {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+MAX_SPLITS = 32
+
+
+def choose_splits(num_programs: int, max_context_len: int, block_n: int, num_sms: int) -> int:
+    """Split the KV walk when the grid would under-fill the GPU: aim at ~2 programs an SM, and give
+    every split at least two KV tiles of the longest context."""
+    if num_programs >= num_sms:
+        return 1
+    want = -(-2 * num_sms // num_programs)
+    most = max(1, max_context_len // (2 * block_n))
+    return int(max(1, min(want, most, MAX_SPLITS)))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_query_len: int,
+                    max_context_len: int, num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new queries q [T, NH, D] over its cached context (the new
+    tokens' k/v already written). Same contract as the torch oracle; `num_splits` / `config` override the
+    heuristics (tests, tuning)."""
+    t, nh, d = q.shape
+    nkv, page = k_cache.shape[2], k_cache.shape[1]
+    b = block_tables.shape[0]
+    out = torch.empty(t, nh, d, dtype=q.dtype, device=q.device)
+    if t == 0 or b == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    g = nh // nkv
+    g_pad = triton.next_power_of_2(g)
+    decode = max_query_len == 1 and t == b
+    cfg = dict(config or (DECODE_CFG if decode else PREFILL_CFG))
+    block_q = 1 if decode else cfg.get("BLOCK_Q", 16)
+    block_m = max(16, block_q * g_pad)
+    block_n = cfg["BLOCK_N"]
+    n_q = b if decode else t // block_q + b
+    if num_splits is None:
+        active = n_q * nkv
+        num_splits = choose_splits(active, max_context_len, block_n, _num_sms(q.device.index if q.is_cuda else None))
+    block_d = triton.next_power_of_2(d)
+    if num_splits > 1:
+        po = torch.empty(t, nh, num_splits, block_d, dtype=torch.float32, device=q.device)
+        pml = torch.empty(t, nh, num_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        po = pml = out
+    _paged_attn_kernel[(n_q, nkv, num_splits)](
+        q, k_cache, v_cache, out, po, pml, block_tables, context_lens, query_start_loc, b, scale * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_tables.stride(0),
+        NH=nh, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, DECODE=decode, IEEE=q.dtype == torch.float32, INTERP=INTERPRET,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if num_splits > 1:
+        _split_reduce_kernel[(t, nh)](po, pml, out, out.stride(0), out.stride(1), NH=nh, D=d, BLOCK_D=block_d,
+                                      NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=2)
+    return out
+
+
+# ----------------------------------------------------------------------------- KV-cache write
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_kcs, stride_kch, stride_vcs, stride_vch,
+                     NKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    mask = (h[:, None] < NKV) & (d[None, :] < D)
+    k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    tl.store(kc_ptr + slot * stride_kcs + h[:, None] * stride_kch + d[None, :], k, mask=mask)
+    tl.store(vc_ptr + slot * stride_vcs + h[:, None] * stride_vch + d[None, :], v, mask=mask)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' k and v [T, NKV, D] at their slots (block * block_size + offset); one launch
+    for both; slots < 0 are skipped."""
+    t, nkv, d = k.shape
+    if t == 0:
+        return
+    kc = k_cache.view(-1, *k_cache.shape[2:])
+    vc = v_cache.view(-1, *v_cache.shape[2:])
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    _write_kv_kernel[(t,)](k, v, kc, vc, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                           kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), NKV=nkv, D=d,
+                           BLOCK_H=triton.next_power_of_2(nkv), BLOCK_D=triton.next_power_of_2(d), num_warps=1)

@@ -1,0 +1,290 @@
+"""Fused MoE experts in Triton. Oracle: `param2moe.kernels.moe.moe_experts`.
+
+    moe_experts(x [T, H], w13 [E, 2I, H], w2 [E, H, I], weights [T, K] fp32, ids [T, K]) -> [T, H]
+
+Four steps, no host sync, every launch shape a function of T alone (CUDA-graph capturable):
+1. align (`moe_align`): the T*K (token, k) pairs are grouped by expert into a slot array whose every
+   expert segment is padded to a multiple of BLOCK_M (padding slots hold the sentinel T*K); each BLOCK_M
+   block of slots belongs to one expert (`expert_ids`); `num_post` is the used length. One program
+   does it all for small batches; larger ones use count (atomics per chunk) -> offsets -> scatter.
+2. gate/up GEMM with SiLU-and-mul fused: per (slot block, intermediate block), the block's token rows
+   of x (gathered) times the expert's gate rows and up rows (two accumulators), then
+   silu(gate) * up -> `inter` [slots, I], stored by slot (contiguous rows for step 3).
+3. down GEMM: `inter` rows times the expert's w2 -> one row per (token, k) pair, [T*K, H].
+4. combine: out[t] = sum_k weights[t, k] * pair_out[t, k] in fp32 (pairs whose id is -1 skipped).
+The roundings to the activation dtype sit where the oracle has them (gate, up, silu(gate), its product
+with up, each pair's output), so bf16 results match it to within a rounding.
+Padding blocks exit at once; the grid of the GEMMs is sized by the most blocks T*K pairs can need.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, mma
+from .moe_configs import get_config
+
+SMALL_ALIGN_MAX_PAIRS = 512
+
+
+# ----------------------------------------------------------------------------------- align
+@triton.jit
+def _align_small_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, MAX_BLOCKS,
+                        E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_B: tl.constexpr):
+    p = tl.arange(0, BLOCK_P)
+    ex = tl.arange(0, BLOCK_E)
+    e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
+    valid = (e >= 0) & (e < E)
+    onehot = ((e[:, None] == ex[None, :]) & valid[:, None]).to(tl.int32)  # [P, E]
+    counts = tl.sum(onehot, axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    tl.store(npost_ptr, tl.sum(padded, axis=0))
+    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
+    pos = tl.sum(onehot * starts[None, :], axis=1) + rank
+    tl.store(sorted_ptr + pos, p, mask=valid)
+    # padding slots of each expert's segment
+    j = tl.arange(0, BLOCK_M)
+    pad_slot = starts[:, None] + counts[:, None] + j[None, :]
+    tl.store(sorted_ptr + pad_slot, tl.full((BLOCK_E, BLOCK_M), 0, tl.int32) + TK,
+             mask=j[None, :] < (padded - counts)[:, None])
+    b = tl.arange(0, BLOCK_B)
+    owner = tl.sum(((ends[None, :] <= b[:, None] * BLOCK_M) & (ex[None, :] < E)).to(tl.int32), axis=1)
+    tl.store(expert_ids_ptr + b, owner, mask=b < MAX_BLOCKS)
+
+
+@triton.jit
+def _align_count_kernel(ids_ptr, counts_ptr, TK, E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ex = tl.arange(0, BLOCK_E)
+    e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
+    onehot = ((e[:, None] == ex[None, :]) & (e[:, None] >= 0)).to(tl.int32)
+    c = tl.sum(onehot, axis=0)
+    tl.atomic_add(counts_ptr + ex, c, mask=(ex < E) & (c > 0))
+
+
+@triton.jit
+def _align_offsets_kernel(counts_ptr, cursor_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, MAX_BLOCKS,
+                          E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
+    ex = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + ex, mask=ex < E, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    tl.store(npost_ptr, tl.sum(padded, axis=0))
+    tl.store(cursor_ptr + ex, starts, mask=ex < E)
+    j = tl.arange(0, BLOCK_M)
+    pad_slot = starts[:, None] + counts[:, None] + j[None, :]
+    tl.store(sorted_ptr + pad_slot, tl.full((BLOCK_E, BLOCK_M), 0, tl.int32) + TK,
+             mask=j[None, :] < (padded - counts)[:, None])
+    for i in range(0, tl.cdiv(MAX_BLOCKS, BLOCK_B)):
+        b = i * BLOCK_B + tl.arange(0, BLOCK_B)
+        owner = tl.sum(((ends[None, :] <= b[:, None] * BLOCK_M) & (ex[None, :] < E)).to(tl.int32), axis=1)
+        tl.store(expert_ids_ptr + b, owner, mask=b < MAX_BLOCKS)
+
+
+@triton.jit
+def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, TK, E: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_E: tl.constexpr):
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ex = tl.arange(0, BLOCK_E)
+    e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
+    valid = (e >= 0) & (e < E)
+    onehot = ((e[:, None] == ex[None, :]) & valid[:, None]).to(tl.int32)
+    c = tl.sum(onehot, axis=0)
+    base = tl.atomic_add(cursor_ptr + ex, c, mask=(ex < E) & (c > 0))  # old cursor: this chunk's start
+    base = tl.where(c > 0, base, 0)
+    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
+    pos = tl.sum(onehot * base[None, :], axis=1) + rank
+    tl.store(sorted_ptr + pos, p, mask=valid)
+
+
+def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
+    """Group the (token, k) pairs of ids [T, K] by expert. Returns (sorted_ids [max_slots] int32,
+    expert_ids [max_blocks] int32, num_post [1] int32): slots past num_post are unused."""
+    tk = ids.numel()
+    max_slots = tk + min(num_experts, tk) * (block_m - 1)
+    max_blocks = triton.cdiv(max_slots, block_m)
+    dev = ids.device
+    flat = ids.reshape(-1)
+    sorted_ids = torch.empty(max_slots, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    block_e = triton.next_power_of_2(num_experts)
+    if tk <= SMALL_ALIGN_MAX_PAIRS:
+        num_post = torch.empty(1, dtype=torch.int32, device=dev)
+        _align_small_kernel[(1,)](flat, sorted_ids, expert_ids, num_post, tk, max_blocks, E=num_experts,
+                                  BLOCK_M=block_m, BLOCK_P=triton.next_power_of_2(tk), BLOCK_E=block_e,
+                                  BLOCK_B=triton.next_power_of_2(max_blocks), num_warps=8)
+        return sorted_ids, expert_ids, num_post
+    work = torch.zeros(2 * num_experts + 1, dtype=torch.int32, device=dev)
+    counts, cursor, num_post = work[:num_experts], work[num_experts:2 * num_experts], work[2 * num_experts:]
+    block_p = 256
+    grid = (triton.cdiv(tk, block_p),)
+    _align_count_kernel[grid](flat, counts, tk, E=num_experts, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4)
+    _align_offsets_kernel[(1,)](counts, cursor, sorted_ids, expert_ids, num_post, tk, max_blocks, E=num_experts,
+                                BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_B=128, num_warps=4)
+    _align_scatter_kernel[grid](flat, cursor, sorted_ids, tk, E=num_experts, BLOCK_P=block_p, BLOCK_E=block_e,
+                                num_warps=4)
+    return sorted_ids, expert_ids, num_post
+
+
+# ----------------------------------------------------------------------------------- GEMMs
+@triton.jit
+def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    in_group = GROUP_M * num_n
+    gid = pid // in_group
+    first_m = gid * GROUP_M
+    gsz = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % gsz
+    pid_n = (pid % in_group) // gsz
+    return pid_m, pid_n
+
+
+@triton.jit
+def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, num_m, H, N,
+                        stride_xt, stride_we, stride_wn, stride_ot,
+                        TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """out[slot, n] = silu(x[tok] . w[e, n]) * (x[tok] . w[e, N + n]) for the block's slots."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(npost_ptr):
+        return
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m)
+    valid = pair < TK
+    tok = (pair // TOPK).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nc = tl.where(offs_n < N, offs_n, 0)  # clamp: rows past N are computed and dropped
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
+    g_ptrs = w_ptr + e * stride_we + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + N * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(H, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            bg = tl.load(g_ptrs)
+            bu = tl.load(u_ptrs)
+        else:
+            kmask = offs_k < H - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=kmask[:, None], other=0.0)
+            bu = tl.load(u_ptrs, mask=kmask[:, None], other=0.0)
+        acc_g = mma(a, bg, acc_g, IEEE, INTERP)
+        acc_u = mma(a, bu, acc_u, IEEE, INTERP)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    dt = out_ptr.dtype.element_ty
+    g = acc_g.to(dt).to(tl.float32)
+    u = acc_u.to(dt).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    h = (act * u).to(dt)
+    o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
+    tl.store(o_ptrs, h, mask=offs_n[None, :] < N)
+
+
+@triton.jit
+def _moe_down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, num_m, Kdim, N,
+                     stride_at, stride_we, stride_wn, stride_ot,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """out[pair, n] = inter[slot] . w2[e, n] for the block's slots (rows of padding slots dropped)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(npost_ptr):
+        return
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m)
+    valid = pair < TK
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nc = tl.where(offs_n < N, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_at + offs_k[None, :]
+    b_ptrs = w_ptr + e * stride_we + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(Kdim, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = offs_k < Kdim - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+        acc = mma(a, b, acc, IEEE, INTERP)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _moe_combine_kernel(pair_ptr, w_ptr, ids_ptr, out_ptr, N, stride_pt, stride_ot,
+                        TOPK: tl.constexpr, BLOCK_N: tl.constexpr):
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in tl.static_range(TOPK):
+        e = tl.load(ids_ptr + t * TOPK + k)
+        w = tl.load(w_ptr + t * TOPK + k).to(tl.float32)
+        y = tl.load(pair_ptr + (t * TOPK + k).to(tl.int64) * stride_pt + offs, mask=nmask & (e >= 0), other=0.0)
+        acc += tl.where(e >= 0, w, 0.0) * y.to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+# ----------------------------------------------------------------------------------- entry
+def _gemm_grid(num_m, n, block_n):
+    return (num_m * triton.cdiv(n, block_n),)
+
+
+def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                config: dict | None = None) -> torch.Tensor:
+    """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]); ids -1 contribute nothing. See the module doc."""
+    t, hidden = x.shape
+    topk = ids.shape[1]
+    e, two_i, _ = w13.shape
+    inter_size = two_i // 2
+    out = torch.empty(t, hidden, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return out
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
+    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
+    ids = ids.contiguous()
+    weights = weights.contiguous()
+    cfg = config or get_config(t, e, hidden, inter_size, topk, x.dtype)
+    bm = cfg["BLOCK_M"]
+    g1, g2 = cfg["gate_up"], cfg["down"]
+    sorted_ids, expert_ids, num_post = moe_align(ids, e, bm)
+    tk = t * topk
+    num_m = expert_ids.shape[0]
+    ieee = x.dtype == torch.float32
+    inter = torch.empty(sorted_ids.shape[0], inter_size, dtype=x.dtype, device=x.device)
+    _moe_gate_up_kernel[_gemm_grid(num_m, inter_size, g1["BLOCK_N"])](
+        x, w13, inter, sorted_ids, expert_ids, num_post, tk, num_m, hidden, inter_size,
+        x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
+        TOPK=topk, BLOCK_M=bm, BLOCK_N=g1["BLOCK_N"], BLOCK_K=g1["BLOCK_K"], GROUP_M=g1["GROUP_M"],
+        EVEN_K=hidden % g1["BLOCK_K"] == 0, IEEE=ieee, INTERP=INTERPRET, num_warps=g1["num_warps"],
+        num_stages=g1["num_stages"])
+    pair_out = torch.empty(tk, hidden, dtype=x.dtype, device=x.device)
+    _moe_down_kernel[_gemm_grid(num_m, hidden, g2["BLOCK_N"])](
+        inter, w2, pair_out, sorted_ids, expert_ids, num_post, tk, num_m, inter_size, hidden,
+        inter.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0),
+        BLOCK_M=bm, BLOCK_N=g2["BLOCK_N"], BLOCK_K=g2["BLOCK_K"], GROUP_M=g2["GROUP_M"],
+        EVEN_K=inter_size % g2["BLOCK_K"] == 0, IEEE=ieee, INTERP=INTERPRET, num_warps=g2["num_warps"],
+        num_stages=g2["num_stages"])
+    block_n = min(1024, triton.next_power_of_2(hidden))
+    _moe_combine_kernel[(t, triton.cdiv(hidden, block_n))](
+        pair_out, weights, ids, out, hidden, pair_out.stride(0), out.stride(0), TOPK=topk, BLOCK_N=block_n,
+        num_warps=4)
+    return out

@@ -1,0 +1,106 @@
+"""MoE routing (SPEC 3.4) for a whole batch in one Triton launch. Oracle: `param2moe.kernels.routing.route`.
+
+Per token (BLOCK_T tokens a program, all E experts in registers): sigmoid or softmax scores (fp32), choice
+scores = scores + expert bias, optional grouped selection (group score = sum of its top-2 choice scores, the
+best `topk_group` groups kept, -inf elsewhere), top-K by repeated argmax (ties go to the lower expert
+index), weights gathered from the unbiased scores, renormalised, scaled.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale,
+                  E: tl.constexpr, K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)
+    valid_e = e < E
+    rmask = rows < T
+    x = tl.load(logits_ptr + rows[:, None] * stride_l + e[None, :], mask=rmask[:, None] & valid_e[None, :],
+                other=0.0).to(tl.float32)
+    neg_inf = float("-inf")
+    if SOFTMAX:
+        x = tl.where(valid_e[None, :], x, neg_inf)
+        m = tl.max(x, axis=1)
+        p = tl.exp(x - m[:, None])
+        p = tl.where(valid_e[None, :], p, 0.0)
+        s = p / tl.sum(p, axis=1)[:, None]
+    else:
+        s = 1.0 / (1.0 + tl.exp(-x))
+    c = s
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + e, mask=valid_e, other=0.0).to(tl.float32)
+        c = c + b[None, :]
+    c = tl.where(valid_e[None, :], c, neg_inf)
+    if N_GROUP > 1:
+        GS: tl.constexpr = E // N_GROUP
+        grp = e // GS
+        gidx = tl.arange(0, BLOCK_G)
+        gscore = tl.full((BLOCK_T, BLOCK_G), neg_inf, tl.float32)
+        for g in tl.static_range(N_GROUP):
+            in_g = (grp == g) & valid_e
+            cg = tl.where(in_g[None, :], c, neg_inf)
+            best = tl.max(cg, axis=1)
+            sc = best
+            if GS > 1:
+                arg = tl.argmax(cg, axis=1)
+                second = tl.max(tl.where(e[None, :] == arg[:, None], neg_inf, cg), axis=1)
+                sc = best + second
+            gscore = tl.where(gidx[None, :] == g, sc[:, None], gscore)
+        keep = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
+        for _ in tl.static_range(TOPK_GROUP):
+            gbest = tl.argmax(gscore, axis=1)
+            keep = keep | (grp[None, :] == gbest[:, None])
+            gscore = tl.where(gidx[None, :] == gbest[:, None], neg_inf, gscore)
+        c = tl.where(keep, c, neg_inf)
+    kk = tl.arange(0, BLOCK_K)
+    ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    ws = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    taken = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
+    for i in tl.static_range(K):
+        # Best expert not yet taken (a masked-out group's -inf still beats nothing once needed).
+        cc = tl.where(taken, neg_inf, c)
+        best = tl.max(cc, axis=1)
+        hit = (cc == best[:, None]) & (~taken) & valid_e[None, :]
+        idx = tl.min(tl.where(hit, e[None, :], BLOCK_E), axis=1)
+        sel = e[None, :] == idx[:, None]
+        taken = taken | sel
+        wi = tl.sum(tl.where(sel, s, 0.0), axis=1)
+        ids = tl.where(kk[None, :] == i, idx[:, None], ids)
+        ws = tl.where(kk[None, :] == i, wi[:, None], ws)
+    if NORM:
+        ws = ws / tl.sum(ws, axis=1)[:, None]
+    ws = ws * scale
+    omask = rmask[:, None] & (kk[None, :] < K)
+    tl.store(w_ptr + rows[:, None] * K + kk[None, :], ws, mask=omask)
+    tl.store(ids_ptr + rows[:, None] * K + kk[None, :], ids.to(tl.int64), mask=omask)
+
+
+def route(logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, *, score_function: str = "sigmoid",
+          n_group: int | None = None, topk_group: int | None = None, norm_topk_prob: bool = True,
+          routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose experts. logits: [T, E] (read as fp32). Returns (weights [T, K] float32, ids [T, K] int64)."""
+    t, e = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
+    if t == 0:
+        return weights, ids
+    grouped = n_group is not None and topk_group is not None and n_group > 1
+    block_e = triton.next_power_of_2(e)
+    block_t = max(1, min(16, 1024 // block_e))
+    bias = expert_bias.float().contiguous() if expert_bias is not None else logits
+    _route_kernel[(triton.cdiv(t, block_t),)](
+        logits, bias, weights, ids, t, logits.stride(0), float(routed_scaling_factor),
+        E=e, K=top_k, SOFTMAX=score_function == "softmax", HAS_BIAS=expert_bias is not None,
+        N_GROUP=n_group if grouped else 1, TOPK_GROUP=topk_group if grouped else 1, NORM=bool(norm_topk_prob),
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        BLOCK_G=triton.next_power_of_2(n_group if grouped else 1), num_warps=4)
+    return weights, ids

@@ -1,0 +1,344 @@
+"""The Triton kernels (param2moe/kernels/triton/) against their plain torch oracles.
+
+Runs on CUDA when a GPU is there, else on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1,
+small shapes); skipped when triton is not installed. Every check draws fresh random inputs, poisons
+what the kernels allocate (NaN for floats, a wild value for ints) so an element never written shows,
+and compares fp32 tightly and bf16 within bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from param2moe.kernels import attention as ref_attn  # noqa: E402
+from param2moe.kernels import moe as ref_moe  # noqa: E402
+from param2moe.kernels import norm as ref_norm  # noqa: E402
+from param2moe.kernels import rope as ref_rope  # noqa: E402
+from param2moe.kernels import routing as ref_routing  # noqa: E402
+from param2moe.kernels.triton import attention as tri_attn  # noqa: E402
+from param2moe.kernels.triton import moe as tri_moe  # noqa: E402
+from param2moe.kernels.triton import norm as tri_norm  # noqa: E402
+from param2moe.kernels.triton import routing as tri_routing  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+BIG = CUDA or os.environ.get("P2M_TEST_BIG") == "1"  # real Param2 shapes too (slow under the interpreter)
+
+_real_empty, _real_empty_like = torch.empty, torch.empty_like
+
+
+def _poison(t):
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    elif t.dtype != torch.bool:
+        t.fill_(-123456789 if t.dtype in (torch.int32, torch.int64) else 0x7F)
+    return t
+
+
+@contextlib.contextmanager
+def poisoned():
+    """torch.empty / empty_like return poisoned tensors inside (outputs and scratch of the kernels)."""
+    torch.empty = lambda *a, **k: _poison(_real_empty(*a, **k))
+    torch.empty_like = lambda *a, **k: _poison(_real_empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = _real_empty, _real_empty_like
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check(out, ref, dtype, tight=1e-5, loose=8e-3):
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "non-finite output (an element never written?)"
+    err = rel_err(out, ref)
+    if not CUDA:  # the interpreter rounds every fp32 -> bf16 toward zero: a bias that adds up over stages
+        loose = max(loose, 4e-2)
+    assert err < (tight if dtype == torch.float32 else loose), f"rel err {err:.3g}"
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+# ------------------------------------------------------------------------------------ norms
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2048), (7, 2048), (33, 64), (5, 3, 96)])
+def test_rms_norm(dtype, shape):
+    x = torch.randn(*shape, device=DEV).to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], device=DEV)).to(dtype)
+    with poisoned():
+        out = tri_norm.rms_norm(x, w, 1e-6)
+    check(out, ref_norm.rms_norm(x, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_strided_rows(dtype):
+    base = torch.randn(9, 3 * 128, device=DEV).to(dtype)
+    x = base[:, 128:256]  # rows strided, last dim contiguous
+    w = torch.randn(128, device=DEV).to(dtype)
+    with poisoned():
+        out = tri_norm.rms_norm(x, w, 1e-5)
+    check(out, ref_norm.rms_norm(x, w, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 13])
+def test_add_rms_norm(dtype, t):
+    h = 2048
+    x, r = torch.randn(t, h, device=DEV).to(dtype), torch.randn(t, h, device=DEV).to(dtype)
+    w = (1 + 0.1 * torch.randn(h, device=DEV)).to(dtype)
+    with poisoned():
+        out, res = tri_norm.add_rms_norm(x, r, w, 1e-6)
+    ref_out, ref_res = ref_norm.add_rms_norm(x, r, w, 1e-6)
+    if CUDA or dtype == torch.float32:
+        assert torch.equal(res, ref_res)  # the rounded sum is exact
+    else:  # the interpreter rounds fp32 -> bf16 toward zero, not to nearest
+        torch.testing.assert_close(res, ref_res, rtol=1e-2, atol=1e-2)
+    check(out, ref_out, dtype)
+
+
+# ----------------------------------------------------------------------------- QK-norm + RoPE
+def _cos_sin(t, half, device):
+    pos = torch.randint(0, 4096, (t,), device=device).float()
+    inv = 1e6 ** (-torch.arange(half, device=device).float() / half)
+    ang = pos[:, None] * inv[None, :]
+    return ang.cos(), ang.sin()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_norm", [True, False])
+@pytest.mark.parametrize("d,rot", [(64, 64), (64, 32), (48, 48)])
+def test_qk_norm_rope(dtype, with_norm, d, rot):
+    t, nh, nkv = 11, 8, 2
+    qkv = torch.randn(t, (nh + 2 * nkv) * d, device=DEV).to(dtype)
+    q, k, _ = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)  # strided views, as the network has them
+    q, k = q.reshape(t, nh, d), k.reshape(t, nkv, d)
+    qw = (1 + 0.2 * torch.randn(d, device=DEV)).to(dtype) if with_norm else None
+    kw = (1 + 0.2 * torch.randn(d, device=DEV)).to(dtype) if with_norm else None
+    cos, sin = _cos_sin(t, rot // 2, DEV)
+    with poisoned():
+        qo, ko = tri_norm.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)
+    rq, rk = ref_rope.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)
+    check(qo, rq, dtype)
+    check(ko, rk, dtype)
+    if not with_norm:
+        with poisoned():
+            check(tri_norm.apply_rope(q, cos, sin), ref_rope.apply_rope(q, cos, sin), dtype)
+
+
+# ------------------------------------------------------------------------------------ routing
+ROUTE_CASES = {
+    "sigmoid": dict(score_function="sigmoid"),
+    "softmax": dict(score_function="softmax"),
+    "no-norm": dict(norm_topk_prob=False),
+    "param2": dict(routed_scaling_factor=2.5),
+    "no-norm-scaled-softmax": dict(score_function="softmax", norm_topk_prob=False, routed_scaling_factor=1.5),
+    "grouped": dict(n_group=4, topk_group=2),
+    "grouped-softmax-scaled": dict(score_function="softmax", n_group=8, topk_group=3, routed_scaling_factor=2.5),
+    "grouped-one-per-group": dict(n_group=16, topk_group=5),
+    "grouped-three-groups": dict(n_group=3, topk_group=2),
+    "one-group": dict(n_group=1, topk_group=1, routed_scaling_factor=2.5),
+}
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("name", list(ROUTE_CASES))
+def test_route(name, with_bias):
+    kw = ROUTE_CASES[name]
+    e = 48 if name == "grouped-three-groups" else 64
+    t = 37
+    logits = torch.randn(t, e, device=DEV) * 2
+    bias = torch.randn(e, device=DEV) * 0.5 if with_bias else None
+    with poisoned():
+        w, ids = tri_routing.route(logits, bias, 6, **kw)
+    rw, rids = ref_routing.route(logits, bias, 6, **kw)
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32
+    assert torch.equal(ids, rids), (ids, rids)
+    torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+
+
+def test_route_bias_decides_choice_only():
+    logits = torch.zeros(4, 64, device=DEV)
+    bias = torch.zeros(64, device=DEV)
+    bias[[3, 9, 27, 40, 50, 63]] = 1.0
+    w, ids = tri_routing.route(logits, bias, 6, routed_scaling_factor=2.5)
+    assert sorted(ids[0].tolist()) == [3, 9, 27, 40, 50, 63]
+    torch.testing.assert_close(w, torch.full_like(w, 2.5 / 6))
+
+
+# ------------------------------------------------------------------------------------ MoE
+def _moe_inputs(t, e, h, i, k, dtype, with_missing=False):
+    x = torch.randn(t, h, device=DEV).to(dtype)
+    w13 = (torch.randn(e, 2 * i, h, device=DEV) / h**0.5).to(dtype)
+    w2 = (torch.randn(e, h, i, device=DEV) / i**0.5).to(dtype)
+    ids = torch.rand(t, e, device=DEV).topk(k, dim=-1).indices  # distinct experts per token, uniform
+    if with_missing:
+        ids[torch.rand(t, k, device=DEV) < 0.2] = -1
+    weights = torch.rand(t, k, device=DEV)
+    return x, w13, w2, weights, ids
+
+
+@pytest.mark.parametrize("t,k,block_m", [(1, 6, 16), (5, 2, 16), (40, 6, 32), (100, 6, 16), (100, 6, 64)])
+def test_moe_align(t, k, block_m):
+    e = 16
+    ids = torch.rand(t, e, device=DEV).topk(k, dim=-1).indices
+    ids[torch.rand(t, k, device=DEV) < 0.1] = -1
+    with poisoned():
+        sorted_ids, expert_ids, num_post = tri_moe.moe_align(ids, e, block_m)
+    n = int(num_post)
+    flat = ids.reshape(-1).cpu()
+    counts = torch.bincount(flat[flat >= 0], minlength=e)
+    assert n == int(((counts + block_m - 1) // block_m * block_m).sum())
+    s = sorted_ids[:n].cpu().long()
+    ex = expert_ids.cpu().long()
+    real = s[s < t * k]
+    assert sorted(real.tolist()) == [p for p in range(t * k) if flat[p] >= 0]  # each valid pair once
+    assert (s[s >= t * k] == t * k).all()  # padding slots hold the sentinel
+    for slot in range(n):
+        if s[slot] < t * k:
+            assert flat[s[slot]] == ex[slot // block_m]
+
+
+MOE_CASES = [
+    # t, e, h, i, k, missing, config
+    (1, 8, 64, 32, 2, False, None),
+    (3, 8, 64, 48, 3, True, None),
+    (37, 8, 96, 64, 4, True, {"BLOCK_M": 32, "gate_up": dict(BLOCK_N=32, BLOCK_K=64, GROUP_M=4, num_warps=4,
+                                                                num_stages=2),
+                              "down": dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)}),
+    (100, 8, 64, 32, 6, True, None),  # > SMALL_ALIGN_MAX_PAIRS: the three-kernel align
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(MOE_CASES)))
+def test_moe_experts(dtype, case):
+    t, e, h, i, k, missing, cfg = MOE_CASES[case]
+    x, w13, w2, weights, ids = _moe_inputs(t, e, h, i, k, dtype, missing)
+    with poisoned():
+        out = tri_moe.moe_experts(x, w13, w2, weights, ids, config=cfg)
+    check(out, ref_moe.moe_experts(x, w13, w2, weights, ids), dtype, tight=2e-5)
+
+
+@pytest.mark.skipif(not BIG, reason="real Param2 shapes: CUDA (or P2M_TEST_BIG=1)")
+@pytest.mark.parametrize("t", [1, 8, 64, 300])
+def test_moe_experts_param2_shapes(t):
+    x, w13, w2, weights, ids = _moe_inputs(t, 64, 2048, 2048, 6, torch.bfloat16)
+    with poisoned():
+        out = tri_moe.moe_experts(x, w13, w2, weights, ids)
+    check(out, ref_moe.moe_experts(x, w13, w2, weights, ids), torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------ attention
+def _paged_batch(q_lens, ctx_lens, nh, nkv, d, dtype, num_blocks=None, page=16):
+    """A batch over a paged cache with random block tables and NaN garbage in every unused slot."""
+    b = len(q_lens)
+    need = [-(-c // page) for c in ctx_lens]
+    width = max(need) + 1
+    num_blocks = num_blocks or sum(need) + 3
+    k_cache = torch.full((num_blocks, page, nkv, d), float("nan"), device=DEV).to(dtype)
+    v_cache = torch.full((num_blocks, page, nkv, d), float("nan"), device=DEV).to(dtype)
+    perm = torch.randperm(num_blocks).tolist()
+    tables = torch.full((b, width), -1, dtype=torch.int32)
+    used = 0
+    for s, n in enumerate(need):
+        tables[s, :n] = torch.tensor(perm[used:used + n], dtype=torch.int32)
+        used += n
+        for j in range(ctx_lens[s]):
+            blk, off = int(tables[s, j // page]), j % page
+            k_cache[blk, off] = torch.randn(nkv, d, device=DEV).to(dtype)
+            v_cache[blk, off] = torch.randn(nkv, d, device=DEV).to(dtype)
+    qsl = torch.zeros(b + 1, dtype=torch.int64)
+    qsl[1:] = torch.tensor(q_lens).cumsum(0)
+    q = torch.randn(int(qsl[-1]), nh, d, device=DEV).to(dtype)
+    return q, k_cache, v_cache, tables.to(DEV), torch.tensor(ctx_lens, dtype=torch.int32, device=DEV), qsl.to(DEV)
+
+
+ATTN_CASES = {
+    "decode": ([1, 1, 1], [5, 40, 17], 8, 2, 64),
+    "decode-long": ([1, 1], [300, 129], 8, 2, 64),
+    "decode-mha": ([1, 1], [33, 70], 4, 4, 32),
+    "prefill": ([23, 7], [23, 7], 8, 2, 64),
+    "chunked-mixed": ([9, 1, 20, 1], [50, 33, 20, 1], 8, 2, 64),
+    "gqa3": ([5, 1], [45, 18], 6, 2, 64),
+    "d48": ([3, 1], [19, 64], 4, 1, 48),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("name", list(ATTN_CASES))
+def test_paged_attention(name, splits, dtype):
+    q_lens, ctx_lens, nh, nkv, d = ATTN_CASES[name]
+    q, kc, vc, tables, ctx, qsl = _paged_batch(q_lens, ctx_lens, nh, nkv, d, dtype)
+    scale = d**-0.5
+    args = (q, kc, vc, tables, ctx, qsl, scale, max(q_lens), max(ctx_lens))
+    cfg = None
+    if max(q_lens) > 1:
+        cfg = dict(BLOCK_Q=4, BLOCK_N=32, num_warps=4, num_stages=2)  # several q-blocks a sequence
+    with poisoned():
+        out = tri_attn.paged_attention(*args, num_splits=splits, config=cfg)
+    check(out, ref_attn.paged_attention(*args), dtype, tight=2e-5, loose=1.2e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_cache(dtype):
+    t, nkv, d, nb = 9, 2, 64, 6
+    k, v = torch.randn(t, nkv, d, device=DEV).to(dtype), torch.randn(t, nkv, d, device=DEV).to(dtype)
+    slots = torch.randperm(nb * 16, device=DEV)[:t]
+    kc, vc = torch.randn(nb, 16, nkv, d, device=DEV).to(dtype), torch.randn(nb, 16, nkv, d, device=DEV).to(dtype)
+    kc2, vc2 = kc.clone(), vc.clone()
+    tri_attn.write_kv_cache(k, v, kc, vc, slots)
+    ref_attn.write_kv_cache(k, v, kc2, vc2, slots)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+# ------------------------------------------------------------------------------------ CUDA only
+@pytest.mark.skipif(not CUDA, reason="CUDA")
+def test_dispatch_picks_triton_on_cuda(monkeypatch):
+    import param2moe.kernels as ops
+
+    x = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    called = []
+    orig = tri_norm.rms_norm
+    monkeypatch.setattr(tri_norm, "rms_norm", lambda *a: called.append(1) or orig(*a))
+    ops.rms_norm(x, w, 1e-6)
+    assert called
+    ops.rms_norm(x.cpu(), w.cpu(), 1e-6)  # the CPU path stays plain torch
+    assert len(called) == 1
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA")
+def test_cuda_graph_capture_moe_and_attention():
+    torch.manual_seed(0)
+    x, w13, w2, weights, ids = _moe_inputs(4, 64, 2048, 2048, 6, torch.bfloat16)
+    q, kc, vc, tables, ctx, qsl = _paged_batch([1] * 4, [100, 1000, 5, 300], 32, 8, 64, torch.bfloat16)
+    run = lambda: (tri_moe.moe_experts(x, w13, w2, weights, ids),  # noqa: E731
+                   tri_attn.paged_attention(q, kc, vc, tables, ctx, qsl, 0.125, 1, 1024))
+    run()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = run()
+    # new inputs in the same buffers, then replay
+    x.copy_(torch.randn_like(x))
+    ids.copy_(torch.rand(4, 64, device="cuda").topk(6, dim=-1).indices)
+    q.copy_(torch.randn_like(q))
+    ctx.copy_(torch.tensor([64, 999, 7, 1], device="cuda", dtype=torch.int32))
+    g.replay()
+    torch.cuda.synchronize()
+    check(outs[0], ref_moe.moe_experts(x, w13, w2, weights, ids), torch.bfloat16)
+    check(outs[1], ref_attn.paged_attention(q, kc, vc, tables, ctx, qsl, 0.125, 1, 1024), torch.bfloat16,
+          loose=1.2e-2)
