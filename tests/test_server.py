@@ -86,6 +86,11 @@ class Server:
                 return value
         raise KeyError(name)
 
+    def check_clean_exit(self) -> None:
+        assert self.stop() == 0
+        log = self.log_path.read_text()
+        assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -103,7 +108,7 @@ def main(tmp_path_factory):
     server = Server(["--dtype", "float32", "--api-key", KEY, "--max-model-len", str(MAX_LEN),
                      "--kv-cache-memory", str(64 << 20)], tmp_path_factory.mktemp("logs") / "main.log")
     yield server
-    server.stop()
+    server.check_clean_exit()
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +126,7 @@ def scripted(scripted_dir, tmp_path_factory):
                     tmp_path_factory.mktemp("logs") / "scripted.log")
     server.ids = ids
     yield server
-    server.stop()
+    server.check_clean_exit()
 
 
 @pytest.fixture(scope="module")
@@ -606,3 +611,36 @@ def test_sigterm_aborts_after_drain_time(scripted_dir, tmp_path):
     finally:
         server.stop()
     assert re.search(r"Traceback", server.log_path.read_text()) is None
+
+
+def test_fuzzed_bodies_never_500(scripted):
+    """Odd but well-formed-enough JSON in every field: always a 2xx or a 4xx in OpenAI's shape."""
+    import random
+
+    rng = random.Random(0)
+    odd = [None, True, -1, 0, 2 ** 64, 1e308, -1e308, 0.5, "", "x", "<think>", [], [None], [-1], [[]], {}, {"a": 1},
+           [{"role": "user"}], [{"role": "tool", "content": "x"}], {"type": "function"}, [1, "a"], "\udcff"[:0]]
+    chat_fields = ["messages", "model", "n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "seed",
+                   "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "stream_options",
+                   "chat_template_kwargs", "continue_final_message", "add_generation_prompt", "min_tokens",
+                   "repetition_penalty", "presence_penalty", "stop_token_ids", "response_format",
+                   "max_completion_tokens", "ignore_eos"]
+    comp_fields = ["prompt", "echo", "logprobs", "suffix", "best_of", "max_tokens", "n", "prompt_logprobs", "stop"]
+    for k in range(80):
+        chat = k % 2 == 0
+        body = ({"model": "scripted", "messages": USER, "max_tokens": 2} if chat
+                else {"model": "scripted", "prompt": [5], "max_tokens": 2})
+        for field in rng.sample(chat_fields if chat else comp_fields, 2):
+            body[field] = rng.choice(odd)
+        body["stream"] = rng.random() < 0.3
+        r = httpx.post(scripted.url + ("/v1/chat/completions" if chat else "/v1/completions"), json=body, timeout=60)
+        assert r.status_code < 500 or r.status_code == 503, (body, r.text)
+        if r.status_code >= 400 and r.status_code != 503:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        elif body["stream"]:
+            assert r.text.rstrip().endswith("data: [DONE]")
+            assert '"error"' not in r.text, (body, r.text)
+    for path, body in [("/tokenize", {"messages": [{"role": 1}]}), ("/tokenize", {"prompt": 5}),
+                       ("/detokenize", {"tokens": ["a"]}), ("/tokenize", {})]:
+        assert httpx.post(scripted.url + path, json=body).status_code == 400
+    assert httpx.get(scripted.url + "/health").status_code == 200
