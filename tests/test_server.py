@@ -222,6 +222,12 @@ def test_completion_logprobs(client):
     lp = echo.choices[0].logprobs
     assert lp.token_logprobs[0] is None and all(x is not None for x in lp.token_logprobs[1:])
     assert echo.choices[0].text.startswith("Hello there")
+    # vLLM's prompt_logprobs: per prompt token, {id: {logprob, rank, decoded_token}}
+    r = client.completions.create(model="param2-small", prompt="Hello there", max_tokens=1,
+                                  extra_body={"prompt_logprobs": 2})
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert len(plp) == r.usage.prompt_tokens and plp[0] is None
+    assert all(2 <= len(e) <= 3 and all(v["logprob"] <= 0 for v in e.values()) for e in plp[1:])
 
 
 # =============================================================================== chat
@@ -268,6 +274,9 @@ def test_chat_logprobs(client):
     for t in content:
         assert len(t.top_logprobs) == 2 and t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5)
         assert isinstance(t.bytes, list)
+    r = client.chat.completions.create(model="param2-small", messages=USER, max_tokens=1,
+                                       extra_body={"prompt_logprobs": 0})
+    assert len(r.model_extra["prompt_logprobs"]) == r.usage.prompt_tokens
 
 
 def test_sampling_options(main, client):
@@ -436,6 +445,7 @@ def test_malformed_body_400(main, body, fragments, param):
     ({"logit_bias": {"abc": 1}}, "logit_bias", "logit_bias"),
     ({"logit_bias": {"99999999": 1}}, "logit_bias", "logit_bias"),
     ({"stop": [""]}, "stop", "stop"),
+    ({"stop": ["a"] * 300}, "stop", "stop"),
     ({"seed": 2 ** 70}, "seed", "seed"),
     ({"stop_token_ids": [-1]}, "stop_token_ids", "stop_token_ids"),
     ({"prompt": []}, "prompt", "prompt"),

@@ -556,7 +556,8 @@ def build_app(async_engine: AsyncLLMEngine, options: ServerOptions | None = None
                           start_in_reasoning=prompt_ends_in_reasoning(text), parse_tools=parse_tools,
                           top_logprobs=top, include_usage=bool(opts and opts.include_usage),
                           continuous_usage=bool(opts and opts.continuous_usage_stats),
-                          hidden_stop_ids=frozenset(st.chat_stop_ids), token_text=st.token_text)
+                          hidden_stop_ids=frozenset(st.chat_stop_ids), token_text=st.token_text,
+                          prompt_logprobs=req.prompt_logprobs is not None)
         tracker = st.metrics.tracker(len(ids))
         close = _finish_request([tracker], params.n)
         try:
@@ -604,6 +605,7 @@ def build_app(async_engine: AsyncLLMEngine, options: ServerOptions | None = None
         max_tokens = st.max_tokens(req.max_tokens, longest, "prompt")
         if req.max_tokens is None:  # each prompt gets the rest of its own context
             max_tokens = None
+        want_prompt_logprobs = req.prompt_logprobs is not None
         if req.logprobs is not None and req.echo and req.prompt_logprobs is None:
             req.prompt_logprobs = req.logprobs
         params_list = []
@@ -617,7 +619,8 @@ def build_app(async_engine: AsyncLLMEngine, options: ServerOptions | None = None
         opts = req.stream_options
         ctx = CompletionContext(rid, st.model_name, now(), prompts, n=n, logprobs=req.logprobs, echo=bool(req.echo),
                                 include_usage=bool(opts and opts.include_usage),
-                                continuous_usage=bool(opts and opts.continuous_usage_stats), token_text=st.token_text)
+                                continuous_usage=bool(opts and opts.continuous_usage_stats), token_text=st.token_text,
+                                prompt_logprobs=want_prompt_logprobs)
         trackers = [st.metrics.tracker(len(p.token_ids)) for p in prompts]
         close = _finish_request(trackers, total)
         try:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_LOGPROBS = 20
+MAX_STOP, MAX_STOP_IDS = 256, 1024  # every new token is checked against each of them
 
 
 class OpenAIModel(BaseModel):
@@ -134,6 +135,11 @@ def to_sampling_fields(req: SamplingFields, defaults: dict[str, Any], vocab_size
     if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:
         raise RequestError(f"prompt_logprobs: {req.prompt_logprobs} must be in [0, {MAX_LOGPROBS}]",
                            "prompt_logprobs")
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stops) > MAX_STOP:
+        raise RequestError(f"stop: at most {MAX_STOP} stop strings", "stop")
+    if req.stop_token_ids and len(req.stop_token_ids) > MAX_STOP_IDS:
+        raise RequestError(f"stop_token_ids: at most {MAX_STOP_IDS} ids", "stop_token_ids")
     if req.stop_token_ids and any(not 0 <= t < vocab_size for t in req.stop_token_ids):
         raise RequestError(f"stop_token_ids: ids must be in [0, {vocab_size})", "stop_token_ids")
 

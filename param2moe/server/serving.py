@@ -100,6 +100,7 @@ class ChatContext:
     continuous_usage: bool = False
     hidden_stop_ids: frozenset = frozenset()  # stop token ids added by the server (not shown as stop_reason)
     token_text: TokenText | None = None
+    prompt_logprobs: bool = False  # return them (non-streaming)
 
 
 def chat_logprobs(ctx: ChatContext, token_ids: list[int], entries) -> list[dict]:
@@ -117,6 +118,15 @@ def chat_logprobs(ctx: ChatContext, token_ids: list[int], entries) -> list[dict]
             "top_logprobs": [{"token": tt.text(t, lp), "logprob": _lp(lp), "bytes": tt.bytes(t, lp)} for t, lp in top],
         })
     return out
+
+
+def prompt_logprobs_json(entries) -> list | None:
+    """vLLM's `prompt_logprobs`: per prompt token, None (the first) or {token id: {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": _lp(lp), "rank": getattr(lp, "rank", None),
+                                             "decoded_token": getattr(lp, "decoded_token", None)}
+                                    for t, lp in e.items()} for e in entries]
 
 
 def _stop_reason(ctx, reason):
@@ -148,11 +158,14 @@ async def chat_full(stream: AsyncIterator, ctx: ChatContext, tracker=None) -> di
     """The whole chat completion body."""
     choices = [_Choice() for _ in range(ctx.n)]
     cached = 0
+    prompt_lps = None
     async with contextlib.aclosing(merge_streams([stream])) as merged:
         async for _, out in merged:
             if tracker is not None:
                 tracker.on_output(out)
             cached = max(cached, out.num_cached_tokens or 0)
+            if out.prompt_logprobs is not None and prompt_lps is None:
+                prompt_lps = out.prompt_logprobs
             for c in out.outputs:
                 ch = choices[c.index]
                 ch.text.append(c.text)
@@ -177,9 +190,12 @@ async def chat_full(stream: AsyncIterator, ctx: ChatContext, tracker=None) -> di
             "finish_reason": finish, "stop_reason": _stop_reason(ctx, ch.stop_reason)})
     if tracker is not None:
         tracker.finish(_outcome([c["finish_reason"] for c in body_choices]))
-    return {"id": ctx.request_id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
+    body = {"id": ctx.request_id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
             "choices": body_choices,
             "usage": _usage(ctx.num_prompt_tokens, sum(len(c.token_ids) for c in choices), cached)}
+    if ctx.prompt_logprobs:
+        body["prompt_logprobs"] = prompt_logprobs_json(prompt_lps)
+    return body
 
 
 async def chat_stream(stream: AsyncIterator, ctx: ChatContext, tracker=None) -> AsyncIterator[str]:
@@ -295,6 +311,7 @@ class CompletionContext:
     include_usage: bool = False
     continuous_usage: bool = False
     token_text: TokenText | None = None
+    prompt_logprobs: bool = False  # return them (non-streaming)
 
 
 def completion_logprobs(ctx: CompletionContext, token_ids: list[int], entries, offset: int = 0) -> dict:
@@ -393,6 +410,8 @@ async def completion_full(streams: list[AsyncIterator], ctx: CompletionContext, 
             logprobs = _merge_logprobs(logprobs, completion_logprobs(ctx, ch.token_ids, ch.logprobs, offset))
         body_choices.append({"index": k, "text": (prompt.text + text) if ctx.echo else text, "logprobs": logprobs,
                              "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason})
+        if ctx.prompt_logprobs:
+            body_choices[-1]["prompt_logprobs"] = prompt_logprobs_json(prompt_lps[k // n])
     if trackers:
         for p, t in enumerate(trackers):
             t.finish(_outcome([choices[p * n].finish_reason]))
