@@ -216,8 +216,8 @@ def launch_server(args) -> subprocess.Popen:
     if args.api_key:
         cmd += ["--api-key", args.api_key]
     log = open(args.server_log, "w") if args.server_log else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=path))
     args.base_url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:

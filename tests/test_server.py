@@ -56,7 +56,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen([sys.executable, "-m", "param2moe.cli", "serve", "--port", str(self.port), *args],
                                      cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 120
