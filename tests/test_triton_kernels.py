@@ -189,7 +189,7 @@ def _moe_inputs(t, e, h, i, k, dtype, with_missing=False):
     return x, w13, w2, weights, ids
 
 
-@pytest.mark.parametrize("t,k,block_m", [(1, 6, 16), (5, 2, 16), (40, 6, 32), (100, 6, 16), (100, 6, 64)])
+@pytest.mark.parametrize("t,k,block_m", [(1, 6, 16), (5, 2, 16), (40, 6, 32), (100, 6, 64), (200, 6, 16), (300, 6, 64)])
 def test_moe_align(t, k, block_m):
     e = 16
     ids = torch.rand(t, e, device=DEV).topk(k, dim=-1).indices
@@ -217,7 +217,8 @@ MOE_CASES = [
     (37, 8, 96, 64, 4, True, {"BLOCK_M": 32, "gate_up": dict(BLOCK_N=32, BLOCK_K=64, GROUP_M=4, num_warps=4,
                                                                 num_stages=2),
                               "down": dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)}),
-    (100, 8, 64, 32, 6, True, None),  # > SMALL_ALIGN_MAX_PAIRS: the three-kernel align
+    (100, 8, 64, 32, 6, True, None),
+    (190, 8, 64, 32, 6, True, None),  # > SMALL_ALIGN_MAX_PAIRS: the three-kernel align
 ]
 
 
@@ -270,6 +271,7 @@ ATTN_CASES = {
     "decode-long": ([1, 1], [300, 129], 8, 2, 64),
     "decode-mha": ([1, 1], [33, 70], 4, 4, 32),
     "prefill": ([23, 7], [23, 7], 8, 2, 64),
+    "prefill-one": ([37], [37], 8, 2, 64),
     "chunked-mixed": ([9, 1, 20, 1], [50, 33, 20, 1], 8, 2, 64),
     "gqa3": ([5, 1], [45, 18], 6, 2, 64),
     "d48": ([3, 1], [19, 64], 4, 1, 48),

@@ -28,7 +28,7 @@ from ._common import INTERPRET, mma
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_ptr, qsl_ptr, B, qk_scale,
                        stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                        stride_ot, stride_oh, stride_bt,
@@ -43,7 +43,7 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
         b = pid_q
         qblk = 0
     else:
-        lo = 0
+        lo = B * 0  # a tensor from the start: the loop carries it
         hi = B - 1
         while lo < hi:
             mid = (lo + hi + 1) // 2

@@ -6,7 +6,7 @@ Four steps, no host sync, every launch shape a function of T alone (CUDA-graph c
 1. align (`moe_align`): the T*K (token, k) pairs are grouped by expert into a slot array whose every
    expert segment is padded to a multiple of BLOCK_M (padding slots hold the sentinel T*K); each BLOCK_M
    block of slots belongs to one expert (`expert_ids`); `num_post` is the used length. One program
-   does it all for small batches; larger ones use count (atomics per chunk) -> offsets -> scatter.
+   does it all for small batches; larger ones use count -> offsets -> scatter (atomic counters).
 2. gate/up GEMM with SiLU-and-mul fused: per (slot block, intermediate block), the block's token rows
    of x (gathered) times the expert's gate rows and up rows (two accumulators), then
    silu(gate) * up -> `inter` [slots, I], stored by slot (contiguous rows for step 3).
@@ -26,52 +26,17 @@ import triton.language as tl
 from ._common import INTERPRET, mma
 from .moe_configs import get_config
 
-SMALL_ALIGN_MAX_PAIRS = 512
+SMALL_ALIGN_MAX_PAIRS = 1024  # up to this many (token, k) pairs the align is one program
 
 
 # ----------------------------------------------------------------------------------- align
+# Within an expert's segment the pairs land in atomic order (not sorted): every output row is computed
+# on its own, so the result does not depend on that order.
 @triton.jit
-def _align_small_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, MAX_BLOCKS,
-                        E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_B: tl.constexpr):
-    p = tl.arange(0, BLOCK_P)
-    ex = tl.arange(0, BLOCK_E)
-    e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
-    valid = (e >= 0) & (e < E)
-    onehot = ((e[:, None] == ex[None, :]) & valid[:, None]).to(tl.int32)  # [P, E]
-    counts = tl.sum(onehot, axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)
-    starts = ends - padded
-    tl.store(npost_ptr, tl.sum(padded, axis=0))
-    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
-    pos = tl.sum(onehot * starts[None, :], axis=1) + rank
-    tl.store(sorted_ptr + pos, p, mask=valid)
-    # padding slots of each expert's segment
-    j = tl.arange(0, BLOCK_M)
-    pad_slot = starts[:, None] + counts[:, None] + j[None, :]
-    tl.store(sorted_ptr + pad_slot, tl.full((BLOCK_E, BLOCK_M), 0, tl.int32) + TK,
-             mask=j[None, :] < (padded - counts)[:, None])
-    b = tl.arange(0, BLOCK_B)
-    owner = tl.sum(((ends[None, :] <= b[:, None] * BLOCK_M) & (ex[None, :] < E)).to(tl.int32), axis=1)
-    tl.store(expert_ids_ptr + b, owner, mask=b < MAX_BLOCKS)
-
-
-@triton.jit
-def _align_count_kernel(ids_ptr, counts_ptr, TK, E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    ex = tl.arange(0, BLOCK_E)
-    e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
-    onehot = ((e[:, None] == ex[None, :]) & (e[:, None] >= 0)).to(tl.int32)
-    c = tl.sum(onehot, axis=0)
-    tl.atomic_add(counts_ptr + ex, c, mask=(ex < E) & (c > 0))
-
-
-@triton.jit
-def _align_offsets_kernel(counts_ptr, cursor_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, MAX_BLOCKS,
-                          E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
-    ex = tl.arange(0, BLOCK_E)
-    counts = tl.load(counts_ptr + ex, mask=ex < E, other=0)
+def _align_layout(counts, ex, sorted_ptr, expert_ids_ptr, npost_ptr, cursor_ptr, TK, MAX_BLOCKS,
+                  E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
+    """From the per-expert counts: the padded segments, num_post, each block's expert, the padding
+    sentinels, and the cursors (segment starts) the scatter step advances."""
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded
@@ -87,19 +52,53 @@ def _align_offsets_kernel(counts_ptr, cursor_ptr, sorted_ptr, expert_ids_ptr, np
         tl.store(expert_ids_ptr + b, owner, mask=b < MAX_BLOCKS)
 
 
-@triton.jit
-def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, TK, E: tl.constexpr, BLOCK_P: tl.constexpr,
-                          BLOCK_E: tl.constexpr):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+@triton.jit(do_not_specialize=["TK", "MAX_BLOCKS"])
+def _align_small_kernel(ids_ptr, work_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, MAX_BLOCKS,
+                        E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_B: tl.constexpr):
+    """The whole align in one program (decode sizes): count, lay out, scatter, with atomics on a
+    2*E int32 scratch (counts, cursors) that it zeroes itself; barriers order the phases."""
+    p = tl.arange(0, BLOCK_P)
     ex = tl.arange(0, BLOCK_E)
     e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
-    valid = (e >= 0) & (e < E)
-    onehot = ((e[:, None] == ex[None, :]) & valid[:, None]).to(tl.int32)
-    c = tl.sum(onehot, axis=0)
-    base = tl.atomic_add(cursor_ptr + ex, c, mask=(ex < E) & (c > 0))  # old cursor: this chunk's start
-    base = tl.where(c > 0, base, 0)
-    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
-    pos = tl.sum(onehot * base[None, :], axis=1) + rank
+    valid = (e >= 0) & (e < E) & (p < TK)
+    e_c = tl.where(valid, e, 0)
+    tl.atomic_xchg(work_ptr + ex, tl.zeros((BLOCK_E,), tl.int32), mask=ex < E)
+    tl.debug_barrier()
+    tl.atomic_add(work_ptr + e_c, tl.full((BLOCK_P,), 1, tl.int32), mask=valid)
+    tl.debug_barrier()
+    counts = tl.atomic_add(work_ptr + ex, tl.zeros((BLOCK_E,), tl.int32), mask=ex < E)  # read through L2
+    counts = tl.where(ex < E, counts, 0)
+    _align_layout(counts, ex, sorted_ptr, expert_ids_ptr, npost_ptr, work_ptr + E, TK, MAX_BLOCKS,
+                  E, BLOCK_M, BLOCK_E, BLOCK_B)
+    tl.debug_barrier()
+    pos = tl.atomic_add(work_ptr + E + e_c, tl.full((BLOCK_P,), 1, tl.int32), mask=valid)
+    tl.store(sorted_ptr + pos, p, mask=valid)
+
+
+@triton.jit(do_not_specialize=["TK"])
+def _align_count_kernel(ids_ptr, counts_ptr, TK, E: tl.constexpr, BLOCK_P: tl.constexpr):
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
+    valid = (e >= 0) & (e < E) & (p < TK)
+    tl.atomic_add(counts_ptr + tl.where(valid, e, 0), tl.full((BLOCK_P,), 1, tl.int32), mask=valid)
+
+
+@triton.jit(do_not_specialize=["TK", "MAX_BLOCKS"])
+def _align_offsets_kernel(counts_ptr, cursor_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, MAX_BLOCKS,
+                          E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
+    ex = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + ex, mask=ex < E, other=0)
+    _align_layout(counts, ex, sorted_ptr, expert_ids_ptr, npost_ptr, cursor_ptr, TK, MAX_BLOCKS,
+                  E, BLOCK_M, BLOCK_E, BLOCK_B)
+
+
+@triton.jit(do_not_specialize=["TK"])
+def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, TK, E: tl.constexpr, BLOCK_P: tl.constexpr):
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
+    valid = (e >= 0) & (e < E) & (p < TK)
+    pos = tl.atomic_add(cursor_ptr + tl.where(valid, e, 0), tl.full((BLOCK_P,), 1, tl.int32), mask=valid)
     tl.store(sorted_ptr + pos, p, mask=valid)
 
 
@@ -114,21 +113,22 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     sorted_ids = torch.empty(max_slots, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     block_e = triton.next_power_of_2(num_experts)
+    block_b = min(64, triton.next_power_of_2(max_blocks))
     if tk <= SMALL_ALIGN_MAX_PAIRS:
-        num_post = torch.empty(1, dtype=torch.int32, device=dev)
-        _align_small_kernel[(1,)](flat, sorted_ids, expert_ids, num_post, tk, max_blocks, E=num_experts,
+        work = torch.empty(2 * num_experts + 1, dtype=torch.int32, device=dev)
+        num_post = work[2 * num_experts:]
+        _align_small_kernel[(1,)](flat, work, sorted_ids, expert_ids, num_post, tk, max_blocks, E=num_experts,
                                   BLOCK_M=block_m, BLOCK_P=triton.next_power_of_2(tk), BLOCK_E=block_e,
-                                  BLOCK_B=triton.next_power_of_2(max_blocks), num_warps=8)
+                                  BLOCK_B=block_b, num_warps=4)
         return sorted_ids, expert_ids, num_post
     work = torch.zeros(2 * num_experts + 1, dtype=torch.int32, device=dev)
     counts, cursor, num_post = work[:num_experts], work[num_experts:2 * num_experts], work[2 * num_experts:]
-    block_p = 256
+    block_p = 1024
     grid = (triton.cdiv(tk, block_p),)
-    _align_count_kernel[grid](flat, counts, tk, E=num_experts, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4)
+    _align_count_kernel[grid](flat, counts, tk, E=num_experts, BLOCK_P=block_p, num_warps=4)
     _align_offsets_kernel[(1,)](counts, cursor, sorted_ids, expert_ids, num_post, tk, max_blocks, E=num_experts,
-                                BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_B=128, num_warps=4)
-    _align_scatter_kernel[grid](flat, cursor, sorted_ids, tk, E=num_experts, BLOCK_P=block_p, BLOCK_E=block_e,
-                                num_warps=4)
+                                BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_B=block_b, num_warps=4)
+    _align_scatter_kernel[grid](flat, cursor, sorted_ids, tk, E=num_experts, BLOCK_P=block_p, num_warps=4)
     return sorted_ids, expert_ids, num_post
 
 
@@ -144,7 +144,7 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK", "num_m"])
 def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, num_m, H, N,
                         stride_xt, stride_we, stride_wn, stride_ot,
                         TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -191,7 +191,7 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost
     tl.store(o_ptrs, h, mask=offs_n[None, :] < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK", "num_m"])
 def _moe_down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, num_m, Kdim, N,
                      stride_at, stride_we, stride_wn, stride_ot,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -246,13 +246,52 @@ def _gemm_grid(num_m, n, block_n):
     return (num_m * triton.cdiv(n, block_n),)
 
 
+def gate_up(x, w13, align, topk: int, block_m: int, g1: dict) -> torch.Tensor:
+    """inter [slots, I] = silu(x[tok] @ gate^T) * (x[tok] @ up^T), by expert-aligned slot block."""
+    sorted_ids, expert_ids, num_post = align
+    inter_size, hidden = w13.shape[1] // 2, x.shape[1]
+    num_m = expert_ids.shape[0]
+    inter = torch.empty(sorted_ids.shape[0], inter_size, dtype=x.dtype, device=x.device)
+    _moe_gate_up_kernel[_gemm_grid(num_m, inter_size, g1["BLOCK_N"])](
+        x, w13, inter, sorted_ids, expert_ids, num_post, x.shape[0] * topk, num_m, hidden, inter_size,
+        x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
+        TOPK=topk, BLOCK_M=block_m, BLOCK_N=g1["BLOCK_N"], BLOCK_K=g1["BLOCK_K"], GROUP_M=g1["GROUP_M"],
+        EVEN_K=hidden % g1["BLOCK_K"] == 0, IEEE=x.dtype == torch.float32, INTERP=INTERPRET,
+        num_warps=g1["num_warps"], num_stages=g1["num_stages"])
+    return inter
+
+
+def down(inter, w2, align, tk: int, block_m: int, g2: dict) -> torch.Tensor:
+    """pair_out [T*K, H] = inter[slot] @ w2[e]^T, stored at each slot's (token, k) pair."""
+    sorted_ids, expert_ids, num_post = align
+    hidden, inter_size = w2.shape[1], w2.shape[2]
+    num_m = expert_ids.shape[0]
+    pair_out = torch.empty(tk, hidden, dtype=inter.dtype, device=inter.device)
+    _moe_down_kernel[_gemm_grid(num_m, hidden, g2["BLOCK_N"])](
+        inter, w2, pair_out, sorted_ids, expert_ids, num_post, tk, num_m, inter_size, hidden,
+        inter.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=g2["BLOCK_N"], BLOCK_K=g2["BLOCK_K"], GROUP_M=g2["GROUP_M"],
+        EVEN_K=inter_size % g2["BLOCK_K"] == 0, IEEE=inter.dtype == torch.float32, INTERP=INTERPRET,
+        num_warps=g2["num_warps"], num_stages=g2["num_stages"])
+    return pair_out
+
+
+def combine(pair_out, weights, ids, out) -> torch.Tensor:
+    """out[t] = sum_k weights[t, k] * pair_out[t * K + k] (fp32), skipping ids of -1."""
+    t, hidden = out.shape
+    block_n = min(1024, triton.next_power_of_2(hidden))
+    _moe_combine_kernel[(t, triton.cdiv(hidden, block_n))](
+        pair_out, weights, ids, out, hidden, pair_out.stride(0), out.stride(0), TOPK=ids.shape[1], BLOCK_N=block_n,
+        num_warps=4)
+    return out
+
+
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 config: dict | None = None) -> torch.Tensor:
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]); ids -1 contribute nothing. See the module doc."""
     t, hidden = x.shape
     topk = ids.shape[1]
     e, two_i, _ = w13.shape
-    inter_size = two_i // 2
     out = torch.empty(t, hidden, dtype=x.dtype, device=x.device)
     if t == 0:
         return out
@@ -262,29 +301,9 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
     ids = ids.contiguous()
     weights = weights.contiguous()
-    cfg = config or get_config(t, e, hidden, inter_size, topk, x.dtype)
+    cfg = config or get_config(t, e, hidden, two_i // 2, topk, x.dtype)
     bm = cfg["BLOCK_M"]
-    g1, g2 = cfg["gate_up"], cfg["down"]
-    sorted_ids, expert_ids, num_post = moe_align(ids, e, bm)
-    tk = t * topk
-    num_m = expert_ids.shape[0]
-    ieee = x.dtype == torch.float32
-    inter = torch.empty(sorted_ids.shape[0], inter_size, dtype=x.dtype, device=x.device)
-    _moe_gate_up_kernel[_gemm_grid(num_m, inter_size, g1["BLOCK_N"])](
-        x, w13, inter, sorted_ids, expert_ids, num_post, tk, num_m, hidden, inter_size,
-        x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
-        TOPK=topk, BLOCK_M=bm, BLOCK_N=g1["BLOCK_N"], BLOCK_K=g1["BLOCK_K"], GROUP_M=g1["GROUP_M"],
-        EVEN_K=hidden % g1["BLOCK_K"] == 0, IEEE=ieee, INTERP=INTERPRET, num_warps=g1["num_warps"],
-        num_stages=g1["num_stages"])
-    pair_out = torch.empty(tk, hidden, dtype=x.dtype, device=x.device)
-    _moe_down_kernel[_gemm_grid(num_m, hidden, g2["BLOCK_N"])](
-        inter, w2, pair_out, sorted_ids, expert_ids, num_post, tk, num_m, inter_size, hidden,
-        inter.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0),
-        BLOCK_M=bm, BLOCK_N=g2["BLOCK_N"], BLOCK_K=g2["BLOCK_K"], GROUP_M=g2["GROUP_M"],
-        EVEN_K=inter_size % g2["BLOCK_K"] == 0, IEEE=ieee, INTERP=INTERPRET, num_warps=g2["num_warps"],
-        num_stages=g2["num_stages"])
-    block_n = min(1024, triton.next_power_of_2(hidden))
-    _moe_combine_kernel[(t, triton.cdiv(hidden, block_n))](
-        pair_out, weights, ids, out, hidden, pair_out.stride(0), out.stride(0), TOPK=topk, BLOCK_N=block_n,
-        num_warps=4)
-    return out
+    align = moe_align(ids, e, bm)
+    inter = gate_up(x, w13, align, topk, bm, cfg["gate_up"])
+    pair_out = down(inter, w2, align, t * topk, bm, cfg["down"])
+    return combine(pair_out, weights, ids, out)

@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Compile the Triton kernels for Hopper (sm_90) on a machine with no GPU, and report each variant's
+registers, stack (spills), shared memory, and whether its loads are pipelined (cp.async / TMA) and its
+dots use wgmma. Costs no device time: run it before a GPU call to drop configs that spill or do not fit.
+
+    python benchmarks/aot_check.py            # the configs benchmarks/gpu_kernels.py would sweep
+    python benchmarks/aot_check.py --committed  # only the committed tables / defaults
+
+How: JITFunction.run is replaced by a compile-only version that specialises the arguments as the real
+launcher would (CPU tensors stand in for CUDA ones: 16-byte aligned pointers, ints divisible by 16)
+and compiles for GPUTarget("cuda", 90, 32) with the ptxas shipped in the triton wheel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime import jit as _jit  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+BACKEND = make_backend(TARGET)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+REPORT: dict = {}
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    kwargs["debug"] = kwargs.get("debug", self.debug)
+    binder = _jit.create_function_from_signature(self.signature, self.params, BACKEND)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = self._pack_args(BACKEND, kwargs, bound_args, specialization, options)
+    key = (self.fn.__name__, str(sorted((str(k), str(v)) for k, v in constexprs.items())), str(attrs),
+           options.num_warps, options.num_stages)
+    if key in REPORT:
+        return None
+    t = time.time()
+    try:
+        k = triton.compile(ASTSource(self, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+    except Exception as e:  # noqa: BLE001
+        REPORT[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        ru = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    line = next((ln.strip() for ln in ru.splitlines() if "REG:" in ln), "")
+    fields = dict(p.split(":") for p in line.split() if ":" in p)
+    ptx = k.asm["ptx"]
+    consts = {str(k_[0]) if isinstance(k_, tuple) else str(k_): v for k_, v in constexprs.items()}
+    names = [p.name for p in self.params]
+    consts = {names[int(k_)] if k_.isdigit() else k_: v for k_, v in consts.items()}
+    REPORT[key] = {"kernel": self.fn.__name__, "consts": {k_: v for k_, v in consts.items() if k_.isupper()},
+                   "warps": options.num_warps, "stages": options.num_stages, "regs": int(fields.get("REG", -1)),
+                   "stack": int(fields.get("STACK", -1)), "smem": k.metadata.shared,
+                   "cp_async": "cp.async" in ptx, "tma": "cp.async.bulk" in ptx, "wgmma": "wgmma" in ptx,
+                   "secs": round(time.time() - t, 2)}
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--committed", action="store_true")
+    ap.add_argument("--only", default="", help="substring of kernel names")
+    args = ap.parse_args()
+    _jit.JITFunction.run = _compile_only
+    from param2moe.kernels.triton import attention as ta
+    from param2moe.kernels.triton import moe as tm
+    from param2moe.kernels.triton import norm as tn
+    from param2moe.kernels.triton import routing as tr
+    from param2moe.kernels.triton.moe_configs import default_config
+
+    bf = torch.bfloat16
+    e, h, i, k = 64, 2048, 2048, 6
+    w13 = torch.empty(e, 2 * i, h, dtype=bf)
+    w2 = torch.empty(e, h, i, dtype=bf)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gk", os.path.join(ROOT, "benchmarks", "gpu_kernels.py"))
+    sys.argv = [sys.argv[0]]  # the benchmark parses its own arguments at import: none (not --dry)
+    gk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gk)
+
+    ts = [1, 8, 64, 256, 2048] if args.committed else [1, 16, 64, 256, 1024, 2048]
+    for t in ts:
+        x = torch.randn(t, h).to(bf)
+        ids = torch.rand(t, e).topk(k, dim=-1).indices
+        w = torch.rand(t, k)
+        if args.committed:
+            tm.moe_experts(x, w13, w2, w, ids, config=default_config(t, k))
+            continue
+        for bm in gk.moe_bms(t):
+            al = tm.moe_align(ids, e, bm)
+            inter = torch.empty(al[0].shape[0], i, dtype=bf)
+            for g in gk.moe_cands(t, bm, "gate_up"):
+                tm.gate_up(x, w13, al, k, bm, g)
+            for g in gk.moe_cands(t, bm, "down"):
+                tm.down(inter, w2, al, t * k, bm, g)
+        tm.combine(torch.empty(t * k, h, dtype=bf), w, ids, torch.empty(t, h, dtype=bf))
+    # attention
+    nh, nkv, d = 32, 8, 64
+    kc = torch.empty(200, 16, nkv, d, dtype=bf)
+    for q_lens, cands in (([1] * 4, gk.DECODE_CANDS), ([64, 1], gk.PREFILL_CANDS)):
+        q = torch.empty(sum(q_lens), nh, d, dtype=bf)
+        tables = torch.zeros(len(q_lens), 64, dtype=torch.int32)
+        ctx = torch.ones(len(q_lens), dtype=torch.int32)
+        qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int64)
+        for c in ([ta.DECODE_CFG if len(q_lens) == 4 else ta.PREFILL_CFG] if args.committed else cands):
+            for s in (1, 8):
+                ta.paged_attention(q, kc, kc, tables, ctx, qsl, 0.125, max(q_lens), 1024, num_splits=s, config=c)
+    ta.write_kv_cache(torch.empty(4, nkv, d, dtype=bf), torch.empty(4, nkv, d, dtype=bf), kc, kc,
+                      torch.zeros(4, dtype=torch.int64))
+    for t in (1, 64):
+        xx = torch.empty(t, h, dtype=bf)
+        tn.rms_norm(xx, torch.empty(h, dtype=bf), 1e-6)
+        tn.add_rms_norm(xx, xx, torch.empty(h, dtype=bf), 1e-6)
+        qkv = torch.empty(t, (nh + 2 * nkv) * d, dtype=bf)
+        q, kk, _ = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+        tn.qk_norm_rope(q.view(t, nh, d), kk.view(t, nkv, d), torch.empty(d, dtype=bf), torch.empty(d, dtype=bf),
+                        torch.empty(t, d // 2), torch.empty(t, d // 2), 1e-6)
+        tr.route(torch.empty(t, e), torch.empty(e), k, routed_scaling_factor=2.5)
+
+    print(f"{'kernel':<22} {'consts':<70} {'w':>2} {'s':>2} {'regs':>4} {'stack':>5} {'smem':>6} pipe wgmma")
+    for r in REPORT.values():
+        if "error" in r:
+            print("ERROR", r["error"])
+            continue
+        if args.only and args.only not in r["kernel"]:
+            continue
+        c = {k_: v for k_, v in r["consts"].items() if k_ not in ("IEEE", "INTERP", "EVEN_K", "TOPK")}
+        print(f"{r['kernel'][:22]:<22} {str(c)[:70]:<70} {r['warps']:>2} {r['stages']:>2} {r['regs']:>4} "
+              f"{r['stack']:>5} {r['smem']:>6} {'y' if r['cp_async'] else '-':>4} {'y' if r['wgmma'] else '-':>5}")
+
+
+if __name__ == "__main__":
+    main()
