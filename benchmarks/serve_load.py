@@ -296,6 +296,8 @@ def main(argv=None) -> int:
         results, duration = asyncio.run(run_load(args, model, prompts, in_lens, out_lens))
         summary = summarize(results, duration)
         print_table(summary, args, model)
+        for e in summary.get("first_errors", []):
+            print("failed:", e)
         server_version = httpx.get(args.base_url + "/version", timeout=10).json().get("version")
     finally:
         if proc is not None:

@@ -317,3 +317,11 @@ def test_nan_and_wrong_types_rejected():
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate_json('{"messages": []}')
     assert CompletionRequest.model_validate_json('{"prompt": [[1, 2], [3]]}').prompt == [[1, 2], [3]]
+
+
+def test_sse_escapes_unicode_line_breaks():
+    from param2moe.server.serving import sse
+
+    event = sse({"text": "a\x85b\u2028c\u2029d\né"})
+    assert event.count("\n") == 2 and len(event[:-2].splitlines()) == 1
+    assert json.loads(event[len("data: "):]) == {"text": "a\x85b\u2028c\u2029d\né"}

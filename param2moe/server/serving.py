@@ -26,8 +26,13 @@ log = logging.getLogger("param2moe.server")
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    # JSON keeps U+0085, U+2028 and U+2029 raw; clients that split lines with str.splitlines (httpx's
+    # aiter_lines, for one) would cut the event there, so they go out escaped.
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
