@@ -132,8 +132,8 @@ def _split_reduce_kernel(po_ptr, pml_ptr, o_ptr, stride_ot, stride_oh, NH: tl.co
     lse = tl.load(pml_ptr + base * 2 + 1, mask=smask, other=0.0)
     m_max = tl.max(m, axis=0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.where(lse > 0, tl.exp2(m - m_max) * lse, 0.0)
-    o = tl.load(po_ptr + base[:, None] * BLOCK_D + d[None, :], mask=smask[:, None] & (w > 0)[:, None], other=0.0)
+    w = tl.exp2(m - m_max) * lse  # an empty split has m = -inf, lse = 0: weight 0 (a NaN stays a NaN)
+    o = tl.load(po_ptr + base[:, None] * BLOCK_D + d[None, :], mask=smask[:, None], other=0.0)
     total = tl.sum(w, axis=0)
     out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
@@ -146,19 +146,21 @@ def _num_sms(index) -> int:
     return 4  # the interpreter: small, so the tests exercise the split path
 
 
-# Block sizes: tuned on the lent H100 by benchmarks/gpu_kernels.py (see benchmarks/results/).
-DECODE_CFG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-PREFILL_CFG = {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-MAX_SPLITS = 32
+# Block sizes picked by benchmarks/gpu_kernels.py (benchmarks/results/gpu_kernels_notes.md): decode walks
+# 128-token KV tiles, or 64-token tiles when the walk is split (more, shorter splits for one long sequence).
+DECODE_CFG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
+DECODE_SPLIT_CFG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+PREFILL_CFG = {"BLOCK_Q": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
+MAX_SPLITS = 64
 
 
 def choose_splits(num_programs: int, max_context_len: int, block_n: int, num_sms: int) -> int:
-    """Split the KV walk when the grid would under-fill the GPU: aim at ~2 programs an SM, and give
-    every split at least two KV tiles of the longest context."""
+    """Split the KV walk when the grid would under-fill the GPU: aim at ~4 programs an SM, at most one
+    split per KV tile of the longest context."""
     if num_programs >= num_sms:
         return 1
-    want = -(-2 * num_sms // num_programs)
-    most = max(1, max_context_len // (2 * block_n))
+    want = -(-4 * num_sms // num_programs)
+    most = max(1, max_context_len // block_n)
     return int(max(1, min(want, most, MAX_SPLITS)))
 
 
@@ -182,12 +184,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     decode = max_query_len == 1 and t == b
     cfg = dict(config or (DECODE_CFG if decode else PREFILL_CFG))
     block_q = 1 if decode else cfg.get("BLOCK_Q", 16)
-    block_m = max(16, block_q * g_pad)
-    block_n = cfg["BLOCK_N"]
     n_q = b if decode else t // block_q + b
     if num_splits is None:
-        active = n_q * nkv
-        num_splits = choose_splits(active, max_context_len, block_n, _num_sms(q.device.index if q.is_cuda else None))
+        sms = _num_sms(q.device.index if q.is_cuda else None)
+        num_splits = choose_splits(n_q * nkv, max_context_len, cfg["BLOCK_N"], sms)
+        if num_splits > 1 and decode and config is None:
+            cfg = dict(DECODE_SPLIT_CFG)
+            num_splits = choose_splits(n_q * nkv, max_context_len, cfg["BLOCK_N"], sms)
+    block_m = max(16, block_q * g_pad)
+    block_n = cfg["BLOCK_N"]
     block_d = triton.next_power_of_2(d)
     if num_splits > 1:
         po = torch.empty(t, nh, num_splits, block_d, dtype=torch.float32, device=q.device)

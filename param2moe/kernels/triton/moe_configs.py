@@ -65,9 +65,10 @@ def card_name(index: int | None = None) -> str:
 def get_config(t: int, e: int, h: int, i: int, k: int, dtype) -> dict:
     tables = _tables()
     card = card_name()
-    table = tables.get(card, {}).get(shape_key(e, h, i, k, dtype))
-    if table is None and card == "H200":  # same chip, more bandwidth: the H100 table is a fair start
-        table = tables.get("H100", {}).get(shape_key(e, h, i, k, dtype))
+    key = shape_key(e, h, i, k, dtype)
+    table = tables.get(card, {}).get(key)
+    if table is None and card in ("H100", "H200"):  # the same chip with other memory: the other's table
+        table = tables.get("H200" if card == "H100" else "H100", {}).get(key)
     if not table:
         return default_config(t, k)
     buckets = sorted(int(b) for b in table)
