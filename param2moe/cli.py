@@ -23,6 +23,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights from the config (no weight files)")
     g.add_argument("--preset", default=None, help="with --load-format dummy and no --model: a preset config")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--kernels", default="auto", choices=["auto", "torch"],
+                   help="torch: the plain torch ops even on a GPU (the benchmarks' baseline)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="split the routed experts over the tensor-parallel ranks instead of their width")
 
 
 def engine_config(args):
@@ -33,7 +40,10 @@ def engine_config(args):
                         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-                        load_format=args.load_format, preset=args.preset)
+                        load_format=args.load_format, preset=args.preset, enforce_eager=args.enforce_eager,
+                        kernels=args.kernels, tensor_parallel_size=args.tensor_parallel_size,
+                        pipeline_parallel_size=args.pipeline_parallel_size,
+                        enable_expert_parallel=args.enable_expert_parallel)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:

@@ -25,11 +25,14 @@ def register() -> None:
     for model_type in MODEL_TYPES:
         def __init__(self, **kwargs):
             # Our dataclass holds the one list of keys and defaults (SPEC 2); validate through it.
-            known = {k: kwargs.pop(k) for k in list(kwargs) if k in Param2MoEConfig.__dataclass_fields__}
-            known.pop("model_type", None)
+            # architectures, the token ids and torch_dtype are PretrainedConfig's own: leave them to it.
+            own = {"model_type", "architectures", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id",
+                   "tie_word_embeddings"}
+            known = {k: kwargs.pop(k) for k in list(kwargs) if k in Param2MoEConfig.__dataclass_fields__
+                     and k not in own}
             if {"vocab_size", "hidden_size"} <= known.keys():
                 ours = Param2MoEConfig.from_dict({"model_type": self.model_type, **known})
-                known = {k: v for k, v in ours.to_dict().items() if k not in ("model_type", "torch_dtype")}
+                known = {k: v for k, v in ours.to_dict().items() if k not in own}
             for key, value in known.items():
                 setattr(self, key, value)
             PretrainedConfig.__init__(self, **kwargs)

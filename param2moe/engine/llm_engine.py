@@ -6,25 +6,27 @@ asyncio front end (async_engine.py) drives it from a worker thread for the serve
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import load_model
+from .. import kernels
 from ..config import Param2MoEConfig
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, find_stop
-from .model_runner import ModelRunner, kv_bytes_per_token
 from .outputs import CompletionOutput, RequestOutput
 from .sampler import Sampler
 from .sampling_params import OutputKind, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Request, Sequence
+from .worker import build_runner
 
 log = logging.getLogger("param2moe")
 
@@ -53,6 +55,11 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights from config.json (or a preset), no weight files
     preset: str | None = None  # with load_format dummy and no model: a writer preset (e.g. param2-17b)
     uniform_random_routing: bool | None = None  # None: on with dummy weights (SPEC 7)
+    enforce_eager: bool = False  # no CUDA graphs
+    kernels: str = "auto"  # "torch": the plain torch ops even on a GPU (benchmark baseline)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    enable_expert_parallel: bool = False
 
     def resolve(self) -> EngineConfig:
         if self.model is None and self.preset is None:
@@ -63,42 +70,65 @@ class EngineConfig:
             self.uniform_random_routing = self.load_format == "dummy"
         return self
 
+    def model_config(self) -> Param2MoEConfig:
+        if self.model is not None:
+            return Param2MoEConfig.from_pretrained(self.model)
+        from ..writer import preset_config
+
+        return preset_config(self.preset)
+
+    @property
+    def parallel(self):
+        from ..distributed import ParallelConfig
+
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.enable_expert_parallel)
+
+
+def resolve_dtype(config: EngineConfig, model_config: Param2MoEConfig) -> torch.dtype:
+    name = model_config.torch_dtype if config.dtype == "auto" else config.dtype
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={name!r}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
 
 class EngineError(ValueError):
     """A request the engine cannot take; the message says which field and why."""
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, shard=None):
+    def __init__(self, config: EngineConfig):
         cfg = self.config = config.resolve()
+        self.comm, self.workers = None, []
         torch.manual_seed(cfg.seed)
-        if cfg.model is not None:
-            self.model_config = Param2MoEConfig.from_pretrained(cfg.model)
-        else:
-            from ..writer import preset_config
-
-            self.model_config = preset_config(cfg.preset)
-        mc = self.model_config
-        self.dtype = _DTYPES[mc.torch_dtype if cfg.dtype == "auto" else cfg.dtype]
+        kernels.set_backend(cfg.kernels)
+        self.model_config = mc = cfg.model_config()
+        self.dtype = resolve_dtype(cfg, mc)
         has_tokenizer = cfg.model is not None and os.path.exists(os.path.join(cfg.model, "tokenizer.json"))
         self.tokenizer = Tokenizer(cfg.model) if has_tokenizer else None
+        decode_token = (lambda i: self.tokenizer.decode([i], skip_special_tokens=False)) if self.tokenizer else None
         t0 = time.perf_counter()
-        self.model = load_model(cfg.model, self.dtype, cfg.device, shard, config=mc,
-                                dummy=cfg.load_format == "dummy", seed=cfg.seed)
-        self.model.set_uniform_random_routing(bool(cfg.uniform_random_routing))
+        parallel = cfg.parallel
+        parallel.validate(mc)
+        shard = comm = device = None
+        if parallel.world_size > 1:
+            from ..distributed import init_rank, start_local_workers
+
+            if "RANK" not in os.environ:  # one machine: start the other ranks here; torchrun starts its own
+                self.workers = start_local_workers(cfg, parallel)
+            atexit.register(self.shutdown)
+            device_type = "cuda" if str(cfg.device).startswith("cuda") else "cpu"
+            shard, comm, device = init_rank(0, parallel, device_type)
+        self.comm = comm
+        self.model, self.runner, num_blocks = build_runner(cfg, mc, self.dtype, shard, comm, device, decode_token)
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
-        num_blocks = self._num_kv_blocks()
         if num_blocks * cfg.block_size < self.max_model_len:
             raise EngineError(
                 f"the KV cache holds {num_blocks * cfg.block_size} tokens, fewer than max_model_len "
                 f"({self.max_model_len}): give it more memory or lower max_model_len")
-        decode_token = (lambda i: self.tokenizer.decode([i], skip_special_tokens=False)) if self.tokenizer else None
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.device, self.max_model_len,
-                                  decode_token)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
                                    max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
-        eos = [] if self.model_config.eos_token_id is None else self.model_config.eos_token_ids
+        eos = [] if mc.eos_token_id is None else mc.eos_token_ids
         self.eos_token_ids = eos or ([self.tokenizer.eos_token_id] if self.tokenizer and
                                      self.tokenizer.eos_token_id is not None else [])
         self.sampler = Sampler(self.eos_token_ids, decode_token)
@@ -107,17 +137,27 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
 
-    def _num_kv_blocks(self) -> int:
-        cfg = self.config
-        per_block = kv_bytes_per_token(self.model) * cfg.block_size
-        budget = cfg.kv_cache_memory
-        if budget is None:
-            if str(cfg.device).startswith("cuda"):
-                free, total = torch.cuda.mem_get_info()
-                budget = int(free - total * (1 - cfg.gpu_memory_utilization)) - (1 << 30)  # 1 GiB for activations
-            else:  # enough for every sequence at full length, at most 2 GiB
-                budget = min(2 << 30, per_block * cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size))
-        return max(1, budget // per_block - 1)  # one block is the runner's scratch block
+    def _raise_if_a_worker_died(self, error: Exception) -> None:
+        """A collective that fails because a peer is gone: say which worker died, not gloo's words."""
+        deadline = time.monotonic() + 2.0
+        while self.workers and time.monotonic() < deadline:
+            for rank, p in enumerate(self.workers, 1):
+                if p.poll() is not None:
+                    raise RuntimeError(f"worker rank {rank} died (exit code {p.returncode}); the engine "
+                                       "cannot go on") from error
+            time.sleep(0.05)
+
+    def shutdown(self) -> None:
+        """Stop the worker ranks (if any)."""
+        if self.comm is not None:
+            self.comm.broadcast_plan(None)
+            self.comm = None
+            for p in self.workers:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            torch.distributed.destroy_process_group()
 
     # ---------------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
@@ -184,7 +224,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return self._collect_outputs(set())
-        out = self.runner.execute(batch)
+        try:
+            out = self.runner.execute(batch)
+        except RuntimeError as e:
+            self._raise_if_a_worker_died(e)
+            raise
         self.stats["steps"] += 1
         touched: set[str] = set()
         for b, seq in enumerate(batch.seqs):

@@ -1,10 +1,15 @@
-"""Runs one scheduled batch through the network: builds the flat inputs and the paged-attention
-metadata, owns the KV cache, and returns the logits of the positions that are sampled (and of the
-prompt positions whose logprobs were asked for)."""
+"""Runs one scheduled batch through the network. Owns the KV cache.
+
+The driver turns a scheduled batch into a `StepPlan`: plain arrays (token ids, positions, KV slots,
+block tables) for one or more micro-batches, plus which rows need logits. With several processes
+(tensor or pipeline parallel) the driver broadcasts the plan and every rank runs `run_plan` on it in
+lockstep; a pipeline stage passes its hidden state to the next, so stage k works on micro-batch m
+while stage k+1 works on micro-batch m-1. The driver sits on the last stage, where the logits are.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,16 +27,36 @@ def kv_bytes_per_token(model) -> int:
 
 
 @dataclass
+class MicroBatch:
+    arrays: dict[str, np.ndarray]  # input_ids, positions, slot_mapping, block_tables, context_lens, query_start_loc
+    logit_rows: list[int]  # rows (tokens) whose next-token logits are sampled
+    prompt_ranges: list[tuple[int, int]] = field(default_factory=list)  # row ranges whose logits give prompt logprobs
+    use_graph: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.arrays["input_ids"])
+
+
+@dataclass
+class StepPlan:
+    microbatches: list[MicroBatch]
+
+
+@dataclass
 class StepOutput:
-    sample_logits: torch.Tensor  # [S, V] float32, one row per sampled sequence
+    sample_logits: torch.Tensor | None  # [S, V] float32, one row per sampled sequence
     sampled_rows: list[int]  # which entries of the batch were sampled, in the order of the rows
     prompt_logprobs: dict[int, list[dict[int, Logprob]]]  # batch entry -> logprobs of new prompt positions
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, device, max_model_len: int, decode_token=None):
+    def __init__(self, model, num_blocks: int, block_size: int, device, max_model_len: int, decode_token=None,
+                 comm=None, num_microbatches: int = 1):
         self.model, self.device, self.block_size = model, torch.device(device), block_size
         self.decode_token = decode_token
+        self.comm = comm  # broadcasts plans to the other ranks (distributed/), or None
+        self.num_microbatches = num_microbatches
         model.init_rope(max(max_model_len, model.config.max_position_embeddings))
         layer = next(iter(model.model.layers.values())).attention
         # One block more than the block manager hands out: its slots take the writes of padding rows.
@@ -49,79 +74,132 @@ class ModelRunner:
 
         self.graphs = CudaGraphRunner(self, max_batch_size, max_model_len)
 
-    def prepare(self, batch: ScheduledBatch):
-        """Host-side arrays of the batch (numpy), built without touching the device."""
-        bs = self.block_size
-        n_seqs, counts = len(batch), batch.num_new_tokens
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = np.zeros((n_seqs, width), dtype=np.int32)
-        starts = np.empty(n_seqs, dtype=np.int64)
+    # ------------------------------------------------------------------ the driver's side
+    def _arrays(self, batch: ScheduledBatch, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Host-side arrays of batch entries lo..hi (numpy), built without touching the device."""
+        bs, seqs, counts = self.block_size, batch.seqs[lo:hi], batch.num_new_tokens[lo:hi]
+        width = max(len(seq.block_table) for seq in seqs)
+        tables = np.zeros((len(seqs), width), dtype=np.int32)
+        starts = np.empty(len(seqs), dtype=np.int64)
         ids: list[int] = []
-        for b, seq in enumerate(batch.seqs):
+        for b, seq in enumerate(seqs):
             tables[b, : len(seq.block_table)] = seq.block_table
             s = starts[b] = seq.num_computed_tokens
             ids.extend(seq.token_ids[s:s + counts[b]])
         n = np.asarray(counts, dtype=np.int64)
-        q_start = np.zeros(n_seqs + 1, dtype=np.int64)
+        q_start = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum(n, out=q_start[1:])
-        seq_index = np.repeat(np.arange(n_seqs), n)
+        seq_index = np.repeat(np.arange(len(seqs)), n)
         positions = np.arange(q_start[-1]) - np.repeat(q_start[:-1], n) + np.repeat(starts, n)
         slots = tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
         return dict(input_ids=np.asarray(ids, dtype=np.int64), positions=positions, slot_mapping=slots,
                     block_tables=tables, context_lens=(starts + n).astype(np.int32), query_start_loc=q_start)
 
-    def _attention(self, host: dict) -> PagedAttention:
-        dev = self.device
-        t = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in host.items()}
-        return PagedAttention(
-            self.k_caches, self.v_caches, slot_mapping=t["slot_mapping"], block_tables=t["block_tables"],
-            context_lens=t["context_lens"], query_start_loc=t["query_start_loc"],
-            max_query_len=int(np.diff(host["query_start_loc"]).max()), max_context_len=int(host["context_lens"].max()),
-            layer_offset=self.layer_offset), t["input_ids"], t["positions"]
+    def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[int], list[tuple[int, int]]]:
+        """The step's micro-batches (contiguous runs of the batch, of similar token counts), the batch
+        entries that are sampled, and (entry, first prompt position) of each prompt-logprob range."""
+        bounds = _split(batch.num_new_tokens, self.num_microbatches)
+        microbatches, sampled, prompt = [], [], []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            arrays = self._arrays(batch, lo, hi)
+            q_start = arrays["query_start_loc"]
+            mb = MicroBatch(arrays, [])
+            for b in range(lo, hi):
+                seq, n = batch.seqs[b], batch.num_new_tokens[b]
+                s, row0 = seq.num_computed_tokens, int(q_start[b - lo])
+                if s + n == seq.num_tokens:  # reaches the end: sample the next token
+                    sampled.append(b)
+                    mb.logit_rows.append(row0 + n - 1)
+                if seq.needs_prompt_logprobs:
+                    first = len(seq.prompt_logprobs) - 1  # position whose next token has no logprob yet
+                    last = min(s + n, seq.num_prompt_tokens - 1)  # positions < last predict a prompt token
+                    if last > first:
+                        mb.prompt_ranges.append((row0 + first - s, row0 + last - s))
+                        prompt.append((b, first))
+            mb.use_graph = (self.graphs is not None and not mb.prompt_ranges and self.graphs.can_run(arrays)
+                            and len(mb.logit_rows) == mb.num_tokens)  # a pure decode step
+            microbatches.append(mb)
+        return StepPlan(microbatches), sampled, prompt
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
-        host = self.prepare(batch)
-        q_start = host["query_start_loc"].tolist()
-        sampled_rows, rows = [], []
-        for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if seq.num_computed_tokens + n == seq.num_tokens:  # reaches the end: sample the next token
-                sampled_rows.append(b)
-                rows.append(q_start[b + 1] - 1)
-        needs_prompt_lps = any(seq.needs_prompt_logprobs for seq in batch.seqs)
-        if self.graphs is not None and not needs_prompt_lps and self.graphs.can_run(host):
-            return StepOutput(self.graphs.run(host), sampled_rows, {})
-        attn, input_ids, positions = self._attention(host)
-        hidden = self.model(input_ids, positions, attn)
-        logits = self.model.compute_logits(hidden[rows]) if rows else None
-        prompt_lps = {}
-        for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if seq.needs_prompt_logprobs:
-                prompt_lps[b] = self._prompt_logprobs(seq, n, hidden[q_start[b]:q_start[b + 1]])
-        return StepOutput(logits, sampled_rows, prompt_lps)
+        plan, sampled, prompt = self.plan(batch)
+        if self.comm is not None:
+            self.comm.broadcast_plan(plan)
+        logits, prompt_logits = self.run_plan(plan)
+        prompt_lps = {b: self._prompt_logprobs(batch.seqs[b], first, lg)
+                      for (b, first), lg in zip(prompt, prompt_logits)}
+        return StepOutput(logits, sampled, prompt_lps)
 
-    def _prompt_logprobs(self, seq, n: int, hidden: torch.Tensor) -> list[dict[int, Logprob]]:
-        """Logprob of each next prompt token at the chunk's positions (and the top-N beside it)."""
-        s = seq.num_computed_tokens
-        first = len(seq.prompt_logprobs) - 1  # position whose next token has no logprob yet
-        last = min(s + n, seq.num_prompt_tokens - 1)  # positions < last predict a prompt token
-        if last <= first:
-            return []
-        h = hidden[first - s:last - s]
-        lp = self.model.compute_logits(h).log_softmax(-1)
-        targets = torch.tensor(seq.token_ids[first + 1:last + 1], device=lp.device)
+    # ------------------------------------------------------------------ every rank
+    def _attention(self, arrays: dict) -> tuple[PagedAttention, torch.Tensor, torch.Tensor]:
+        dev = self.device
+        t = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in arrays.items()}
+        attn = PagedAttention(
+            self.k_caches, self.v_caches, slot_mapping=t["slot_mapping"], block_tables=t["block_tables"],
+            context_lens=t["context_lens"], query_start_loc=t["query_start_loc"],
+            max_query_len=int(np.diff(arrays["query_start_loc"]).max()),
+            max_context_len=int(arrays["context_lens"].max()), layer_offset=self.layer_offset)
+        return attn, t["input_ids"], t["positions"]
+
+    @torch.inference_mode()
+    def run_plan(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Run this rank's layers over the plan. On the last stage: (logits of the sampled rows, the
+        logits of each prompt-logprob range); elsewhere (None, [])."""
+        shard, model = self.model.shard, self.model
+        logits, prompt_logits, sends = [], [], []
+        for mb in plan.microbatches:
+            if mb.use_graph:  # single stage, decode only: logits of every row come out of the graph
+                logits.append(self.graphs.run(mb.arrays))
+                continue
+            attn, input_ids, positions = self._attention(mb.arrays)
+            if shard.is_first_stage:
+                out = model(input_ids, positions, attn)
+            else:
+                hidden, residual = shard.recv_from_prev_stage(mb.num_tokens, model.config.hidden_size, model.dtype,
+                                                              self.device)
+                out = model(input_ids, positions, attn, hidden=hidden, residual=residual)
+            if not shard.is_last_stage:
+                sends.extend(shard.send_to_next_stage(*out))
+                continue
+            if mb.logit_rows:
+                logits.append(model.compute_logits(out[mb.logit_rows]))
+            prompt_logits.extend(model.compute_logits(out[a:b]) for a, b in mb.prompt_ranges)
+        for work in sends:
+            work.wait()
+        if not shard.is_last_stage:
+            return None, []
+        return (torch.cat(logits) if len(logits) > 1 else logits[0] if logits else None), prompt_logits
+
+    # ------------------------------------------------------------------ driver: prompt logprobs
+    def _prompt_logprobs(self, seq, first: int, logits: torch.Tensor) -> list[dict[int, Logprob]]:
+        """Logprob of each next prompt token at positions first.. (and the top-N beside it)."""
+        lp = logits.log_softmax(-1)
+        targets = torch.tensor(seq.token_ids[first + 1:first + 1 + lp.shape[0]], device=lp.device)
         chosen = lp.gather(1, targets[:, None])[:, 0]
         ranks = ((lp > chosen[:, None]).sum(-1) + 1).tolist()
         k = seq.params.prompt_logprobs
         top_v, top_i = lp.topk(max(k, 1), dim=-1)
+        top_v, top_i = top_v.tolist(), top_i.tolist()
         out = []
         for j, (t, c) in enumerate(zip(targets.tolist(), chosen.tolist())):
             entry = {t: self._logprob(c, ranks[j], t)}
             for r in range(k):
-                tid = int(top_i[j, r])
-                entry.setdefault(tid, self._logprob(float(top_v[j, r]), r + 1, tid))
+                entry.setdefault(top_i[j][r], self._logprob(top_v[j][r], r + 1, top_i[j][r]))
             out.append(entry)
         return out
 
     def _logprob(self, value: float, rank: int, token_id: int) -> Logprob:
         return Logprob(value, rank, self.decode_token(token_id) if self.decode_token else None)
+
+
+def _split(counts: list[int], parts: int) -> list[int]:
+    """Boundaries cutting the batch into at most `parts` contiguous runs of similar token totals."""
+    parts = max(1, min(parts, len(counts)))
+    total, bounds, acc = sum(counts), [0], 0
+    for i, c in enumerate(counts):
+        acc += c
+        if len(bounds) < parts and acc >= total * len(bounds) / parts and i + 1 < len(counts):
+            bounds.append(i + 1)
+    bounds.append(len(counts))
+    return bounds

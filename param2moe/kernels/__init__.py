@@ -12,6 +12,7 @@ from . import norm as _norm
 from . import rope as _rope
 from . import routing as _routing
 from .attention import causal_attention
+from .matmul import linear
 from .moe import silu_and_mul
 
 _BACKEND = "auto"
@@ -94,5 +95,5 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
               max_context_len)
 
 
-__all__ = ["add_rms_norm", "apply_rope", "causal_attention", "moe_experts", "paged_attention", "qk_norm_rope",
+__all__ = ["add_rms_norm", "apply_rope", "causal_attention", "linear", "moe_experts", "paged_attention", "qk_norm_rope",
            "rms_norm", "route", "set_backend", "silu_and_mul", "use_triton", "write_kv_cache"]

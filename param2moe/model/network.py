@@ -63,7 +63,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
-        qkv = F.linear(x, self.query_key_value.weight, self.query_key_value.bias)
+        qkv = ops.linear(x, self.query_key_value.weight, self.query_key_value.bias)
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q, k, v = q.reshape(t, self.num_heads, d), k.reshape(t, self.num_kv_heads, d), v.reshape(t, -1, d)
         if self.query_layernorm is not None:
@@ -72,7 +72,7 @@ class Attention(nn.Module):
         o = attn.attend(self.layer_idx, q, k, v, self.scale)
         # Each rank holds a slice of the heads: partial sums, reduced; the bias is added by one rank.
         bias = self.dense.bias if self.shard.tp_rank == 0 else None
-        return self.shard.all_reduce(F.linear(o.reshape(t, -1), self.dense.weight, bias))
+        return self.shard.all_reduce(ops.linear(o.reshape(t, -1), self.dense.weight, bias))
 
 
 class MLP(nn.Module):
@@ -85,7 +85,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The partial output of this rank's slice of the width (reduced by the caller)."""
-        return F.linear(ops.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+        return ops.linear(ops.silu_and_mul(ops.linear(x, self.gate_up_proj)), self.down_proj)
 
 
 class MoE(nn.Module):
@@ -161,8 +161,12 @@ class Param2MoEModel(nn.Module):
         super().__init__()
         self.shard = shard
         self.vocab_start, self.vocab_end = shard.local_vocab(cfg.vocab_size)
+        # The first pipeline stage embeds; the last needs the matrix too when it is the (tied) head.
         self.word_embeddings = nn.Module()
-        self.word_embeddings.weight = _param(self.vocab_end - self.vocab_start, cfg.hidden_size, dtype=dtype)
+        if shard.is_first_stage or (cfg.tie_word_embeddings and shard.is_last_stage):
+            self.word_embeddings.weight = _param(self.vocab_end - self.vocab_start, cfg.hidden_size, dtype=dtype)
+        else:
+            self.word_embeddings.weight = None
         first, last = shard.local_layers(cfg.num_hidden_layers)
         self.layer_range = range(first, last)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, shard, dtype) for i in self.layer_range})
@@ -184,11 +188,12 @@ class Param2MoEForCausalLM(nn.Module):
         self.config, self.dtype = cfg, dtype
         self.shard = shard or Shard()
         self.model = Param2MoEModel(cfg, self.shard, dtype)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings or not self.shard.is_last_stage:
             self.lm_head = None
         else:
             self.lm_head = nn.Module()
-            self.lm_head.weight = _param(*self.model.word_embeddings.weight.shape, dtype=dtype)
+            m = self.model
+            self.lm_head.weight = _param(m.vocab_end - m.vocab_start, cfg.hidden_size, dtype=dtype)
         self.rope_cos = self.rope_sin = None
 
     @property
@@ -217,7 +222,7 @@ class Param2MoEForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab_size] in float32 (gathered over the ranks' vocabulary slices)."""
-        logits = F.linear(hidden, self.head_weight).float()
+        logits = ops.linear(hidden, self.head_weight).float()
         return self.shard.all_gather_vocab(logits, self.config.vocab_size)
 
     def set_uniform_random_routing(self, on: bool) -> None:

@@ -20,6 +20,8 @@ class Shard:
     pp_rank: int = 0
     pp_size: int = 1
     tp_group: object = None  # a torch.distributed process group when tp_size > 1
+    prev_stage_rank: int | None = None  # global rank this rank receives hidden states from (pipeline)
+    next_stage_rank: int | None = None  # global rank it sends them to
 
     @property
     def ep_size(self) -> int:
@@ -79,3 +81,16 @@ class Shard:
         parts = [torch.empty_like(padded) for _ in range(self.tp_size)]
         torch.distributed.all_gather(parts, padded, group=self.tp_group)
         return torch.cat(parts, dim=1)[:, :vocab_size]
+
+    # ------------------------------------------------------------------ pipeline hand-over
+    def send_to_next_stage(self, hidden: torch.Tensor, residual: torch.Tensor) -> list:
+        """Start sending a micro-batch's hidden state and residual; returns the works to wait on."""
+        return [torch.distributed.isend(hidden.contiguous(), self.next_stage_rank),
+                torch.distributed.isend(residual.contiguous(), self.next_stage_rank)]
+
+    def recv_from_prev_stage(self, num_tokens: int, hidden_size: int, dtype, device):
+        hidden = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)
+        residual = torch.empty_like(hidden)
+        torch.distributed.recv(hidden, self.prev_stage_rank)
+        torch.distributed.recv(residual, self.prev_stage_rank)
+        return hidden, residual

@@ -1,0 +1,56 @@
+"""What every rank runs: load its shard of the model, size the KV cache (the same number of blocks
+on every rank), build the model runner; workers then follow the driver's plans until told to stop."""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import load_model
+from .model_runner import ModelRunner, kv_bytes_per_token
+
+
+def build_runner(config, model_config, dtype, shard=None, comm=None, device=None, decode_token=None):
+    """Returns (model, runner, num_blocks). Collective when comm is given: every rank calls it."""
+    device = device or torch.device(config.device)
+    model = load_model(config.model, dtype, device, shard, config=model_config,
+                       dummy=config.load_format == "dummy", seed=config.seed,
+                       progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage))
+    model.set_uniform_random_routing(bool(config.uniform_random_routing))
+    max_model_len = config.max_model_len or model_config.max_position_embeddings
+    per_block = kv_bytes_per_token(model) * config.block_size
+    budget = config.kv_cache_memory
+    if budget is None:
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            budget = int(free - total * (1 - config.gpu_memory_utilization)) - (1 << 30)  # 1 GiB for activations
+        else:  # enough for every sequence at full length, at most 2 GiB
+            budget = min(2 << 30, per_block * config.max_num_seqs * -(-max_model_len // config.block_size))
+    num_blocks = max(1, budget // per_block - 1)  # one block is the runner's scratch block
+    if comm is not None:
+        num_blocks = comm.all_min(num_blocks)
+    pp = shard.pp_size if shard is not None else 1
+    runner = ModelRunner(model, num_blocks, config.block_size, device, max_model_len, decode_token,
+                         comm=comm if comm is not None and torch.distributed.get_rank() == 0 else None,
+                         num_microbatches=pp)
+    if device.type == "cuda" and not config.enforce_eager and config.kernels != "torch" and pp == 1:
+        runner.enable_cuda_graphs(config.max_num_seqs, max_model_len)
+    return model, runner, num_blocks
+
+
+def worker_loop(rank: int, config, parallel) -> None:
+    """A non-driver rank: build its part, then run each plan the driver broadcasts (None: stop)."""
+    from .. import kernels
+    from ..distributed import init_rank
+    from .llm_engine import resolve_dtype
+
+    kernels.set_backend(config.kernels)
+    device_type = "cuda" if str(config.device).startswith("cuda") else "cpu"
+    shard, comm, device = init_rank(rank, parallel, device_type)
+    model_config = config.model_config()
+    _, runner, _ = build_runner(config, model_config, resolve_dtype(config, model_config), shard, comm, device)
+    while True:
+        plan = comm.receive_plan()
+        if plan is None:
+            break
+        runner.run_plan(plan)
+    torch.distributed.destroy_process_group()
