@@ -39,6 +39,8 @@ ap.add_argument("--warm", default=None, help="i/n: compile-only worker for jobs 
 ap.add_argument("--nwarm", type=int, default=10)
 ap.add_argument("--ntest", type=int, default=5)
 ap.add_argument("--budget", type=float, default=330.0, help="seconds for the timing phase before it cuts sweeps")
+ap.add_argument("--moe-sweep-max", type=int, default=1 << 30, help="tune the MoE only up to this many tokens")
+ap.add_argument("--attn-quick", action="store_true", help="attention: the committed heuristics only, no sweep")
 ARGS = ap.parse_args()
 if ARGS.dry:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -206,9 +208,10 @@ def moe_bms(t):
 def moe_cands(t, bm, which):
     if DRY:
         return [G(32, 32, 1, 4, 2), G(16, 64, 1, 4, 2)]
-    if t <= 64:
+    if t <= 64:  # deep pipelines (few, long programs) and shallow ones (more programs resident an SM)
         c = [G(16, 256, 1, 4, 3), G(32, 128, 1, 4, 4), G(32, 256, 1, 4, 3), G(64, 128, 1, 4, 4), G(64, 256, 1, 4, 3),
-             G(64, 64, 1, 4, 5), G(128, 128, 1, 4, 3)]
+             G(128, 128, 1, 4, 3), G(32, 128, 1, 4, 2), G(32, 128, 1, 2, 3), G(16, 128, 1, 2, 3), G(32, 64, 1, 2, 4),
+             G(64, 128, 1, 4, 2), G(16, 256, 1, 2, 2)]
     elif t <= 512:
         c = [G(32, 128, 1, 4, 4), G(64, 128, 1, 4, 3), G(64, 64, 1, 4, 4), G(128, 64, 1, 4, 4), G(128, 128, 1, 8, 3),
              G(64, 256, 1, 4, 3)]
@@ -349,8 +352,9 @@ def attn_job(name, q_lens, ctx_lens, max_ctx=None, splits_try=()):
     res = {"case": name, "B": len(q_lens), "q_lens": q_lens[:4], "ctx_lens": ctx_lens[:4], "max_context_len": max_ctx,
            "copies": copies}
     cands = DECODE_CANDS if decode else PREFILL_CANDS
-    if ARGS.quick or DRY:
+    if ARGS.quick or ARGS.attn_quick or DRY:
         cands = [ta.DECODE_CFG if decode else ta.PREFILL_CFG]
+        splits_try = ()
     rows = []
     for c in cands:
         if over_budget() and rows:
@@ -469,7 +473,7 @@ def jobs():
     for c in attn_cases():
         out.append((f"attn_{c[0]}", lambda c=c: attn_job(*c)))
     if not ARGS.quick:
-        for t in MOE_TS:
+        for t in [t for t in MOE_TS if t <= ARGS.moe_sweep_max]:
             for bm in moe_bms(t):
                 out.append((f"moe_sweep_{t}_{bm}", lambda t=t, bm=bm: moe_sweep(t, bm)))
     for t in MOE_TS:
@@ -494,9 +498,10 @@ def start_tests(n):
 def start_warmers(n):
     procs = []
     for k in range(n):
-        cmd = [sys.executable, os.path.abspath(__file__), "--warm", f"{k}/{n}", "--out", ARGS.out]
-        if ARGS.quick:
-            cmd.append("--quick")
+        cmd = [sys.executable, os.path.abspath(__file__), "--warm", f"{k}/{n}", "--out", ARGS.out,
+               "--moe-sweep-max", str(ARGS.moe_sweep_max)]
+        cmd += ["--quick"] if ARGS.quick else []
+        cmd += ["--attn-quick"] if ARGS.attn_quick else []
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 

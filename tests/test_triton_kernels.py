@@ -232,6 +232,15 @@ def test_moe_experts(dtype, case):
     check(out, ref_moe.moe_experts(x, w13, w2, weights, ids), dtype, tight=2e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_one_token_without_align_and_missing_ids(dtype):
+    x, w13, w2, weights, ids = _moe_inputs(1, 8, 64, 32, 4, dtype)
+    ids[0, 2] = -1  # an expert held by another rank: contributes nothing
+    with poisoned():
+        out = tri_moe.moe_experts(x, w13, w2, weights, ids)
+    check(out, ref_moe.moe_experts(x, w13, w2, weights, ids), dtype, tight=2e-5)
+
+
 @pytest.mark.skipif(not BIG, reason="real Param2 shapes: CUDA (or P2M_TEST_BIG=1)")
 @pytest.mark.parametrize("t", [1, 8, 64, 300])
 def test_moe_experts_param2_shapes(t):
@@ -326,9 +335,11 @@ def test_dispatch_picks_triton_on_cuda(monkeypatch):
 def test_cuda_graph_capture_moe_and_attention():
     torch.manual_seed(0)
     x, w13, w2, weights, ids = _moe_inputs(4, 64, 2048, 2048, 6, torch.bfloat16)
+    x1, ids1, w1 = x[:1].clone(), ids[:1].clone(), weights[:1].clone()  # one token: the no-align layout
     q, kc, vc, tables, ctx, qsl = _paged_batch([1] * 4, [100, 1000, 5, 300], 32, 8, 64, torch.bfloat16)
     run = lambda: (tri_moe.moe_experts(x, w13, w2, weights, ids),  # noqa: E731
-                   tri_attn.paged_attention(q, kc, vc, tables, ctx, qsl, 0.125, 1, 1024))
+                   tri_attn.paged_attention(q, kc, vc, tables, ctx, qsl, 0.125, 1, 1024),
+                   tri_moe.moe_experts(x1, w13, w2, w1, ids1))
     run()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -337,10 +348,13 @@ def test_cuda_graph_capture_moe_and_attention():
     # new inputs in the same buffers, then replay
     x.copy_(torch.randn_like(x))
     ids.copy_(torch.rand(4, 64, device="cuda").topk(6, dim=-1).indices)
+    x1.copy_(torch.randn_like(x1))
+    ids1.copy_(torch.rand(1, 64, device="cuda").topk(6, dim=-1).indices)
     q.copy_(torch.randn_like(q))
     ctx.copy_(torch.tensor([64, 999, 5, 1], device="cuda", dtype=torch.int32))  # within the written tokens
     g.replay()
     torch.cuda.synchronize()
     check(outs[0], ref_moe.moe_experts(x, w13, w2, weights, ids), torch.bfloat16)
+    check(outs[2], ref_moe.moe_experts(x1, w13, w2, w1, ids1), torch.bfloat16)
     check(outs[1], ref_attn.paged_attention(q, kc, vc, tables, ctx, qsl, 0.125, 1, 1024), torch.bfloat16,
           loose=1.2e-2)

@@ -132,6 +132,23 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, expert_ids, num_post
 
 
+_ONE_TOKEN: dict = {}
+
+
+def single_token_align(ids: torch.Tensor, block_m: int):
+    """One token: its K experts are distinct (top-k), so pair k can own block k with no align launch.
+    Slots and num_post are constants (cached per device, K, BLOCK_M; made on the first call, which the
+    engine makes before capturing graphs); the block experts are ids itself (-1: the block is skipped)."""
+    k = ids.numel()
+    key = (ids.device, k, block_m)
+    if key not in _ONE_TOKEN:
+        slots = torch.full((k * block_m,), k, dtype=torch.int32)
+        slots[::block_m] = torch.arange(k, dtype=torch.int32)
+        _ONE_TOKEN[key] = (slots.to(ids.device), torch.tensor([k * block_m], dtype=torch.int32).to(ids.device))
+    slots, num_post = _ONE_TOKEN[key]
+    return slots, ids.reshape(-1), num_post
+
+
 # ----------------------------------------------------------------------------------- GEMMs
 @triton.jit
 def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
@@ -155,6 +172,8 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost
     if pid_m * BLOCK_M >= tl.load(npost_ptr):
         return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if e < 0:  # the one-token layout's "no expert" (-1) block
+        return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + offs_m)
     valid = pair < TK
@@ -202,6 +221,8 @@ def _moe_down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_pt
     if pid_m * BLOCK_M >= tl.load(npost_ptr):
         return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if e < 0:  # the one-token layout's "no expert" (-1) block
+        return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + offs_m)
     valid = pair < TK
@@ -303,7 +324,7 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     weights = weights.contiguous()
     cfg = config or get_config(t, e, hidden, two_i // 2, topk, x.dtype)
     bm = cfg["BLOCK_M"]
-    align = moe_align(ids, e, bm)
+    align = single_token_align(ids, bm) if t == 1 else moe_align(ids, e, bm)
     inter = gate_up(x, w13, align, topk, bm, cfg["gate_up"])
     pair_out = down(inter, w2, align, t * topk, bm, cfg["down"])
     return combine(pair_out, weights, ids, out)
