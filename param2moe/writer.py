@@ -221,7 +221,8 @@ def write_checkpoint(out_dir: str, config: Param2MoEConfig, seed: int = 0, *, st
     cfg["auto_map"] = {"AutoConfig": "configuration_param2moe.Param2MoEConfig"}
     _write_json(os.path.join(out_dir, "config.json"), cfg)
     _write_json(os.path.join(out_dir, "generation_config.json"), {
-        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        # The chat's end of turn (<|im_end|>, id 22) ends generation too.
+        "bos_token_id": config.bos_token_id, "eos_token_id": [*config.eos_token_ids, 22],
         "pad_token_id": config.pad_token_id, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 50})
     with open(os.path.join(out_dir, "configuration_param2moe.py"), "w") as f:
         f.write(CONFIGURATION_PY)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import json
 import logging
 import os
 import subprocess
@@ -91,6 +92,20 @@ def resolve_dtype(config: EngineConfig, model_config: Param2MoEConfig) -> torch.
     return _DTYPES[name]
 
 
+def _eos_token_ids(path: str | None, mc: Param2MoEConfig, tokenizer) -> list[int]:
+    """End-of-sequence ids: config.json's, and generation_config.json's (which, as vLLM reads it, may
+    add the end-of-turn token); the tokenizer's when neither has one."""
+    ids = list(mc.eos_token_ids)
+    gen_file = os.path.join(path, "generation_config.json") if path else ""
+    if os.path.exists(gen_file):
+        with open(gen_file) as f:
+            gen = json.load(f).get("eos_token_id")
+        ids += [i for i in (gen if isinstance(gen, list) else [gen]) if isinstance(i, int) and i not in ids]
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 class EngineError(ValueError):
     """A request the engine cannot take; the message says which field and why."""
 
@@ -128,9 +143,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
                                    max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
-        eos = [] if mc.eos_token_id is None else mc.eos_token_ids
-        self.eos_token_ids = eos or ([self.tokenizer.eos_token_id] if self.tokenizer and
-                                     self.tokenizer.eos_token_id is not None else [])
+        self.eos_token_ids = _eos_token_ids(cfg.model, mc, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, decode_token)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
