@@ -3,6 +3,7 @@
 # uniformly at random, SPEC 7). Run on the device machine from the repository root; results under $OUT.
 #   bash benchmarks/gpu_engine.sh correctness   # fast path vs plain torch path (small checkpoint)
 #   bash benchmarks/gpu_engine.sh fast          # our fast path: latency by batch, TTFT at 1024, throughput
+#   bash benchmarks/gpu_engine.sh smoke         # a quick fast-path latency check
 #   bash benchmarks/gpu_engine.sh baseline      # the plain torch path (no Triton, no CUDA graphs)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -19,6 +20,9 @@ for part in "$@"; do
         --output-json "$OUT/ours_ttft1024.json"
       timeout 200 "${P2M[@]}" throughput --num-prompts 256 --input-len 128 --output-len 1024 --max-num-seqs 256 \
         --output-json "$OUT/ours_throughput.json" ;;
+    smoke)
+      timeout 150 "${P2M[@]}" latency --batch-size 1 64 --input-len 64 --output-len 16 --max-num-seqs 64 \
+        --output-json "$OUT/ours_smoke.json" ;;
     baseline)
       timeout 200 "${P2M[@]}" latency --kernels torch --enforce-eager --batch-size 1 8 64 --input-len 128 \
         --output-len 16 --max-num-seqs 64 --output-json "$OUT/torch_latency.json" ;;

@@ -28,7 +28,15 @@ PRESETS: dict[str, dict] = {
         use_qkv_bias=False, use_bias=False, tie_word_embeddings=True, rope_theta=1e6,
         partial_rotary_factor=1.0, rope_scaling=None, max_position_embeddings=4096, rms_norm_eps=1e-6,
         num_nextn_predict_layers=0, torch_dtype="bfloat16"),
-    # Param2's layout scaled down: the model that ships with the package.
+    # Param2's layout scaled far down (2.4 MB in bf16): the model that ships with the package.
+    "bundled": dict(
+        vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, intermediate_size=384, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4,
+        num_shared_experts=2, moe_shared_expert_intermediate_size=64, first_k_dense_replace=1,
+        n_group=1, topk_group=1, score_function="sigmoid", routed_scaling_factor=2.5, norm_topk_prob=True,
+        moe_router_enable_expert_bias=True, router_dtype="fp32", use_qk_norm=True, tie_word_embeddings=True,
+        rope_theta=1e6, max_position_embeddings=4096, rms_norm_eps=1e-6, torch_dtype="bfloat16"),
+    # Param2's layout scaled down, larger (tests and benchmarks).
     "small": dict(
         vocab_size=2048, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
         head_dim=32, intermediate_size=768, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4,
