@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .matmul import linear
+
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
@@ -19,21 +21,22 @@ def moe_experts(
     x: [T, H]; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I];
     weights: [T, K] float32; ids: [T, K] (expert index, or -1 for "no expert": contributes nothing).
     The (token, k) pairs are sorted by expert so that each expert runs one matmul over its tokens;
-    the weighted sum over k is taken in float32.
+    each result, times its weight, is added to its token's row in float32.
     """
     t, k = ids.shape
     flat = ids.reshape(-1)
     order = flat.argsort(stable=True)  # -1 entries first, then expert 0, 1, ...
     counts = torch.bincount(flat[flat >= 0], minlength=w13.shape[0]).tolist()
-    xs = x[order // k]
-    outs = torch.empty(t * k, w2.shape[1], dtype=x.dtype, device=x.device)
-    start = t * k - sum(counts)
-    outs[:start] = 0
+    order = order[t * k - sum(counts):]  # the pairs that have an expert, by expert
+    token = order // k
+    xs = x[token]
+    outs = torch.empty(len(order), w2.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
     for expert, n in enumerate(counts):
         if n:
             seg = slice(start, start + n)
-            outs[seg] = silu_and_mul(xs[seg] @ w13[expert].t()) @ w2[expert].t()
+            outs[seg] = linear(silu_and_mul(linear(xs[seg], w13, index=expert)), w2, index=expert)
             start += n
-    per_pair = torch.empty_like(outs)
-    per_pair[order] = outs  # back to (token, k) order
-    return (per_pair.view(t, k, -1).float() * weights[..., None]).sum(1).to(x.dtype)
+    y = torch.zeros(t, w2.shape[1], dtype=torch.float32, device=x.device)
+    y.index_add_(0, token, outs.float() * weights.reshape(-1)[order, None])
+    return y.to(x.dtype)
