@@ -13,12 +13,19 @@ P2M=(python3 -m param2moe.cli bench --load-format dummy --preset param2-17b --ma
 for part in "$@"; do
   case $part in
     correctness) timeout 300 python3 benchmarks/gpu_correctness.py "$OUT/gpu_correctness.json" ;;
+    ttft)
+      timeout 100 "${P2M[@]}" latency --batch-size 1 --input-len 1024 --output-len 4 --max-num-seqs 64 \
+        --output-json "$OUT/ours_ttft1024.json" ;;
+    throughput)
+      timeout 200 "${P2M[@]}" throughput --num-prompts 256 --input-len 128 --output-len 1024 --max-num-seqs 256 \
+        --max-num-batched-tokens 8192 --output-json "$OUT/ours_throughput.json" ;;
     fast)
       timeout 200 "${P2M[@]}" latency --batch-size 1 8 32 64 --input-len 128 --output-len 128 \
         --max-num-seqs 256 --output-json "$OUT/ours_latency.json"
       timeout 60 "${P2M[@]}" latency --batch-size 1 --input-len 1024 --output-len 4 --max-num-seqs 64 \
         --output-json "$OUT/ours_ttft1024.json"
       timeout 200 "${P2M[@]}" throughput --num-prompts 256 --input-len 128 --output-len 1024 --max-num-seqs 256 \
+        --max-num-batched-tokens 8192 \
         --output-json "$OUT/ours_throughput.json" ;;
     smoke)
       timeout 150 "${P2M[@]}" latency --batch-size 1 64 --input-len 64 --output-len 16 --max-num-seqs 64 \

@@ -183,22 +183,25 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _random_tensor(name: str, shape, gen: torch.Generator, std: float, head_std: float) -> torch.Tensor:
+def _random_tensor(name: str, shape, gen: torch.Generator, std: float, head_std: float,
+                   router_std: float = 0.5, bias_std: float = 0.01) -> torch.Tensor:
     if name.endswith("norm.weight"):
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
     if name.endswith("expert_bias"):
-        return 0.01 * torch.randn(shape, generator=gen)
+        return bias_std * torch.randn(shape, generator=gen)
     if name.endswith("bias"):
         return std * torch.randn(shape, generator=gen)
     if name in ("model.word_embeddings.weight", "lm_head.weight"):
         return head_std * torch.randn(shape, generator=gen)
     if name.endswith("mlp.gate.weight"):  # a router strong enough that tokens do not all pick the same experts
-        return 0.5 * torch.randn(shape, generator=gen)
+        return router_std * torch.randn(shape, generator=gen)
     return std * torch.randn(shape, generator=gen)
 
 
 def write_checkpoint(out_dir: str, config: Param2MoEConfig, seed: int = 0, *, std: float | None = None,
-                     head_std: float = 0.5, shard_bytes: int = 2 << 30, router_dtype: str | None = None) -> None:
+                     head_std: float = 0.5, router_std: float = 0.5, bias_std: float = 0.01,
+                     shard_bytes: int = 2 << 30,
+                     router_dtype: str | None = None) -> None:
     """Write the folder. `head_std` scales the embedding (the tied head too) so that next-token
     distributions are peaked rather than flat, as a trained model's are; router weights and expert
     biases are stored in `router_dtype` (default: the config's torch_dtype). The default `std` makes
@@ -215,7 +218,7 @@ def write_checkpoint(out_dir: str, config: Param2MoEConfig, seed: int = 0, *, st
     size = 0
     for name, shape in layout.items():
         is_router = name.endswith(("mlp.gate.weight", "mlp.gate.expert_bias"))
-        t = _random_tensor(name, shape, gen, std, head_std).to(rdtype if is_router else dtype)
+        t = _random_tensor(name, shape, gen, std, head_std, router_std, bias_std).to(rdtype if is_router else dtype)
         nbytes = t.numel() * t.element_size()
         if size and size + nbytes > shard_bytes:
             _flush(shards, out_dir, save_file)
