@@ -116,6 +116,10 @@ class LLMEngine:
         self.comm, self.workers = None, []
         torch.manual_seed(cfg.seed)
         kernels.set_backend(cfg.kernels)
+        if str(cfg.device).startswith("cpu"):
+            from .cpu_setup import configure_cpu_allocator
+
+            configure_cpu_allocator()
         self.model_config = mc = cfg.model_config()
         self.dtype = resolve_dtype(cfg, mc)
         has_tokenizer = cfg.model is not None and os.path.exists(os.path.join(cfg.model, "tokenizer.json"))

@@ -20,8 +20,9 @@ def moe_experts(
 
     x: [T, H]; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I];
     weights: [T, K] float32; ids: [T, K] (expert index, or -1 for "no expert": contributes nothing).
-    The (token, k) pairs are sorted by expert so that each expert runs one matmul over its tokens;
-    each result, times its weight, is added to its token's row in float32.
+    The (token, k) pairs are sorted by expert so that each expert runs one matmul over its tokens
+    (elementwise work runs once over all the pairs); each result, times its weight, is added to its
+    token's row in float32.
     """
     t, k = ids.shape
     flat = ids.reshape(-1)
@@ -29,14 +30,12 @@ def moe_experts(
     counts = torch.bincount(flat[flat >= 0], minlength=w13.shape[0]).tolist()
     order = order[t * k - sum(counts):]  # the pairs that have an expert, by expert
     token = order // k
-    xs = x[token]
-    outs = torch.empty(len(order), w2.shape[1], dtype=x.dtype, device=x.device)
-    start = 0
-    for expert, n in enumerate(counts):
-        if n:
-            seg = slice(start, start + n)
-            outs[seg] = linear(silu_and_mul(linear(xs[seg], w13, index=expert)), w2, index=expert)
-            start += n
+    experts = [e for e, n in enumerate(counts) if n]
+    sizes = [counts[e] for e in experts]
+    xs = x.index_select(0, token).split(sizes)
+    gate_up = torch.cat([linear(xe, w13, index=e) for e, xe in zip(experts, xs)])
+    act = silu_and_mul(gate_up).split(sizes)
+    out = torch.cat([linear(ae, w2, index=e) for e, ae in zip(experts, act)]).float()
     y = torch.zeros(t, w2.shape[1], dtype=torch.float32, device=x.device)
-    y.index_add_(0, token, outs.float() * weights.reshape(-1)[order, None])
+    y.index_add_(0, token, out.mul_(weights.reshape(-1)[order, None]))  # out: a fresh tensor, scaled in place
     return y.to(x.dtype)
