@@ -181,6 +181,21 @@ class Param2MoEModel(nn.Module):
         return self.shard.all_reduce(h * local[:, None].to(h.dtype))
 
 
+_FP32_OUT_MM = {"ok": True}
+
+
+def _fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight.T with float32 output. In bf16, rounding the logits to bf16 makes near-ties
+    exact ties (steps of 1/16 at magnitude 8), so greedy choices would flip on rounding noise; CUDA
+    matmuls can write the float32 accumulator directly (torch.mm out_dtype)."""
+    if hidden.is_cuda and hidden.dtype != torch.float32 and _FP32_OUT_MM["ok"]:
+        try:
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT_MM["ok"] = False
+    return ops.linear(hidden, weight).float()
+
+
 class Param2MoEForCausalLM(nn.Module):
     """The whole network. Build on the meta device, then materialise and load (see checkpoint.py)."""
 
@@ -223,7 +238,7 @@ class Param2MoEForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab_size] in float32 (gathered over the ranks' vocabulary slices)."""
-        logits = ops.linear(hidden, self.head_weight).float()
+        logits = _fp32_logits(hidden, self.head_weight)
         return self.shard.all_gather_vocab(logits, self.config.vocab_size)
 
     def set_uniform_random_routing(self, on: bool) -> None:
