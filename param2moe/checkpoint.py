@@ -270,6 +270,22 @@ def init_dummy_weights(model, seed: int = 0, std: float = 0.02) -> None:
             p.normal_(0.0, std, generator=gen)
 
 
+def _materialize(model: torch.nn.Module, device) -> None:
+    """Give every meta parameter and buffer uninitialised storage on `device` (what Module.to_empty does,
+    without its empty_like on meta tensors, whose first call imports sympy: a third of a second)."""
+    made: dict[int, torch.Tensor] = {}  # a tensor shared by several modules stays shared
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in made:
+                    new = torch.empty(t.shape, dtype=t.dtype, device=device)
+                    made[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) \
+                        if isinstance(t, torch.nn.Parameter) else new
+                table[name] = made[id(t)]
+
+
 def load_model(path: str | None, dtype=torch.bfloat16, device="cpu", shard=None, *, config=None,
                dummy: bool = False, seed: int = 0, progress: bool = True):
     """Build the network on `device` and fill it from the checkpoint at `path` (or randomly, `dummy`)."""
@@ -280,7 +296,7 @@ def load_model(path: str | None, dtype=torch.bfloat16, device="cpu", shard=None,
         cfg = resolve_shared_width(cfg, path)
     with torch.device("meta"):
         model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard)
-    model = model.to_empty(device=device)
+    _materialize(model, device)
     with torch.no_grad():
         if dummy:
             init_dummy_weights(model, seed)

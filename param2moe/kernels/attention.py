@@ -46,29 +46,53 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_size, nkv, d = k_cache.shape[1:]
     b, nh = block_tables.shape[0], q.shape[1]
     g = nh // nkv  # query heads per KV head
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
     max_q, max_ctx = max_query_len, max_context_len
-    dev = q.device
-    # Gather each sequence's keys and values, padded to max_ctx. Slots past a sequence's context hold
-    # stale or never-written values (NaN even, in a cache from torch.empty), which the mask drops but a
-    # NaN would still poison the softmax: padding positions read the sequence's last position instead.
-    # (index_select: a plain row gather, several times faster on the CPU than advanced indexing.)
+    slots, rows, out_rows, mask = _batch_layout(block_tables, context_lens, query_start_loc, block_size, g,
+                                                max_q, max_ctx, q.shape[0], q.dtype)
+    k = k_cache.view(-1, nkv, d).index_select(0, slots).view(b, max_ctx, nkv, d)
+    v = v_cache.view(-1, nkv, d).index_select(0, slots).view(b, max_ctx, nkv, d)
+    # Each KV head's g query heads are folded into the query length (GQA without repeating keys and
+    # values): [B, NKV, g * max_q, D], row r = head r // max_q, query r % max_q.
+    qp = q.index_select(0, rows).view(b, max_q, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, nkv, -1, d)
+    o = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    o = o.view(b, nkv, g, max_q, d).permute(0, 3, 1, 2, 4).reshape(b * max_q, nh, d)
+    return o if out_rows is None else o.index_select(0, out_rows)
+
+
+# Every layer of a step attends over the same batch layout: on the CPU, the last one is kept and reused
+# while the same metadata tensors come in (held here, so their ids stay theirs). Not on CUDA, where a
+# captured graph must record the work itself.
+_last_layout: list = [None]
+
+
+def _batch_layout(block_tables, context_lens, query_start_loc, block_size: int, g: int, max_q: int,
+                  max_ctx: int, num_tokens: int, dtype):
+    """(cache slots [B * max_ctx] to gather, query rows [B * max_q] to gather, rows of the padded output
+    that are real queries (None: all), additive mask [B, 1, g * max_q, max_ctx])."""
+    key = (block_tables, context_lens, query_start_loc, block_size, g, max_q, max_ctx, num_tokens, dtype)
+    last = _last_layout[0]
+    if last is not None and all(x is y for x, y in zip(last[0][:3], key[:3])) and last[0][3:] == key[3:]:
+        return last[1]
+    dev = block_tables.device
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    b = block_tables.shape[0]
+    # Slots past a sequence's context hold stale or never-written values (NaN even, in a cache from
+    # torch.empty), which the mask drops but a NaN would still poison the softmax: padding positions
+    # read the sequence's last position instead. (Gathered with index_select: a plain row gather,
+    # several times faster on the CPU than advanced indexing.)
     j = torch.arange(max_ctx, device=dev)
     pos = torch.minimum(j[None, :], (context_lens.long() - 1).clamp(min=0)[:, None])  # [B, max_ctx]
     slots = (block_tables.long().gather(1, pos // block_size) * block_size + pos % block_size).view(-1)
-    k = k_cache.view(-1, nkv, d).index_select(0, slots).view(b, max_ctx, nkv, d)
-    v = v_cache.view(-1, nkv, d).index_select(0, slots).view(b, max_ctx, nkv, d)
-    # Pad the queries to max_q, and fold each KV head's g query heads into the query length (GQA
-    # without repeating keys and values): [B, NKV, g * max_q, D], row r = head (r // max_q), query r % max_q.
+    # Queries padded to max_q (padding rows repeat a real one and are dropped at the end).
     i = torch.arange(max_q, device=dev)
+    rows = (query_start_loc[:-1, None] + i[None, :]).clamp(max=num_tokens - 1).view(-1)
     q_valid = i[None, :] < q_lens[:, None]  # [B, max_q]
-    rows = (query_start_loc[:-1, None] + i[None, :]).clamp(max=q.shape[0] - 1)
-    qp = q.index_select(0, rows.view(-1)).view(b, max_q, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, nkv, -1, d)
+    out_rows = None if max_q == 1 else q_valid.view(-1).nonzero()[:, 0]
     # Causal within the context: query i of a sequence sits at position context_len - q_len + i.
     q_pos = (context_lens - q_lens)[:, None] + i[None, :]
     allowed = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < context_lens[:, None, None])
-    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
-    mask = mask[:, None].expand(b, g, max_q, max_ctx).reshape(b, 1, g * max_q, max_ctx)  # additive
-    o = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
-    o = o.view(b, nkv, g, max_q, d).permute(0, 3, 1, 2, 4).reshape(b, max_q, nh, d)
-    return o[q_valid]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+    mask = mask[:, None].expand(b, g, max_q, max_ctx).reshape(b, 1, g * max_q, max_ctx)
+    layout = (slots, rows, out_rows, mask)
+    _last_layout[0] = (key, layout) if dev.type == "cpu" else None
+    return layout
