@@ -120,24 +120,32 @@ def _free_port() -> int:
 def start_local_workers(engine_config, parallel: ParallelConfig) -> list[subprocess.Popen]:
     """Start ranks 1..world-1 on this machine and watch them; the caller becomes rank 0.
 
-    Workers are fresh interpreters (`python -m param2moe.distributed.parallel`), so the caller's
+    Workers are fresh interpreters (`python -m param2moe.distributed`), so the caller's
     script needs no `if __name__ == "__main__"` guard, as multiprocessing's spawn would."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(_free_port())  # fresh: an engine started after another must not reuse it
+    _stopping.clear()
     config_json = json.dumps(dataclasses.asdict(engine_config))
     procs = []
     for rank in range(1, parallel.world_size):
-        cmd = [sys.executable, "-m", "param2moe.distributed.parallel", str(rank), config_json]
+        cmd = [sys.executable, "-m", "param2moe.distributed", str(rank), config_json]
         procs.append(subprocess.Popen(cmd, env={**os.environ, "PARAM2MOE_WORKER_RANK": str(rank)}))
     threading.Thread(target=_watch, args=(procs,), daemon=True, name="param2moe-worker-watch").start()
     return procs
 
 
+_stopping = threading.Event()  # set by the driver's shutdown: workers exiting then is expected
+
+
+def stop_watching() -> None:
+    _stopping.set()
+
+
 def _watch(procs: list[subprocess.Popen]) -> None:
-    while True:
+    while not _stopping.is_set():
         for rank, p in enumerate(procs, 1):
             code = p.poll()
-            if code is not None and code != 0:
+            if code is not None and code != 0 and not _stopping.is_set():
                 print(f"param2moe: worker rank {rank} died (exit code {code}); shutting down", file=sys.stderr,
                       flush=True)
                 for q in procs:
@@ -155,6 +163,3 @@ def main(argv: list[str]) -> None:
     rank, config = int(argv[0]), EngineConfig(**json.loads(argv[1]))
     worker_loop(rank, config, config.parallel)
 
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

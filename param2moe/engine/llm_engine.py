@@ -167,6 +167,9 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the worker ranks (if any)."""
         if self.comm is not None:
+            from ..distributed.parallel import stop_watching
+
+            stop_watching()
             self.comm.broadcast_plan(None)
             self.comm = None
             for p in self.workers:
