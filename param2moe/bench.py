@@ -88,13 +88,16 @@ def _random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int
 
 def bench_latency(engine: LLMEngine, batch: int, input_len: int, output_len: int, warmup: bool = True) -> dict:
     """TTFT of the batch's prefill, then the median decode step (ITL) over output_len steps. A first
-    pass of the same shapes compiles the kernels for them, so no compilation is timed."""
+    pass of the same shapes (other prompts: no prefix-cache hits) compiles the kernels for them, so no
+    compilation is timed."""
+    seed = batch
     if warmup:
         bench_latency(engine, batch, input_len, min(output_len, 4), warmup=False)
+        seed += 1000
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
-    for i, p in enumerate(_random_prompts(batch, input_len, vocab, seed=batch)):
-        engine.add_request(f"lat-{batch}-{i}", p, params)
+    for i, p in enumerate(_random_prompts(batch, input_len, vocab, seed=seed)):
+        engine.add_request(f"lat-{batch}-{seed}-{i}", p, params)
     dev = engine.config.device
     _sync(dev)
     t0 = time.perf_counter()
