@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
 from collections.abc import Sequence
 
-from .engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from .engine import EngineConfig, LLMEngine, OutputKind, RequestOutput, SamplingParams
 
 
 class LLM:
@@ -62,9 +63,16 @@ class LLM:
             raise ValueError(f"sampling_params: {len(sampling_params)} given for {len(prompts)} prompts")
         engine = self.llm_engine
         ids = []
+        # generate() returns finished outputs only (as vLLM's does): FINAL_ONLY spares the engine building
+        # an output for every request at every step.
+        final_only: dict[int, SamplingParams] = {}
         try:
             for prompt, params in zip(prompts, sampling_params):
                 rid = str(next(self._ids))
+                if params.output_kind != OutputKind.FINAL_ONLY:
+                    if id(params) not in final_only:
+                        final_only[id(params)] = dataclasses.replace(params, output_kind=OutputKind.FINAL_ONLY)
+                    params = final_only[id(params)]
                 engine.add_request(rid, prompt, params)
                 ids.append(rid)
         except Exception:
