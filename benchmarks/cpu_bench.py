@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """CPU benchmark: param2moe against vLLM's CPU build on the same checkpoint, in one run.
 
-    python benchmarks/cpu_bench.py [--vllm-python /work/vllm-venv/bin/python] [--dtype float32]
-                                   [--num-requests 64 --input-len 128 --output-len 128] [--repeats 1]
+    python benchmarks/cpu_bench.py [--vllm-python /work/vllm-venv/bin/python] [--dtype bfloat16,float32]
+                                   [--num-requests 64 --input-len 128 --output-len 128] [--repeats 2]
 
 1. Writes a checkpoint of the Param2 layout with `param2moe.writer` (preset "small", scaled up: see
-   MODEL below; ~47M parameters) into a temporary folder, in --dtype. Both engines load that folder and
-   run in that dtype, with the writer's router (real routing, the same weights and work for both).
+   MODEL below; 46.7M parameters) into a temporary folder, in --dtype (default bfloat16, Param2's own;
+   float32, or both one after the other). Both engines load that folder and run in that dtype, with the
+   writer's router (real routing: the same weights and the same work for both).
 2. For each engine, in a fresh process (ours with this interpreter, vLLM with --vllm-python):
    - start-up: from just before the process is launched to the first token of a 16-token prompt
      (imports, engine construction, weight loading, first step);
@@ -257,7 +258,8 @@ def table(results: dict[str, dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="bfloat16",
+                    help="bfloat16 (Param2's own dtype), float32, or both comma-separated (one run each)")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -266,11 +268,11 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--kv-gib", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--engines", default="param2moe,vllm")
     ap.add_argument("--wait-idle", type=float, default=120,
                     help="before each engine, wait up to this many seconds for idle CPUs (0: don't)")
-    ap.add_argument("--ckpt", help="use this checkpoint instead of writing one")
+    ap.add_argument("--ckpt", help="use this checkpoint (of the one --dtype) instead of writing one")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/cpu_bench_<date>.json)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -281,45 +283,60 @@ def main() -> None:
         return worker(a)
 
     engines = a.engines.split(",")
+    dtypes = a.dtype.split(",")
+    if any(d not in ("bfloat16", "float32") for d in dtypes) or (a.ckpt and len(dtypes) > 1):
+        raise SystemExit("--dtype: bfloat16, float32 or both (one dtype with --ckpt)")
     pythons = {"param2moe": sys.executable, "vllm": a.vllm_python}
-    tmp = None
-    if a.ckpt:
-        ckpt, n_params = a.ckpt, None
-    else:
-        tmp = tempfile.mkdtemp(prefix="p2m-cpu-bench-")
-        ckpt = os.path.join(tmp, "model")
-        n_params = write_model(ckpt, a.dtype, seed=0)
-        print(f"checkpoint: {n_params / 1e6:.1f}M parameters, {a.dtype}, {ckpt}", file=sys.stderr)
-    try:
-        runs: dict[str, list[dict]] = {e: [] for e in engines}
-        for rep in range(a.repeats):
-            for e in engines:
-                print(f"[{rep + 1}/{a.repeats}] {e} (load {loadavg()})", file=sys.stderr)
-                runs[e].append(run_worker(e, pythons[e], a, ckpt))
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-    results = {e: best(r) for e, r in runs.items()}
-    text = table(results)
+    by_dtype, columns = {}, {}
+    for dtype in dtypes:
+        a.dtype = dtype
+        tmp = None
+        if a.ckpt:
+            ckpt, n_params = a.ckpt, None
+        else:
+            tmp = tempfile.mkdtemp(prefix="p2m-cpu-bench-")
+            ckpt = os.path.join(tmp, "model")
+            n_params = write_model(ckpt, dtype, seed=0)
+            print(f"checkpoint: {n_params / 1e6:.1f}M parameters, {dtype}, {ckpt}", file=sys.stderr)
+        try:
+            runs: dict[str, list[dict]] = {e: [] for e in engines}
+            for rep in range(a.repeats):
+                for e in engines:
+                    print(f"[{dtype} {rep + 1}/{a.repeats}] {e} (load {loadavg()})", file=sys.stderr)
+                    runs[e].append(run_worker(e, pythons[e], a, ckpt))
+        finally:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+        results = {e: best(r) for e, r in runs.items()}
+        entry = {"parameters": n_params, "results": results}
+        if len(results) == 2:
+            ours, vllm = results["param2moe"], results["vllm"]
+            entry["throughput_ratio"] = ours["throughput"]["output_tok_s"] / vllm["throughput"]["output_tok_s"]
+            entry["startup_ratio"] = ours["startup_s"] / vllm["startup_s"]
+        by_dtype[dtype] = entry
+        short = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+        columns.update({f"{e} {short}": r for e, r in results.items()})
+    text = table(columns)
     print(text)
-    if len(results) == 2:
-        ours, vllm = results["param2moe"], results["vllm"]
-        print(f"throughput ratio (ours / vLLM): {ours['throughput']['output_tok_s'] / vllm['throughput']['output_tok_s']:.2f}"
-              f"; start-up ratio: {ours['startup_s'] / vllm['startup_s']:.3f}")
+    for dtype, entry in by_dtype.items():
+        if "throughput_ratio" in entry:
+            print(f"{dtype}: throughput ours / vLLM {entry['throughput_ratio']:.2f} (target >= 1); "
+                  f"start-up ours / vLLM {entry['startup_ratio']:.3f} (target <= 0.2)")
     now = datetime.datetime.now(datetime.timezone.utc)
+    version_code = "import {} as m; print(m.__version__)"
     doc = {
         "date": now.isoformat(timespec="seconds"),
         "git_commit": _sh(["git", "-C", ROOT, "rev-parse", "HEAD"]),
         "git_dirty": bool(_sh(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"])),
         "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
         "machine": machine(),
-        "model": {"preset": "small", "overrides": MODEL, "dtype": a.dtype, "parameters": n_params},
+        "model": {"preset": "small", "overrides": MODEL, "routing": "the writer's router (real top-k routing)"},
         "settings": {k: getattr(a, k) for k in ("num_requests", "input_len", "output_len", "latency_output_len",
                                                  "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                                                  "kv_gib", "repeats", "wait_idle")},
-        "versions": {e: _sh([pythons[e], "-c", f"import {'vllm' if e == 'vllm' else 'torch'} as m; print(m.__version__)"])
+        "versions": {e: _sh([pythons[e], "-c", version_code.format("vllm" if e == "vllm" else "torch")])
                      for e in engines},
-        "results": results,
+        "by_dtype": by_dtype,
         "table": text,
     }
     out = a.out or os.path.join(ROOT, "benchmarks", "results", f"cpu_bench_{now:%Y-%m-%d}.json")
