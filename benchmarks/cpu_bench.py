@@ -15,6 +15,7 @@
      --latency-output-len tokens; the difference over the extra tokens is the time per output token;
    - offline throughput: --num-requests prompts of --input-len random token ids, --output-len greedy
      tokens each (ignore_eos), one generate() call; output tokens/s and all tokens/s.
+   Latency and throughput are timed after a warm-up batch of the measured shape (4 output tokens).
    Same settings for both: max_num_seqs, max_num_batched_tokens, max_model_len, KV cache bytes, prefix
    caching off, detokenization on; vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, uni executor,
    enforce_eager).
@@ -103,7 +104,10 @@ def worker(a) -> None:
     import torch
 
     res["torch_threads"] = torch.get_num_threads()
-    engine.generate(_prompts(4, a.input_len, a.vocab, seed=2), 8)  # warm-up
+    # Warm-up, the same for both: a batch of the measured shape (its prefill steps are full size) with a
+    # few output tokens, so that the timed runs see a process in its steady state (weights packed,
+    # allocator heaps grown), as a server does after its first requests.
+    engine.generate(_prompts(a.num_requests, a.input_len, a.vocab, seed=2), 4)
 
     def timed(prompts, max_tokens):
         t = time.perf_counter()
