@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -28,8 +27,6 @@ import torch
 import torch.distributed as dist
 
 from ..model.shard import Shard
-
-log = logging.getLogger("param2moe")
 
 
 @dataclass

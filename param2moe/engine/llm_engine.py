@@ -9,7 +9,6 @@ from __future__ import annotations
 import atexit
 import itertools
 import json
-import logging
 import os
 import subprocess
 import time
@@ -22,14 +21,12 @@ from ..config import Param2MoEConfig
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, find_stop
-from .outputs import CompletionOutput, RequestOutput
+from .outputs import CompletionOutput, RequestOutput, logprob_entries
 from .sampler import Sampler
 from .sampling_params import OutputKind, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Request, Sequence
 from .worker import build_runner
-
-log = logging.getLogger("param2moe")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -125,7 +122,6 @@ class LLMEngine:
         has_tokenizer = cfg.model is not None and os.path.exists(os.path.join(cfg.model, "tokenizer.json"))
         self.tokenizer = Tokenizer(cfg.model) if has_tokenizer else None
         decode_token = (lambda i: self.tokenizer.decode([i], skip_special_tokens=False)) if self.tokenizer else None
-        t0 = time.perf_counter()
         parallel = cfg.parallel
         parallel.validate(mc)
         shard = comm = device = None
@@ -138,7 +134,7 @@ class LLMEngine:
             device_type = "cuda" if str(cfg.device).startswith("cuda") else "cpu"
             shard, comm, device = init_rank(0, parallel, device_type)
         self.comm = comm
-        self.model, self.runner, num_blocks = build_runner(cfg, mc, self.dtype, shard, comm, device, decode_token)
+        self.model, self.runner, num_blocks = build_runner(cfg, mc, self.dtype, shard, comm, device)
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
         if num_blocks * cfg.block_size < self.max_model_len:
             raise EngineError(
@@ -151,7 +147,6 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids, decode_token)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
-        self.load_seconds = time.perf_counter() - t0
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
 
     def _raise_if_a_worker_died(self, error: Exception) -> None:
@@ -257,8 +252,8 @@ class LLMEngine:
                 self.stats["prompt_tokens"] += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += n
             self.block_manager.commit_full_blocks(seq)
-            if b in out.prompt_logprobs:
-                seq.prompt_logprobs.extend(out.prompt_logprobs[b])
+            if b in out.prompt_logits:
+                seq.prompt_logprobs.extend(self._prompt_logprobs(seq, *out.prompt_logits[b]))
         if out.sampled_rows:
             result = self.sampler(out.sample_logits, [batch.seqs[b] for b in out.sampled_rows])
             now = time.monotonic()
@@ -270,6 +265,12 @@ class LLMEngine:
                 req.last_token_time = now
                 touched.add(req.request_id)
         return self._collect_outputs(touched)
+
+    def _prompt_logprobs(self, seq: Sequence, first: int, logits: torch.Tensor):
+        """Entries for the prompt tokens first+1.. (each with the top-N beside it)."""
+        targets = torch.tensor(seq.token_ids[first + 1:first + 1 + logits.shape[0]], device=logits.device)
+        n = seq.params.prompt_logprobs
+        return logprob_entries(logits.log_softmax(-1), targets, [n] * len(targets), self.sampler.decode_token)[0]
 
     def _append_token(self, seq: Sequence, token: int, logprobs, sampled_logprob: float) -> None:
         p = seq.params

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from ..model.attention import PagedAttention
-from .outputs import Logprob
 from .scheduler import ScheduledBatch
 
 
@@ -47,14 +46,13 @@ class StepPlan:
 class StepOutput:
     sample_logits: torch.Tensor | None  # [S, V] float32, one row per sampled sequence
     sampled_rows: list[int]  # which entries of the batch were sampled, in the order of the rows
-    prompt_logprobs: dict[int, list[dict[int, Logprob]]]  # batch entry -> logprobs of new prompt positions
+    prompt_logits: dict[int, tuple[int, torch.Tensor]]  # batch entry -> (first position, logits of its range)
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, device, max_model_len: int, decode_token=None,
-                 comm=None, num_microbatches: int = 1):
+    def __init__(self, model, num_blocks: int, block_size: int, device, max_model_len: int, comm=None,
+                 num_microbatches: int = 1):
         self.model, self.device, self.block_size = model, torch.device(device), block_size
-        self.decode_token = decode_token
         self.comm = comm  # broadcasts plans to the other ranks (distributed/), or None
         self.num_microbatches = num_microbatches
         model.init_rope(max(max_model_len, model.config.max_position_embeddings))
@@ -127,9 +125,7 @@ class ModelRunner:
         if self.comm is not None:
             self.comm.broadcast_plan(plan)
         logits, prompt_logits = self.run_plan(plan)
-        prompt_lps = {b: self._prompt_logprobs(batch.seqs[b], first, lg)
-                      for (b, first), lg in zip(prompt, prompt_logits)}
-        return StepOutput(logits, sampled, prompt_lps)
+        return StepOutput(logits, sampled, {b: (first, lg) for (b, first), lg in zip(prompt, prompt_logits)})
 
     # ------------------------------------------------------------------ every rank
     def _attention(self, arrays: dict) -> tuple[PagedAttention, torch.Tensor, torch.Tensor]:
@@ -170,27 +166,6 @@ class ModelRunner:
         if not shard.is_last_stage:
             return None, []
         return (torch.cat(logits) if len(logits) > 1 else logits[0] if logits else None), prompt_logits
-
-    # ------------------------------------------------------------------ driver: prompt logprobs
-    def _prompt_logprobs(self, seq, first: int, logits: torch.Tensor) -> list[dict[int, Logprob]]:
-        """Logprob of each next prompt token at positions first.. (and the top-N beside it)."""
-        lp = logits.log_softmax(-1)
-        targets = torch.tensor(seq.token_ids[first + 1:first + 1 + lp.shape[0]], device=lp.device)
-        chosen = lp.gather(1, targets[:, None])[:, 0]
-        ranks = ((lp > chosen[:, None]).sum(-1) + 1).tolist()
-        k = seq.params.prompt_logprobs
-        top_v, top_i = lp.topk(max(k, 1), dim=-1)
-        top_v, top_i = top_v.tolist(), top_i.tolist()
-        out = []
-        for j, (t, c) in enumerate(zip(targets.tolist(), chosen.tolist())):
-            entry = {t: self._logprob(c, ranks[j], t)}
-            for r in range(k):
-                entry.setdefault(top_i[j][r], self._logprob(top_v[j][r], r + 1, top_i[j][r]))
-            out.append(entry)
-        return out
-
-    def _logprob(self, value: float, rank: int, token_id: int) -> Logprob:
-        return Logprob(value, rank, self.decode_token(token_id) if self.decode_token else None)
 
 
 def _split(counts: list[int], parts: int) -> list[int]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 
 class Logprob(float):
@@ -19,6 +22,31 @@ class Logprob(float):
     @property
     def logprob(self) -> float:
         return float(self)
+
+
+def logprob_entries(logprobs: torch.Tensor, targets: torch.Tensor, top_n: list[int | None],
+                    decode_token: Callable[[int], str] | None = None,
+                    ) -> tuple[list[dict[int, Logprob] | None], list[float]]:
+    """Per row of logprobs [N, V]: {target: its Logprob, and the row's top-N} (None where top_n is None),
+    and the target's logprob. One host read for the whole batch."""
+    chosen = logprobs.gather(1, targets[:, None])[:, 0]
+    ranks = (logprobs > chosen[:, None]).sum(-1) + 1
+    top_v, top_i = logprobs.topk(max([n or 0 for n in top_n] + [1]), dim=-1)
+    chosen, ranks, top_v, top_i, targets = (t.tolist() for t in (chosen, ranks, top_v, top_i, targets))
+
+    def make(value: float, rank: int, token_id: int) -> Logprob:
+        return Logprob(value, rank, decode_token(token_id) if decode_token else None)
+
+    entries: list[dict[int, Logprob] | None] = []
+    for i, n in enumerate(top_n):
+        if n is None:
+            entries.append(None)
+            continue
+        entry = {targets[i]: make(chosen[i], ranks[i], targets[i])}
+        for r in range(n):
+            entry.setdefault(top_i[i][r], make(top_v[i][r], r + 1, top_i[i][r]))
+        entries.append(entry)
+    return entries, chosen
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .outputs import Logprob
+from .outputs import Logprob, logprob_entries
 from .sequence import Sequence
 
 
@@ -61,26 +61,12 @@ class Sampler:
             sampled = torch.where(greedy, sampled, drawn)
         token_ids = sampled.tolist()
 
-        logprobs: list[dict[int, Logprob] | None] = [None] * n
-        sampled_lp = [0.0] * n
         if want_logprobs:
-            chosen = raw_logprobs.gather(1, sampled[:, None])[:, 0]
-            ranks = (raw_logprobs > chosen[:, None]).sum(-1) + 1
-            k = max(s.params.logprobs or 0 for s in seqs)
-            top_v, top_i = raw_logprobs.topk(max(k, 1), dim=-1)
-            chosen, ranks, top_v, top_i = chosen.tolist(), ranks.tolist(), top_v.tolist(), top_i.tolist()
-            for i, s in enumerate(seqs):
-                sampled_lp[i] = chosen[i]
-                if s.params.logprobs is None:
-                    continue
-                entry = {token_ids[i]: self._logprob(chosen[i], ranks[i], token_ids[i])}
-                for r in range(s.params.logprobs):
-                    entry.setdefault(top_i[i][r], self._logprob(top_v[i][r], r + 1, top_i[i][r]))
-                logprobs[i] = entry
+            logprobs, sampled_lp = logprob_entries(raw_logprobs, sampled, [s.params.logprobs for s in seqs],
+                                                   self.decode_token)
+        else:
+            logprobs, sampled_lp = [None] * n, [0.0] * n
         return SampleResult(token_ids, logprobs, sampled_lp)
-
-    def _logprob(self, value: float, rank: int, token_id: int) -> Logprob:
-        return Logprob(value, rank, self.decode_token(token_id) if self.decode_token else None)
 
     def _apply_bias_and_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         dev, v = logits.device, logits.shape[1]

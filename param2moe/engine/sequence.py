@@ -39,7 +39,6 @@ class Sequence:
         self.text = ""
         self.num_text_sent = 0  # for DELTA outputs
         self.num_tokens_sent = 0
-        self.num_logprobs_sent = 0
 
     @property
     def num_tokens(self) -> int:

@@ -9,7 +9,7 @@ from ..checkpoint import load_model
 from .model_runner import ModelRunner, kv_bytes_per_token
 
 
-def build_runner(config, model_config, dtype, shard=None, comm=None, device=None, decode_token=None):
+def build_runner(config, model_config, dtype, shard=None, comm=None, device=None):
     """Returns (model, runner, num_blocks). Collective when comm is given: every rank calls it."""
     device = device or torch.device(config.device)
     model = load_model(config.model, dtype, device, shard, config=model_config,
@@ -29,7 +29,7 @@ def build_runner(config, model_config, dtype, shard=None, comm=None, device=None
     if comm is not None:
         num_blocks = comm.all_min(num_blocks)
     pp = shard.pp_size if shard is not None else 1
-    runner = ModelRunner(model, num_blocks, config.block_size, device, max_model_len, decode_token,
+    runner = ModelRunner(model, num_blocks, config.block_size, device, max_model_len,
                          comm=comm if comm is not None and torch.distributed.get_rank() == 0 else None,
                          num_microbatches=pp)
     if device.type == "cuda" and not config.enforce_eager and config.kernels != "torch" and pp == 1:

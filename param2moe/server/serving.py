@@ -203,17 +203,22 @@ async def chat_full(stream: AsyncIterator, ctx: ChatContext, tracker=None) -> di
     return body
 
 
+def _sse_chunk(ctx, obj: str, choice: dict, logprobs, finish, stop_reason, usage) -> str:
+    """One SSE event of a streamed chat or text completion (one choice)."""
+    choice = {**choice, "logprobs": logprobs, "finish_reason": finish}
+    if finish is not None:
+        choice["stop_reason"] = stop_reason
+    body = {"id": ctx.request_id, "object": obj, "created": ctx.created, "model": ctx.model, "choices": [choice]}
+    if usage is not None:
+        body["usage"] = usage
+    return sse(body)
+
+
 async def chat_stream(stream: AsyncIterator, ctx: ChatContext, tracker=None) -> AsyncIterator[str]:
     """SSE chunks of a chat completion, ending in `data: [DONE]`."""
     def chunk(index: int, delta: dict, finish=None, logprobs=None, stop_reason=None, usage=None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        if finish is not None:
-            choice["stop_reason"] = stop_reason
-        body = {"id": ctx.request_id, "object": "chat.completion.chunk", "created": ctx.created, "model": ctx.model,
-                "choices": [choice]}
-        if usage is not None:
-            body["usage"] = usage
-        return sse(body)
+        return _sse_chunk(ctx, "chat.completion.chunk", {"index": index, "delta": delta}, logprobs, finish,
+                          stop_reason, usage)
 
     reasoning = [ReasoningParser(ctx.start_in_reasoning) for _ in range(ctx.n)]
     tools = [ToolCallParser() for _ in range(ctx.n)]
@@ -438,14 +443,8 @@ async def completion_stream(streams: list[AsyncIterator], ctx: CompletionContext
     first_reason: list[str | None] = [None] * len(ctx.prompts)
 
     def chunk(index: int, text: str, logprobs=None, finish=None, stop_reason=None, usage=None) -> str:
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        if finish is not None:
-            choice["stop_reason"] = stop_reason
-        body = {"id": ctx.request_id, "object": "text_completion", "created": ctx.created, "model": ctx.model,
-                "choices": [choice]}
-        if usage is not None:
-            body["usage"] = usage
-        return sse(body)
+        return _sse_chunk(ctx, "text_completion", {"index": index, "text": text}, logprobs, finish, stop_reason,
+                          usage)
 
     try:
         async with contextlib.aclosing(merge_streams(streams)) as merged:
