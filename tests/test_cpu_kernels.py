@@ -99,3 +99,24 @@ def test_paged_attention_new_metadata_new_layout():
     b = paged_attention(q, *common, torch.tensor([[2, 3]]), torch.tensor([6]), torch.tensor([0, 2]), 0.3, 2, 6)
     assert not torch.allclose(a, b)  # other blocks: not the previous layout
     assert math.isfinite(float(a.sum())) and math.isfinite(float(b.sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 9, 64, 700])
+def test_moe_experts_cpu_matches_the_oracle(dtype, tokens):
+    """The CPU arrangement (rows padded to bucketed counts for oneDNN) gives the oracle's result exactly,
+    with some pairs routed nowhere (-1)."""
+    from param2moe.kernels import moe
+
+    g = torch.Generator().manual_seed(tokens)
+    e, h, i, k = 6, 32, 16, 3
+    w13 = (torch.randn(e, 2 * i, h, generator=g) * 0.2).to(dtype)
+    w2 = (torch.randn(e, h, i, generator=g) * 0.2).to(dtype)
+    x = torch.randn(tokens, h, generator=g).to(dtype)
+    ids = torch.randn(tokens, e, generator=g).topk(k).indices
+    ids[0, -1] = -1
+    weights = torch.rand(tokens, k, generator=g)
+    assert moe._bucket(64) == 64 and moe._bucket(65) == 96 and moe._bucket(257) == 320
+    torch.testing.assert_close(moe.moe_experts_cpu(x, w13, w2, weights, ids), moe.moe_experts(x, w13, w2, weights, ids),
+                               atol=0, rtol=0)
+    assert not moe.moe_experts_cpu(x, w13, w2, weights, torch.full_like(ids, -1)).any()

@@ -79,7 +79,10 @@ def route(logits, expert_bias, top_k: int, **kw):
 
 def moe_experts(x, w13, w2, weights, ids):
     t = _pick(x, "moe")
-    return t.moe_experts(x, w13, w2, weights, ids) if t else _moe.moe_experts(x, w13, w2, weights, ids)
+    if t:
+        return t.moe_experts(x, w13, w2, weights, ids)
+    fn = _moe.moe_experts_cpu if x.device.type == "cpu" else _moe.moe_experts
+    return fn(x, w13, w2, weights, ids)
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
