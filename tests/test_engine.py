@@ -167,9 +167,12 @@ def test_workload_lengths(workload, one_at_a_time):
         assert len(out.outputs[0].token_ids) == sp.max_tokens
 
 
-def test_batched_chunked_prefill_equals_one_at_a_time(make_llm, workload, one_at_a_time):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_batched_chunked_prefill_equals_one_at_a_time(make_llm, workload, one_at_a_time, overlap):
     prompts, params = workload
-    llm = make_llm(max_num_seqs=8, max_num_batched_tokens=24)  # prompts of up to 100 tokens come in chunks
+    # prompts of up to 100 tokens come in chunks; with overlap, each step is launched before the
+    # tokens of the one before are read (the GPU default, forced here on the CPU)
+    llm = make_llm(max_num_seqs=8, max_num_batched_tokens=24, async_scheduling=overlap)
     engine = llm.llm_engine
     chunked = []
     orig_schedule = engine.scheduler.schedule
@@ -191,11 +194,12 @@ def test_batched_chunked_prefill_equals_one_at_a_time(make_llm, workload, one_at
     assert engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
 
 
-def test_preemption_gives_identical_outputs(make_llm, workload, one_at_a_time):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_preemption_gives_identical_outputs(make_llm, workload, one_at_a_time, overlap):
     prompts, params = workload
     # 9 blocks of 16 tokens: room for about one long sequence, so running ones are preempted and recomputed.
     llm = make_llm(max_model_len=140, kv_cache_memory=(10 * 16) * 2 * 2 * 2 * 32 * 4, max_num_seqs=16,
-                   max_num_batched_tokens=64)
+                   max_num_batched_tokens=64, async_scheduling=overlap)
     engine = llm.llm_engine
     assert len(engine.block_manager.blocks) == 9
     outs = gen(llm, prompts, params)
@@ -305,6 +309,45 @@ def test_eos_ignore_eos_min_tokens_max_tokens(llm, vocab):
     assert len(c.token_ids) == 4 and 77 not in c.token_ids[:3] and (c.token_ids[3], c.stop_reason) == (77, 77)
     c = gen_one(llm, prompt, SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)).outputs[0]
     assert len(c.token_ids) == 9 and (c.finish_reason, c.stop_reason) == ("length", None)
+
+
+def test_overlap_keeps_stops_penalties_and_streams(make_llm, llm, greedy_text_case, vocab):
+    """Launching each step before reading the last one's tokens changes nothing a user sees: stop
+    strings, stop tokens, EOS, min_tokens, penalties (which read earlier tokens), n > 1, context
+    length, and the streamed deltas, all in one batch."""
+    ids, out, _, bias = greedy_text_case
+    text = out.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    kw = dict(temperature=0.0, max_tokens=40, logit_bias=bias)
+    prompts = [ids, ids, ids, ids] + random_prompts(vocab, 4, 5, 30, seed=11)
+    params = [SamplingParams(stop=[stop], ignore_eos=True, **kw),
+              SamplingParams(stop_token_ids=[out.token_ids[5]], **kw),
+              SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, ignore_eos=True, **kw),
+              SamplingParams(n=3, temperature=0.9, seed=5, max_tokens=25, ignore_eos=True, logprobs=1),
+              SamplingParams(temperature=0.0, max_tokens=12, logit_bias={EOS: 50.0}, min_tokens=3),
+              SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True),  # runs to max_model_len
+              SamplingParams(frequency_penalty=0.7, temperature=0.0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)]
+    sync = make_llm(max_model_len=96, async_scheduling=False)
+    over = make_llm(max_model_len=96, async_scheduling=True)
+    assert over.llm_engine.overlap and not sync.llm_engine.overlap
+    want, got = gen(sync, prompts, params), gen(over, prompts, params)
+    for i, (a, b) in enumerate(zip(got, want)):
+        for ca, cb in zip(a.outputs, b.outputs):
+            assert (ca.token_ids, ca.text, ca.finish_reason, ca.stop_reason) == \
+                (cb.token_ids, cb.text, cb.finish_reason, cb.stop_reason), f"request {i}"
+    assert want[0].outputs[0].stop_reason == stop and want[4].outputs[0].token_ids[-1] == EOS
+    assert want[5].outputs[0].finish_reason == "length"
+    engine = over.llm_engine
+    engine.add_request("stream-overlap", ids, SamplingParams(stop=stop, output_kind=OutputKind.DELTA,
+                                                             ignore_eos=True, **kw))
+    streamed, seen = "", []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            streamed += o.outputs[0].text
+            seen += o.outputs[0].token_ids
+    assert streamed == want[0].outputs[0].text and seen == want[0].outputs[0].token_ids
+    assert engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
 
 
 def test_context_length_finishes_with_length(make_llm, vocab):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..model.attention import PagedAttention
+from .model_runner import input_ids_on_device, to_device
 
 log = logging.getLogger("param2moe")
 
@@ -59,17 +60,21 @@ class CudaGraphRunner:
         b = len(host["context_lens"])
         return b <= self.sizes[-1] and len(host["input_ids"]) == b and host["block_tables"].shape[1] <= self.max_blocks
 
-    def run(self, host: dict) -> torch.Tensor:
+    def run(self, host: dict, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         b = len(host["context_lens"])
         size = next(s for s in self.sizes if s >= b)
-        cpu = torch.from_numpy
-        self.input_ids[:b].copy_(cpu(host["input_ids"]), non_blocking=True)
-        self.positions[:b].copy_(cpu(host["positions"]), non_blocking=True)
-        self.slot_mapping[:b].copy_(cpu(host["slot_mapping"]), non_blocking=True)
+        dev = self.input_ids.device
+        prev_index = host.get("prev_index")
+        ids = to_device(host["input_ids"], dev)
+        if prev_index is not None:
+            ids = input_ids_on_device(ids, to_device(prev_index, dev), prev_tokens)
+        self.input_ids[:b].copy_(ids)
+        self.positions[:b].copy_(to_device(host["positions"], dev))
+        self.slot_mapping[:b].copy_(to_device(host["slot_mapping"], dev))
         tables = np.zeros((b, self.max_blocks), dtype=np.int32)
         tables[:, : host["block_tables"].shape[1]] = host["block_tables"]
-        self.block_tables[:b].copy_(cpu(tables), non_blocking=True)
-        self.context_lens[:b].copy_(cpu(host["context_lens"]), non_blocking=True)
+        self.block_tables[:b].copy_(to_device(tables, dev))
+        self.context_lens[:b].copy_(to_device(host["context_lens"], dev))
         if size > b:  # padding rows: scratch slot, one cached token
             self.slot_mapping[b:size].fill_(self.runner.scratch_slot)
             self.context_lens[b:size].fill_(1)

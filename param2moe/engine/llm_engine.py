@@ -24,8 +24,8 @@ from .detokenizer import IncrementalDetokenizer, find_stop
 from .outputs import CompletionOutput, RequestOutput, logprob_entries
 from .sampler import Sampler
 from .sampling_params import OutputKind, SamplingParams
-from .scheduler import Scheduler
-from .sequence import Request, Sequence
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import PENDING, Request, Sequence
 from .worker import build_runner
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -58,6 +58,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    async_scheduling: bool | None = None  # launch a step before reading the last one's tokens; None: on CUDA, 1 rank
 
     def resolve(self) -> EngineConfig:
         if self.model is None and self.preset is None:
@@ -103,6 +104,12 @@ def _eos_token_ids(path: str | None, mc: Param2MoEConfig, tokenizer) -> list[int
     return ids
 
 
+def _reads_history(seq: Sequence) -> bool:
+    """Whether sampling this sequence reads its earlier tokens' values (the penalties)."""
+    p = seq.params
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+
+
 class EngineError(ValueError):
     """A request the engine cannot take; the message says which field and why."""
 
@@ -145,6 +152,11 @@ class LLMEngine:
                                    max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
         self.eos_token_ids = _eos_token_ids(cfg.model, mc, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, decode_token)
+        # Overlap host work with the GPU (see step): on CUDA, in one process (other ranks have no
+        # sampled ids to read their inputs from).
+        on = cfg.async_scheduling
+        self.overlap = parallel.world_size == 1 and (str(cfg.device).startswith("cuda") if on is None else on)
+        self._pending = None  # (PendingSample, its sequences, seq_id -> row) of the step not yet read
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
@@ -236,17 +248,33 @@ class LLMEngine:
 
     # ---------------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one step. With overlap (CUDA, one process) the tokens of the step
+        before are read only after this one is queued: the host's bookkeeping (detokenizing, stop
+        checks, outputs, the next plan) runs while the GPU computes. Those sequences carry a PENDING
+        last token meanwhile; their next inputs are taken from the sampled ids on the device, and a
+        sequence that turns out finished has its extra row dropped."""
         batch = self.scheduler.schedule()
+        touched: set[str] = set()
+        if self._pending is not None and (not batch.seqs or any(_reads_history(s) for s in batch.seqs)):
+            touched |= self._resolve()  # penalties read the tokens themselves
+            keep = [i for i, seq in enumerate(batch.seqs) if not seq.is_finished]
+            batch = ScheduledBatch([batch.seqs[i] for i in keep], [batch.num_new_tokens[i] for i in keep])
         if not batch.seqs:
-            return self._collect_outputs(set())
+            return self._collect_outputs(touched)
+        prev = self._pending
         try:
-            out = self.runner.execute(batch)
+            out = self.runner.execute(batch, *((prev[0].sampled, prev[2]) if prev else ()))
         except RuntimeError as e:
             self._raise_if_a_worker_died(e)
             raise
+        sampled = [batch.seqs[b] for b in out.sampled_rows]
+        pending = self.sampler.sample(out.sample_logits, sampled) if sampled else None
+        if prev is not None:
+            touched |= self._resolve()
         self.stats["steps"] += 1
-        touched: set[str] = set()
         for b, seq in enumerate(batch.seqs):
+            if seq.is_finished:  # finished by the previous step's tokens: this step's row is dropped
+                continue
             n = batch.num_new_tokens[b]
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.stats["prompt_tokens"] += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
@@ -254,17 +282,35 @@ class LLMEngine:
             self.block_manager.commit_full_blocks(seq)
             if b in out.prompt_logits:
                 seq.prompt_logprobs.extend(self._prompt_logprobs(seq, *out.prompt_logits[b]))
-        if out.sampled_rows:
-            result = self.sampler(out.sample_logits, [batch.seqs[b] for b in out.sampled_rows])
-            now = time.monotonic()
-            for row, b in enumerate(out.sampled_rows):
-                seq = batch.seqs[b]
-                self._append_token(seq, result.token_ids[row], result.logprobs[row], result.sampled_logprob[row])
-                req = seq.request
-                req.first_token_time = req.first_token_time or now
-                req.last_token_time = now
-                touched.add(req.request_id)
+        outputs = self._collect_outputs(touched) if self.overlap else None  # before new tokens are PENDING
+        if pending is not None and any(not seq.is_finished for seq in sampled):
+            for seq in sampled:
+                if not seq.is_finished:
+                    seq.token_ids.append(PENDING)
+            self._pending = (pending, sampled, {seq.seq_id: row for row, seq in enumerate(sampled)})
+        if self.overlap:
+            return outputs
+        if self._pending is not None:
+            touched |= self._resolve()
         return self._collect_outputs(touched)
+
+    def _resolve(self) -> set[str]:
+        """Read the pending step's tokens and append them (detokenize, stop checks, finish)."""
+        pending, seqs, _ = self._pending
+        self._pending = None
+        result = pending.resolve()
+        now = time.monotonic()
+        touched = set()
+        for row, seq in enumerate(seqs):
+            if seq.is_finished or not seq.token_ids or seq.token_ids[-1] != PENDING:
+                continue  # finished (or aborted) before its token was read
+            seq.token_ids.pop()
+            self._append_token(seq, result.token_ids[row], result.logprobs[row], result.sampled_logprob[row])
+            req = seq.request
+            req.first_token_time = req.first_token_time or now
+            req.last_token_time = now
+            touched.add(req.request_id)
+        return touched
 
     def _prompt_logprobs(self, seq: Sequence, first: int, logits: torch.Tensor):
         """Entries for the prompt tokens first+1.. (each with the top-N beside it)."""

@@ -16,6 +16,22 @@ import torch
 
 from ..model.attention import PagedAttention
 from .scheduler import ScheduledBatch
+from .sequence import PENDING
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device without waiting for queued GPU work: a copy from pageable memory
+    may synchronise with the stream, so CUDA copies go through (cached) pinned memory."""
+    t = torch.from_numpy(a)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def input_ids_on_device(ids: torch.Tensor, prev_index: torch.Tensor | None, prev_tokens: torch.Tensor | None):
+    """Input ids with the rows that wait for the previous step's tokens (prev_index >= 0) read from
+    that step's sampled ids, still on the device."""
+    if prev_index is None:
+        return ids
+    return torch.where(prev_index >= 0, prev_tokens[prev_index.clamp(min=0)], ids)
 
 
 def kv_bytes_per_token(model) -> int:
@@ -28,6 +44,7 @@ def kv_bytes_per_token(model) -> int:
 @dataclass
 class MicroBatch:
     arrays: dict[str, np.ndarray]  # input_ids, positions, slot_mapping, block_tables, context_lens, query_start_loc
+    # (and prev_index: per input row, the row of the previous step's sampled ids it takes, or -1)
     logit_rows: list[int]  # rows (tokens) whose next-token logits are sampled
     prompt_ranges: list[tuple[int, int]] = field(default_factory=list)  # row ranges whose logits give prompt logprobs
     use_graph: bool = False
@@ -66,6 +83,7 @@ class ModelRunner:
         self.v_caches = [torch.empty(shape, dtype=model.dtype, device=self.device) for _ in range(n)]
         self.layer_offset = model.model.layer_range.start
         self.graphs = None  # CudaGraphRunner, set by enable_cuda_graphs()
+        self.prev_tokens = None  # the previous step's sampled ids (device), for inputs still pending
 
     def enable_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
         from .cuda_graphs import CudaGraphRunner
@@ -73,33 +91,46 @@ class ModelRunner:
         self.graphs = CudaGraphRunner(self, max_batch_size, max_model_len)
 
     # ------------------------------------------------------------------ the driver's side
-    def _arrays(self, batch: ScheduledBatch, lo: int, hi: int) -> dict[str, np.ndarray]:
-        """Host-side arrays of batch entries lo..hi (numpy), built without touching the device."""
+    def _arrays(self, batch: ScheduledBatch, lo: int, hi: int, prev_rows: dict[int, int]) -> dict[str, np.ndarray]:
+        """Host-side arrays of batch entries lo..hi (numpy), built without touching the device. A
+        sequence whose last token is still on the device (PENDING) takes it from the previous step's
+        sampled ids: prev_rows maps its seq_id to its row there."""
         bs, seqs, counts = self.block_size, batch.seqs[lo:hi], batch.num_new_tokens[lo:hi]
         width = max(len(seq.block_table) for seq in seqs)
         tables = np.zeros((len(seqs), width), dtype=np.int32)
         starts = np.empty(len(seqs), dtype=np.int64)
         ids: list[int] = []
+        pending: list[tuple[int, int]] = []  # (row, row of the previous step's sampled ids)
         for b, seq in enumerate(seqs):
             tables[b, : len(seq.block_table)] = seq.block_table
             s = starts[b] = seq.num_computed_tokens
             ids.extend(seq.token_ids[s:s + counts[b]])
+            if ids and ids[-1] == PENDING:
+                pending.append((len(ids) - 1, prev_rows[seq.seq_id]))
         n = np.asarray(counts, dtype=np.int64)
         q_start = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum(n, out=q_start[1:])
         seq_index = np.repeat(np.arange(len(seqs)), n)
         positions = np.arange(q_start[-1]) - np.repeat(q_start[:-1], n) + np.repeat(starts, n)
         slots = tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
-        return dict(input_ids=np.asarray(ids, dtype=np.int64), positions=positions, slot_mapping=slots,
-                    block_tables=tables, context_lens=(starts + n).astype(np.int32), query_start_loc=q_start)
+        arrays = dict(input_ids=np.asarray(ids, dtype=np.int64), positions=positions, slot_mapping=slots,
+                      block_tables=tables, context_lens=(starts + n).astype(np.int32), query_start_loc=q_start)
+        if pending:
+            prev_index = np.full(len(ids), -1, dtype=np.int64)
+            rows, src = zip(*pending)
+            prev_index[list(rows)] = src
+            arrays["input_ids"][list(rows)] = 0
+            arrays["prev_index"] = prev_index
+        return arrays
 
-    def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[int], list[tuple[int, int]]]:
+    def plan(self, batch: ScheduledBatch, prev_rows: dict[int, int],
+             ) -> tuple[StepPlan, list[int], list[tuple[int, int]]]:
         """The step's micro-batches (contiguous runs of the batch, of similar token counts), the batch
         entries that are sampled, and (entry, first prompt position) of each prompt-logprob range."""
         bounds = _split(batch.num_new_tokens, self.num_microbatches)
         microbatches, sampled, prompt = [], [], []
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            arrays = self._arrays(batch, lo, hi)
+            arrays = self._arrays(batch, lo, hi, prev_rows)
             q_start = arrays["query_start_loc"]
             mb = MicroBatch(arrays, [])
             for b in range(lo, hi):
@@ -120,8 +151,12 @@ class ModelRunner:
         return StepPlan(microbatches), sampled, prompt
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
-        plan, sampled, prompt = self.plan(batch)
+    def execute(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None,
+                prev_rows: dict[int, int] | None = None) -> StepOutput:
+        """Run the batch. prev_tokens: the previous step's sampled ids on the device, for the
+        sequences whose last token the host has not read yet (rows by seq_id in prev_rows)."""
+        plan, sampled, prompt = self.plan(batch, prev_rows or {})
+        self.prev_tokens = prev_tokens
         if self.comm is not None:
             self.comm.broadcast_plan(plan)
         logits, prompt_logits = self.run_plan(plan)
@@ -129,14 +164,13 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ every rank
     def _attention(self, arrays: dict) -> tuple[PagedAttention, torch.Tensor, torch.Tensor]:
-        dev = self.device
-        t = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in arrays.items()}
+        t = {k: to_device(v, self.device) for k, v in arrays.items()}
         attn = PagedAttention(
             self.k_caches, self.v_caches, slot_mapping=t["slot_mapping"], block_tables=t["block_tables"],
             context_lens=t["context_lens"], query_start_loc=t["query_start_loc"],
             max_query_len=int(np.diff(arrays["query_start_loc"]).max()),
             max_context_len=int(arrays["context_lens"].max()), layer_offset=self.layer_offset)
-        return attn, t["input_ids"], t["positions"]
+        return attn, input_ids_on_device(t["input_ids"], t.get("prev_index"), self.prev_tokens), t["positions"]
 
     @torch.inference_mode()
     def run_plan(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -146,7 +180,7 @@ class ModelRunner:
         logits, prompt_logits, sends = [], [], []
         for mb in plan.microbatches:
             if mb.use_graph:  # single stage, decode only: logits of every row come out of the graph
-                logits.append(self.graphs.run(mb.arrays))
+                logits.append(self.graphs.run(mb.arrays, self.prev_tokens))
                 continue
             attn, input_ids, positions = self._attention(mb.arrays)
             if shard.is_first_stage:

@@ -20,12 +20,48 @@ class SampleResult:
         self.token_ids, self.logprobs, self.sampled_logprob = token_ids, logprobs, sampled_logprob
 
 
+class PendingSample:
+    """Tokens drawn on the device and not yet read by the host. On CUDA the ids are copied to pinned
+    memory behind the step's kernels, so `resolve` waits for this step only, never for work queued
+    after it (the engine launches the next step first: host and GPU overlap)."""
+
+    def __init__(self, sampled: torch.Tensor, raw_logprobs: torch.Tensor | None, top_n: list[int | None],
+                 decode_token):
+        self.sampled = sampled  # [S] token ids on the device: the next step's inputs read them there
+        self.raw_logprobs, self.top_n, self.decode_token = raw_logprobs, top_n, decode_token
+        self.event = None
+        if sampled.is_cuda:
+            self.host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            self.host.copy_(sampled, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def resolve(self) -> SampleResult:
+        if self.event is not None:
+            self.event.synchronize()
+            token_ids = self.host.tolist()
+        else:
+            token_ids = self.sampled.tolist()
+        n = len(token_ids)
+        if self.raw_logprobs is None:
+            return SampleResult(token_ids, [None] * n, [0.0] * n)
+        logprobs, sampled_lp = logprob_entries(self.raw_logprobs, self.sampled, self.top_n, self.decode_token)
+        return SampleResult(token_ids, logprobs, sampled_lp)
+
+
+def _on(device, values: list, dtype=None) -> torch.Tensor:
+    """A small host list on the device through pinned memory: a copy from pageable memory may wait
+    for the work already queued on the GPU, which would undo the engine's overlap."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def _padded(rows: list[list[int]], device) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
     out = torch.full((len(rows), width), -1, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out.to(device)
+    return out.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else out
 
 
 class Sampler:
@@ -34,7 +70,12 @@ class Sampler:
         self.decode_token = decode_token  # id -> text, for Logprob.decoded_token
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        dev, (n, v) = logits.device, logits.shape
+        return self.sample(logits, seqs).resolve()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
+        """Queue the draw of one token per row; nothing here waits for the device (penalties read the
+        sequences' tokens, so the engine resolves earlier steps before sampling a batch that has them)."""
+        dev, v = logits.device, logits.shape[1]
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
         logits = self._apply_bias_and_penalties(logits.clone(), seqs)
@@ -42,8 +83,8 @@ class Sampler:
         params = [s.params for s in seqs]
         sampled = logits.argmax(-1)
         if not all(p.greedy for p in params):  # decided on the host: no device read
-            greedy = torch.tensor([p.greedy for p in params], device=dev)
-            temp = torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev, dtype=torch.float32)
+            greedy = _on(dev, [p.greedy for p in params])
+            temp = _on(dev, [max(p.temperature, 1e-5) for p in params], torch.float32)
             x = logits / temp[:, None]
             if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
                 x = self._top_k_top_p_min_p(x, params)
@@ -51,7 +92,7 @@ class Sampler:
             race = torch.empty_like(probs)
             unseeded = [i for i, s in enumerate(seqs) if s.seed is None]
             if unseeded:
-                race[unseeded] = torch.empty(len(unseeded), v, device=dev).exponential_()
+                race[_on(dev, unseeded, torch.long)] = torch.empty(len(unseeded), v, device=dev).exponential_()
             for i, s in enumerate(seqs):
                 if s.seed is not None:
                     if s.generator is None:
@@ -59,54 +100,47 @@ class Sampler:
                     race[i] = torch.empty(v, device=dev).exponential_(generator=s.generator)
             drawn = (probs / race).argmax(-1)
             sampled = torch.where(greedy, sampled, drawn)
-        token_ids = sampled.tolist()
-
-        if want_logprobs:
-            logprobs, sampled_lp = logprob_entries(raw_logprobs, sampled, [s.params.logprobs for s in seqs],
-                                                   self.decode_token)
-        else:
-            logprobs, sampled_lp = [None] * n, [0.0] * n
-        return SampleResult(token_ids, logprobs, sampled_lp)
+        return PendingSample(sampled, raw_logprobs, [s.params.logprobs for s in seqs], self.decode_token)
 
     def _apply_bias_and_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         dev, v = logits.device, logits.shape[1]
         for i, s in enumerate(seqs):
             p = s.params
             if p.logit_bias:
-                ids = torch.tensor([t for t in p.logit_bias if 0 <= t < v], dtype=torch.long, device=dev)
-                vals = torch.tensor([b for t, b in p.logit_bias.items() if 0 <= t < v], device=dev)
+                ids = _on(dev, [t for t in p.logit_bias if 0 <= t < v], torch.long)
+                vals = _on(dev, [b for t, b in p.logit_bias.items() if 0 <= t < v])
                 logits[i].index_add_(0, ids, vals.to(logits.dtype))
             if s.num_output_tokens < p.min_tokens:
                 banned = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
                 if banned:
-                    logits[i, banned] = float("-inf")
+                    logits[i, _on(dev, banned, torch.long)] = float("-inf")
         rep = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
         if rep:
             tokens = _padded([seqs[i].token_ids for i in rep], dev)
             seen = torch.zeros(len(rep), v + 1, dtype=torch.bool, device=dev)
             seen.scatter_(1, tokens.masked_fill(tokens < 0, v), True)
             seen = seen[:, :v]
-            pen = torch.tensor([seqs[i].params.repetition_penalty for i in rep], device=dev)[:, None]
-            rows = logits[rep]
-            rows = torch.where(seen, torch.where(rows > 0, rows / pen, rows * pen), rows)
-            logits[rep] = rows
+            pen = _on(dev, [seqs[i].params.repetition_penalty for i in rep])[:, None]
+            idx = _on(dev, rep, torch.long)
+            rows = logits[idx]
+            logits[idx] = torch.where(seen, torch.where(rows > 0, rows / pen, rows * pen), rows)
         pf = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
         if pf:
             tokens = _padded([seqs[i].output_token_ids for i in pf], dev)
             counts = torch.zeros(len(pf), v + 1, device=dev)
             counts.scatter_add_(1, tokens.masked_fill(tokens < 0, v), torch.ones_like(tokens, dtype=counts.dtype))
             counts = counts[:, :v]
-            presence = torch.tensor([seqs[i].params.presence_penalty for i in pf], device=dev)[:, None]
-            frequency = torch.tensor([seqs[i].params.frequency_penalty for i in pf], device=dev)[:, None]
-            logits[pf] -= frequency * counts + presence * (counts > 0)
+            presence = _on(dev, [seqs[i].params.presence_penalty for i in pf])[:, None]
+            frequency = _on(dev, [seqs[i].params.frequency_penalty for i in pf])[:, None]
+            logits[_on(dev, pf, torch.long)] -= frequency * counts + presence * (counts > 0)
         return logits
 
     @staticmethod
     def _top_k_top_p_min_p(x: torch.Tensor, params) -> torch.Tensor:
         dev, v = x.device, x.shape[1]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else v for p in params], device=dev)
-        top_p = torch.tensor([p.top_p for p in params], device=dev)
-        min_p = torch.tensor([p.min_p for p in params], device=dev)
+        top_k = _on(dev, [p.top_k if p.top_k > 0 else v for p in params])
+        top_p = _on(dev, [p.top_p for p in params])
+        min_p = _on(dev, [p.min_p for p in params])
         vals, idx = x.sort(-1, descending=True)
         rank = torch.arange(v, device=dev)[None, :]
         drop = rank >= top_k[:, None]

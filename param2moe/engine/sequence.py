@@ -9,6 +9,10 @@ from .detokenizer import IncrementalDetokenizer
 from .outputs import Logprob
 from .sampling_params import SamplingParams
 
+# The last token of a sequence while it is still on the device: the engine launches the next step
+# before reading the tokens of the one before (see LLMEngine.step); never in a finished sequence.
+PENDING = -1
+
 
 class SeqStatus(Enum):
     WAITING = auto()
