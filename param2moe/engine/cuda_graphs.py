@@ -80,3 +80,16 @@ class CudaGraphRunner:
             self.context_lens[b:size].fill_(1)
         self.graphs[size].replay()
         return self.logits[size][:b]
+
+    def replay_seconds(self, batch: int, repeats: int = 20) -> float:
+        """GPU time of one replay of the graph that serves `batch` (for benchmarks: the step's time
+        without the host; inputs are whatever the last step left in the static buffers)."""
+        graph = self.graphs[next(s for s in self.sizes if s >= batch)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / repeats
