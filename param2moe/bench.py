@@ -61,6 +61,8 @@ def decode_step_bytes(engine: LLMEngine, batch: int, context: int) -> float:
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * elem
         n_moe = sum(1 for i in range(cfg.num_hidden_layers) if not cfg.is_dense_layer(i))
         total += n_moe * touched * per_expert
+        # shared experts folded into the stacked experts (MoE.fold_shared_experts) are read every step
+        total += sum(getattr(m, "num_folded_shared", 0) for m in model.modules()) * per_expert
     kv = 2 * cfg.num_kv_heads * cfg.head_size * elem * cfg.num_hidden_layers
     return total + batch * context * kv
 

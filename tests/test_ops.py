@@ -401,3 +401,20 @@ def test_paged_attention_ignores_garbage_past_the_context():
     want0 = naive_attention(q[:1], k[:2], v[:2], [1], d**-0.5)
     want1 = naive_attention(q[1:], k[2:], v[2:], [4], d**-0.5)
     torch.testing.assert_close(out.double(), torch.cat([want0, want1]), atol=1e-5, rtol=1e-5)
+
+
+def test_folded_shared_experts_give_the_same_network(tmp_path):
+    """The shared expert appended to the stacked experts (the fused-MoE layout on GPUs) computes the
+    same function: fp32, Param2 layout with 2 shared experts of twice an expert's width."""
+    cfg = preset_config("tiny", {"num_hidden_layers": 3, "moe_shared_expert_intermediate_size": 128})
+    write_checkpoint(str(tmp_path), cfg, seed=2)
+    model = load_model(str(tmp_path), torch.float32, torch.device("cpu"))
+    ids = torch.randint(30, cfg.vocab_size, (40,))
+    positions = torch.cat([torch.arange(25), torch.arange(15)])
+    with torch.no_grad():
+        want = model.compute_logits(model(ids, positions, CausalAttention([25, 15])))
+        assert model.fold_shared_experts() == 2
+        moe = model.model.layers["1"].mlp
+        assert moe.shared_experts is None and moe.num_folded_shared == 2 and moe.w13.shape[0] == cfg.num_experts + 2
+        got = model.compute_logits(model(ids, positions, CausalAttention([25, 15])))
+    assert (got - want).abs().max() < 1e-4

@@ -46,6 +46,10 @@ def _tri(name: str):
     return mod
 
 
+def triton_available(name: str) -> bool:
+    return _tri(name) is not None
+
+
 def _pick(x, name: str):
     return _tri(name) if use_triton(x) else None
 

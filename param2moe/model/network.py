@@ -109,6 +109,28 @@ class MoE(nn.Module):
         self.shared_experts = MLP(h, shared // shard.tp_size, dtype) if shared else None
         # Benchmarks with random weights: choose experts uniformly at random (SPEC 7).
         self.uniform_random_routing = False
+        self.num_folded_shared = 0  # shared-expert pieces appended to w13/w2 (fold_shared_experts)
+
+    def fold_shared_experts(self) -> bool:
+        """Append the shared expert to the stacked routed experts, cut into pieces of an expert's width
+        (SwiGLU works channel by channel, so the pieces' outputs sum to the whole), each taken by every
+        token with weight 1: the fused MoE kernel then does the shared expert in the same launches
+        instead of four more (Param2: 2 pieces of 2048 beside 64 experts of 2048). One rank's slices
+        with TP; not with EP (the shared expert is not partitioned by expert)."""
+        s, width = self.shared_experts, self.w2.shape[2]
+        if s is None or self.shard.ep_size > 1 or s.down_proj.shape[1] % width:
+            return False
+        n, h = s.down_proj.shape[1] // width, self.w2.shape[1]
+        gate, up = s.gate_up_proj.chunk(2, dim=0)
+        w13 = torch.cat([gate.reshape(n, width, h), up.reshape(n, width, h)], dim=1)
+        w2 = s.down_proj.reshape(h, n, width).transpose(0, 1)
+        self.w13 = nn.Parameter(torch.cat([self.w13, w13]), requires_grad=False)
+        self.w2 = nn.Parameter(torch.cat([self.w2, w2]), requires_grad=False)
+        self.shared_experts, self.num_folded_shared = None, n
+        first = self.w13.shape[0] - n
+        self.register_buffer("shared_ids", torch.arange(first, first + n, device=self.w13.device)[None, :],
+                             persistent=False)
+        return True
 
     def route(self, x: torch.Tensor):
         c = self.cfg
@@ -126,6 +148,10 @@ class MoE(nn.Module):
         if self.shard.ep_size > 1:  # experts held by other ranks contribute nothing here
             local = (ids >= self.expert_start) & (ids < self.expert_end)
             ids = torch.where(local, ids - self.expert_start, -1)
+        if self.num_folded_shared:  # the shared expert's pieces: every token, weight 1
+            t = ids.shape[0]
+            ids = torch.cat([ids, self.shared_ids.expand(t, -1).to(ids.dtype)], dim=1)
+            weights = torch.cat([weights, weights.new_ones(t, self.num_folded_shared)], dim=1)
         y = ops.moe_experts(x, self.w13, self.w2, weights, ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -240,6 +266,10 @@ class Param2MoEForCausalLM(nn.Module):
         """Logits [N, vocab_size] in float32 (gathered over the ranks' vocabulary slices)."""
         logits = _fp32_logits(hidden, self.head_weight)
         return self.shard.all_gather_vocab(logits, self.config.vocab_size)
+
+    def fold_shared_experts(self) -> int:
+        """See MoE.fold_shared_experts; returns how many layers were folded."""
+        return sum(m.fold_shared_experts() for m in self.modules() if isinstance(m, MoE))
 
     def set_uniform_random_routing(self, on: bool) -> None:
         for module in self.modules():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 
 import torch
 
@@ -61,6 +62,20 @@ def card_name(index: int | None = None) -> str:
     return name
 
 
+def _nearest_shape(tables: dict, e: int, h: int, i: int, k: int, dtype) -> dict | None:
+    """The table of the same H, I and dtype with the nearest expert count, then top-k (the fused MoE
+    with the shared expert folded in runs 64 + 2 experts, top 6 + 2, on the 64 x top-6 table)."""
+    pattern = re.escape(shape_key(0, h, i, 0, dtype)).replace("E0", r"E(\d+)").replace("K0", r"K(\d+)")
+    best = None
+    for key, table in tables.items():
+        m = re.fullmatch(pattern, key)
+        if m:
+            score = (abs(int(m[1]) - e), abs(int(m[2]) - k))
+            if best is None or score < best[0]:
+                best = (score, table)
+    return best[1] if best else None
+
+
 @functools.lru_cache(maxsize=4096)
 def get_config(t: int, e: int, h: int, i: int, k: int, dtype) -> dict:
     tables = _tables()
@@ -69,6 +84,8 @@ def get_config(t: int, e: int, h: int, i: int, k: int, dtype) -> dict:
     table = tables.get(card, {}).get(key)
     if table is None and card in ("H100", "H200"):  # the same chip with other memory: the other's table
         table = tables.get("H200" if card == "H100" else "H100", {}).get(key)
+    if table is None:
+        table = _nearest_shape(tables.get(card, {}), e, h, i, k, dtype)
     if not table:
         return default_config(t, k)
     buckets = sorted(int(b) for b in table)
