@@ -168,6 +168,21 @@ def test_route(name, with_bias):
     torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["param2", "grouped-softmax-scaled"])
+def test_route_with_appended_shared_experts(name):
+    """Two more columns per token: experts E and E+1 (the folded shared expert) with weight 1; the
+    routed weights normalised over the routed experts alone."""
+    kw = ROUTE_CASES[name]
+    logits, bias = torch.randn(21, 64, device=DEV) * 2, torch.randn(64, device=DEV) * 0.5
+    with poisoned():
+        w, ids = tri_routing.route(logits, bias, 6, num_appended=2, **kw)
+    rw, rids = ref_routing.route(logits, bias, 6, num_appended=2, **kw)
+    assert ids.shape == (21, 8) and torch.equal(ids, rids)
+    assert ids[:, 6:].tolist() == [[64, 65]] * 21 and w[:, 6:].eq(1).all()
+    torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w[:, :6], ref_routing.route(logits, bias, 6, **kw)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_route_bias_decides_choice_only():
     logits = torch.zeros(4, 64, device=DEV)
     bias = torch.zeros(64, device=DEV)

@@ -15,12 +15,12 @@ def build_runner(config, model_config, dtype, shard=None, comm=None, device=None
     model = load_model(config.model, dtype, device, shard, config=model_config,
                        dummy=config.load_format == "dummy", seed=config.seed,
                        progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage))
-    model.set_uniform_random_routing(bool(config.uniform_random_routing))
     if device.type == "cuda" and config.kernels != "torch":
         from .. import kernels
 
         if kernels.triton_available("moe"):  # the fused MoE takes the shared expert in its launches
             model.fold_shared_experts()
+    model.set_uniform_random_routing(bool(config.uniform_random_routing))
     max_model_len = config.max_model_len or model_config.max_position_embeddings
     per_block = kv_bytes_per_token(model) * config.block_size
     budget = config.kv_cache_memory

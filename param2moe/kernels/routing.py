@@ -15,8 +15,11 @@ def route(
     topk_group: int | None = None,
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
+    num_appended: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose experts. logits: [T, E] float32. Returns (weights [T, K] float32, ids [T, K] int64)."""
+    """Choose experts. logits: [T, E] float32. Returns (weights [T, K] float32, ids [T, K] int64), and
+    num_appended more columns: experts E, E+1, ... with weight 1 for every token (the shared expert's
+    pieces when it is folded into the routed experts: MoE.fold_shared_experts)."""
     logits = logits.float()
     scores = logits.sigmoid() if score_function == "sigmoid" else logits.softmax(dim=-1)
     choice = scores if expert_bias is None else scores + expert_bias.float()
@@ -32,4 +35,10 @@ def route(
     weights = scores.gather(1, ids)  # the unbiased scores weight the experts
     if norm_topk_prob:
         weights = weights / weights.sum(-1, keepdim=True)
-    return weights * routed_scaling_factor, ids
+    weights = weights * routed_scaling_factor
+    if num_appended:
+        t, e = logits.shape
+        extra = torch.arange(e, e + num_appended, device=ids.device).expand(t, -1)
+        ids = torch.cat([ids, extra], dim=1)
+        weights = torch.cat([weights, weights.new_ones(t, num_appended)], dim=1)
+    return weights, ids

@@ -107,8 +107,7 @@ class MoE(nn.Module):
         self.w2 = _param(n_local, h, width, dtype=dtype)
         shared = cfg.shared_expert_intermediate_size
         self.shared_experts = MLP(h, shared // shard.tp_size, dtype) if shared else None
-        # Benchmarks with random weights: choose experts uniformly at random (SPEC 7).
-        self.uniform_random_routing = False
+        self.random_experts = self.random_weights = None  # set_uniform_random_routing
         self.num_folded_shared = 0  # shared-expert pieces appended to w13/w2 (fold_shared_experts)
 
     def fold_shared_experts(self) -> bool:
@@ -127,31 +126,42 @@ class MoE(nn.Module):
         self.w13 = nn.Parameter(torch.cat([self.w13, w13]), requires_grad=False)
         self.w2 = nn.Parameter(torch.cat([self.w2, w2]), requires_grad=False)
         self.shared_experts, self.num_folded_shared = None, n
-        first = self.w13.shape[0] - n
-        self.register_buffer("shared_ids", torch.arange(first, first + n, device=self.w13.device)[None, :],
-                             persistent=False)
         return True
 
     def route(self, x: torch.Tensor):
-        c = self.cfg
-        if self.uniform_random_routing:
-            ids = torch.rand(x.shape[0], c.num_experts, device=x.device).topk(c.num_experts_per_tok).indices
-            weights = torch.full(ids.shape, c.routed_scaling_factor / c.num_experts_per_tok, device=x.device)
-            return weights, ids
+        """(weights, ids) of each token's experts, then the folded shared expert's pieces (weight 1)."""
+        c, n = self.cfg, self.num_folded_shared
+        if self.random_experts is not None:  # benchmarks: a random row of pre-drawn expert sets (SPEC 7)
+            rows = torch.randint(0, self.random_experts.shape[0], (x.shape[0],), device=x.device)
+            return self.random_weights.expand(x.shape[0], -1), self.random_experts[rows]
         logits = F.linear(x.float(), self.gate.weight)
         return ops.route(logits, self.gate.expert_bias, c.num_experts_per_tok, score_function=c.score_function,
                          n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
-                         routed_scaling_factor=c.routed_scaling_factor)
+                         routed_scaling_factor=c.routed_scaling_factor, num_appended=n)
+
+    def set_uniform_random_routing(self, on: bool, table_rows: int = 1 << 16) -> None:
+        """Choose experts uniformly at random instead of by the router (benchmarks with random weights,
+        SPEC 7). Each token takes a random row of a table of K-expert sets drawn uniformly up front:
+        two launches a layer, about what the router costs, where drawing sets per step (rand + top-k)
+        would cost several times more and count against the engine."""
+        self.random_experts = self.random_weights = None
+        if not on:
+            return
+        c, n, dev = self.cfg, self.num_folded_shared, self.w13.device
+        g = torch.Generator(device=dev).manual_seed(1234)
+        ids = torch.rand(table_rows, c.num_experts, device=dev, generator=g).topk(c.num_experts_per_tok).indices
+        k = c.num_experts_per_tok
+        weights = torch.full((1, k + n), c.routed_scaling_factor / k, device=dev)
+        weights[:, k:] = 1.0
+        if n:
+            ids = torch.cat([ids, torch.arange(c.num_experts, c.num_experts + n, device=dev).expand(table_rows, -1)], 1)
+        self.random_experts, self.random_weights = ids, weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
         if self.shard.ep_size > 1:  # experts held by other ranks contribute nothing here
             local = (ids >= self.expert_start) & (ids < self.expert_end)
             ids = torch.where(local, ids - self.expert_start, -1)
-        if self.num_folded_shared:  # the shared expert's pieces: every token, weight 1
-            t = ids.shape[0]
-            ids = torch.cat([ids, self.shared_ids.expand(t, -1).to(ids.dtype)], dim=1)
-            weights = torch.cat([weights, weights.new_ones(t, self.num_folded_shared)], dim=1)
         y = ops.moe_experts(x, self.w13, self.w2, weights, ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -274,4 +284,4 @@ class Param2MoEForCausalLM(nn.Module):
     def set_uniform_random_routing(self, on: bool) -> None:
         for module in self.modules():
             if isinstance(module, MoE):
-                module.uniform_random_routing = on
+                module.set_uniform_random_routing(on)

@@ -16,7 +16,7 @@ import triton.language as tl
 @triton.jit(do_not_specialize=["T"])
 def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale,
                   E: tl.constexpr, K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
+                  N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr, N_APPENDED: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
@@ -77,20 +77,25 @@ def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale,
     if NORM:
         ws = ws / tl.sum(ws, axis=1)[:, None]
     ws = ws * scale
-    omask = rmask[:, None] & (kk[None, :] < K)
-    tl.store(w_ptr + rows[:, None] * K + kk[None, :], ws, mask=omask)
-    tl.store(ids_ptr + rows[:, None] * K + kk[None, :], ids.to(tl.int64), mask=omask)
+    KO: tl.constexpr = K + N_APPENDED  # experts E.. E+N_APPENDED-1 follow, weight 1 (folded shared expert)
+    if N_APPENDED > 0:
+        ids = tl.where(kk[None, :] >= K, E + kk[None, :] - K, ids)
+        ws = tl.where(kk[None, :] >= K, 1.0, ws)
+    omask = rmask[:, None] & (kk[None, :] < KO)
+    tl.store(w_ptr + rows[:, None] * KO + kk[None, :], ws, mask=omask)
+    tl.store(ids_ptr + rows[:, None] * KO + kk[None, :], ids.to(tl.int64), mask=omask)
 
 
 def route(logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, *, score_function: str = "sigmoid",
           n_group: int | None = None, topk_group: int | None = None, norm_topk_prob: bool = True,
-          routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose experts. logits: [T, E] (read as fp32). Returns (weights [T, K] float32, ids [T, K] int64)."""
+          routed_scaling_factor: float = 1.0, num_appended: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose experts. logits: [T, E] (read as fp32). Returns (weights [T, K + num_appended] float32,
+    ids [T, K + num_appended] int64); see the oracle for num_appended."""
     t, e = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(t, top_k + num_appended, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(t, top_k + num_appended, dtype=torch.int64, device=logits.device)
     if t == 0:
         return weights, ids
     grouped = n_group is not None and topk_group is not None and n_group > 1
@@ -101,6 +106,7 @@ def route(logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, *,
         logits, bias, weights, ids, t, logits.stride(0), float(routed_scaling_factor),
         E=e, K=top_k, SOFTMAX=score_function == "softmax", HAS_BIAS=expert_bias is not None,
         N_GROUP=n_group if grouped else 1, TOPK_GROUP=topk_group if grouped else 1, NORM=bool(norm_topk_prob),
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        N_APPENDED=num_appended, BLOCK_T=block_t, BLOCK_E=block_e,
+        BLOCK_K=triton.next_power_of_2(top_k + num_appended),
         BLOCK_G=triton.next_power_of_2(n_group if grouped else 1), num_warps=4)
     return weights, ids
