@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .engine import EngineConfig, LLMEngine, SamplingParams
+from .engine import EngineConfig, LLMEngine, OutputKind, SamplingParams
 
 
 def copy_bandwidth(device) -> float:
@@ -97,7 +97,8 @@ def bench_latency(engine: LLMEngine, batch: int, input_len: int, output_len: int
         bench_latency(engine, batch, input_len, min(output_len, 4), warmup=False)
         seed += 1000
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False,
+                            output_kind=OutputKind.DELTA)
     for i, p in enumerate(_random_prompts(batch, input_len, vocab, seed=seed)):
         engine.add_request(f"lat-{batch}-{seed}-{i}", p, params)
     dev = engine.config.device
@@ -123,11 +124,13 @@ def bench_latency(engine: LLMEngine, batch: int, input_len: int, output_len: int
     return row
 
 
-def bench_throughput(engine: LLMEngine, num_prompts: int, input_len: int, output_len: int) -> dict:
+def bench_throughput(engine: LLMEngine, num_prompts: int, input_len: int, output_len: int, seed: int = 7) -> dict:
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
-    for i, p in enumerate(_random_prompts(num_prompts, input_len, vocab, seed=7)):
-        engine.add_request(f"tp-{i}", p, params)
+    # Only the finished outputs, as LLM.generate asks for them (no per-step output objects).
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False,
+                            output_kind=OutputKind.FINAL_ONLY)
+    for i, p in enumerate(_random_prompts(num_prompts, input_len, vocab, seed=seed)):
+        engine.add_request(f"tp-{seed}-{i}", p, params)
     _sync(engine.config.device)
     t0 = time.perf_counter()
     tokens = 0
@@ -176,7 +179,8 @@ def run_bench(args) -> int:
             print(f"{b:>6} {row['ttft_s'] * 1e3:>9.1f} {row['itl_s'] * 1e3:>8.2f} {gpu} {row['tok_per_s']:>9.1f} "
                   f"{row['floor_s'] * 1e3:>9.2f} {row['share_of_floor']:>8.0%}")
     else:
-        bench_throughput(engine, min(8, args.num_prompts), 16, 8)  # warm up
+        # warm up on the measured shapes (other prompts), so that no kernel compiles while timed
+        bench_throughput(engine, args.num_prompts, args.input_len, 4, seed=8)
         row = bench_throughput(engine, args.num_prompts, args.input_len, args.output_len)
         result["rows"].append(row)
         print(f"{row['num_prompts']} requests x ({args.input_len} in, {args.output_len} out): "
