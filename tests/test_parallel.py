@@ -30,10 +30,11 @@ def reference(checkpoint):
 
 @pytest.mark.parametrize("parallel", [
     dict(tensor_parallel_size=2),
+    dict(tensor_parallel_size=2, async_scheduling=True),  # inputs from the driver's sampled ids
     dict(tensor_parallel_size=2, enable_expert_parallel=True),
     dict(pipeline_parallel_size=2),
     dict(tensor_parallel_size=2, pipeline_parallel_size=2),
-], ids=["tp2", "ep2", "pp2", "tp2xpp2"])
+], ids=["tp2", "tp2-overlap", "ep2", "pp2", "tp2xpp2"])
 def test_parallel_matches_single_process(checkpoint, reference, parallel):
     llm = LLM(checkpoint, kv_cache_memory=1 << 24, **parallel)
     try:

@@ -152,10 +152,11 @@ class LLMEngine:
                                    max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
         self.eos_token_ids = _eos_token_ids(cfg.model, mc, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, decode_token)
-        # Overlap host work with the GPU (see step): on CUDA, in one process (other ranks have no
-        # sampled ids to read their inputs from).
+        # Overlap host work with the GPU (see step): on CUDA, with one pipeline stage (tensor-parallel
+        # ranks get the sampled ids from the driver; a first stage would need them from the last).
         on = cfg.async_scheduling
-        self.overlap = parallel.world_size == 1 and (str(cfg.device).startswith("cuda") if on is None else on)
+        self.overlap = parallel.pipeline_parallel_size == 1 and (
+            str(cfg.device).startswith("cuda") if on is None else on)
         self._pending = None  # (PendingSample, its sequences, seq_id -> row) of the step not yet read
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()

@@ -57,6 +57,7 @@ class MicroBatch:
 @dataclass
 class StepPlan:
     microbatches: list[MicroBatch]
+    num_prev_tokens: int = 0  # > 0: inputs wait for the previous step's sampled ids (sent by the driver)
 
 
 @dataclass
@@ -156,7 +157,9 @@ class ModelRunner:
         """Run the batch. prev_tokens: the previous step's sampled ids on the device, for the
         sequences whose last token the host has not read yet (rows by seq_id in prev_rows)."""
         plan, sampled, prompt = self.plan(batch, prev_rows or {})
-        self.prev_tokens = prev_tokens
+        needs_prev = any("prev_index" in mb.arrays for mb in plan.microbatches)
+        self.prev_tokens = prev_tokens if needs_prev else None
+        plan.num_prev_tokens = prev_tokens.numel() if needs_prev else 0
         if self.comm is not None:
             self.comm.broadcast_plan(plan)
         logits, prompt_logits = self.run_plan(plan)
@@ -177,6 +180,10 @@ class ModelRunner:
         """Run this rank's layers over the plan. On the last stage: (logits of the sampled rows, the
         logits of each prompt-logprob range); elsewhere (None, [])."""
         shard, model = self.model.shard, self.model
+        if plan.num_prev_tokens and shard.tp_size > 1:  # the driver's sampled ids, to every rank
+            if self.comm is None:  # a worker
+                self.prev_tokens = torch.empty(plan.num_prev_tokens, dtype=torch.long, device=self.device)
+            shard.broadcast_from_driver(self.prev_tokens)
         logits, prompt_logits, sends = [], [], []
         for mb in plan.microbatches:
             if mb.use_graph:  # single stage, decode only: logits of every row come out of the graph

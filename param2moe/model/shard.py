@@ -71,6 +71,12 @@ class Shard:
             torch.distributed.all_reduce(x, group=self.tp_group)
         return x
 
+    def broadcast_from_driver(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tensor on every rank of the (single-stage) tensor-parallel group, in stream order."""
+        if self.tp_size > 1:
+            torch.distributed.broadcast(x, src=0, group=self.tp_group)
+        return x
+
     def all_gather_vocab(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """[N, local vocab] on each rank -> [N, vocab_size] on every rank."""
         if self.tp_size == 1:

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Tensor and pipeline parallelism on the GPUs give one GPU's results: a small float32 checkpoint of
+the Param2 layout, greedy tokens and logprobs of TP 2, TP 4, EP 2 and PP 2 against one GPU.
+
+    python benchmarks/gpu_parallel_check.py OUT.json [--sizes 2 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+
+import torch
+
+from param2moe import LLM, SamplingParams
+from param2moe.writer import preset_config, write_checkpoint
+
+DEVICE = "cuda"
+PARAMS = SamplingParams(temperature=0, max_tokens=24, logprobs=1, prompt_logprobs=0, ignore_eos=True)
+
+
+def run(path, prompts, **kw):
+    llm = LLM(path, device=DEVICE, dtype="float32", kv_cache_memory=1 << 28, max_model_len=512, **kw)
+    try:
+        return llm.generate(prompts, PARAMS, use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4])
+    args = ap.parse_args()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(30, 2048, (int(n),), generator=g).tolist() for n in (7, 33, 120, 64)]
+    cases = {f"tp{n}": dict(tensor_parallel_size=n) for n in args.sizes if n <= torch.cuda.device_count()}
+    cases["ep2"] = dict(tensor_parallel_size=2, enable_expert_parallel=True)
+    cases["pp2"] = dict(pipeline_parallel_size=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        # 8 query / 2 KV heads (replicated at TP 4), 16 experts, a shared expert of two experts' width
+        cfg = preset_config("small", {"torch_dtype": "float32", "head_dim": 64, "num_attention_heads": 4})
+        write_checkpoint(tmp, cfg, seed=4, head_std=0.3)
+        ref = run(tmp, prompts)
+        result = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "cases": {}}
+        for name, kw in cases.items():
+            outs = run(tmp, prompts, **kw)
+            same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(ref, outs))
+            diff = max(abs(a[t] - b[t]) for r, o, p in zip(ref, outs, prompts)
+                       for a, b, t in zip(r.prompt_logprobs[1:], o.prompt_logprobs[1:], p[1:]))
+            result["cases"][name] = {"greedy_identical": f"{same}/{len(prompts)}", "max_prompt_logprob_diff": diff,
+                                     "pass": same == len(prompts) and diff <= 1e-3}
+            print(f"{name}: greedy identical {same}/{len(prompts)}, max prompt-logprob diff {diff:.2e} "
+                  f"({'PASS' if result['cases'][name]['pass'] else 'FAIL'})", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
