@@ -119,7 +119,7 @@ def bench_latency(engine: LLMEngine, batch: int, input_len: int, output_len: int
     row = {"batch": batch, "ttft_s": first_token, "itl_s": itl, "tok_per_s": batch / itl,
            "floor_bytes": decode_step_bytes(engine, batch, input_len + output_len // 2)}
     graphs = engine.runner.graphs
-    if graphs is not None and batch <= graphs.sizes[-1]:
+    if graphs is not None and batch <= graphs.sizes[-1] and engine.comm is None:  # (other ranks would not replay)
         row["graph_gpu_s"] = graphs.replay_seconds(batch)  # the decode step's GPU time alone
     return row
 
