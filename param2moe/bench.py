@@ -10,6 +10,7 @@ so a batch of B tokens touches E * (1 - (1 - K/E)^B) distinct experts per layer 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import subprocess
 import time
@@ -43,26 +44,27 @@ def copy_bandwidth(device) -> float:
 
 
 def decode_step_bytes(engine: LLMEngine, batch: int, context: int) -> float:
-    """Bytes one decode step of `batch` sequences with `context` cached tokens must read."""
-    cfg, model = engine.model_config, engine.model
+    """Bytes one decode step of `batch` sequences with `context` cached tokens must read, whole model
+    (all ranks together): the weights outside the routed experts, the routed experts the batch
+    touches, the embedding rows, the head, and the KV cache."""
+    from .checkpoint import checkpoint_layout
+
+    cfg = engine.model_config
     elem = torch.empty((), dtype=engine.dtype).element_size()
     total = 0.0
-    for name, p in model.named_parameters():
-        if name.endswith(("w13", "w2")):
+    for name, shape in checkpoint_layout(cfg).items():
+        if ".mlp.experts." in name:
             continue  # routed experts: counted below, by the ones touched
-        if name.endswith("word_embeddings.weight"):
-            total += batch * p.shape[1] * p.element_size() + (p.numel() * p.element_size() if model.lm_head is None
-                                                                else 0)
-            continue
-        total += p.numel() * p.element_size()
+        size = math.prod(shape) * (4 if name.endswith(("mlp.gate.weight", "expert_bias")) else elem)  # fp32 router
+        if name.endswith("word_embeddings.weight"):  # the batch's rows; all of it when it is the head too
+            size = batch * cfg.hidden_size * elem + (size if cfg.tie_word_embeddings else 0)
+        total += size
     if cfg.is_moe:
         e, k = cfg.num_experts, cfg.num_experts_per_tok
         touched = e * (1 - (1 - k / e) ** batch)
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * elem
         n_moe = sum(1 for i in range(cfg.num_hidden_layers) if not cfg.is_dense_layer(i))
         total += n_moe * touched * per_expert
-        # shared experts folded into the stacked experts (MoE.fold_shared_experts) are read every step
-        total += sum(getattr(m, "num_folded_shared", 0) for m in model.modules()) * per_expert
     kv = 2 * cfg.num_kv_heads * cfg.head_size * elem * cfg.num_hidden_layers
     return total + batch * context * kv
 
@@ -172,7 +174,8 @@ def run_bench(args) -> int:
         print(f"{'batch':>6} {'TTFT ms':>9} {'ITL ms':>8} {'GPU ms':>7} {'tok/s':>9} {'floor ms':>9} {'of floor':>8}")
         for b in args.batch_size:
             row = bench_latency(engine, b, args.input_len, args.output_len)
-            row["floor_s"] = row["floor_bytes"] / bandwidth
+            # tensor-parallel ranks read their slices at the same time; pipeline stages one after another
+            row["floor_s"] = row["floor_bytes"] / (bandwidth * engine.config.tensor_parallel_size)
             row["share_of_floor"] = row["floor_s"] / row["itl_s"]
             result["rows"].append(row)
             gpu = f"{row['graph_gpu_s'] * 1e3:>7.2f}" if "graph_gpu_s" in row else f"{'-':>7}"
