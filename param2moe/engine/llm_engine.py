@@ -58,7 +58,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     enable_expert_parallel: bool = False
-    async_scheduling: bool | None = None  # launch a step before reading the last one's tokens; None: on CUDA, 1 rank
+    async_scheduling: bool | None = None  # launch steps before reading the last tokens; None: CUDA, 1 pipeline stage
 
     def resolve(self) -> EngineConfig:
         if self.model is None and self.preset is None:
@@ -249,7 +249,7 @@ class LLMEngine:
 
     # ---------------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:
-        """Schedule and launch one step. With overlap (CUDA, one process) the tokens of the step
+        """Schedule and launch one step. With overlap (CUDA, one pipeline stage) the tokens of the step
         before are read only after this one is queued: the host's bookkeeping (detokenizing, stop
         checks, outputs, the next plan) runs while the GPU computes. Those sequences carry a PENDING
         last token meanwhile; their next inputs are taken from the sampled ids on the device, and a
