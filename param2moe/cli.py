@@ -30,6 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     g.add_argument("--enable-expert-parallel", action="store_true",
                    help="split the routed experts over the tensor-parallel ranks instead of their width")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before reading the previous step's tokens (default: on CUDA with one "
+                        "pipeline stage)")
 
 
 def engine_config(args):
@@ -43,7 +46,7 @@ def engine_config(args):
                         load_format=args.load_format, preset=args.preset, enforce_eager=args.enforce_eager,
                         kernels=args.kernels, tensor_parallel_size=args.tensor_parallel_size,
                         pipeline_parallel_size=args.pipeline_parallel_size,
-                        enable_expert_parallel=args.enable_expert_parallel)
+                        enable_expert_parallel=args.enable_expert_parallel, async_scheduling=args.async_scheduling)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
