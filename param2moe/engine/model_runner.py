@@ -19,10 +19,11 @@ from .scheduler import ScheduledBatch
 from .sequence import PENDING
 
 
-def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_device(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host array on the device without waiting for queued GPU work: a copy from pageable memory
-    may synchronise with the stream, so CUDA copies go through (cached) pinned memory."""
-    t = torch.from_numpy(a)
+    may synchronise with the stream, which would undo the engine's overlap, so CUDA copies go through
+    (cached) pinned memory."""
+    t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 

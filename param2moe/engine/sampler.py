@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .model_runner import to_device
 from .outputs import Logprob, logprob_entries
 from .sequence import Sequence
 
@@ -50,10 +51,8 @@ class PendingSample:
 
 
 def _on(device, values: list, dtype=None) -> torch.Tensor:
-    """A small host list on the device through pinned memory: a copy from pageable memory may wait
-    for the work already queued on the GPU, which would undo the engine's overlap."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    """A small host list on the device, without waiting for the GPU (see to_device)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _padded(rows: list[list[int]], device) -> torch.Tensor:
@@ -61,7 +60,7 @@ def _padded(rows: list[list[int]], device) -> torch.Tensor:
     out = torch.full((len(rows), width), -1, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else out
+    return to_device(out, device)
 
 
 class Sampler:
