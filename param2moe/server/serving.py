@@ -153,6 +153,15 @@ class _Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
+    def absorb(self, c) -> None:
+        """Add one DELTA CompletionOutput of this choice."""
+        self.text.append(c.text)
+        self.token_ids.extend(c.token_ids)
+        if c.logprobs:
+            self.logprobs.extend(c.logprobs)
+        if c.finish_reason is not None:
+            self.finish_reason, self.stop_reason = c.finish_reason, c.stop_reason
+
 
 def _outcome(reasons: list[str | None]) -> str:
     r = reasons[0] if reasons else None
@@ -172,13 +181,7 @@ async def chat_full(stream: AsyncIterator, ctx: ChatContext, tracker=None) -> di
             if out.prompt_logprobs is not None and prompt_lps is None:
                 prompt_lps = out.prompt_logprobs
             for c in out.outputs:
-                ch = choices[c.index]
-                ch.text.append(c.text)
-                ch.token_ids.extend(c.token_ids)
-                if c.logprobs:
-                    ch.logprobs.extend(c.logprobs)
-                if c.finish_reason is not None:
-                    ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
+                choices[c.index].absorb(c)
     body_choices = []
     for i, ch in enumerate(choices):
         reasoning, content = split_reasoning("".join(ch.text), ctx.start_in_reasoning)
@@ -399,13 +402,7 @@ async def completion_full(streams: list[AsyncIterator], ctx: CompletionContext, 
             if out.prompt_logprobs is not None and prompt_lps[p] is None:
                 prompt_lps[p] = out.prompt_logprobs
             for c in out.outputs:
-                ch = choices[p * n + c.index]
-                ch.text.append(c.text)
-                ch.token_ids.extend(c.token_ids)
-                if c.logprobs:
-                    ch.logprobs.extend(c.logprobs)
-                if c.finish_reason is not None:
-                    ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
+                choices[p * n + c.index].absorb(c)
     body_choices = []
     for k, ch in enumerate(choices):
         prompt = ctx.prompts[k // n]
