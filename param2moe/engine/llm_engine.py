@@ -157,7 +157,7 @@ class LLMEngine:
         on = cfg.async_scheduling
         self.overlap = parallel.pipeline_parallel_size == 1 and (
             str(cfg.device).startswith("cuda") if on is None else on)
-        self._pending = None  # (PendingSample, its sequences, seq_id -> row) of the step not yet read
+        self._pending = None  # PendingSample of the step whose tokens are not read yet
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
@@ -264,7 +264,7 @@ class LLMEngine:
             return self._collect_outputs(touched)
         prev = self._pending
         try:
-            out = self.runner.execute(batch, *((prev[0].sampled, prev[2]) if prev else ()))
+            out = self.runner.execute(batch, *((prev.sampled, prev.rows()) if prev else ()))
         except RuntimeError as e:
             self._raise_if_a_worker_died(e)
             raise
@@ -288,7 +288,7 @@ class LLMEngine:
             for seq in sampled:
                 if not seq.is_finished:
                     seq.token_ids.append(PENDING)
-            self._pending = (pending, sampled, {seq.seq_id: row for row, seq in enumerate(sampled)})
+            self._pending = pending
         if self.overlap:
             return outputs
         if self._pending is not None:
@@ -297,13 +297,12 @@ class LLMEngine:
 
     def _resolve(self) -> set[str]:
         """Read the pending step's tokens and append them (detokenize, stop checks, finish)."""
-        pending, seqs, _ = self._pending
-        self._pending = None
+        pending, self._pending = self._pending, None
         result = pending.resolve()
         now = time.monotonic()
         touched = set()
-        for row, seq in enumerate(seqs):
-            if seq.is_finished or not seq.token_ids or seq.token_ids[-1] != PENDING:
+        for row, seq in enumerate(pending.seqs):
+            if seq.is_finished or seq.token_ids[-1] != PENDING:
                 continue  # finished (or aborted) before its token was read
             seq.token_ids.pop()
             self._append_token(seq, result.token_ids[row], result.logprobs[row], result.sampled_logprob[row])

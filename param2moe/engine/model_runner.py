@@ -107,7 +107,7 @@ class ModelRunner:
             tables[b, : len(seq.block_table)] = seq.block_table
             s = starts[b] = seq.num_computed_tokens
             ids.extend(seq.token_ids[s:s + counts[b]])
-            if ids and ids[-1] == PENDING:
+            if ids[-1] == PENDING:
                 pending.append((len(ids) - 1, prev_rows[seq.seq_id]))
         n = np.asarray(counts, dtype=np.int64)
         q_start = np.zeros(len(seqs) + 1, dtype=np.int64)
@@ -121,7 +121,6 @@ class ModelRunner:
             prev_index = np.full(len(ids), -1, dtype=np.int64)
             rows, src = zip(*pending)
             prev_index[list(rows)] = src
-            arrays["input_ids"][list(rows)] = 0
             arrays["prev_index"] = prev_index
         return arrays
 

@@ -24,15 +24,20 @@ class Logprob(float):
         return float(self)
 
 
-def logprob_entries(logprobs: torch.Tensor, targets: torch.Tensor, top_n: list[int | None],
-                    decode_token: Callable[[int], str] | None = None,
-                    ) -> tuple[list[dict[int, Logprob] | None], list[float]]:
-    """Per row of logprobs [N, V]: {target: its Logprob, and the row's top-N} (None where top_n is None),
-    and the target's logprob. One host read for the whole batch."""
+def logprob_stats(logprobs: torch.Tensor, targets: torch.Tensor, top_n: list[int | None]) -> list[torch.Tensor]:
+    """On the device, per row of logprobs [N, V]: the target's logprob and rank, the top-N values and
+    ids, and the targets (what `entries_from_stats` needs, as tensors to bring back in one go)."""
     chosen = logprobs.gather(1, targets[:, None])[:, 0]
     ranks = (logprobs > chosen[:, None]).sum(-1) + 1
     top_v, top_i = logprobs.topk(max([n or 0 for n in top_n] + [1]), dim=-1)
-    chosen, ranks, top_v, top_i, targets = (t.tolist() for t in (chosen, ranks, top_v, top_i, targets))
+    return [chosen, ranks, top_v, top_i, targets]
+
+
+def entries_from_stats(stats: list[list], top_n: list[int | None], decode_token: Callable[[int], str] | None = None,
+                       ) -> tuple[list[dict[int, Logprob] | None], list[float]]:
+    """From logprob_stats read to the host (lists): per row {target: its Logprob, and the row's top-N}
+    (None where top_n is None), and the target's logprob."""
+    chosen, ranks, top_v, top_i, targets = stats
 
     def make(value: float, rank: int, token_id: int) -> Logprob:
         return Logprob(value, rank, decode_token(token_id) if decode_token else None)
@@ -47,6 +52,14 @@ def logprob_entries(logprobs: torch.Tensor, targets: torch.Tensor, top_n: list[i
             entry.setdefault(top_i[i][r], make(top_v[i][r], r + 1, top_i[i][r]))
         entries.append(entry)
     return entries, chosen
+
+
+def logprob_entries(logprobs: torch.Tensor, targets: torch.Tensor, top_n: list[int | None],
+                    decode_token: Callable[[int], str] | None = None,
+                    ) -> tuple[list[dict[int, Logprob] | None], list[float]]:
+    """entries_from_stats of logprob_stats, with one host read for the whole batch."""
+    stats = [t.tolist() for t in logprob_stats(logprobs, targets, top_n)]
+    return entries_from_stats(stats, top_n, decode_token)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .model_runner import to_device
-from .outputs import Logprob, logprob_entries
+from .outputs import Logprob, entries_from_stats, logprob_stats
 from .sequence import Sequence
 
 
@@ -22,31 +22,40 @@ class SampleResult:
 
 
 class PendingSample:
-    """Tokens drawn on the device and not yet read by the host. On CUDA the ids are copied to pinned
-    memory behind the step's kernels, so `resolve` waits for this step only, never for work queued
-    after it (the engine launches the next step first: host and GPU overlap)."""
+    """Tokens drawn on the device for `seqs` and not yet read by the host. On CUDA the ids (and the
+    logprob figures, when asked for) are copied to pinned memory behind the step's kernels, so
+    `resolve` waits for this step only, never for work queued after it (the engine launches the next
+    step first: host and GPU overlap)."""
 
-    def __init__(self, sampled: torch.Tensor, raw_logprobs: torch.Tensor | None, top_n: list[int | None],
+    def __init__(self, seqs: list[Sequence], sampled: torch.Tensor, raw_logprobs: torch.Tensor | None,
                  decode_token):
+        self.seqs = seqs
         self.sampled = sampled  # [S] token ids on the device: the next step's inputs read them there
-        self.raw_logprobs, self.top_n, self.decode_token = raw_logprobs, top_n, decode_token
+        self.top_n = [s.params.logprobs for s in seqs]
+        self.decode_token = decode_token
+        results = [sampled]
+        if raw_logprobs is not None:
+            results += logprob_stats(raw_logprobs, sampled, self.top_n)
         self.event = None
         if sampled.is_cuda:
-            self.host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
-            self.host.copy_(sampled, non_blocking=True)
+            results = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                       for t in results]
             self.event = torch.cuda.Event()
             self.event.record()
+        self.results = results
+
+    def rows(self) -> dict[int, int]:
+        """seq_id -> row of `sampled`."""
+        return {seq.seq_id: row for row, seq in enumerate(self.seqs)}
 
     def resolve(self) -> SampleResult:
         if self.event is not None:
             self.event.synchronize()
-            token_ids = self.host.tolist()
-        else:
-            token_ids = self.sampled.tolist()
+        token_ids, *stats = (t.tolist() for t in self.results)
         n = len(token_ids)
-        if self.raw_logprobs is None:
+        if not stats:
             return SampleResult(token_ids, [None] * n, [0.0] * n)
-        logprobs, sampled_lp = logprob_entries(self.raw_logprobs, self.sampled, self.top_n, self.decode_token)
+        logprobs, sampled_lp = entries_from_stats(stats, self.top_n, self.decode_token)
         return SampleResult(token_ids, logprobs, sampled_lp)
 
 
@@ -99,7 +108,7 @@ class Sampler:
                     race[i] = torch.empty(v, device=dev).exponential_(generator=s.generator)
             drawn = (probs / race).argmax(-1)
             sampled = torch.where(greedy, sampled, drawn)
-        return PendingSample(sampled, raw_logprobs, [s.params.logprobs for s in seqs], self.decode_token)
+        return PendingSample(seqs, sampled, raw_logprobs, self.decode_token)
 
     def _apply_bias_and_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         dev, v = logits.device, logits.shape[1]

@@ -14,7 +14,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def moe_experts(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+    row_bucket=None,
 ) -> torch.Tensor:
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]).
 
@@ -22,24 +23,39 @@ def moe_experts(
     weights: [T, K] float32; ids: [T, K] (expert index, or -1 for "no expert": contributes nothing).
     The (token, k) pairs are sorted by expert so that each expert runs one matmul over its tokens
     (elementwise work runs once over all the pairs); each result, times its weight, is added to its
-    token's row in float32.
+    token's row in float32. row_bucket(n), when given, pads each expert's n rows to that many (see
+    moe_experts_cpu); padding rows repeat the expert's last row and their results are dropped.
     """
     t, k = ids.shape
     flat = ids.reshape(-1)
     order = flat.argsort(stable=True)  # -1 entries first, then expert 0, 1, ...
     counts = torch.bincount(flat[flat >= 0], minlength=w13.shape[0]).tolist()
-    order = order[t * k - sum(counts):]  # the pairs that have an expert, by expert
+    n_valid = sum(counts)
+    if n_valid == 0:
+        return torch.zeros(t, w2.shape[1], dtype=x.dtype, device=x.device)
+    order = order[t * k - n_valid:]  # the pairs that have an expert, by expert
     token = order // k
     experts = [e for e, n in enumerate(counts) if n]
     sizes = [counts[e] for e in experts]
-    xs = x.index_select(0, token).split(sizes)
+    padded = [row_bucket(n) for n in sizes] if row_bucket else sizes
+    rows = token
+    kept = None
+    if padded != sizes:
+        # Row r of the padded layout reads pair src[r]; rows kept[i] of it are the real pairs, in order.
+        src, kept, start, pstart = [], [], 0, 0
+        for n, p in zip(sizes, padded):
+            src.append(torch.arange(start, start + p, device=x.device).clamp_(max=start + n - 1))
+            kept.append(torch.arange(pstart, pstart + n, device=x.device))
+            start, pstart = start + n, pstart + p
+        rows, kept = token.index_select(0, torch.cat(src)), torch.cat(kept)
+    xs = x.index_select(0, rows).split(padded)
     gate_up = torch.cat([linear(xe, w13, index=e) for e, xe in zip(experts, xs)])
-    act = silu_and_mul(gate_up).split(sizes)
-    out = torch.cat([linear(ae, w2, index=e) for e, ae in zip(experts, act)]).float()
+    act = silu_and_mul(gate_up).split(padded)
+    out = torch.cat([linear(ae, w2, index=e) for e, ae in zip(experts, act)])
+    out = (out if kept is None else out.index_select(0, kept)).float()
     y = torch.zeros(t, w2.shape[1], dtype=torch.float32, device=x.device)
     y.index_add_(0, token, out.mul_(weights.reshape(-1)[order, None]))  # out: a fresh tensor, scaled in place
     return y.to(x.dtype)
-
 
 
 def _bucket(n: int) -> int:
@@ -53,42 +69,9 @@ def _bucket(n: int) -> int:
 def moe_experts_cpu(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
-    """moe_experts, arranged for the CPU (what `kernels.moe_experts` runs on CPU tensors): the same
-    per-expert matmuls and float32 sum, with each expert's rows padded to a bucketed count.
-
-    oneDNN builds (JIT-compiles) a matmul primitive for every new shape, 0.2-0.5 ms each, and the
-    number of tokens routed to an expert changes every step: without padding most prefill steps pay
-    that for nearly every expert call (7-14% of a prefill step on two Zen 5 cores). Padded to a few row
-    counts, the shapes repeat after a warm-up.
-    Padding rows repeat the expert's last row (real data, no NaN); their results are never read.
-    """
-    t, k = ids.shape
-    flat = ids.reshape(-1)
-    n_exp = w13.shape[0]
-    order = flat.argsort(stable=True)  # -1 entries first, then expert 0, 1, ...
-    counts = torch.bincount(flat[flat >= 0], minlength=n_exp).tolist()
-    n_valid = sum(counts)
-    if n_valid == 0:
-        return torch.zeros(t, w2.shape[1], dtype=x.dtype, device=x.device)
-    order = order[t * k - n_valid:]  # the pairs that have an expert, by expert
-    experts = [e for e, n in enumerate(counts) if n]
-    sizes = [counts[e] for e in experts]
-    padded = [_bucket(n) for n in sizes]
-    token = order // k
-    src = kept = None
-    if padded != sizes:
-        # Row r of the padded layout reads pair src[r]; rows kept[i] of it are the real pairs, in order.
-        src, kept, start, pstart = [], [], 0, 0
-        for n, p in zip(sizes, padded):
-            src.append(torch.arange(start, start + p, device=x.device).clamp_(max=start + n - 1))
-            kept.append(torch.arange(pstart, pstart + n, device=x.device))
-            start, pstart = start + n, pstart + p
-        src, kept = torch.cat(src), torch.cat(kept)
-    xs = x.index_select(0, token if src is None else token.index_select(0, src)).split(padded)
-    gate_up = torch.cat([linear(xe, w13, index=e) for e, xe in zip(experts, xs)])
-    act = silu_and_mul(gate_up).split(padded)
-    out = torch.cat([linear(ae, w2, index=e) for e, ae in zip(experts, act)])
-    out = (out if kept is None else out.index_select(0, kept)).float()
-    y = torch.zeros(t, w2.shape[1], dtype=torch.float32, device=x.device)
-    y.index_add_(0, token, out.mul_(weights.reshape(-1)[order, None]))
-    return y.to(x.dtype)
+    """moe_experts as `kernels.moe_experts` runs it on CPU tensors: each expert's rows padded to a
+    bucketed count. oneDNN builds (JIT-compiles) a matmul primitive for every new shape, 0.2-0.5 ms
+    each, and the number of tokens routed to an expert changes every step: without padding most
+    prefill steps pay that for nearly every expert call (7-14% of a prefill step on two Zen 5 cores).
+    Padded to a few row counts, the shapes repeat after a warm-up."""
+    return moe_experts(x, w13, w2, weights, ids, row_bucket=_bucket)

@@ -35,10 +35,12 @@ def route(
     weights = scores.gather(1, ids)  # the unbiased scores weight the experts
     if norm_topk_prob:
         weights = weights / weights.sum(-1, keepdim=True)
-    weights = weights * routed_scaling_factor
-    if num_appended:
-        t, e = logits.shape
-        extra = torch.arange(e, e + num_appended, device=ids.device).expand(t, -1)
-        ids = torch.cat([ids, extra], dim=1)
-        weights = torch.cat([weights, weights.new_ones(t, num_appended)], dim=1)
-    return weights, ids
+    return append_experts(weights * routed_scaling_factor, ids, logits.shape[1], num_appended)
+
+
+def append_experts(weights: torch.Tensor, ids: torch.Tensor, first: int, n: int):
+    """Every token (row) also takes experts first .. first+n-1, with weight 1."""
+    if not n:
+        return weights, ids
+    ids = torch.cat([ids, torch.arange(first, first + n, device=ids.device).expand(ids.shape[0], -1)], dim=1)
+    return torch.cat([weights, weights.new_ones(weights.shape[0], n)], dim=1), ids

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import kernels as ops
 from ..config import Param2MoEConfig
+from ..kernels.routing import append_experts
 from .rope import rope_cos_sin
 from .shard import Shard
 
@@ -139,23 +140,13 @@ class MoE(nn.Module):
                          n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
                          routed_scaling_factor=c.routed_scaling_factor, num_appended=n)
 
-    def set_uniform_random_routing(self, on: bool, table_rows: int = 1 << 16) -> None:
+    def set_uniform_random_routing(self, weights: torch.Tensor | None, table: torch.Tensor | None) -> None:
         """Choose experts uniformly at random instead of by the router (benchmarks with random weights,
-        SPEC 7). Each token takes a random row of a table of K-expert sets drawn uniformly up front:
-        two launches a layer, about what the router costs, where drawing sets per step (rand + top-k)
-        would cost several times more and count against the engine."""
-        self.random_experts = self.random_weights = None
-        if not on:
-            return
-        c, n, dev = self.cfg, self.num_folded_shared, self.w13.device
-        g = torch.Generator(device=dev).manual_seed(1234)
-        ids = torch.rand(table_rows, c.num_experts, device=dev, generator=g).topk(c.num_experts_per_tok).indices
-        k = c.num_experts_per_tok
-        weights = torch.full((1, k + n), c.routed_scaling_factor / k, device=dev)
-        weights[:, k:] = 1.0
-        if n:
-            ids = torch.cat([ids, torch.arange(c.num_experts, c.num_experts + n, device=dev).expand(table_rows, -1)], 1)
-        self.random_experts, self.random_weights = ids, weights
+        SPEC 7): each token takes a random row of `table` [R, K (+ folded shared pieces)] of expert sets
+        drawn up front, with `weights` [1, same]; None: the router again. Two launches a layer, about
+        what the router costs, where drawing sets per step (rand + top-k) would cost several times more
+        and count against the engine."""
+        self.random_weights, self.random_experts = weights, table
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
@@ -281,7 +272,15 @@ class Param2MoEForCausalLM(nn.Module):
         """See MoE.fold_shared_experts; returns how many layers were folded."""
         return sum(m.fold_shared_experts() for m in self.modules() if isinstance(m, MoE))
 
-    def set_uniform_random_routing(self, on: bool) -> None:
-        for module in self.modules():
-            if isinstance(module, MoE):
-                module.set_uniform_random_routing(on)
+    def set_uniform_random_routing(self, on: bool, table_rows: int = 1 << 16) -> None:
+        """See MoE.set_uniform_random_routing: one table of expert sets, drawn uniformly, for all layers."""
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        weights = table = None
+        if on and moes:
+            c, k, dev = self.config, self.config.num_experts_per_tok, self.model.norm.weight.device
+            g = torch.Generator(device=dev).manual_seed(1234)
+            table = torch.rand(table_rows, c.num_experts, device=dev, generator=g).topk(k).indices
+            weights = torch.full((1, k), c.routed_scaling_factor / k, device=dev)
+            weights, table = append_experts(weights, table, c.num_experts, moes[0].num_folded_shared)
+        for module in moes:  # every layer folds the same way (or none does)
+            module.set_uniform_random_routing(weights, table)
