@@ -16,8 +16,8 @@ from param2moe.kernels import (
     paged_attention,
     rms_norm,
     route,
-    write_kv_cache,
 )
+from param2moe.kernels.attention import write_kv_cache
 from param2moe.model.attention import CausalAttention, PagedAttention
 from param2moe.writer import preset_config, write_checkpoint
 

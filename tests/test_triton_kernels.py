@@ -20,11 +20,13 @@ if not CUDA:
 triton = pytest.importorskip("triton")
 
 from param2moe.kernels import attention as ref_attn  # noqa: E402
+from param2moe.kernels import matmul as ref_matmul  # noqa: E402
 from param2moe.kernels import moe as ref_moe  # noqa: E402
 from param2moe.kernels import norm as ref_norm  # noqa: E402
 from param2moe.kernels import rope as ref_rope  # noqa: E402
 from param2moe.kernels import routing as ref_routing  # noqa: E402
 from param2moe.kernels.triton import attention as tri_attn  # noqa: E402
+from param2moe.kernels.triton import matmul as tri_matmul  # noqa: E402
 from param2moe.kernels.triton import moe as tri_moe  # noqa: E402
 from param2moe.kernels.triton import norm as tri_norm  # noqa: E402
 from param2moe.kernels.triton import routing as tri_routing  # noqa: E402
@@ -319,15 +321,43 @@ def test_paged_attention(name, splits, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_write_kv_cache(dtype):
-    t, nkv, d, nb = 9, 2, 64, 6
-    k, v = torch.randn(t, nkv, d, device=DEV).to(dtype), torch.randn(t, nkv, d, device=DEV).to(dtype)
+def test_qk_norm_rope_writes_the_kv_cache(dtype):
+    """The fused KV write: k (normed, rotated) and v at each token's slot, slot -1 skipped, nothing else touched."""
+    t, nh, nkv, d, nb = 9, 4, 2, 64, 6
+    qkv = torch.randn(t, (nh + 2 * nkv) * d, device=DEV).to(dtype)
+    q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+    q, k, v = q.reshape(t, nh, d), k.reshape(t, nkv, d), v.reshape(t, nkv, d)
+    qw, kw = (1 + 0.2 * torch.randn(d, device=DEV)).to(dtype), (1 + 0.2 * torch.randn(d, device=DEV)).to(dtype)
+    cos, sin = _cos_sin(t, d // 2, DEV)
     slots = torch.randperm(nb * 16, device=DEV)[:t]
+    slots[3] = -1
     kc, vc = torch.randn(nb, 16, nkv, d, device=DEV).to(dtype), torch.randn(nb, 16, nkv, d, device=DEV).to(dtype)
     kc2, vc2 = kc.clone(), vc.clone()
-    tri_attn.write_kv_cache(k, v, kc, vc, slots)
-    ref_attn.write_kv_cache(k, v, kc2, vc2, slots)
+    with poisoned():
+        qo, ko = tri_norm.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6, (v, kc, vc, slots))
+    keep = slots >= 0
+    rq, rk = ref_rope.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)
+    ref_attn.write_kv_cache(ko[keep], v[keep], kc2, vc2, slots[keep])  # the kernel's own k, rounded the same
+    check(qo, rq, dtype)
+    check(ko, rk, dtype)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+# ------------------------------------------------------------------------------------ skinny matmul
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("dot", [False, True])
+@pytest.mark.parametrize("nk", [(96, 256), (50, 200)])
+def test_skinny_linear(dtype, m, dot, nk):
+    n, k = nk
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)
+    b = torch.randn(n, device=DEV).to(dtype)
+    cfg = dict(DOT=dot, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2)
+    for bias in (None, b):
+        with poisoned():
+            out = tri_matmul.linear(x, w, bias, config=cfg)
+        check(out, ref_matmul.linear(x.float(), w.float(), None if bias is None else bias.float()).to(dtype), dtype)
 
 
 # ------------------------------------------------------------------------------------ CUDA only

@@ -7,12 +7,12 @@ from __future__ import annotations
 import importlib
 
 from . import attention as _attention
+from . import matmul as _matmul
 from . import moe as _moe
 from . import norm as _norm
 from . import rope as _rope
 from . import routing as _routing
 from .attention import causal_attention
-from .matmul import linear
 from .moe import silu_and_mul
 
 _BACKEND = "auto"
@@ -54,6 +54,13 @@ def _pick(x, name: str):
     return _tri(name) if use_triton(x) else None
 
 
+def linear(x, w, bias=None):
+    """x @ w.T + bias: a Triton skinny matmul for decode-sized CUDA batches, cuBLAS / oneDNN otherwise."""
+    t = _pick(x, "matmul")
+    y = t.linear(x, w, bias) if t else None
+    return y if y is not None else _matmul.linear(x, w, bias)
+
+
 def rms_norm(x, weight, eps: float):
     t = _pick(x, "norm")
     return t.rms_norm(x, weight, eps) if t else _norm.rms_norm(x, weight, eps)
@@ -69,11 +76,12 @@ def apply_rope(x, cos, sin):
     return t.apply_rope(x, cos, sin) if t else _rope.apply_rope(x, cos, sin)
 
 
-def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps: float):
-    """Per-head RMSNorm of q and k (none when the weights are None), then RoPE: one launch on CUDA."""
+def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps: float, kv_write=None):
+    """Per-head RMSNorm of q and k (none when the weights are None), then RoPE, and with kv_write =
+    (v, k_cache, v_cache, slot_mapping) the KV-cache write: one launch on CUDA."""
     t = _pick(q, "norm")
     fn = t.qk_norm_rope if t else _rope.qk_norm_rope
-    return fn(q, k, q_weight, k_weight, cos, sin, eps)
+    return fn(q, k, q_weight, k_weight, cos, sin, eps, kv_write)
 
 
 def route(logits, expert_bias, top_k: int, **kw):
@@ -89,11 +97,6 @@ def moe_experts(x, w13, w2, weights, ids):
     return fn(x, w13, w2, weights, ids)
 
 
-def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
-    t = _pick(k, "attention")
-    (t.write_kv_cache if t else _attention.write_kv_cache)(k, v, k_cache, v_cache, slot_mapping)
-
-
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale: float,
                     max_query_len: int, max_context_len: int):
     t = _pick(q, "attention")
@@ -103,4 +106,4 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
 
 
 __all__ = ["add_rms_norm", "apply_rope", "causal_attention", "linear", "moe_experts", "paged_attention", "qk_norm_rope",
-           "rms_norm", "route", "set_backend", "silu_and_mul", "use_triton", "write_kv_cache"]
+           "rms_norm", "route", "set_backend", "silu_and_mul", "use_triton"]

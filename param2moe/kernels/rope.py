@@ -22,11 +22,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
-                 cos: torch.Tensor, sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 cos: torch.Tensor, sin: torch.Tensor, eps: float, kv_write=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of q [T, NH, D] and k [T, NKV, D] (none when the weights are None), then RoPE on
-    both: the composition the attention block runs, and the oracle of the fused Triton kernel."""
+    both: the composition the attention block runs, and the oracle of the fused Triton kernel.
+    kv_write = (v, k_cache, v_cache, slot_mapping): also store the new k and v in the paged cache
+    (`attention.write_kv_cache`), which the Triton kernel does in the same launch."""
+    from .attention import write_kv_cache
     from .norm import rms_norm
 
     if q_weight is not None:
         q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv_write is not None:
+        write_kv_cache(k, *kv_write)
+    return q, k

@@ -1,6 +1,8 @@
 """How a forward pass's tokens group into sequences, and where their keys and values live.
 
-The network calls `attend(layer, q, k, v, scale)` and never needs to know which of these it has:
+The network asks `kv_cache(layer)` where this step's keys and values are to be stored (it writes them
+there as it makes them), then calls `attend(layer, q, k, v, scale)`; it never needs to know which of
+these it has:
 - `CausalAttention`: independent sequences with no cache (the reference forward, and tests);
 - `PagedAttention`: the engine's batch over a paged KV cache (see engine/kv_cache.py).
 """
@@ -20,6 +22,9 @@ class CausalAttention:
         for n in seq_lens:
             self.cu_seqlens.append(self.cu_seqlens[-1] + n)
 
+    def kv_cache(self, layer: int) -> None:
+        return None  # no cache
+
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         return ops.causal_attention(q, k, v, self.cu_seqlens, scale)
 
@@ -38,8 +43,12 @@ class PagedAttention:
     max_context_len: int
     layer_offset: int = 0  # first layer of this pipeline stage (caches are indexed from it)
 
+    def kv_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k_cache, v_cache, slot_mapping): the caller stores the new tokens' k and v there before attend."""
+        i = layer - self.layer_offset
+        return self.k_caches[i], self.v_caches[i], self.slot_mapping
+
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         kc, vc = self.k_caches[layer - self.layer_offset], self.v_caches[layer - self.layer_offset]
-        ops.write_kv_cache(k, v, kc, vc, self.slot_mapping)
         return ops.paged_attention(q, kc, vc, self.block_tables, self.context_lens, self.query_start_loc, scale,
                                    self.max_query_len, self.max_context_len)

@@ -67,10 +67,11 @@ class Attention(nn.Module):
         qkv = ops.linear(x, self.query_key_value.weight, self.query_key_value.bias)
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q, k, v = q.reshape(t, self.num_heads, d), k.reshape(t, self.num_kv_heads, d), v.reshape(t, -1, d)
-        # QK-norm (when the checkpoint has it) and RoPE: one fused kernel on CUDA.
+        # QK-norm (when the checkpoint has it), RoPE and the KV-cache write: one fused kernel on CUDA.
         qn, kn = self.query_layernorm, self.key_layernorm
+        cache = attn.kv_cache(self.layer_idx)
         q, k = ops.qk_norm_rope(q, k, None if qn is None else qn.weight, None if kn is None else kn.weight,
-                                cos, sin, 0.0 if qn is None else qn.eps)
+                                cos, sin, 0.0 if qn is None else qn.eps, None if cache is None else (v, *cache))
         o = attn.attend(self.layer_idx, q, k, v, self.scale)
         # Each rank holds a slice of the heads: partial sums, reduced; the bias is added by one rank.
         bias = self.dense.bias if self.shard.tp_rank == 0 else None

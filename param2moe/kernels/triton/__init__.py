@@ -5,9 +5,10 @@ semantics; bf16 results within rounding of the oracle's). Nothing imports this p
 `param2moe.kernels` imports a module of it lazily, the first time a CUDA tensor arrives. The tests run
 these kernels on CPU tensors too, through Triton's interpreter (TRITON_INTERPRET=1).
 
-- norm.py:      rms_norm, add_rms_norm, qk_norm_rope, apply_rope
+- norm.py:      rms_norm, add_rms_norm, qk_norm_rope (+ the KV-cache write), apply_rope
+- matmul.py:    linear for decode-sized row counts (skinny matmul; cuBLAS beyond)
 - routing.py:   route
 - moe.py:       moe_experts (align by expert + fused gate/up+SiLU GEMM + down GEMM + top-k combine), moe_align
-- attention.py: paged_attention (GQA-packed, split-KV + reduce), write_kv_cache
+- attention.py: paged_attention (GQA-packed, split-KV + reduce)
 - moe_configs.py: block-size table of the fused MoE by token-count bucket
 """

@@ -1,5 +1,5 @@
-"""Paged attention and the KV-cache write in Triton. Oracles: `param2moe.kernels.attention.paged_attention`
-and `write_kv_cache`.
+"""Paged attention in Triton. Oracle: `param2moe.kernels.attention.paged_attention`. (The KV-cache write
+is fused into QK-norm + RoPE: norm.py.)
 
 One kernel serves decode, prefill and chunked prefill over the paged cache [num_blocks, 16, NKV, D]:
 - a program takes BLOCK_Q query tokens of one sequence and ALL the query heads of one KV head (GQA:
@@ -210,39 +210,3 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _split_reduce_kernel[(t, nh)](po, pml, out, out.stride(0), out.stride(1), NH=nh, D=d, BLOCK_D=block_d,
                                       NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=2)
     return out
-
-
-# ----------------------------------------------------------------------------- KV-cache write
-@triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_kcs, stride_kch, stride_vcs, stride_vch,
-                     NKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:
-        return
-    h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    mask = (h[:, None] < NKV) & (d[None, :] < D)
-    k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
-    v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-    tl.store(kc_ptr + slot * stride_kcs + h[:, None] * stride_kch + d[None, :], k, mask=mask)
-    tl.store(vc_ptr + slot * stride_vcs + h[:, None] * stride_vch + d[None, :], v, mask=mask)
-
-
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """Store the new tokens' k and v [T, NKV, D] at their slots (block * block_size + offset); one launch
-    for both; slots < 0 are skipped."""
-    t, nkv, d = k.shape
-    if t == 0:
-        return
-    kc = k_cache.view(-1, *k_cache.shape[2:])
-    vc = v_cache.view(-1, *v_cache.shape[2:])
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    _write_kv_kernel[(t,)](k, v, kc, vc, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                           kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), NKV=nkv, D=d,
-                           BLOCK_H=triton.next_power_of_2(nkv), BLOCK_D=triton.next_power_of_2(d), num_warps=1)

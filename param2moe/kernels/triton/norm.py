@@ -75,9 +75,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 # ----------------------------------------------------------------------------- QK-norm + RoPE
 @triton.jit
-def _norm_rope_heads(x_ptr, stride_xt, stride_xh, o_ptr, w_ptr, cos_ptr, sin_ptr, t, stride_ct, eps,
+def _norm_rope_heads(x_ptr, stride_xt, stride_xh, w_ptr, cos_ptr, sin_ptr, t, stride_ct, eps,
                      NH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HAS_W: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, OUT_DT: tl.constexpr):
+    """Token t's heads of x, normed and rotated: [BLOCK_H, BLOCK_D] fp32 (rounded as the oracle rounds)."""
     h = tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_D)
     mask = (h[:, None] < NH) & (j[None, :] < D)
@@ -92,28 +93,44 @@ def _norm_rope_heads(x_ptr, stride_xt, stride_xh, o_ptr, w_ptr, cos_ptr, sin_ptr
         w = tl.load(w_ptr + j, mask=j < D, other=0.0).to(tl.float32)
         wp = tl.load(w_ptr + p, mask=j < D, other=0.0).to(tl.float32)
         # The oracle rounds the normed q/k to the activation dtype before RoPE.
-        x = (x * rstd[:, None] * w[None, :]).to(o_ptr.dtype.element_ty).to(tl.float32)
-        xp = (xp * rstd[:, None] * wp[None, :]).to(o_ptr.dtype.element_ty).to(tl.float32)
+        x = (x * rstd[:, None] * w[None, :]).to(OUT_DT).to(tl.float32)
+        xp = (xp * rstd[:, None] * wp[None, :]).to(OUT_DT).to(tl.float32)
     c_idx = tl.where(j < HALF, j, j - HALF)
     rot = j < R
     c = tl.load(cos_ptr + t * stride_ct + c_idx, mask=rot, other=1.0)
     s = tl.load(sin_ptr + t * stride_ct + c_idx, mask=rot, other=0.0)
     sign = tl.where(j < HALF, -1.0, 1.0)
-    y = tl.where(rot[None, :], x * c[None, :] + sign[None, :] * xp * s[None, :], x)
-    tl.store(o_ptr + t * NH * D + h[:, None] * D + j[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
+    return tl.where(rot[None, :], x * c[None, :] + sign[None, :] * xp * s[None, :], x)
 
 
 @triton.jit
 def _qk_norm_rope_kernel(q_ptr, sq_t, sq_h, k_ptr, sk_t, sk_h, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
-                         stride_ct, eps, NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                         HAS_W: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                         stride_ct, eps, v_ptr, sv_t, sv_h, kc_ptr, vc_ptr, slot_ptr, skc_s, skc_h, svc_s, svc_h,
+                         NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                         HAS_W: tl.constexpr, WRITE_KV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """Program (t, 0): token t's query heads; (t, 1): its key heads, and with WRITE_KV its k and v into
+    the paged cache at slot_mapping[t] (skipped when < 0)."""
     t = tl.program_id(0)
+    dt = qo_ptr.dtype.element_ty
+    j = tl.arange(0, BLOCK_D)
     if tl.program_id(1) == 0:
-        _norm_rope_heads(q_ptr, sq_t, sq_h, qo_ptr, qw_ptr, cos_ptr, sin_ptr, t, stride_ct, eps,
-                         NQ, D, HALF, HAS_W, BLOCK_Q, BLOCK_D)
+        y = _norm_rope_heads(q_ptr, sq_t, sq_h, qw_ptr, cos_ptr, sin_ptr, t, stride_ct, eps,
+                             NQ, D, HALF, HAS_W, BLOCK_Q, BLOCK_D, dt)
+        h = tl.arange(0, BLOCK_Q)
+        tl.store(qo_ptr + t * NQ * D + h[:, None] * D + j[None, :], y.to(dt), mask=(h[:, None] < NQ) & (j[None, :] < D))
     else:
-        _norm_rope_heads(k_ptr, sk_t, sk_h, ko_ptr, kw_ptr, cos_ptr, sin_ptr, t, stride_ct, eps,
-                         NK, D, HALF, HAS_W, BLOCK_K, BLOCK_D)
+        y = _norm_rope_heads(k_ptr, sk_t, sk_h, kw_ptr, cos_ptr, sin_ptr, t, stride_ct, eps,
+                             NK, D, HALF, HAS_W, BLOCK_K, BLOCK_D, dt)
+        h = tl.arange(0, BLOCK_K)
+        mask = (h[:, None] < NK) & (j[None, :] < D)
+        tl.store(ko_ptr + t * NK * D + h[:, None] * D + j[None, :], y.to(dt), mask=mask)
+        if WRITE_KV:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            if slot >= 0:
+                tl.store(kc_ptr + slot * skc_s + h[:, None] * skc_h + j[None, :], y.to(dt), mask=mask)
+                v = tl.load(v_ptr + t * sv_t + h[:, None] * sv_h + j[None, :], mask=mask)
+                tl.store(vc_ptr + slot * svc_s + h[:, None] * svc_h + j[None, :], v, mask=mask)
 
 
 def _heads(x):
@@ -123,9 +140,10 @@ def _heads(x):
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
-                 cos: torch.Tensor, sin: torch.Tensor, eps: float):
+                 cos: torch.Tensor, sin: torch.Tensor, eps: float, kv_write=None):
     """Per-head RMSNorm of q [T, NH, D] and k [T, NKV, D] (skipped when the weights are None), then NeoX
-    RoPE over the first 2 * cos.shape[-1] dims. One launch for both. Returns new contiguous (q, k)."""
+    RoPE over the first 2 * cos.shape[-1] dims; with kv_write = (v, k_cache, v_cache, slot_mapping) the
+    new k and v also go to the paged cache. One launch for all. Returns new contiguous (q, k)."""
     q, k = _heads(q), _heads(k)
     t, nq, d = q.shape
     nk = k.shape[1]
@@ -138,11 +156,20 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None
     if t == 0:
         return qo, ko
     has_w = q_weight is not None
+    if kv_write is not None:
+        v, k_cache, v_cache, slots = kv_write
+        v = _heads(v)
+        kc, vc = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+        assert kc.stride(-1) == 1 and vc.stride(-1) == 1 and v.dtype == kc.dtype == k.dtype
+        kv_args = (v, v.stride(0), v.stride(1), kc, vc, slots, kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1))
+    else:
+        kv_args = (k, 0, 0, k, k, k, 0, 0, 0, 0)
     _qk_norm_rope_kernel[(t, 2)](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), qo, ko,
-        q_weight if has_w else q, k_weight if has_w else k, cos, sin, cos.stride(0), eps,
-        NQ=nq, NK=nk, D=d, HALF=half, HAS_W=has_w, BLOCK_Q=triton.next_power_of_2(nq),
-        BLOCK_K=triton.next_power_of_2(nk), BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+        q_weight if has_w else q, k_weight if has_w else k, cos, sin, cos.stride(0), eps, *kv_args,
+        NQ=nq, NK=nk, D=d, HALF=half, HAS_W=has_w, WRITE_KV=kv_write is not None,
+        BLOCK_Q=triton.next_power_of_2(nq), BLOCK_K=triton.next_power_of_2(nk), BLOCK_D=triton.next_power_of_2(d),
+        num_warps=4)
     return qo, ko
 
 
@@ -156,6 +183,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         return out
     _qk_norm_rope_kernel[(t, 1)](
         x, x.stride(0), x.stride(1), x, x.stride(0), x.stride(1), out, out, x, x, cos, sin, cos.stride(0), 0.0,
-        NQ=nh, NK=nh, D=d, HALF=cos.shape[-1], HAS_W=False, BLOCK_Q=triton.next_power_of_2(nh),
+        x, 0, 0, x, x, x, 0, 0, 0, 0,
+        NQ=nh, NK=nh, D=d, HALF=cos.shape[-1], HAS_W=False, WRITE_KV=False, BLOCK_Q=triton.next_power_of_2(nh),
         BLOCK_K=triton.next_power_of_2(nh), BLOCK_D=triton.next_power_of_2(d), num_warps=4)
     return out
