@@ -258,6 +258,15 @@ def test_moe_one_token_without_align_and_missing_ids(dtype):
     check(out, ref_moe.moe_experts(x, w13, w2, weights, ids), dtype, tight=2e-5)
 
 
+def test_moe_experts_one_weight_row_expanded():
+    """The benchmarks' uniform routing hands one row of weights expanded over the tokens (stride 0)."""
+    x, w13, w2, _, ids = _moe_inputs(5, 8, 64, 32, 3, torch.float32)
+    weights = torch.rand(1, 3, device=DEV).expand(5, -1)
+    with poisoned():
+        out = tri_moe.moe_experts(x, w13, w2, weights, ids)
+    check(out, ref_moe.moe_experts(x, w13, w2, weights.contiguous(), ids), torch.float32, tight=2e-5)
+
+
 @pytest.mark.skipif(not BIG, reason="real Param2 shapes: CUDA (or P2M_TEST_BIG=1)")
 @pytest.mark.parametrize("t", [1, 8, 64, 300])
 def test_moe_experts_param2_shapes(t):

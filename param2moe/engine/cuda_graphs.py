@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 from ..model.attention import PagedAttention
-from .model_runner import input_ids_on_device, to_device
+from .model_runner import input_ids_on_device
 
 log = logging.getLogger("param2moe")
 
 _LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+# A captured size's static inputs live in one int32 buffer, so that a step sends them in one copy:
+# these fields of `size` rows each, then the block tables [size, max_blocks].
+_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens", "prev_index")
 
 
 class CudaGraphRunner:
@@ -27,25 +31,32 @@ class CudaGraphRunner:
         self.runner = runner
         model, dev = runner.model, runner.device
         self.sizes = [s for s in _LADDER if s <= max_batch_size] or [1]
-        n = self.sizes[-1]
         self.max_blocks = -(-max_model_len // runner.block_size)
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.full((n,), runner.scratch_slot, dtype=torch.long, device=dev)
-        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.long, device=dev)
+        # The previous step's sampled ids: rows of a batch whose last token the host has not read yet
+        # take it from here, inside the graph (prev_index >= 0).
+        self.prev_tokens = torch.zeros(self.sizes[-1], dtype=torch.long, device=dev)
+        self.inputs: dict[int, torch.Tensor] = {}  # size -> the static input buffer on the device
+        self.staging: dict[int, list] = {}  # size -> two (pinned host buffer, event of its last copy)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         pool = None
         with torch.inference_mode():
             for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
+                buf = torch.zeros(size * (len(_FIELDS) + self.max_blocks), dtype=torch.int32, device=dev)
+                self.inputs[size] = buf
+                f = self._views(buf, size)
+                f["slot_mapping"].fill_(runner.scratch_slot)
+                f["context_lens"].fill_(1)
+                f["prev_index"].fill_(-1)
                 attn = PagedAttention(
-                    runner.k_caches, runner.v_caches, self.slot_mapping[:size], self.block_tables[:size],
-                    self.context_lens[:size], self.query_start_loc[: size + 1], max_query_len=1,
+                    runner.k_caches, runner.v_caches, f["slot_mapping"], f["block_tables"], f["context_lens"],
+                    torch.arange(size + 1, dtype=torch.int32, device=dev), max_query_len=1,
                     max_context_len=max_model_len, layer_offset=runner.layer_offset)
-                step = lambda attn=attn, size=size: model.compute_logits(  # noqa: E731
-                    model(self.input_ids[:size], self.positions[:size], attn))
+
+                def step(attn=attn, f=f):
+                    ids = input_ids_on_device(f["input_ids"], f["prev_index"], self.prev_tokens)
+                    return model.compute_logits(model(ids, f["positions"], attn))
+
                 step()  # warm up: compile kernels, allocate workspaces outside the graph
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
@@ -56,6 +67,12 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
+    def _views(self, buf, size: int) -> dict:
+        """The fields of a buffer of this size (a device tensor, or the numpy view of a staging buffer)."""
+        views = {name: buf[i * size:(i + 1) * size] for i, name in enumerate(_FIELDS)}
+        views["block_tables"] = buf[len(_FIELDS) * size:].reshape(size, self.max_blocks)
+        return views
+
     def can_run(self, host: dict) -> bool:
         b = len(host["context_lens"])
         return b <= self.sizes[-1] and len(host["input_ids"]) == b and host["block_tables"].shape[1] <= self.max_blocks
@@ -63,23 +80,37 @@ class CudaGraphRunner:
     def run(self, host: dict, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         b = len(host["context_lens"])
         size = next(s for s in self.sizes if s >= b)
-        dev = self.input_ids.device
-        prev_index = host.get("prev_index")
-        ids = to_device(host["input_ids"], dev)
-        if prev_index is not None:
-            ids = input_ids_on_device(ids, to_device(prev_index, dev), prev_tokens)
-        self.input_ids[:b].copy_(ids)
-        self.positions[:b].copy_(to_device(host["positions"], dev))
-        self.slot_mapping[:b].copy_(to_device(host["slot_mapping"], dev))
-        tables = np.zeros((b, self.max_blocks), dtype=np.int32)
-        tables[:, : host["block_tables"].shape[1]] = host["block_tables"]
-        self.block_tables[:b].copy_(to_device(tables, dev))
-        self.context_lens[:b].copy_(to_device(host["context_lens"], dev))
-        if size > b:  # padding rows: scratch slot, one cached token
-            self.slot_mapping[b:size].fill_(self.runner.scratch_slot)
-            self.context_lens[b:size].fill_(1)
+        buf, event = self._staging_buffer(size)
+        f = self._views(buf.numpy(), size)
+        for name in _FIELDS:
+            f[name][:b] = host.get(name, -1)  # prev_index absent: no row waits for the previous step
+        tables = host["block_tables"]
+        f["block_tables"][:b, : tables.shape[1]] = tables
+        f["block_tables"][:b, tables.shape[1]:] = 0
+        # padding rows: token 0 at position 0, written to the scratch slot, attending to one cached token
+        for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", self.runner.scratch_slot),
+                            ("context_lens", 1), ("prev_index", -1)):
+            f[name][b:] = value
+        f["block_tables"][b:] = 0
+        self.inputs[size].copy_(buf, non_blocking=True)
+        event.record()
+        if prev_tokens is not None and "prev_index" in host:
+            self.prev_tokens[: prev_tokens.numel()].copy_(prev_tokens)
         self.graphs[size].replay()
         return self.logits[size][:b]
+
+    def _staging_buffer(self, size: int):
+        """One of two pinned host buffers of this size, in turn; waits (rarely) until the copy that
+        last read it has run, since the engine may queue a step while the one before is in flight."""
+        pair = self.staging.get(size)
+        if pair is None:
+            n = self.inputs[size].numel()
+            pair = self.staging[size] = [[torch.empty(n, dtype=torch.int32, pin_memory=True), torch.cuda.Event()]
+                                         for _ in range(2)]
+        pair.reverse()
+        buf, event = pair[0]
+        event.synchronize()  # an event never recorded counts as done
+        return buf, event
 
     def replay_seconds(self, batch: int, repeats: int = 20) -> float:
         """GPU time of one replay of the graph that serves `batch` (for benchmarks: the step's time

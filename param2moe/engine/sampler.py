@@ -72,6 +72,13 @@ def _padded(rows: list[list[int]], device) -> torch.Tensor:
     return to_device(out, device)
 
 
+def _changes_logits(seq: Sequence) -> bool:
+    """Whether a logit bias, min_tokens or a penalty applies to this sequence's next token."""
+    p = seq.params
+    return bool(p.logit_bias or seq.num_output_tokens < p.min_tokens or p.repetition_penalty != 1.0
+                or p.presence_penalty or p.frequency_penalty)
+
+
 class Sampler:
     def __init__(self, eos_token_ids: list[int], decode_token=None):
         self.eos_token_ids = eos_token_ids
@@ -86,7 +93,8 @@ class Sampler:
         dev, v = logits.device, logits.shape[1]
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
-        logits = self._apply_bias_and_penalties(logits.clone(), seqs)
+        if any(_changes_logits(s) for s in seqs):
+            logits = self._apply_bias_and_penalties(logits.clone(), seqs)
 
         params = [s.params for s in seqs]
         sampled = logits.argmax(-1)

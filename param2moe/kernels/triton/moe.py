@@ -248,7 +248,7 @@ def _moe_down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_pt
 
 
 @triton.jit
-def _moe_combine_kernel(pair_ptr, w_ptr, ids_ptr, out_ptr, N, stride_pt, stride_ot,
+def _moe_combine_kernel(pair_ptr, w_ptr, ids_ptr, out_ptr, N, stride_pt, stride_wt, stride_ot,
                         TOPK: tl.constexpr, BLOCK_N: tl.constexpr):
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -256,7 +256,7 @@ def _moe_combine_kernel(pair_ptr, w_ptr, ids_ptr, out_ptr, N, stride_pt, stride_
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k in tl.static_range(TOPK):
         e = tl.load(ids_ptr + t * TOPK + k)
-        w = tl.load(w_ptr + t * TOPK + k).to(tl.float32)
+        w = tl.load(w_ptr + t * stride_wt + k).to(tl.float32)
         y = tl.load(pair_ptr + (t * TOPK + k).to(tl.int64) * stride_pt + offs, mask=nmask & (e >= 0), other=0.0)
         acc += tl.where(e >= 0, w, 0.0) * y.to(tl.float32)
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=nmask)
@@ -298,11 +298,13 @@ def down(inter, w2, align, tk: int, block_m: int, g2: dict) -> torch.Tensor:
 
 
 def combine(pair_out, weights, ids, out) -> torch.Tensor:
-    """out[t] = sum_k weights[t, k] * pair_out[t * K + k] (fp32), skipping ids of -1."""
+    """out[t] = sum_k weights[t, k] * pair_out[t * K + k] (fp32), skipping ids of -1. (weights may be one
+    row expanded over the tokens: stride 0.)"""
     t, hidden = out.shape
     block_n = min(1024, triton.next_power_of_2(hidden))
     _moe_combine_kernel[(t, triton.cdiv(hidden, block_n))](
-        pair_out, weights, ids, out, hidden, pair_out.stride(0), out.stride(0), TOPK=ids.shape[1], BLOCK_N=block_n,
+        pair_out, weights, ids, out, hidden, pair_out.stride(0), weights.stride(0), out.stride(0), TOPK=ids.shape[1],
+        BLOCK_N=block_n,
         num_warps=4)
     return out
 
@@ -321,7 +323,8 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
     w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
     ids = ids.contiguous()
-    weights = weights.contiguous()
+    if weights.stride(-1) != 1:
+        weights = weights.contiguous()
     cfg = config or get_config(t, e, hidden, two_i // 2, topk, x.dtype)
     bm = cfg["BLOCK_M"]
     align = single_token_align(ids, bm) if t == 1 else moe_align(ids, e, bm)
