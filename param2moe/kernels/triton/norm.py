@@ -115,22 +115,23 @@ def _qk_norm_rope_kernel(q_ptr, sq_t, sq_h, k_ptr, sk_t, sk_h, qo_ptr, ko_ptr, q
     dt = qo_ptr.dtype.element_ty
     j = tl.arange(0, BLOCK_D)
     if tl.program_id(1) == 0:
-        y = _norm_rope_heads(q_ptr, sq_t, sq_h, qw_ptr, cos_ptr, sin_ptr, t, stride_ct, eps,
-                             NQ, D, HALF, HAS_W, BLOCK_Q, BLOCK_D, dt)
-        h = tl.arange(0, BLOCK_Q)
-        tl.store(qo_ptr + t * NQ * D + h[:, None] * D + j[None, :], y.to(dt), mask=(h[:, None] < NQ) & (j[None, :] < D))
+        yq = _norm_rope_heads(q_ptr, sq_t, sq_h, qw_ptr, cos_ptr, sin_ptr, t, stride_ct, eps,
+                              NQ, D, HALF, HAS_W, BLOCK_Q, BLOCK_D, dt)
+        hq = tl.arange(0, BLOCK_Q)
+        tl.store(qo_ptr + t * NQ * D + hq[:, None] * D + j[None, :], yq.to(dt),
+                 mask=(hq[:, None] < NQ) & (j[None, :] < D))
     else:
-        y = _norm_rope_heads(k_ptr, sk_t, sk_h, kw_ptr, cos_ptr, sin_ptr, t, stride_ct, eps,
-                             NK, D, HALF, HAS_W, BLOCK_K, BLOCK_D, dt)
-        h = tl.arange(0, BLOCK_K)
-        mask = (h[:, None] < NK) & (j[None, :] < D)
-        tl.store(ko_ptr + t * NK * D + h[:, None] * D + j[None, :], y.to(dt), mask=mask)
+        yk = _norm_rope_heads(k_ptr, sk_t, sk_h, kw_ptr, cos_ptr, sin_ptr, t, stride_ct, eps,
+                              NK, D, HALF, HAS_W, BLOCK_K, BLOCK_D, dt)
+        hk = tl.arange(0, BLOCK_K)
+        mask = (hk[:, None] < NK) & (j[None, :] < D)
+        tl.store(ko_ptr + t * NK * D + hk[:, None] * D + j[None, :], yk.to(dt), mask=mask)
         if WRITE_KV:
             slot = tl.load(slot_ptr + t).to(tl.int64)
             if slot >= 0:
-                tl.store(kc_ptr + slot * skc_s + h[:, None] * skc_h + j[None, :], y.to(dt), mask=mask)
-                v = tl.load(v_ptr + t * sv_t + h[:, None] * sv_h + j[None, :], mask=mask)
-                tl.store(vc_ptr + slot * svc_s + h[:, None] * svc_h + j[None, :], v, mask=mask)
+                tl.store(kc_ptr + slot * skc_s + hk[:, None] * skc_h + j[None, :], yk.to(dt), mask=mask)
+                v = tl.load(v_ptr + t * sv_t + hk[:, None] * sv_h + j[None, :], mask=mask)
+                tl.store(vc_ptr + slot * svc_s + hk[:, None] * svc_h + j[None, :], v, mask=mask)
 
 
 def _heads(x):
