@@ -20,13 +20,11 @@ if not CUDA:
 triton = pytest.importorskip("triton")
 
 from param2moe.kernels import attention as ref_attn  # noqa: E402
-from param2moe.kernels import matmul as ref_matmul  # noqa: E402
 from param2moe.kernels import moe as ref_moe  # noqa: E402
 from param2moe.kernels import norm as ref_norm  # noqa: E402
 from param2moe.kernels import rope as ref_rope  # noqa: E402
 from param2moe.kernels import routing as ref_routing  # noqa: E402
 from param2moe.kernels.triton import attention as tri_attn  # noqa: E402
-from param2moe.kernels.triton import matmul as tri_matmul  # noqa: E402
 from param2moe.kernels.triton import moe as tri_moe  # noqa: E402
 from param2moe.kernels.triton import norm as tri_norm  # noqa: E402
 from param2moe.kernels.triton import routing as tri_routing  # noqa: E402
@@ -350,23 +348,6 @@ def test_qk_norm_rope_writes_the_kv_cache(dtype):
     check(qo, rq, dtype)
     check(ko, rk, dtype)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
-
-
-# ------------------------------------------------------------------------------------ skinny matmul
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("dot", [False, True])
-@pytest.mark.parametrize("nk", [(96, 256), (50, 200)])
-def test_skinny_linear(dtype, m, dot, nk):
-    n, k = nk
-    x = torch.randn(m, k, device=DEV).to(dtype)
-    w = (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)
-    b = torch.randn(n, device=DEV).to(dtype)
-    cfg = dict(DOT=dot, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2)
-    for bias in (None, b):
-        with poisoned():
-            out = tri_matmul.linear(x, w, bias, config=cfg)
-        check(out, ref_matmul.linear(x.float(), w.float(), None if bias is None else bias.float()).to(dtype), dtype)
 
 
 # ------------------------------------------------------------------------------------ CUDA only

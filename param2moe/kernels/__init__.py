@@ -7,12 +7,12 @@ from __future__ import annotations
 import importlib
 
 from . import attention as _attention
-from . import matmul as _matmul
 from . import moe as _moe
 from . import norm as _norm
 from . import rope as _rope
 from . import routing as _routing
 from .attention import causal_attention
+from .matmul import linear
 from .moe import silu_and_mul
 
 _BACKEND = "auto"
@@ -52,13 +52,6 @@ def triton_available(name: str) -> bool:
 
 def _pick(x, name: str):
     return _tri(name) if use_triton(x) else None
-
-
-def linear(x, w, bias=None):
-    """x @ w.T + bias: a Triton skinny matmul for decode-sized CUDA batches, cuBLAS / oneDNN otherwise."""
-    t = _pick(x, "matmul")
-    y = t.linear(x, w, bias) if t else None
-    return y if y is not None else _matmul.linear(x, w, bias)
 
 
 def rms_norm(x, weight, eps: float):

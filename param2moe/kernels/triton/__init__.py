@@ -6,7 +6,6 @@ semantics; bf16 results within rounding of the oracle's). Nothing imports this p
 these kernels on CPU tensors too, through Triton's interpreter (TRITON_INTERPRET=1).
 
 - norm.py:      rms_norm, add_rms_norm, qk_norm_rope (+ the KV-cache write), apply_rope
-- matmul.py:    linear for decode-sized row counts (skinny matmul; cuBLAS beyond)
 - routing.py:   route
 - moe.py:       moe_experts (align by expert + fused gate/up+SiLU GEMM + down GEMM + top-k combine), moe_align
 - attention.py: paged_attention (GQA-packed, split-KV + reduce)
