@@ -418,3 +418,30 @@ def test_folded_shared_experts_give_the_same_network(tmp_path):
         assert moe.shared_experts is None and moe.num_folded_shared == 2 and moe.w13.shape[0] == cfg.num_experts + 2
         got = model.compute_logits(model(ids, positions, CausalAttention([25, 15])))
     assert (got - want).abs().max() < 1e-4
+
+
+def test_uniform_random_routing_replaces_the_choice_after_the_router_runs(tiny_model, monkeypatch):
+    """Benchmarks' routing (SPEC 7): every MoE layer's router still runs, then random expert sets drawn
+    for all layers of the step replace its choice; off again gives the router's outputs back."""
+    from param2moe.model import network
+
+    calls = []
+    real_route = network.ops.route
+    monkeypatch.setattr(network.ops, "route", lambda *a, **k: calls.append(1) or real_route(*a, **k))
+    ids, pos = torch.arange(40, 70), torch.arange(30)
+    with torch.no_grad():
+        ref = tiny_model(ids, pos, CausalAttention([30]))
+        n_moe = len(calls)
+        tiny_model.set_uniform_random_routing(True, table_rows=64)
+        out = tiny_model(ids, pos, CausalAttention([30]))
+        moes = [m for m in tiny_model.modules() if isinstance(m, network.MoE)]
+        picks = [m.random_choice[1] for m in moes]
+        tiny_model.set_uniform_random_routing(False)
+        again = tiny_model(ids, pos, CausalAttention([30]))
+    assert n_moe == len(moes) and len(calls) == 3 * n_moe  # the router ran in every pass
+    k = tiny_model.config.num_experts_per_tok
+    for p in picks:
+        assert p.shape == (30, k) and 0 <= int(p.min()) and int(p.max()) < tiny_model.config.num_experts
+        assert (p.sort(-1).values.diff(dim=-1) > 0).all()  # distinct experts a token
+    assert not torch.allclose(out, ref)
+    torch.testing.assert_close(again, ref, rtol=0, atol=0)

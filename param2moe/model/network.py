@@ -109,7 +109,7 @@ class MoE(nn.Module):
         self.w2 = _param(n_local, h, width, dtype=dtype)
         shared = cfg.shared_expert_intermediate_size
         self.shared_experts = MLP(h, shared // shard.tp_size, dtype) if shared else None
-        self.random_experts = self.random_weights = None  # set_uniform_random_routing
+        self.random_choice = None  # (weights, ids) replacing the router's choice this step (benchmarks)
         self.num_folded_shared = 0  # shared-expert pieces appended to w13/w2 (fold_shared_experts)
 
     def fold_shared_experts(self) -> bool:
@@ -133,21 +133,13 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor):
         """(weights, ids) of each token's experts, then the folded shared expert's pieces (weight 1)."""
         c, n = self.cfg, self.num_folded_shared
-        if self.random_experts is not None:  # benchmarks: a random row of pre-drawn expert sets (SPEC 7)
-            rows = torch.randint(0, self.random_experts.shape[0], (x.shape[0],), device=x.device)
-            return self.random_weights.expand(x.shape[0], -1), self.random_experts[rows]
         logits = F.linear(x.float(), self.gate.weight)
-        return ops.route(logits, self.gate.expert_bias, c.num_experts_per_tok, score_function=c.score_function,
-                         n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
-                         routed_scaling_factor=c.routed_scaling_factor, num_appended=n)
-
-    def set_uniform_random_routing(self, weights: torch.Tensor | None, table: torch.Tensor | None) -> None:
-        """Choose experts uniformly at random instead of by the router (benchmarks with random weights,
-        SPEC 7): each token takes a random row of `table` [R, K (+ folded shared pieces)] of expert sets
-        drawn up front, with `weights` [1, same]; None: the router again. Two launches a layer, about
-        what the router costs, where drawing sets per step (rand + top-k) would cost several times more
-        and count against the engine."""
-        self.random_weights, self.random_experts = weights, table
+        choice = ops.route(logits, self.gate.expert_bias, c.num_experts_per_tok, score_function=c.score_function,
+                           n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
+                           routed_scaling_factor=c.routed_scaling_factor, num_appended=n)
+        # Benchmarks with random weights (SPEC 7): the router still runs, as it would in a real model, but
+        # uniformly random experts replace its choice (Param2MoEForCausalLM.set_uniform_random_routing).
+        return choice if self.random_choice is None else self.random_choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
@@ -239,6 +231,7 @@ class Param2MoEForCausalLM(nn.Module):
             m = self.model
             self.lm_head.weight = _param(m.vocab_end - m.vocab_start, cfg.hidden_size, dtype=dtype)
         self.rope_cos = self.rope_sin = None
+        self.random_routing = None  # (weights, table of expert sets): set_uniform_random_routing
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -256,6 +249,8 @@ class Param2MoEForCausalLM(nn.Module):
         if self.rope_cos is None:  # the engine sizes the table for max_model_len up front
             self.init_rope(max(self.config.max_position_embeddings, int(positions.max()) + 1))
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if self.random_routing is not None:
+            self._draw_random_experts(positions.shape[0], positions.device)
         shard = self.shard
         h = self.model.embed(input_ids) if shard.is_first_stage else hidden
         for layer in self.model.layers.values():
@@ -274,14 +269,25 @@ class Param2MoEForCausalLM(nn.Module):
         return sum(m.fold_shared_experts() for m in self.modules() if isinstance(m, MoE))
 
     def set_uniform_random_routing(self, on: bool, table_rows: int = 1 << 16) -> None:
-        """See MoE.set_uniform_random_routing: one table of expert sets, drawn uniformly, for all layers."""
+        """Benchmarks with random weights (SPEC 7): every MoE layer's router runs, then each token takes
+        a uniformly random set of experts instead of the router's choice: a random row of a table of sets
+        drawn up front, for all layers of a step at once (two launches a step; drawing sets in each layer
+        would add launches a real model does not have). off: the router's choice again."""
+        self.random_routing = None
         moes = [m for m in self.modules() if isinstance(m, MoE)]
-        weights = table = None
         if on and moes:
             c, k, dev = self.config, self.config.num_experts_per_tok, self.model.norm.weight.device
             g = torch.Generator(device=dev).manual_seed(1234)
             table = torch.rand(table_rows, c.num_experts, device=dev, generator=g).topk(k).indices
             weights = torch.full((1, k), c.routed_scaling_factor / k, device=dev)
-            weights, table = append_experts(weights, table, c.num_experts, moes[0].num_folded_shared)
-        for module in moes:  # every layer folds the same way (or none does)
-            module.set_uniform_random_routing(weights, table)
+            # every layer folds the same way (or none does)
+            self.random_routing = append_experts(weights, table, c.num_experts, moes[0].num_folded_shared)
+        for module in moes:
+            module.random_choice = None
+
+    def _draw_random_experts(self, num_tokens: int, device) -> None:
+        weights, table = self.random_routing
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        picks = table[torch.randint(0, table.shape[0], (len(moes), num_tokens), device=device)]
+        for module, ids in zip(moes, picks):
+            module.random_choice = weights.expand(num_tokens, -1), ids
