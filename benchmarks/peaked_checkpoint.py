@@ -117,9 +117,9 @@ def _write_back(model, path: str) -> None:
         os.replace(file + ".tmp", file)
 
 
-def make_peaked_checkpoint(path: str, device: str = "cpu", steps: int = 150, seed: int = 0, *,
-                           n_seq: int = 8, seq_len: int = 272, lr: float = 5e-3, config_overrides: dict | None = None,
-                           log_every: int = 0) -> dict:
+def make_peaked_checkpoint(path: str, device: str = "cpu", steps: int = 200, seed: int = 0, *,
+                           n_seq: int = 8, seq_len: int = 272, lr: float = 5e-3, decay_from: float = 0.5,
+                           config_overrides: dict | None = None, log_every: int = 0) -> dict:
     """Write a random checkpoint to `path` (param2moe.writer, so config and tokenizer are complete), train it
     on `device` with Adam for `steps` full-batch steps to memorise `make_corpus(vocab, n_seq, seq_len, seed)`,
     and write the trained weights back. Deterministic on the CPU for a given seed (and thread count).
@@ -147,6 +147,10 @@ def make_peaked_checkpoint(path: str, device: str = "cpu", steps: int = 150, see
         last = torch.arange(n_seq * seq_len, device=device) % seq_len == seq_len - 1
         inputs, targets = ~last, corpus[:, 1:].reshape(-1).to(device)
         opt = torch.optim.Adam(params, lr=lr)
+        # lr constant, then (from step decay_from * steps) falling linearly to 5% of it at the end.
+        start = int(decay_from * steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: 1.0 if i < start else 1.0 - 0.95 * (i - start) / max(1, steps - start))
         history = []
         t0 = time.perf_counter()
         for step in range(steps + 1):
@@ -162,12 +166,14 @@ def make_peaked_checkpoint(path: str, device: str = "cpu", steps: int = 150, see
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
         seconds = time.perf_counter() - t0
         for p in params:
             p.requires_grad_(False)
         load = _expert_load(model, ids, pos, attn)
         _write_back(model, path)
-    return {"steps": steps, "seed": seed, "lr": lr, "n_seq": n_seq, "seq_len": seq_len, "device": str(device),
+    return {"steps": steps, "seed": seed, "lr": lr, "decay_from": decay_from, "n_seq": n_seq, "seq_len": seq_len,
+            "device": str(device),
             "initial_loss": history[0][0], "final_loss": history[-1][0], "final_accuracy": history[-1][1],
             "train_seconds": seconds, "expert_load": load, "corpus": corpus}
 
