@@ -35,6 +35,8 @@ class CudaGraphRunner:
         # The previous step's sampled ids: rows of a batch whose last token the host has not read yet
         # take it from here, inside the graph (prev_index >= 0).
         self.prev_tokens = torch.zeros(self.sizes[-1], dtype=torch.long, device=dev)
+        # Every tensor a graph reads must outlive it (a graph keeps addresses, not references).
+        self.query_start_loc = torch.arange(self.sizes[-1] + 1, dtype=torch.int32, device=dev)
         self.inputs: dict[int, torch.Tensor] = {}  # size -> the static input buffer on the device
         self.staging: dict[int, list] = {}  # size -> two (pinned host buffer, event of its last copy)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -50,7 +52,7 @@ class CudaGraphRunner:
                 f["prev_index"].fill_(-1)
                 attn = PagedAttention(
                     runner.k_caches, runner.v_caches, f["slot_mapping"], f["block_tables"], f["context_lens"],
-                    torch.arange(size + 1, dtype=torch.int32, device=dev), max_query_len=1,
+                    self.query_start_loc[: size + 1], max_query_len=1,
                     max_context_len=max_model_len, layer_offset=runner.layer_offset)
 
                 def step(attn=attn, f=f):
