@@ -183,6 +183,25 @@ def test_route_with_appended_shared_experts(name):
     torch.testing.assert_close(w[:, :6], ref_routing.route(logits, bias, 6, **kw)[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 5, 16, 40])
+@pytest.mark.parametrize("name", ["param2", "grouped-softmax-scaled"])
+def test_gate_route(name, t, dtype):
+    """Router logits + routing (one fused launch up to 16 tokens, then logits + the routing kernel), twice in a
+    row (the fused kernel's counter must be back at zero), against the oracle."""
+    kw = dict(ROUTE_CASES[name])
+    h, e = 512, 64
+    gate = torch.randn(e, h, device=DEV) / h**0.5
+    bias = 0.1 * torch.randn(e, device=DEV)
+    for _ in range(2):
+        x = torch.randn(t, h, device=DEV).to(dtype)
+        with poisoned():
+            w, ids = tri_routing.gate_route(x, gate, bias, 6, num_appended=2, **kw)
+        rw, rids = ref_routing.gate_route(x, gate, bias, 6, num_appended=2, **kw)
+        assert torch.equal(ids, rids)
+        torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+
+
 def test_route_bias_decides_choice_only():
     logits = torch.zeros(4, 64, device=DEV)
     bias = torch.zeros(64, device=DEV)

@@ -82,6 +82,13 @@ def route(logits, expert_bias, top_k: int, **kw):
     return t.route(logits, expert_bias, top_k, **kw) if t else _routing.route(logits, expert_bias, top_k, **kw)
 
 
+def gate_route(x, gate_weight, expert_bias, top_k: int, **kw):
+    """Router logits (fp32) and routing; one launch for decode-sized CUDA batches."""
+    t = _pick(x, "routing")
+    fn = t.gate_route if t else _routing.gate_route
+    return fn(x, gate_weight, expert_bias, top_k, **kw)
+
+
 def moe_experts(x, w13, w2, weights, ids):
     t = _pick(x, "moe")
     if t:
@@ -98,5 +105,5 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
               max_context_len)
 
 
-__all__ = ["add_rms_norm", "apply_rope", "causal_attention", "linear", "moe_experts", "paged_attention", "qk_norm_rope",
-           "rms_norm", "route", "set_backend", "silu_and_mul", "use_triton"]
+__all__ = ["add_rms_norm", "apply_rope", "causal_attention", "gate_route", "linear", "moe_experts", "paged_attention",
+           "qk_norm_rope", "rms_norm", "route", "set_backend", "silu_and_mul", "use_triton"]

@@ -38,6 +38,11 @@ def route(
     return append_experts(weights * routed_scaling_factor, ids, logits.shape[1], num_appended)
 
 
+def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, **kw):
+    """The router: fp32 logits x @ gate_weight.T (x read as fp32, SPEC 3.4), then `route`."""
+    return route(torch.nn.functional.linear(x.float(), gate_weight), expert_bias, top_k, **kw)
+
+
 def append_experts(weights: torch.Tensor, ids: torch.Tensor, first: int, n: int):
     """Every token (row) also takes experts first .. first+n-1, with weight 1."""
     if not n:

@@ -133,10 +133,10 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor):
         """(weights, ids) of each token's experts, then the folded shared expert's pieces (weight 1)."""
         c, n = self.cfg, self.num_folded_shared
-        logits = F.linear(x.float(), self.gate.weight)
-        choice = ops.route(logits, self.gate.expert_bias, c.num_experts_per_tok, score_function=c.score_function,
-                           n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
-                           routed_scaling_factor=c.routed_scaling_factor, num_appended=n)
+        choice = ops.gate_route(x, self.gate.weight, self.gate.expert_bias, c.num_experts_per_tok,
+                                score_function=c.score_function, n_group=c.n_group, topk_group=c.topk_group,
+                                norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor,
+                                num_appended=n)
         # Benchmarks with random weights (SPEC 7): the router still runs, as it would in a real model, but
         # uniformly random experts replace its choice (Param2MoEForCausalLM.set_uniform_random_routing).
         return choice if self.random_choice is None else self.random_choice

@@ -13,17 +13,19 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["T"])
-def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale,
-                  E: tl.constexpr, K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr, N_APPENDED: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+@triton.jit
+def _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale, row0,
+                E: tl.constexpr, K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr, N_APPENDED: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Route tokens row0 .. row0 + BLOCK_T - 1 (those < T) from their logits."""
+    rows = row0 + tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
     valid_e = e < E
     rmask = rows < T
+    # .cg: read through L2 (the fused kernel reads logits that other programs just wrote)
     x = tl.load(logits_ptr + rows[:, None] * stride_l + e[None, :], mask=rmask[:, None] & valid_e[None, :],
-                other=0.0).to(tl.float32)
+                other=0.0, cache_modifier=".cg").to(tl.float32)
     neg_inf = float("-inf")
     if SOFTMAX:
         x = tl.where(valid_e[None, :], x, neg_inf)
@@ -86,6 +88,44 @@ def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale,
     tl.store(ids_ptr + rows[:, None] * KO + kk[None, :], ids.to(tl.int64), mask=omask)
 
 
+@triton.jit(do_not_specialize=["T"])
+def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale,
+                  E: tl.constexpr, K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr, N_APPENDED: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+    _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale, tl.program_id(0) * BLOCK_T,
+                E, K, SOFTMAX, HAS_BIAS, N_GROUP, TOPK_GROUP, NORM, N_APPENDED, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_G)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr, ids_ptr, T, H, stride_x, scale,
+                       E: tl.constexpr, K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
+                       N_APPENDED: tl.constexpr, EXPERTS_PER_PROGRAM: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Router logits and routing in one launch (decode sizes, T <= BLOCK_T): each program computes the
+    fp32 logits of EXPERTS_PER_PROGRAM experts for every token (bf16/fp32 x read as fp32, like
+    F.linear(x.float(), gate)); the last program to finish (an atomic counter, reset by it) routes."""
+    pid = tl.program_id(0)
+    t = tl.arange(0, BLOCK_T)
+    e = pid * EXPERTS_PER_PROGRAM + tl.arange(0, EXPERTS_PER_PROGRAM)
+    h = tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_T, EXPERTS_PER_PROGRAM), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hm = h0 + h < H
+        xv = tl.load(x_ptr + t[:, None] * stride_x + h0 + h[None, :], mask=(t[:, None] < T) & hm[None, :],
+                     other=0.0).to(tl.float32)
+        wv = tl.load(gate_ptr + e[:, None] * H + h0 + h[None, :], mask=hm[None, :], other=0.0)
+        acc += tl.sum(xv[:, None, :] * wv[None, :, :], axis=2)
+    tl.store(logits_ptr + t[:, None] * E + e[None, :], acc, mask=t[:, None] < T)
+    tl.debug_barrier()  # every thread's stores issued before the release below
+    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if done == tl.num_programs(0) - 1:
+        _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, scale, 0, E, K, SOFTMAX, HAS_BIAS, N_GROUP,
+                    TOPK_GROUP, NORM, N_APPENDED, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_G)
+        tl.atomic_xchg(counter_ptr, 0)
+
+
 def route(logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, *, score_function: str = "sigmoid",
           n_group: int | None = None, topk_group: int | None = None, norm_topk_prob: bool = True,
           routed_scaling_factor: float = 1.0, num_appended: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,4 +149,42 @@ def route(logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, *,
         N_APPENDED=num_appended, BLOCK_T=block_t, BLOCK_E=block_e,
         BLOCK_K=triton.next_power_of_2(top_k + num_appended),
         BLOCK_G=triton.next_power_of_2(n_group if grouped else 1), num_warps=4)
+    return weights, ids
+
+
+GATE_ROUTE_MAX_TOKENS = 16  # up to here one fused launch; beyond, cuBLAS logits + the routing kernel
+_COUNTERS: dict = {}
+
+
+def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
+               **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """route(F.linear(x.float(), gate_weight), expert_bias, top_k, **kw); one launch for decode sizes."""
+    t, hidden = x.shape
+    e = gate_weight.shape[0]
+    if t > GATE_ROUTE_MAX_TOKENS or e % 2 or gate_weight.dtype != torch.float32:
+        return route(torch.nn.functional.linear(x.float(), gate_weight), expert_bias, top_k, **kw)
+    n_app = kw.get("num_appended", 0)
+    weights = torch.empty(t, top_k + n_app, dtype=torch.float32, device=x.device)
+    ids = torch.empty(t, top_k + n_app, dtype=torch.int64, device=x.device)
+    if t == 0:
+        return weights, ids
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    gate_weight = gate_weight.contiguous()
+    counter = _COUNTERS.get(x.device)
+    if counter is None:  # zero once; the last program of every launch resets it (made before graph capture)
+        counter = _COUNTERS[x.device] = torch.zeros(1, dtype=torch.int32, device=x.device)
+    logits = torch.empty(t, e, dtype=torch.float32, device=x.device)
+    n_group, topk_group = kw.get("n_group"), kw.get("topk_group")
+    grouped = n_group is not None and topk_group is not None and n_group > 1
+    per = 2
+    bias = expert_bias.float().contiguous() if expert_bias is not None else logits
+    _gate_route_kernel[(e // per,)](
+        x, gate_weight, logits, counter, bias, weights, ids, t, hidden, x.stride(0),
+        float(kw.get("routed_scaling_factor", 1.0)), E=e, K=top_k, SOFTMAX=kw.get("score_function") == "softmax",
+        HAS_BIAS=expert_bias is not None, N_GROUP=n_group if grouped else 1, TOPK_GROUP=topk_group if grouped else 1,
+        NORM=bool(kw.get("norm_topk_prob", True)), N_APPENDED=n_app, EXPERTS_PER_PROGRAM=per, BLOCK_H=256,
+        BLOCK_T=triton.next_power_of_2(t), BLOCK_E=triton.next_power_of_2(e),
+        BLOCK_K=triton.next_power_of_2(top_k + n_app), BLOCK_G=triton.next_power_of_2(n_group if grouped else 1),
+        num_warps=4)
     return weights, ids
