@@ -183,7 +183,9 @@ def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Te
         x, gate_weight, logits, counter, bias, weights, ids, t, hidden, x.stride(0),
         float(kw.get("routed_scaling_factor", 1.0)), E=e, K=top_k, SOFTMAX=kw.get("score_function") == "softmax",
         HAS_BIAS=expert_bias is not None, N_GROUP=n_group if grouped else 1, TOPK_GROUP=topk_group if grouped else 1,
-        NORM=bool(kw.get("norm_topk_prob", True)), N_APPENDED=n_app, EXPERTS_PER_PROGRAM=per, BLOCK_H=256,
+        NORM=bool(kw.get("norm_topk_prob", True)), N_APPENDED=n_app, EXPERTS_PER_PROGRAM=per,
+        # as much of the row a load as registers allow: few dependent load rounds (latency, not bandwidth)
+        BLOCK_H=min(triton.next_power_of_2(hidden), max(64, 4096 // (triton.next_power_of_2(t) * per))),
         BLOCK_T=triton.next_power_of_2(t), BLOCK_E=triton.next_power_of_2(e),
         BLOCK_K=triton.next_power_of_2(top_k + n_app), BLOCK_G=triton.next_power_of_2(n_group if grouped else 1),
         num_warps=4)
