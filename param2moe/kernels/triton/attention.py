@@ -8,8 +8,7 @@ One kernel serves decode, prefill and chunked prefill over the paged cache [num_
   alignment (query i of a sequence sits at position context_len - query_len + i), online softmax in fp32
   (exp2 domain);
 - with few programs and a long context the KV walk is split NUM_SPLITS ways (third grid axis); each
-  split writes its partial output and (max, sum) to fp32 scratch; at decode the last split of a (sequence,
-  KV head) to finish (an atomic counter) combines them, at prefill a second kernel does.
+  split writes its partial output and (max, sum) to fp32 scratch and a second kernel combines them.
 The grid's first axis is T // BLOCK_Q + B (a sequence's q-blocks start at q_start // BLOCK_Q + b, found by
 binary search), so the grid depends on shapes and host ints only: CUDA-graph capturable. The split
 count depends on (T, B, max_context_len), fixed for a captured graph (max_context_len = max_model_len);
@@ -30,13 +29,13 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit(do_not_specialize=["B"])
-def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, cnt_ptr, bt_ptr, ctx_ptr, qsl_ptr, B, qk_scale,
+def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_ptr, qsl_ptr, B, qk_scale,
                        stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                        stride_ot, stride_oh, stride_bt,
                        NH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                        PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr,
-                       INTERP: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr):
+                       INTERP: tl.constexpr):
     pid_q = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -115,58 +114,29 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, cnt_ptr, bt_
         tl.store(po_ptr + base[:, None] * BLOCK_D + d[None, :], out, mask=row_valid[:, None])
         tl.store(pml_ptr + base * 2, m_i, mask=row_valid)
         tl.store(pml_ptr + base * 2 + 1, l_i, mask=row_valid)
-        if FUSED_REDUCE:  # decode: the last split of this (sequence, KV head) to finish combines them all
-            tl.debug_barrier()  # every thread's stores issued before the release below
-            cnt = cnt_ptr + b * tl.num_programs(1) + kvh
-            if tl.atomic_add(cnt, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                tok0 = q_start.to(tl.int64)
-                for gi in tl.static_range(G):
-                    _combine_splits(po_ptr, pml_ptr, o_ptr, tok0, kvh * G + gi, stride_ot, stride_oh, NH, D, BLOCK_D,
-                                    NUM_SPLITS, BLOCK_S)
-                tl.atomic_xchg(cnt, 0)
     else:
         tl.store(o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & dmask[None, :])
 
 
 @triton.jit
-def _combine_splits(po_ptr, pml_ptr, o_ptr, t, h, stride_ot, stride_oh, NH: tl.constexpr, D: tl.constexpr,
-                    BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Output row (token t, head h) from the splits' partial outputs and (max, sum) in fp32 scratch."""
+def _split_reduce_kernel(po_ptr, pml_ptr, o_ptr, stride_ot, stride_oh, NH: tl.constexpr, D: tl.constexpr,
+                         BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     smask = s < NUM_SPLITS
     base = (t * NH + h) * NUM_SPLITS + s
-    # .cg: read through L2 (other programs wrote these)
-    m = tl.load(pml_ptr + base * 2, mask=smask, other=float("-inf"), cache_modifier=".cg")
-    lse = tl.load(pml_ptr + base * 2 + 1, mask=smask, other=0.0, cache_modifier=".cg")
+    m = tl.load(pml_ptr + base * 2, mask=smask, other=float("-inf"))
+    lse = tl.load(pml_ptr + base * 2 + 1, mask=smask, other=0.0)
     m_max = tl.max(m, axis=0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_max) * lse  # an empty split has m = -inf, lse = 0: weight 0 (a NaN stays a NaN)
-    o = tl.load(po_ptr + base[:, None] * BLOCK_D + d[None, :], mask=smask[:, None], other=0.0, cache_modifier=".cg")
+    o = tl.load(po_ptr + base[:, None] * BLOCK_D + d[None, :], mask=smask[:, None], other=0.0)
     total = tl.sum(w, axis=0)
     out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
-
-
-@triton.jit
-def _split_reduce_kernel(po_ptr, pml_ptr, o_ptr, stride_ot, stride_oh, NH: tl.constexpr, D: tl.constexpr,
-                         BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-    _combine_splits(po_ptr, pml_ptr, o_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), stride_ot, stride_oh,
-                    NH, D, BLOCK_D, NUM_SPLITS, BLOCK_S)
-
-
-_COUNTERS: dict = {}
-
-
-def _split_counters(device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (sequence, KV head) of a fused-reduce decode; each launch leaves them
-    at zero. Kept per device and grown when needed (the engine's first, largest call comes before graph
-    capture, so a captured graph never sees them reallocated)."""
-    c = _COUNTERS.get(device)
-    if c is None or c.numel() < n:
-        c = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return c
 
 
 @functools.cache
@@ -224,26 +194,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_m = max(16, block_q * g_pad)
     block_n = cfg["BLOCK_N"]
     block_d = triton.next_power_of_2(d)
-    # Decode combines its splits in the attention launch itself (the last split to finish does it);
-    # prefill runs a second kernel.
-    fused = num_splits > 1 and decode
-    counters = out
     if num_splits > 1:
         po = torch.empty(t, nh, num_splits, block_d, dtype=torch.float32, device=q.device)
         pml = torch.empty(t, nh, num_splits, 2, dtype=torch.float32, device=q.device)
-        if fused:
-            counters = _split_counters(q.device, b * nkv)
     else:
         po = pml = out
-    block_s = triton.next_power_of_2(num_splits)
     _paged_attn_kernel[(n_q, nkv, num_splits)](
-        q, k_cache, v_cache, out, po, pml, counters, block_tables, context_lens, query_start_loc, b, scale * LOG2E,
+        q, k_cache, v_cache, out, po, pml, block_tables, context_lens, query_start_loc, b, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_tables.stride(0),
         NH=nh, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, DECODE=decode, IEEE=q.dtype == torch.float32, INTERP=INTERPRET, FUSED_REDUCE=fused,
-        BLOCK_S=block_s, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if num_splits > 1 and not fused:
+        NUM_SPLITS=num_splits, DECODE=decode, IEEE=q.dtype == torch.float32, INTERP=INTERPRET,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if num_splits > 1:
         _split_reduce_kernel[(t, nh)](po, pml, out, out.stride(0), out.stride(1), NH=nh, D=d, BLOCK_D=block_d,
-                                      NUM_SPLITS=num_splits, BLOCK_S=block_s, num_warps=2)
+                                      NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=2)
     return out
