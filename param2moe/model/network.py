@@ -274,7 +274,7 @@ class Param2MoEForCausalLM(nn.Module):
         drawn up front, for all layers of a step at once (two launches a step; drawing sets in each layer
         would add launches a real model does not have). off: the router's choice again."""
         self.random_routing = None
-        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        self._moes = moes = [m for m in self.modules() if isinstance(m, MoE)]
         if on and moes:
             c, k, dev = self.config, self.config.num_experts_per_tok, self.model.norm.weight.device
             g = torch.Generator(device=dev).manual_seed(1234)
@@ -287,7 +287,6 @@ class Param2MoEForCausalLM(nn.Module):
 
     def _draw_random_experts(self, num_tokens: int, device) -> None:
         weights, table = self.random_routing
-        moes = [m for m in self.modules() if isinstance(m, MoE)]
-        picks = table[torch.randint(0, table.shape[0], (len(moes), num_tokens), device=device)]
-        for module, ids in zip(moes, picks):
+        picks = table[torch.randint(0, table.shape[0], (len(self._moes), num_tokens), device=device)]
+        for module, ids in zip(self._moes, picks):
             module.random_choice = weights.expand(num_tokens, -1), ids
