@@ -153,8 +153,11 @@ def machine_facts(device) -> dict:
         facts["cpu"] = platform.processor() or platform.machine()
         facts["cores"] = torch.get_num_threads()
     try:
-        facts["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                         timeout=5).stdout.strip()
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, timeout=5).stdout.strip()  # noqa: E731
+        facts["commit"] = git("rev-parse", "--short", "HEAD")
+        # files that differ from that commit (a copied tree may carry stale git metadata): then the commit
+        # alone does not name the code that ran
+        facts["commit_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         pass
     return facts
