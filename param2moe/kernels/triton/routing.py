@@ -4,6 +4,10 @@ Per token (BLOCK_T tokens a program, all E experts in registers): sigmoid or sof
 scores = scores + expert bias, optional grouped selection (group score = sum of its top-2 choice scores, the
 best `topk_group` groups kept, -inf elsewhere), top-K by repeated argmax (ties go to the lower expert
 index), weights gathered from the unbiased scores, renormalised, scaled.
+
+`gate_route` adds the router's fp32 logits (oracle: `param2moe.kernels.routing.gate_route`): at decode
+sizes in the same launch (programs compute a slice of the experts' logits each; the last one to finish,
+found with an atomic counter, routes), beyond that cuBLAS logits and the routing kernel.
 """
 
 from __future__ import annotations
