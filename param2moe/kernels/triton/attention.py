@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, mma, pdl, pdl_start
+from ._common import INTERPRET, mma
 
 LOG2E = 1.4426950408889634
 
@@ -35,8 +35,7 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
                        NH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                        PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr,
-                       INTERP: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_start(USE_PDL)
+                       INTERP: tl.constexpr):
     pid_q = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -122,8 +121,7 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
 
 @triton.jit
 def _split_reduce_kernel(po_ptr, pml_ptr, o_ptr, stride_ot, stride_oh, NH: tl.constexpr, D: tl.constexpr,
-                         BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_start(USE_PDL)
+                         BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -207,9 +205,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_tables.stride(0),
         NH=nh, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DECODE=decode, IEEE=q.dtype == torch.float32, INTERP=INTERPRET,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if num_splits > 1:
         _split_reduce_kernel[(t, nh)](po, pml, out, out.stride(0), out.stride(1), NH=nh, D=d, BLOCK_D=block_d,
-                                      NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=2,
-                                      **pdl(q))
+                                      NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=2)
     return out

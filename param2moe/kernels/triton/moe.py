@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, mma, pdl, pdl_start
+from ._common import INTERPRET, mma
 from .moe_configs import get_config
 
 SMALL_ALIGN_MAX_PAIRS = 1024  # up to this many (token, k) pairs the align is one program
@@ -55,10 +55,9 @@ def _align_layout(counts, ex, sorted_ptr, expert_ids_ptr, npost_ptr, cursor_ptr,
 @triton.jit(do_not_specialize=["TK", "MAX_BLOCKS"])
 def _align_small_kernel(ids_ptr, work_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, MAX_BLOCKS,
                         E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr):
+                        BLOCK_B: tl.constexpr):
     """The whole align in one program (decode sizes): count, lay out, scatter, with atomics on a
     2*E int32 scratch (counts, cursors) that it zeroes itself; barriers order the phases."""
-    pdl_start(USE_PDL)
     p = tl.arange(0, BLOCK_P)
     ex = tl.arange(0, BLOCK_E)
     e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
@@ -78,8 +77,7 @@ def _align_small_kernel(ids_ptr, work_ptr, sorted_ptr, expert_ids_ptr, npost_ptr
 
 
 @triton.jit(do_not_specialize=["TK"])
-def _align_count_kernel(ids_ptr, counts_ptr, TK, E: tl.constexpr, BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_start(USE_PDL)
+def _align_count_kernel(ids_ptr, counts_ptr, TK, E: tl.constexpr, BLOCK_P: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
     valid = (e >= 0) & (e < E) & (p < TK)
@@ -88,9 +86,7 @@ def _align_count_kernel(ids_ptr, counts_ptr, TK, E: tl.constexpr, BLOCK_P: tl.co
 
 @triton.jit(do_not_specialize=["TK", "MAX_BLOCKS"])
 def _align_offsets_kernel(counts_ptr, cursor_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, MAX_BLOCKS,
-                          E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
-                          USE_PDL: tl.constexpr):
-    pdl_start(USE_PDL)
+                          E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
     ex = tl.arange(0, BLOCK_E)
     counts = tl.load(counts_ptr + ex, mask=ex < E, other=0)
     _align_layout(counts, ex, sorted_ptr, expert_ids_ptr, npost_ptr, cursor_ptr, TK, MAX_BLOCKS,
@@ -98,9 +94,7 @@ def _align_offsets_kernel(counts_ptr, cursor_ptr, sorted_ptr, expert_ids_ptr, np
 
 
 @triton.jit(do_not_specialize=["TK"])
-def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, TK, E: tl.constexpr, BLOCK_P: tl.constexpr,
-USE_PDL: tl.constexpr):
-    pdl_start(USE_PDL)
+def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, TK, E: tl.constexpr, BLOCK_P: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
     valid = (e >= 0) & (e < E) & (p < TK)
@@ -125,17 +119,16 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
         num_post = work[2 * num_experts:]
         _align_small_kernel[(1,)](flat, work, sorted_ids, expert_ids, num_post, tk, max_blocks, E=num_experts,
                                   BLOCK_M=block_m, BLOCK_P=triton.next_power_of_2(tk), BLOCK_E=block_e,
-                                  BLOCK_B=block_b, num_warps=4, **pdl(ids))
+                                  BLOCK_B=block_b, num_warps=4)
         return sorted_ids, expert_ids, num_post
     work = torch.zeros(2 * num_experts + 1, dtype=torch.int32, device=dev)
     counts, cursor, num_post = work[:num_experts], work[num_experts:2 * num_experts], work[2 * num_experts:]
     block_p = 1024
     grid = (triton.cdiv(tk, block_p),)
-    _align_count_kernel[grid](flat, counts, tk, E=num_experts, BLOCK_P=block_p, num_warps=4, **pdl(ids))
+    _align_count_kernel[grid](flat, counts, tk, E=num_experts, BLOCK_P=block_p, num_warps=4)
     _align_offsets_kernel[(1,)](counts, cursor, sorted_ids, expert_ids, num_post, tk, max_blocks, E=num_experts,
-                                BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_B=block_b, num_warps=4, **pdl(ids))
-    _align_scatter_kernel[grid](flat, cursor, sorted_ids, tk, E=num_experts, BLOCK_P=block_p, num_warps=4,
-                                **pdl(ids))
+                                BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_B=block_b, num_warps=4)
+    _align_scatter_kernel[grid](flat, cursor, sorted_ids, tk, E=num_experts, BLOCK_P=block_p, num_warps=4)
     return sorted_ids, expert_ids, num_post
 
 
@@ -172,10 +165,8 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
 def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, num_m, H, N,
                         stride_xt, stride_we, stride_wn, stride_ot,
                         TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr,
-                        USE_PDL: tl.constexpr):
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
     """out[slot, n] = silu(x[tok] . w[e, n]) * (x[tok] . w[e, N + n]) for the block's slots."""
-    pdl_start(USE_PDL)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(npost_ptr):
@@ -223,10 +214,8 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost
 def _moe_down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, num_m, Kdim, N,
                      stride_at, stride_we, stride_wn, stride_ot,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
     """out[pair, n] = inter[slot] . w2[e, n] for the block's slots (rows of padding slots dropped)."""
-    pdl_start(USE_PDL)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(npost_ptr):
@@ -260,8 +249,7 @@ def _moe_down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_pt
 
 @triton.jit
 def _moe_combine_kernel(pair_ptr, w_ptr, ids_ptr, out_ptr, N, stride_pt, stride_wt, stride_ot,
-                        TOPK: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_start(USE_PDL)
+                        TOPK: tl.constexpr, BLOCK_N: tl.constexpr):
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs < N
@@ -290,7 +278,7 @@ def gate_up(x, w13, align, topk: int, block_m: int, g1: dict) -> torch.Tensor:
         x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
         TOPK=topk, BLOCK_M=block_m, BLOCK_N=g1["BLOCK_N"], BLOCK_K=g1["BLOCK_K"], GROUP_M=g1["GROUP_M"],
         EVEN_K=hidden % g1["BLOCK_K"] == 0, IEEE=x.dtype == torch.float32, INTERP=INTERPRET,
-        num_warps=g1["num_warps"], num_stages=g1["num_stages"], **pdl(x))
+        num_warps=g1["num_warps"], num_stages=g1["num_stages"])
     return inter
 
 
@@ -305,7 +293,7 @@ def down(inter, w2, align, tk: int, block_m: int, g2: dict) -> torch.Tensor:
         inter.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0),
         BLOCK_M=block_m, BLOCK_N=g2["BLOCK_N"], BLOCK_K=g2["BLOCK_K"], GROUP_M=g2["GROUP_M"],
         EVEN_K=inter_size % g2["BLOCK_K"] == 0, IEEE=inter.dtype == torch.float32, INTERP=INTERPRET,
-        num_warps=g2["num_warps"], num_stages=g2["num_stages"], **pdl(inter))
+        num_warps=g2["num_warps"], num_stages=g2["num_stages"])
     return pair_out
 
 
@@ -316,7 +304,8 @@ def combine(pair_out, weights, ids, out) -> torch.Tensor:
     block_n = min(1024, triton.next_power_of_2(hidden))
     _moe_combine_kernel[(t, triton.cdiv(hidden, block_n))](
         pair_out, weights, ids, out, hidden, pair_out.stride(0), weights.stride(0), out.stride(0), TOPK=ids.shape[1],
-        BLOCK_N=block_n, num_warps=4, **pdl(out))
+        BLOCK_N=block_n,
+        num_warps=4)
     return out
 
 

@@ -11,13 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import pdl, pdl_start
-
 
 @triton.jit(do_not_specialize=["M"])
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, M, N, stride_x, stride_r, stride_o, stride_ro,
-                     eps, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_start(USE_PDL)
+                     eps, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -56,7 +53,7 @@ def _launch(x2, r2, weight, out2, res2, eps):
     _rms_norm_kernel[grid](
         x2, r2 if r2 is not None else x2, weight, out2, res2 if res2 is not None else out2, m, n,
         x2.stride(0), r2.stride(0) if r2 is not None else 0, out2.stride(0), res2.stride(0) if res2 is not None else 0,
-        eps, HAS_RES=r2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **pdl(x2))
+        eps, HAS_RES=r2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -111,10 +108,9 @@ def _qk_norm_rope_kernel(q_ptr, sq_t, sq_h, k_ptr, sk_t, sk_h, qo_ptr, ko_ptr, q
                          stride_ct, eps, v_ptr, sv_t, sv_h, kc_ptr, vc_ptr, slot_ptr, skc_s, skc_h, svc_s, svc_h,
                          NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
                          HAS_W: tl.constexpr, WRITE_KV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+                         BLOCK_D: tl.constexpr):
     """Program (t, 0): token t's query heads; (t, 1): its key heads, and with WRITE_KV its k and v into
     the paged cache at slot_mapping[t] (skipped when < 0)."""
-    pdl_start(USE_PDL)
     t = tl.program_id(0)
     dt = qo_ptr.dtype.element_ty
     j = tl.arange(0, BLOCK_D)
@@ -174,7 +170,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None
         q_weight if has_w else q, k_weight if has_w else k, cos, sin, cos.stride(0), eps, *kv_args,
         NQ=nq, NK=nk, D=d, HALF=half, HAS_W=has_w, WRITE_KV=kv_write is not None,
         BLOCK_Q=triton.next_power_of_2(nq), BLOCK_K=triton.next_power_of_2(nk), BLOCK_D=triton.next_power_of_2(d),
-        num_warps=4, **pdl(q))
+        num_warps=4)
     return qo, ko
 
 
@@ -190,5 +186,5 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         x, x.stride(0), x.stride(1), x, x.stride(0), x.stride(1), out, out, x, x, cos, sin, cos.stride(0), 0.0,
         x, 0, 0, x, x, x, 0, 0, 0, 0,
         NQ=nh, NK=nh, D=d, HALF=cos.shape[-1], HAS_W=False, WRITE_KV=False, BLOCK_Q=triton.next_power_of_2(nh),
-        BLOCK_K=triton.next_power_of_2(nh), BLOCK_D=triton.next_power_of_2(d), num_warps=4, **pdl(x))
+        BLOCK_K=triton.next_power_of_2(nh), BLOCK_D=triton.next_power_of_2(d), num_warps=4)
     return out

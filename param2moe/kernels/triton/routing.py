@@ -16,8 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import pdl, pdl_start
-
 
 @triton.jit
 def _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale, row0,
@@ -98,9 +96,7 @@ def _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale, row0,
 def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale,
                   E: tl.constexpr, K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
                   N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr, N_APPENDED: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                  USE_PDL: tl.constexpr):
-    pdl_start(USE_PDL)
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
     _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale, tl.program_id(0) * BLOCK_T,
                 E, K, SOFTMAX, HAS_BIAS, N_GROUP, TOPK_GROUP, NORM, N_APPENDED, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_G)
 
@@ -110,12 +106,10 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
                        E: tl.constexpr, K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
                        N_APPENDED: tl.constexpr, EXPERTS_PER_PROGRAM: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                       USE_PDL: tl.constexpr):
+                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
     """Router logits and routing in one launch (decode sizes, T <= BLOCK_T): each program computes the
     fp32 logits of EXPERTS_PER_PROGRAM experts for every token (bf16/fp32 x read as fp32, like
     F.linear(x.float(), gate)); the last program to finish (an atomic counter, reset by it) routes."""
-    pdl_start(USE_PDL)
     pid = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     e = pid * EXPERTS_PER_PROGRAM + tl.arange(0, EXPERTS_PER_PROGRAM)
@@ -158,7 +152,7 @@ def route(logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, *,
         N_GROUP=n_group if grouped else 1, TOPK_GROUP=topk_group if grouped else 1, NORM=bool(norm_topk_prob),
         N_APPENDED=num_appended, BLOCK_T=block_t, BLOCK_E=block_e,
         BLOCK_K=triton.next_power_of_2(top_k + num_appended),
-        BLOCK_G=triton.next_power_of_2(n_group if grouped else 1), num_warps=4, **pdl(logits))
+        BLOCK_G=triton.next_power_of_2(n_group if grouped else 1), num_warps=4)
     return weights, ids
 
 
@@ -198,5 +192,5 @@ def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Te
         BLOCK_H=min(triton.next_power_of_2(hidden), max(64, 4096 // (triton.next_power_of_2(t) * per))),
         BLOCK_T=triton.next_power_of_2(t), BLOCK_E=triton.next_power_of_2(e),
         BLOCK_K=triton.next_power_of_2(top_k + n_app), BLOCK_G=triton.next_power_of_2(n_group if grouped else 1),
-        num_warps=4, **pdl(x))
+        num_warps=4)
     return weights, ids
