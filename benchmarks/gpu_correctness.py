@@ -58,6 +58,11 @@ def run_other_order(path: str, prompt_ids, device: str = "cuda"):
         kernels.linear, kernels_moe.linear = saved
 
 
+def greedy_same(a, b) -> int:
+    """How many prompts' greedy tokens agree between two runs."""
+    return sum(x.outputs[0].token_ids == y.outputs[0].token_ids for x, y in zip(a, b))
+
+
 def prompt_lp(outs, prompt_ids):
     return [[d[t] for d, t in zip(o.prompt_logprobs[1:], p[1:])] for o, p in zip(outs, prompt_ids)]
 
@@ -80,9 +85,7 @@ def main(out_path: str) -> None:
     d32 = max(abs(a - b) for ra, rb in zip(ref_lp, fast_lp) for a, b in zip(ra, rb))
     d16 = max(abs(a - b) for ra, rb in zip(ref_lp, bf_lp) for a, b in zip(ra, rb))
     mean16 = sum(abs(a - b) for ra, rb in zip(ref_lp, bf_lp) for a, b in zip(ra, rb)) / sum(map(len, ref_lp))
-    same32 = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(ref32, fast32))
-    same16 = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(torch16, fast16))
-    ceiling = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(torch16, other16))
+    same32, same16, ceiling = greedy_same(ref32, fast32), greedy_same(torch16, fast16), greedy_same(torch16, other16)
     o16_lp = prompt_lp(other16, ids)
     t16_lp = prompt_lp(torch16, ids)
     d16k = [abs(a - b) for ra, rb in zip(t16_lp, bf_lp) for a, b in zip(ra, rb)]

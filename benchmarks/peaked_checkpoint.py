@@ -189,17 +189,13 @@ def load_summary(load: list[list[int]]) -> dict:
     return {"per_layer": out, "experts": len(load[0]) if load else 0}
 
 
-def _greedy_same(a, b) -> int:
-    return sum(x.outputs[0].token_ids == y.outputs[0].token_ids for x, y in zip(a, b))
-
-
 def cpu_check(out_path: str | None = None) -> dict:
     """Train on the CPU; then on the trained checkpoint, and for contrast on the old random one, count
     prompts whose 64 greedy tokens agree: bf16 torch vs fp32, and bf16 torch vs bf16 torch summed in
     another order."""
     import tempfile
 
-    from gpu_correctness import N_PROMPTS, STEPS, run, run_other_order
+    from gpu_correctness import N_PROMPTS, STEPS, greedy_same, run, run_other_order
 
     from param2moe.writer import write_checkpoint
 
@@ -224,8 +220,8 @@ def cpu_check(out_path: str | None = None) -> dict:
             f32, _ = run(path, prompts, device="cpu", dtype="float32")
             b16, _ = run(path, prompts, device="cpu", dtype="bfloat16", kernels="torch")
             other, _ = run_other_order(path, prompts, device="cpu")
-            r = {"bf16_vs_fp32_greedy_identical": f"{_greedy_same(b16, f32)}/{N_PROMPTS}",
-                 "bf16_vs_bf16_other_sum_order_greedy_identical": f"{_greedy_same(b16, other)}/{N_PROMPTS}"}
+            r = {"bf16_vs_fp32_greedy_identical": f"{greedy_same(b16, f32)}/{N_PROMPTS}",
+                 "bf16_vs_bf16_other_sum_order_greedy_identical": f"{greedy_same(b16, other)}/{N_PROMPTS}"}
             if name == "trained":
                 follows = sum(o.outputs[0].token_ids == corpus[i % corpus.shape[0], len(p):len(p) + STEPS].tolist()
                               for i, (o, p) in enumerate(zip(f32, prompts)))

@@ -47,9 +47,7 @@ class CudaGraphRunner:
                 buf = torch.zeros(size * (len(_FIELDS) + self.max_blocks), dtype=torch.int32, device=dev)
                 self.inputs[size] = buf
                 f = self._views(buf, size)
-                f["slot_mapping"].fill_(runner.scratch_slot)
-                f["context_lens"].fill_(1)
-                f["prev_index"].fill_(-1)
+                self._pad(f, 0)
                 attn = PagedAttention(
                     runner.k_caches, runner.v_caches, f["slot_mapping"], f["block_tables"], f["context_lens"],
                     self.query_start_loc[: size + 1], max_query_len=1,
@@ -75,6 +73,14 @@ class CudaGraphRunner:
         views["block_tables"] = buf[len(_FIELDS) * size:].reshape(size, self.max_blocks)
         return views
 
+    def _pad(self, f: dict, b: int) -> None:
+        """Rows b.. of the fields are padding: token 0 at position 0, written to the scratch slot, attending
+        to one cached token; and every row's block table is cleared (rows < b get theirs after)."""
+        for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", self.runner.scratch_slot),
+                            ("context_lens", 1), ("prev_index", -1)):
+            f[name][b:] = value
+        f["block_tables"][:] = 0
+
     def can_run(self, host: dict) -> bool:
         b = len(host["context_lens"])
         return b <= self.sizes[-1] and len(host["input_ids"]) == b and host["block_tables"].shape[1] <= self.max_blocks
@@ -84,16 +90,11 @@ class CudaGraphRunner:
         size = next(s for s in self.sizes if s >= b)
         buf, event = self._staging_buffer(size)
         f = self._views(buf.numpy(), size)
+        self._pad(f, b)
         for name in _FIELDS:
             f[name][:b] = host.get(name, -1)  # prev_index absent: no row waits for the previous step
         tables = host["block_tables"]
         f["block_tables"][:b, : tables.shape[1]] = tables
-        f["block_tables"][:b, tables.shape[1]:] = 0
-        # padding rows: token 0 at position 0, written to the scratch slot, attending to one cached token
-        for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", self.runner.scratch_slot),
-                            ("context_lens", 1), ("prev_index", -1)):
-            f[name][b:] = value
-        f["block_tables"][b:] = 0
         self.inputs[size].copy_(buf, non_blocking=True)
         event.record()
         if prev_tokens is not None and "prev_index" in host:

@@ -49,6 +49,6 @@ class PagedAttention:
         return self.k_caches[i], self.v_caches[i], self.slot_mapping
 
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
-        kc, vc = self.k_caches[layer - self.layer_offset], self.v_caches[layer - self.layer_offset]
+        kc, vc, _ = self.kv_cache(layer)
         return ops.paged_attention(q, kc, vc, self.block_tables, self.context_lens, self.query_start_loc, scale,
                                    self.max_query_len, self.max_context_len)
