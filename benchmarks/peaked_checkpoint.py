@@ -80,7 +80,8 @@ def _expert_load(model, ids, pos, attn) -> list[list[int]]:
     for module in model.modules():
         if isinstance(module, MoE):
             def hook(mod, args):
-                _, chosen = mod.route(args[0])
+                a, residual, norm = args  # the attention output; the post-attention norm makes the input
+                _, chosen = mod.route(norm(a, residual)[0])
                 counts.append(torch.bincount(chosen.reshape(-1).cpu(), minlength=mod.cfg.num_experts).tolist())
             hooks.append(module.register_forward_pre_hook(hook))
     try:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from param2moe import kernels as ops
 from param2moe.checkpoint import load_model
 from param2moe.config import Param2MoEConfig
 from param2moe.kernels import apply_rope
@@ -219,9 +220,10 @@ class _Recorder(CausalAttention):
         super().__init__(seq_lens)
         self.seen = {}
 
-    def attend(self, layer, q, k, v, scale):
-        self.seen[layer] = (q.clone(), k.clone(), v.clone())
-        return super().attend(layer, q, k, v, scale)
+    def attend(self, layer, q, k, v, scale, norm_rope):
+        qn, kn = ops.qk_norm_rope(q, k, *norm_rope)  # what the attention computes from the projections
+        self.seen[layer] = (qn.clone(), kn.clone(), v.clone())
+        return super().attend(layer, q, k, v, scale, norm_rope)
 
 
 def test_attention_module_rotates_q_and_k_partially():

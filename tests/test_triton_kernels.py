@@ -202,6 +202,34 @@ def test_gate_route(name, t, dtype):
         torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 5, 16, 40])
+def test_add_rms_norm_gate_route(t, dtype):
+    """The post-attention norm computed inside the router's launch (up to 16 tokens; beyond, the two
+    kernels): normed rows, new residual, weights and ids as add_rms_norm then gate_route give them."""
+    h, e = 512, 64
+    gate = torch.randn(e, h, device=DEV) / h**0.5
+    bias = 0.1 * torch.randn(e, device=DEV)
+    nw = (1 + 0.1 * torch.randn(h, device=DEV)).to(dtype)
+    for _ in range(2):
+        a, r = torch.randn(t, h, device=DEV).to(dtype), torch.randn(t, h, device=DEV).to(dtype)
+        with poisoned():
+            xn, res, w, ids = tri_routing.add_rms_norm_gate_route(a, r, nw, 1e-6, gate, bias, 6, num_appended=2,
+                                                                  routed_scaling_factor=2.5)
+        rxn, rres, rw, rids = ref_routing.add_rms_norm_gate_route(a, r, nw, 1e-6, gate, bias, 6, num_appended=2,
+                                                                  routed_scaling_factor=2.5)
+        if CUDA or dtype == torch.float32:
+            assert torch.equal(res, rres)
+        check(xn, rxn, dtype)
+        # the router reads the normed rows; the oracle's on its own rounding of them: route those
+        w2, ids2 = ref_routing.gate_route(xn, gate, bias, 6, num_appended=2, routed_scaling_factor=2.5)
+        assert torch.equal(ids, ids2)
+        torch.testing.assert_close(w, w2, rtol=1e-5, atol=1e-6)
+        if dtype == torch.float32:
+            assert torch.equal(ids, rids)
+            torch.testing.assert_close(w, rw, rtol=1e-4, atol=1e-5)
+
+
 def test_route_bias_decides_choice_only():
     logits = torch.zeros(4, 64, device=DEV)
     bias = torch.zeros(64, device=DEV)
@@ -282,6 +310,29 @@ def test_moe_experts_one_weight_row_expanded():
     with poisoned():
         out = tri_moe.moe_experts(x, w13, w2, weights, ids)
     check(out, ref_moe.moe_experts(x, w13, w2, weights.contiguous(), ids), torch.float32, tight=2e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 6, 37])
+def test_unsummed_moe_then_expert_sum_add_rms_norm(t, dtype):
+    """The MoE stopped before its combine, summed inside the next add + RMSNorm (ids -1 skipped, one
+    weight row expanded over the tokens as the benchmarks hand it)."""
+    h = 96
+    x, w13, w2, _, ids = _moe_inputs(t, 8, h, 32, 4, dtype, with_missing=True)
+    weights = torch.rand(1, 4, device=DEV).expand(t, -1)
+    r = torch.randn(t, h, device=DEV).to(dtype)
+    nw = (1 + 0.1 * torch.randn(h, device=DEV)).to(dtype)
+    with poisoned():
+        pair_out = tri_moe.moe_experts(x, w13, w2, weights, ids, unsummed=True)
+        out, res = tri_norm.expert_sum_add_rms_norm(pair_out, weights, ids, r, nw, 1e-6)
+    assert pair_out.shape == (t * 4, h)
+    summed = tri_moe.moe_experts(x, w13, w2, weights, ids)
+    ref_out, ref_res = ref_norm.add_rms_norm(summed, r, nw, 1e-6)  # the combine kernel's sum, then the norm
+    if CUDA or dtype == torch.float32:
+        assert torch.equal(res, ref_res)
+    check(out, ref_out, dtype)
+    want = ref_norm.expert_sum_add_rms_norm(pair_out, weights, ids, r, nw, 1e-6)[0]  # the oracle on the same pairs
+    check(out, want, dtype)
 
 
 @pytest.mark.skipif(not BIG, reason="real Param2 shapes: CUDA (or P2M_TEST_BIG=1)")
@@ -367,6 +418,43 @@ def test_qk_norm_rope_writes_the_kv_cache(dtype):
     check(qo, rq, dtype)
     check(ko, rk, dtype)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_norm", [True, False])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("name,rot", [("decode", 64), ("decode-long", 32), ("gqa3", 64), ("chunked-mixed", 64)])
+def test_paged_attention_with_norm_rope_and_cache_write(name, rot, splits, with_norm, dtype):
+    """q and k as projected: QK-norm + RoPE and the KV write inside the decode attention's launch (before
+    it otherwise), against the oracle composition; the cache ends as qk_norm_rope's write leaves it, the
+    padding row's slot -1 untouched."""
+    q_lens, ctx_lens, nh, nkv, d = ATTN_CASES[name]
+    q, kc, vc, tables, ctx, qsl = _paged_batch(q_lens, ctx_lens, nh, nkv, d, dtype)
+    t = q.shape[0]
+    k, v = torch.randn(t, nkv, d, device=DEV).to(dtype), torch.randn(t, nkv, d, device=DEV).to(dtype)
+    pos = torch.cat([torch.arange(c - n, c) for n, c in zip(q_lens, ctx_lens)]).to(DEV)
+    tab = tables.long()
+    slots = tab[torch.repeat_interleave(torch.arange(len(q_lens), device=DEV), torch.tensor(q_lens, device=DEV)),
+                pos // 16] * 16 + pos % 16
+    if max(q_lens) == 1:  # a padding row: writes nowhere, attends to what is there
+        slots[0] = -1
+        kc[tab[0, (ctx_lens[0] - 1) // 16], (ctx_lens[0] - 1) % 16] = torch.randn(nkv, d, device=DEV).to(dtype)
+        vc[tab[0, (ctx_lens[0] - 1) // 16], (ctx_lens[0] - 1) % 16] = torch.randn(nkv, d, device=DEV).to(dtype)
+    qw, kw = (1 + 0.2 * torch.randn(d, device=DEV)).to(dtype), (1 + 0.2 * torch.randn(d, device=DEV)).to(dtype)
+    cos, sin = _cos_sin(t, rot // 2, DEV)
+    norm_rope = (qw, kw, cos, sin, 1e-6) if with_norm else (None, None, cos, sin, 0.0)
+    kc2, vc2 = kc.clone(), vc.clone()
+    meta = (tables, ctx, qsl, d**-0.5, max(q_lens), max(ctx_lens))
+    with poisoned():
+        out = tri_attn.paged_attention(q, kc, vc, *meta, num_splits=splits, new_kv=(k, v, slots, *norm_rope))
+    keep = slots >= 0
+    rq, rk = ref_rope.qk_norm_rope(q, k, *norm_rope)
+    ref_attn.write_kv_cache(rk[keep], v[keep], kc2, vc2, slots[keep])
+    if CUDA or dtype == torch.float32:
+        assert torch.equal(vc.nan_to_num(), vc2.nan_to_num()) and torch.equal(kc.isnan(), kc2.isnan())
+        torch.testing.assert_close(kc.nan_to_num(), kc2.nan_to_num(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-2)
+    check(out, ref_attn.paged_attention(rq, kc2, vc2, *meta), dtype, tight=2e-5, loose=1.2e-2)
 
 
 # ------------------------------------------------------------------------------------ CUDA only

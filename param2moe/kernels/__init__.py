@@ -5,6 +5,9 @@ Nothing GPU-only is imported until a CUDA tensor arrives."""
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
+
+import torch
 
 from . import attention as _attention
 from . import moe as _moe
@@ -59,9 +62,34 @@ def rms_norm(x, weight, eps: float):
     return t.rms_norm(x, weight, eps) if t else _norm.rms_norm(x, weight, eps)
 
 
+class ExpertOutputs(NamedTuple):
+    """A MoE layer's output not yet summed over each token's experts: `add_rms_norm` (the next layer's
+    input norm, or the final norm) sums it in its own launch, one launch fewer a layer on CUDA."""
+
+    pair_out: torch.Tensor  # [T*K, H]: (token t, k) at row t*K + k; rows whose id is -1 undefined
+    weights: torch.Tensor  # [T, K] float32
+    ids: torch.Tensor  # [T, K]; -1: no expert
+
+
 def add_rms_norm(x, residual, weight, eps: float):
+    """(rms_norm(x + residual), x + residual); x may be ExpertOutputs."""
+    if isinstance(x, ExpertOutputs):
+        t = _pick(residual, "norm")
+        fn = t.expert_sum_add_rms_norm if t else _norm.expert_sum_add_rms_norm
+        return fn(*x, residual, weight, eps)
     t = _pick(x, "norm")
     return t.add_rms_norm(x, residual, weight, eps) if t else _norm.add_rms_norm(x, residual, weight, eps)
+
+
+def sum_experts(x):
+    """A tensor for x (ExpertOutputs summed; a tensor as it is)."""
+    if not isinstance(x, ExpertOutputs):
+        return x
+    t = _pick(x.pair_out, "moe")
+    if t:
+        out = torch.empty(x.ids.shape[0], x.pair_out.shape[1], dtype=x.pair_out.dtype, device=x.pair_out.device)
+        return t.combine(x.pair_out, x.weights, x.ids, out)
+    return _norm.expert_sum(*x)
 
 
 def apply_rope(x, cos, sin):
@@ -89,21 +117,42 @@ def gate_route(x, gate_weight, expert_bias, top_k: int, **kw):
     return fn(x, gate_weight, expert_bias, top_k, **kw)
 
 
-def moe_experts(x, w13, w2, weights, ids):
+def add_rms_norm_gate_route(x, residual, norm_weight, eps: float, gate_weight, expert_bias, top_k: int, **kw):
+    """(normed, residual', weights, ids): add_rms_norm, then the router on the normed rows (one launch
+    for decode-sized CUDA batches)."""
+    t = _pick(x, "routing")
+    fn = t.add_rms_norm_gate_route if t else _routing.add_rms_norm_gate_route
+    return fn(x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, **kw)
+
+
+def moe_experts(x, w13, w2, weights, ids, unsummed: bool = False):
+    """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
+    norm to sum (elsewhere the sum, as always)."""
     t = _pick(x, "moe")
     if t:
+        if unsummed:
+            return ExpertOutputs(t.moe_experts(x, w13, w2, weights, ids, unsummed=True), weights, ids)
         return t.moe_experts(x, w13, w2, weights, ids)
     fn = _moe.moe_experts_cpu if x.device.type == "cpu" else _moe.moe_experts
     return fn(x, w13, w2, weights, ids)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale: float,
-                    max_query_len: int, max_context_len: int):
+                    max_query_len: int, max_context_len: int, new_kv=None):
+    """Attention over the paged cache. new_kv = (k, v, slot_mapping, q_weight, k_weight, cos, sin, eps): q
+    and k arrive as projected; QK-norm + RoPE run first and the new k, v go to the cache at slot_mapping
+    (on CUDA inside the attention's launch at decode, else one launch before it)."""
     t = _pick(q, "attention")
-    fn = t.paged_attention if t else _attention.paged_attention
-    return fn(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, max_query_len,
-              max_context_len)
+    if t:
+        return t.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
+                                 max_query_len, max_context_len, new_kv=new_kv)
+    if new_kv is not None:
+        k, v, slots, q_weight, k_weight, cos, sin, eps = new_kv
+        q, _ = _rope.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, (v, k_cache, v_cache, slots))
+    return _attention.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
+                                      max_query_len, max_context_len)
 
 
-__all__ = ["add_rms_norm", "apply_rope", "causal_attention", "gate_route", "linear", "moe_experts", "paged_attention",
-           "qk_norm_rope", "rms_norm", "route", "set_backend", "silu_and_mul", "use_triton"]
+__all__ = ["ExpertOutputs", "add_rms_norm", "add_rms_norm_gate_route", "apply_rope", "causal_attention", "gate_route",
+           "linear", "moe_experts", "paged_attention", "qk_norm_rope", "rms_norm", "route", "set_backend",
+           "silu_and_mul", "sum_experts", "use_triton"]

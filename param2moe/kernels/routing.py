@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .norm import add_rms_norm
+
 
 def route(
     logits: torch.Tensor,
@@ -41,6 +43,13 @@ def route(
 def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, **kw):
     """The router: fp32 logits x @ gate_weight.T (x read as fp32, SPEC 3.4), then `route`."""
     return route(torch.nn.functional.linear(x.float(), gate_weight), expert_bias, top_k, **kw)
+
+
+def add_rms_norm_gate_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                            gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, **kw):
+    """The MoE layer's input: (normed, residual', weights, ids) = add_rms_norm, then the router on it."""
+    normed, residual = add_rms_norm(x, residual, norm_weight, eps)
+    return (normed, residual, *gate_route(normed, gate_weight, expert_bias, top_k, **kw))
 
 
 def append_experts(weights: torch.Tensor, ids: torch.Tensor, first: int, n: int):

@@ -1,8 +1,9 @@
 """How a forward pass's tokens group into sequences, and where their keys and values live.
 
-The network asks `kv_cache(layer)` where this step's keys and values are to be stored (it writes them
-there as it makes them), then calls `attend(layer, q, k, v, scale)`; it never needs to know which of
-these it has:
+The network hands each layer's projections to `attend(layer, q, k, v, scale, norm_rope)`: q and k as
+projected, with what turns them into attention's inputs (QK-norm weights, RoPE cos/sin at the tokens'
+positions, eps), so that the attention can fuse that work and the KV-cache write into its own launches.
+It never needs to know which of these it has:
 - `CausalAttention`: independent sequences with no cache (the reference forward, and tests);
 - `PagedAttention`: the engine's batch over a paged KV cache (see engine/kv_cache.py).
 """
@@ -22,10 +23,8 @@ class CausalAttention:
         for n in seq_lens:
             self.cu_seqlens.append(self.cu_seqlens[-1] + n)
 
-    def kv_cache(self, layer: int) -> None:
-        return None  # no cache
-
-    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+    def attend(self, layer: int, q, k, v, scale: float, norm_rope) -> torch.Tensor:
+        q, k = ops.qk_norm_rope(q, k, *norm_rope)
         return ops.causal_attention(q, k, v, self.cu_seqlens, scale)
 
 
@@ -43,12 +42,10 @@ class PagedAttention:
     max_context_len: int
     layer_offset: int = 0  # first layer of this pipeline stage (caches are indexed from it)
 
-    def kv_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k_cache, v_cache, slot_mapping): the caller stores the new tokens' k and v there before attend."""
+    def attend(self, layer: int, q, k, v, scale: float, norm_rope) -> torch.Tensor:
+        """norm_rope = (q_weight, k_weight, cos, sin, eps) as ops.qk_norm_rope takes them; the new k and v
+        are stored at slot_mapping before any query reads the cache."""
         i = layer - self.layer_offset
-        return self.k_caches[i], self.v_caches[i], self.slot_mapping
-
-    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
-        kc, vc, _ = self.kv_cache(layer)
-        return ops.paged_attention(q, kc, vc, self.block_tables, self.context_lens, self.query_start_loc, scale,
-                                   self.max_query_len, self.max_context_len)
+        return ops.paged_attention(q, self.k_caches[i], self.v_caches[i], self.block_tables, self.context_lens,
+                                   self.query_start_loc, scale, self.max_query_len, self.max_context_len,
+                                   new_kv=(k, v, self.slot_mapping, *norm_rope))

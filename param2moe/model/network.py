@@ -67,12 +67,12 @@ class Attention(nn.Module):
         qkv = ops.linear(x, self.query_key_value.weight, self.query_key_value.bias)
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q, k, v = q.reshape(t, self.num_heads, d), k.reshape(t, self.num_kv_heads, d), v.reshape(t, -1, d)
-        # QK-norm (when the checkpoint has it), RoPE and the KV-cache write: one fused kernel on CUDA.
+        # QK-norm (when the checkpoint has it) and RoPE run inside the attention (with the KV-cache write,
+        # fused on CUDA): it takes q and k as projected.
         qn, kn = self.query_layernorm, self.key_layernorm
-        cache = attn.kv_cache(self.layer_idx)
-        q, k = ops.qk_norm_rope(q, k, None if qn is None else qn.weight, None if kn is None else kn.weight,
-                                cos, sin, 0.0 if qn is None else qn.eps, None if cache is None else (v, *cache))
-        o = attn.attend(self.layer_idx, q, k, v, self.scale)
+        norm_rope = (None if qn is None else qn.weight, None if kn is None else kn.weight, cos, sin,
+                     0.0 if qn is None else qn.eps)
+        o = attn.attend(self.layer_idx, q, k, v, self.scale, norm_rope)
         # Each rank holds a slice of the heads: partial sums, reduced; the bias is added by one rank.
         bias = self.dense.bias if self.shard.tp_rank == 0 else None
         return self.shard.all_reduce(ops.linear(o.reshape(t, -1), self.dense.weight, bias))
@@ -130,26 +130,36 @@ class MoE(nn.Module):
         self.shared_experts, self.num_folded_shared = None, n
         return True
 
+    def _routing_options(self) -> dict:
+        c = self.cfg
+        return dict(score_function=c.score_function, n_group=c.n_group, topk_group=c.topk_group,
+                    norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor,
+                    num_appended=self.num_folded_shared)
+
     def route(self, x: torch.Tensor):
-        """(weights, ids) of each token's experts, then the folded shared expert's pieces (weight 1)."""
-        c, n = self.cfg, self.num_folded_shared
-        choice = ops.gate_route(x, self.gate.weight, self.gate.expert_bias, c.num_experts_per_tok,
-                                score_function=c.score_function, n_group=c.n_group, topk_group=c.topk_group,
-                                norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor,
-                                num_appended=n)
+        """The router's (weights, ids) for normed rows x, the folded shared expert's pieces appended."""
+        return ops.gate_route(x, self.gate.weight, self.gate.expert_bias, self.cfg.num_experts_per_tok,
+                              **self._routing_options())
+
+    def forward(self, a: torch.Tensor, residual: torch.Tensor, norm: RMSNorm):
+        """The post-attention norm and this block: a is the attention output; returns (y, residual') with
+        residual' = a + residual. The norm runs in the router's launch (decode sizes, CUDA), and with one
+        rank y comes back unsummed over each token's experts (ops.ExpertOutputs): the next norm sums it."""
+        x, residual, weights, ids = ops.add_rms_norm_gate_route(
+            a, residual, norm.weight, norm.eps, self.gate.weight, self.gate.expert_bias, self.cfg.num_experts_per_tok,
+            **self._routing_options())
         # Benchmarks with random weights (SPEC 7): the router still runs, as it would in a real model, but
         # uniformly random experts replace its choice (Param2MoEForCausalLM.set_uniform_random_routing).
-        return choice if self.random_choice is None else self.random_choice
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.route(x)
+        if self.random_choice is not None:
+            weights, ids = self.random_choice
         if self.shard.ep_size > 1:  # experts held by other ranks contribute nothing here
             local = (ids >= self.expert_start) & (ids < self.expert_end)
             ids = torch.where(local, ids - self.expert_start, -1)
-        y = ops.moe_experts(x, self.w13, self.w2, weights, ids)
+        single = self.shard.tp_size == 1 and self.shard.ep_size == 1 and self.shared_experts is None
+        y = ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return self.shard.all_reduce(y)
+        return (y if single else self.shard.all_reduce(y)), residual
 
 
 class DecoderLayer(nn.Module):
@@ -162,19 +172,20 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size // shard.tp_size, dtype)
             self.reduce_mlp = shard.all_reduce
         else:
-            self.mlp = MoE(cfg, shard, dtype)
-            self.reduce_mlp = None  # the MoE reduces its own sum
+            self.mlp = MoE(cfg, shard, dtype)  # reduces its own sum
 
     def forward(self, h, residual, cos, sin, attn):
-        """Pre-norm block with the residual carried separately: returns (mlp_out, residual)."""
+        """Pre-norm block with the residual carried separately: returns (mlp_out, residual); mlp_out may come
+        unsummed over experts (ops.ExpertOutputs), which the next norm takes in."""
         if residual is None:
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm(h, residual)
         a = self.attention(x, cos, sin, attn)
+        if isinstance(self.mlp, MoE):
+            return self.mlp(a, residual, self.post_attention_layernorm)
         x, residual = self.post_attention_layernorm(a, residual)
-        y = self.mlp(x)
-        return (self.reduce_mlp(y) if self.reduce_mlp else y), residual
+        return self.reduce_mlp(self.mlp(x)), residual
 
 
 class Param2MoEModel(nn.Module):
@@ -256,7 +267,7 @@ class Param2MoEForCausalLM(nn.Module):
         for layer in self.model.layers.values():
             h, residual = layer(h, residual, cos, sin, attn)
         if not shard.is_last_stage:
-            return h, residual
+            return ops.sum_experts(h), residual
         return self.model.norm(h, residual)[0] if residual is not None else self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, mma
+from .norm import _norm_rope_heads, qk_norm_rope
 
 LOG2E = 1.4426950408889634
 
@@ -35,7 +36,10 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
                        NH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                        PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr,
-                       INTERP: tl.constexpr):
+                       INTERP: tl.constexpr,
+                       kn_ptr, vn_ptr, slot_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, stride_knt, stride_knh,
+                       stride_vnt, stride_vnh, stride_ct, eps, NORM_ROPE: tl.constexpr, HAS_W: tl.constexpr,
+                       HALF: tl.constexpr):
     pid_q = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -69,8 +73,13 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     tok = (q_start + qi).to(tl.int64)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_valid[:, None] & dmask[None, :], other=0.0)
+    if NORM_ROPE:  # decode: q as projected; this program's G heads normed and rotated here (row r = head r)
+        q = _norm_rope_heads(q_ptr + kvh * G * stride_qh, stride_qt, stride_qh, qw_ptr, cos_ptr, sin_ptr,
+                             q_start, stride_ct, eps, G, D, HALF, HAS_W, BLOCK_M, BLOCK_D,
+                             q_ptr.dtype.element_ty).to(q_ptr.dtype.element_ty)
+    else:
+        q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_valid[:, None] & dmask[None, :], other=0.0)
     q_pos = ctx - q_len + qi
     last_q = tl.minimum(qblk * BLOCK_Q + BLOCK_Q, q_len) - 1
     kv_end = tl.minimum(ctx, ctx - q_len + last_q + 1)
@@ -83,6 +92,19 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
         t0 = 0
         t1 = n_tiles
 
+    if NORM_ROPE:  # the program whose share of the walk holds the new token stores its k and v first
+        last = (ctx - 1) // BLOCK_N
+        slot = tl.load(slot_ptr + q_start).to(tl.int64)
+        if (last >= t0) & (last < t1) & (slot >= 0):
+            one = tl.arange(0, 2)
+            m1 = (one[:, None] < 1) & dmask[None, :]
+            kn = _norm_rope_heads(kn_ptr + kvh * stride_knh, stride_knt, stride_knh, kw_ptr, cos_ptr, sin_ptr,
+                                  q_start, stride_ct, eps, 1, D, HALF, HAS_W, 2, BLOCK_D, k_ptr.dtype.element_ty)
+            tl.store(k_ptr + slot * stride_ks + kvh * stride_kh + one[:, None] * 0 + d[None, :],
+                     kn.to(k_ptr.dtype.element_ty), mask=m1)
+            vn = tl.load(vn_ptr + q_start * stride_vnt + kvh * stride_vnh + one[:, None] * 0 + d[None, :], mask=m1)
+            tl.store(v_ptr + slot * stride_vs + kvh * stride_vh + one[:, None] * 0 + d[None, :], vn, mask=m1)
+        tl.debug_barrier()  # the stores above are seen by this program's loads of the cache below
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -166,13 +188,21 @@ def choose_splits(num_programs: int, max_context_len: int, block_n: int, num_sms
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_query_len: int,
-                    max_context_len: int, num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
+                    max_context_len: int, num_splits: int | None = None, config: dict | None = None,
+                    new_kv=None) -> torch.Tensor:
     """Causal attention of each sequence's new queries q [T, NH, D] over its cached context (the new
     tokens' k/v already written). Same contract as the torch oracle; `num_splits` / `config` override the
-    heuristics (tests, tuning)."""
+    heuristics (tests, tuning). new_kv = (k, v, slot_mapping, q_weight, k_weight, cos, sin, eps): q and k
+    as projected; QK-norm + RoPE and the cache write of k, v first (see kernels.paged_attention): at
+    decode inside this launch, else in qk_norm_rope's."""
     t, nh, d = q.shape
     nkv, page = k_cache.shape[2], k_cache.shape[1]
     b = block_tables.shape[0]
+    decode = max_query_len == 1 and t == b
+    if new_kv is not None and not decode:
+        k, v, slots, q_weight, k_weight, cos, sin, eps = new_kv
+        q, _ = qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, (v, k_cache, v_cache, slots))
+        new_kv = None
     out = torch.empty(t, nh, d, dtype=q.dtype, device=q.device)
     if t == 0 or b == 0:
         return out
@@ -181,7 +211,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     g = nh // nkv
     g_pad = triton.next_power_of_2(g)
-    decode = max_query_len == 1 and t == b
     cfg = dict(config or (DECODE_CFG if decode else PREFILL_CFG))
     block_q = 1 if decode else cfg.get("BLOCK_Q", 16)
     n_q = b if decode else t // block_q + b
@@ -205,8 +234,31 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_tables.stride(0),
         NH=nh, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DECODE=decode, IEEE=q.dtype == torch.float32, INTERP=INTERPRET,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_new_kv_args(new_kv, q, k_cache, v_cache))
     if num_splits > 1:
         _split_reduce_kernel[(t, nh)](po, pml, out, out.stride(0), out.stride(1), NH=nh, D=d, BLOCK_D=block_d,
                                       NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=2)
     return out
+
+
+def _new_kv_args(new_kv, q, k_cache, v_cache) -> dict:
+    """The kernel's arguments for decode with QK-norm + RoPE + the cache write inside (or none of it)."""
+    if new_kv is None:
+        return dict(kn_ptr=q, vn_ptr=q, slot_ptr=q, qw_ptr=q, kw_ptr=q, cos_ptr=q, sin_ptr=q, stride_knt=0,
+                    stride_knh=0, stride_vnt=0, stride_vnh=0, stride_ct=0, eps=0.0, NORM_ROPE=False, HAS_W=False,
+                    HALF=1)
+    k, v, slots, q_weight, k_weight, cos, sin, eps = new_kv
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    cos, sin = cos.float(), sin.float()
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    # a slot's row in the cache is slot * stride(1): blocks must be back to back
+    assert k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1)
+    assert v_cache.stride(0) == v_cache.shape[1] * v_cache.stride(1)
+    assert v.dtype == k_cache.dtype == q.dtype
+    has_w = q_weight is not None
+    return dict(kn_ptr=k, vn_ptr=v, slot_ptr=slots, qw_ptr=q_weight if has_w else q, kw_ptr=k_weight if has_w else q,
+                cos_ptr=cos, sin_ptr=sin, stride_knt=k.stride(0), stride_knh=k.stride(1), stride_vnt=v.stride(0),
+                stride_vnh=v.stride(1), stride_ct=cos.stride(0), eps=eps, NORM_ROPE=True, HAS_W=has_w,
+                HALF=cos.shape[-1])

@@ -310,14 +310,15 @@ def combine(pair_out, weights, ids, out) -> torch.Tensor:
 
 
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                config: dict | None = None) -> torch.Tensor:
-    """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]); ids -1 contribute nothing. See the module doc."""
+                config: dict | None = None, unsummed: bool = False) -> torch.Tensor:
+    """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]); ids -1 contribute nothing. See the module doc.
+    unsummed: stop before the combine and return each (token, k) pair's output [T*K, H] (rows of ids -1
+    undefined), for a later kernel to sum (norm.expert_sum_add_rms_norm)."""
     t, hidden = x.shape
     topk = ids.shape[1]
     e, two_i, _ = w13.shape
-    out = torch.empty(t, hidden, dtype=x.dtype, device=x.device)
     if t == 0:
-        return out
+        return torch.empty(t * topk if unsummed else t, hidden, dtype=x.dtype, device=x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
     w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
@@ -330,4 +331,6 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     align = single_token_align(ids, bm) if t == 1 else moe_align(ids, e, bm)
     inter = gate_up(x, w13, align, topk, bm, cfg["gate_up"])
     pair_out = down(inter, w2, align, t * topk, bm, cfg["down"])
-    return combine(pair_out, weights, ids, out)
+    if unsummed:
+        return pair_out
+    return combine(pair_out, weights, ids, torch.empty(t, hidden, dtype=x.dtype, device=x.device))

@@ -73,6 +73,49 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return out, res
 
 
+@triton.jit
+def _expert_sum_add_rms_norm_kernel(pair_ptr, w_ptr, ids_ptr, r_ptr, nw_ptr, out_ptr, res_out_ptr, N, stride_p,
+                                    stride_w, stride_r, stride_o, stride_ro, eps, TOPK: tl.constexpr,
+                                    BLOCK_N: tl.constexpr):
+    """Token t: y = sum_k w[t, k] * pair[t * TOPK + k] (fp32, ids < 0 skipped, rounded), then add + RMSNorm."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in tl.static_range(TOPK):
+        e = tl.load(ids_ptr + t * TOPK + k)
+        w = tl.load(w_ptr + t * stride_w + k).to(tl.float32)
+        y = tl.load(pair_ptr + (t * TOPK + k) * stride_p + cols, mask=mask & (e >= 0), other=0.0)
+        acc += tl.where(e >= 0, w, 0.0) * y.to(tl.float32)
+    dt = res_out_ptr.dtype.element_ty
+    r = tl.load(r_ptr + t * stride_r + cols, mask=mask, other=0.0)
+    s = (acc.to(pair_ptr.dtype.element_ty).to(tl.float32) + r.to(tl.float32)).to(dt)
+    tl.store(res_out_ptr + t * stride_ro + cols, s, mask=mask)
+    x32 = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / N + eps)
+    nw = tl.load(nw_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_o + cols, (x32 * rstd * nw).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def expert_sum_add_rms_norm(pair_out: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, residual: torch.Tensor,
+                            weight: torch.Tensor, eps: float):
+    """add_rms_norm(sum_k weights[t, k] * pair_out[t * K + k], residual): the MoE combine in the norm's launch."""
+    t, k = ids.shape
+    n = pair_out.shape[1]
+    ids = ids.contiguous()
+    r2 = _rows(residual)
+    out = torch.empty(t, n, dtype=pair_out.dtype, device=pair_out.device)
+    res = torch.empty(t, n, dtype=torch.promote_types(pair_out.dtype, residual.dtype), device=pair_out.device)
+    if t == 0:
+        return out, res
+    assert pair_out.stride(-1) == 1 and weights.stride(-1) == 1
+    block_n = triton.next_power_of_2(n)
+    _expert_sum_add_rms_norm_kernel[(t,)](
+        pair_out, weights, ids, r2, weight, out, res, n, pair_out.stride(0), weights.stride(0), r2.stride(0),
+        out.stride(0), res.stride(0), eps, TOPK=k, BLOCK_N=block_n, num_warps=8 if block_n >= 2048 else 4)
+    return out, res
+
+
 # ----------------------------------------------------------------------------- QK-norm + RoPE
 @triton.jit
 def _norm_rope_heads(x_ptr, stride_xt, stride_xh, w_ptr, cos_ptr, sin_ptr, t, stride_ct, eps,

@@ -103,25 +103,50 @@ def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale,
 
 @triton.jit(do_not_specialize=["T"])
 def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr, ids_ptr, T, H, stride_x, scale,
+                       r_ptr, nw_ptr, xn_ptr, res_ptr, stride_r, eps,
                        E: tl.constexpr, K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
                        N_APPENDED: tl.constexpr, EXPERTS_PER_PROGRAM: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+                       HAS_NORM: tl.constexpr):
     """Router logits and routing in one launch (decode sizes, T <= BLOCK_T): each program computes the
     fp32 logits of EXPERTS_PER_PROGRAM experts for every token (bf16/fp32 x read as fp32, like
-    F.linear(x.float(), gate)); the last program to finish (an atomic counter, reset by it) routes."""
+    F.linear(x.float(), gate)); the last program to finish (an atomic counter, reset by it) routes.
+    HAS_NORM: x is the attention output; the router's input is rms_norm(x + residual) (rounded as
+    add_rms_norm rounds it), which every program computes for itself and program 0 also stores, with
+    the new residual, for the experts and the next layer."""
     pid = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     e = pid * EXPERTS_PER_PROGRAM + tl.arange(0, EXPERTS_PER_PROGRAM)
     h = tl.arange(0, BLOCK_H)
+    dt = x_ptr.dtype.element_ty
+    tmask = t[:, None] < T
+    if HAS_NORM:  # first pass: each token's rstd
+        ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            m = tmask & (h0 + h < H)[None, :]
+            xv = tl.load(x_ptr + t[:, None] * stride_x + h0 + h[None, :], mask=m, other=0.0).to(tl.float32)
+            rv = tl.load(r_ptr + t[:, None] * stride_r + h0 + h[None, :], mask=m, other=0.0).to(tl.float32)
+            sv = (xv + rv).to(dt).to(tl.float32)
+            ss += tl.sum(sv * sv, axis=1)
+        rstd = 1.0 / tl.sqrt(ss / H + eps)
     acc = tl.zeros((BLOCK_T, EXPERTS_PER_PROGRAM), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hm = h0 + h < H
-        xv = tl.load(x_ptr + t[:, None] * stride_x + h0 + h[None, :], mask=(t[:, None] < T) & hm[None, :],
-                     other=0.0).to(tl.float32)
+        m = tmask & hm[None, :]
+        xv = tl.load(x_ptr + t[:, None] * stride_x + h0 + h[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            rv = tl.load(r_ptr + t[:, None] * stride_r + h0 + h[None, :], mask=m, other=0.0).to(tl.float32)
+            sv = (xv + rv).to(dt)
+            nw = tl.load(nw_ptr + h0 + h, mask=hm, other=0.0).to(tl.float32)
+            xn = (sv.to(tl.float32) * rstd[:, None] * nw[None, :]).to(dt)
+            if pid == 0:
+                tl.store(res_ptr + t[:, None] * H + h0 + h[None, :], sv, mask=m)
+                tl.store(xn_ptr + t[:, None] * H + h0 + h[None, :], xn, mask=m)
+            xv = xn.to(tl.float32)
         wv = tl.load(gate_ptr + e[:, None] * H + h0 + h[None, :], mask=hm[None, :], other=0.0)
         acc += tl.sum(xv[:, None, :] * wv[None, :, :], axis=2)
-    tl.store(logits_ptr + t[:, None] * E + e[None, :], acc, mask=t[:, None] < T)
+    tl.store(logits_ptr + t[:, None] * E + e[None, :], acc, mask=tmask)
     tl.debug_barrier()  # every thread's stores issued before the release below
     done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if done == tl.num_programs(0) - 1:
@@ -163,17 +188,44 @@ _COUNTERS: dict = {}
 def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
                **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """route(F.linear(x.float(), gate_weight), expert_bias, top_k, **kw); one launch for decode sizes."""
+    if not _fused(x, gate_weight):
+        return route(torch.nn.functional.linear(x.float(), gate_weight), expert_bias, top_k, **kw)
+    return _gate_route(x, None, gate_weight, expert_bias, top_k, kw)
+
+
+def add_rms_norm_gate_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                            gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, **kw):
+    """(normed, residual', weights, ids): add_rms_norm(x, residual), then gate_route on the normed rows;
+    one launch for decode sizes (the norm computed inside the router's launch)."""
+    if not _fused(x, gate_weight) or residual.dtype != x.dtype:
+        from .norm import add_rms_norm
+
+        normed, residual = add_rms_norm(x, residual, norm_weight, eps)
+        return (normed, residual, *gate_route(normed, gate_weight, expert_bias, top_k, **kw))
+    return _gate_route(x, (residual, norm_weight, eps), gate_weight, expert_bias, top_k, kw)
+
+
+def _fused(x: torch.Tensor, gate_weight: torch.Tensor) -> bool:
+    return x.shape[0] <= GATE_ROUTE_MAX_TOKENS and gate_weight.shape[0] % 2 == 0 and gate_weight.dtype == torch.float32
+
+
+def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict):
     t, hidden = x.shape
     e = gate_weight.shape[0]
-    if t > GATE_ROUTE_MAX_TOKENS or e % 2 or gate_weight.dtype != torch.float32:
-        return route(torch.nn.functional.linear(x.float(), gate_weight), expert_bias, top_k, **kw)
     n_app = kw.get("num_appended", 0)
     weights = torch.empty(t, top_k + n_app, dtype=torch.float32, device=x.device)
     ids = torch.empty(t, top_k + n_app, dtype=torch.int64, device=x.device)
-    if t == 0:
-        return weights, ids
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if norm is not None:
+        residual, norm_weight, eps = norm
+        residual = residual if residual.stride(-1) == 1 else residual.contiguous()
+        normed, new_residual = torch.empty_like(x), torch.empty_like(x)
+        norm_args = (residual, norm_weight, normed, new_residual, residual.stride(0), eps)
+    else:
+        norm_args = (x, x, x, x, 0, 0.0)
+    if t == 0:
+        return (weights, ids) if norm is None else (normed, new_residual, weights, ids)
     gate_weight = gate_weight.contiguous()
     counter = _COUNTERS.get(x.device)
     if counter is None:  # zero once; the last program of every launch resets it (made before graph capture)
@@ -185,12 +237,13 @@ def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Te
     bias = expert_bias.float().contiguous() if expert_bias is not None else logits
     _gate_route_kernel[(e // per,)](
         x, gate_weight, logits, counter, bias, weights, ids, t, hidden, x.stride(0),
-        float(kw.get("routed_scaling_factor", 1.0)), E=e, K=top_k, SOFTMAX=kw.get("score_function") == "softmax",
+        float(kw.get("routed_scaling_factor", 1.0)), *norm_args, E=e, K=top_k,
+        SOFTMAX=kw.get("score_function") == "softmax",
         HAS_BIAS=expert_bias is not None, N_GROUP=n_group if grouped else 1, TOPK_GROUP=topk_group if grouped else 1,
         NORM=bool(kw.get("norm_topk_prob", True)), N_APPENDED=n_app, EXPERTS_PER_PROGRAM=per,
         # as much of the row a load as registers allow: few dependent load rounds (latency, not bandwidth)
         BLOCK_H=min(triton.next_power_of_2(hidden), max(64, 4096 // (triton.next_power_of_2(t) * per))),
         BLOCK_T=triton.next_power_of_2(t), BLOCK_E=triton.next_power_of_2(e),
         BLOCK_K=triton.next_power_of_2(top_k + n_app), BLOCK_G=triton.next_power_of_2(n_group if grouped else 1),
-        num_warps=4)
-    return weights, ids
+        HAS_NORM=norm is not None, num_warps=4)
+    return (weights, ids) if norm is None else (normed, new_residual, weights, ids)
