@@ -92,19 +92,19 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
         t0 = 0
         t1 = n_tiles
 
-    if NORM_ROPE:  # the program whose share of the walk holds the new token stores its k and v first
+    if NORM_ROPE:  # the new token's k (normed, rotated) and v: stored by the program whose share of the walk
+        # holds it, and put into its tile from registers (no store-then-load round trip)
+        one = tl.arange(0, 2)
+        kn2 = _norm_rope_heads(kn_ptr + kvh * stride_knh, stride_knt, stride_knh, kw_ptr, cos_ptr, sin_ptr, q_start,
+                               stride_ct, eps, 1, D, HALF, HAS_W, 2, BLOCK_D, k_ptr.dtype.element_ty)
+        kn = tl.sum(tl.where(one[:, None] == 0, kn2, 0.0), axis=0).to(k_ptr.dtype.element_ty)  # [BLOCK_D]
+        vn = tl.load(vn_ptr + q_start * stride_vnt + kvh * stride_vnh + d, mask=dmask)
         last = (ctx - 1) // BLOCK_N
         slot = tl.load(slot_ptr + q_start).to(tl.int64)
-        if (last >= t0) & (last < t1) & (slot >= 0):
-            one = tl.arange(0, 2)
-            m1 = (one[:, None] < 1) & dmask[None, :]
-            kn = _norm_rope_heads(kn_ptr + kvh * stride_knh, stride_knt, stride_knh, kw_ptr, cos_ptr, sin_ptr,
-                                  q_start, stride_ct, eps, 1, D, HALF, HAS_W, 2, BLOCK_D, k_ptr.dtype.element_ty)
-            tl.store(k_ptr + slot * stride_ks + kvh * stride_kh + one[:, None] * 0 + d[None, :],
-                     kn.to(k_ptr.dtype.element_ty), mask=m1)
-            vn = tl.load(vn_ptr + q_start * stride_vnt + kvh * stride_vnh + one[:, None] * 0 + d[None, :], mask=m1)
-            tl.store(v_ptr + slot * stride_vs + kvh * stride_vh + one[:, None] * 0 + d[None, :], vn, mask=m1)
-        tl.debug_barrier()  # the stores above are seen by this program's loads of the cache below
+        new_pos = tl.where(slot >= 0, ctx - 1, -1)  # slot -1 (nothing written): the cache as it is
+        owner = (last >= t0) & (last < t1) & (slot >= 0)
+        tl.store(k_ptr + slot * stride_ks + kvh * stride_kh + d, kn, mask=dmask & owner)
+        tl.store(v_ptr + slot * stride_vs + kvh * stride_vh + d, vn, mask=dmask & owner)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -116,6 +116,8 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
         k_off = page * stride_kb + (j % PAGE) * stride_ks + kvh * stride_kh
         v_off = page * stride_vb + (j % PAGE) * stride_vs + kvh * stride_vh
         kt = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=jmask[None, :] & dmask[:, None], other=0.0)
+        if NORM_ROPE:
+            kt = tl.where((j == new_pos)[None, :], kn[:, None], kt)
         s = mma(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE, INTERP) * qk_scale
         allowed = (j[None, :] <= q_pos[:, None]) & jmask[None, :]
         s = tl.where(allowed, s, float("-inf"))
@@ -125,6 +127,8 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
+        if NORM_ROPE:
+            v = tl.where((j == new_pos)[:, None], vn[None, :], v)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE, INTERP)
         m_i = m_new
 

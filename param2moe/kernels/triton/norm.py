@@ -82,13 +82,13 @@ def _expert_sum_add_rms_norm_kernel(pair_ptr, w_ptr, ids_ptr, r_ptr, nw_ptr, out
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k in tl.static_range(TOPK):
+    r = tl.load(r_ptr + t * stride_r + cols, mask=mask, other=0.0)
+    for k in tl.static_range(TOPK):  # every load independent of the ids (one round of memory latency)
         e = tl.load(ids_ptr + t * TOPK + k)
         w = tl.load(w_ptr + t * stride_w + k).to(tl.float32)
-        y = tl.load(pair_ptr + (t * TOPK + k) * stride_p + cols, mask=mask & (e >= 0), other=0.0)
-        acc += tl.where(e >= 0, w, 0.0) * y.to(tl.float32)
+        y = tl.load(pair_ptr + (t * TOPK + k) * stride_p + cols, mask=mask, other=0.0)
+        acc += tl.where(e >= 0, w * y.to(tl.float32), 0.0)  # a skipped pair's row may hold NaN: where, not * 0
     dt = res_out_ptr.dtype.element_ty
-    r = tl.load(r_ptr + t * stride_r + cols, mask=mask, other=0.0)
     s = (acc.to(pair_ptr.dtype.element_ty).to(tl.float32) + r.to(tl.float32)).to(dt)
     tl.store(res_out_ptr + t * stride_ro + cols, s, mask=mask)
     x32 = s.to(tl.float32)

@@ -108,7 +108,7 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
                        N_APPENDED: tl.constexpr, EXPERTS_PER_PROGRAM: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                       HAS_NORM: tl.constexpr):
+                       HAS_NORM: tl.constexpr, ONE_CHUNK: tl.constexpr):
     """Router logits and routing in one launch (decode sizes, T <= BLOCK_T): each program computes the
     fp32 logits of EXPERTS_PER_PROGRAM experts for every token (bf16/fp32 x read as fp32, like
     F.linear(x.float(), gate)); the last program to finish (an atomic counter, reset by it) routes.
@@ -121,7 +121,7 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
     h = tl.arange(0, BLOCK_H)
     dt = x_ptr.dtype.element_ty
     tmask = t[:, None] < T
-    if HAS_NORM:  # first pass: each token's rstd
+    if HAS_NORM and not ONE_CHUNK:  # first pass: each token's rstd
         ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
             m = tmask & (h0 + h < H)[None, :]
@@ -138,6 +138,8 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
         if HAS_NORM:
             rv = tl.load(r_ptr + t[:, None] * stride_r + h0 + h[None, :], mask=m, other=0.0).to(tl.float32)
             sv = (xv + rv).to(dt)
+            if ONE_CHUNK:  # the whole row is in registers: one pass
+                rstd = 1.0 / tl.sqrt(tl.sum(sv.to(tl.float32) * sv.to(tl.float32), axis=1) / H + eps)
             nw = tl.load(nw_ptr + h0 + h, mask=hm, other=0.0).to(tl.float32)
             xn = (sv.to(tl.float32) * rstd[:, None] * nw[None, :]).to(dt)
             if pid == 0:
@@ -235,15 +237,16 @@ def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict):
     grouped = n_group is not None and topk_group is not None and n_group > 1
     per = 2
     bias = expert_bias.float().contiguous() if expert_bias is not None else logits
+    # as much of the row a load as registers allow: few dependent load rounds (latency, not bandwidth)
+    block_h = min(triton.next_power_of_2(hidden), max(64, 4096 // (triton.next_power_of_2(t) * per)))
     _gate_route_kernel[(e // per,)](
         x, gate_weight, logits, counter, bias, weights, ids, t, hidden, x.stride(0),
         float(kw.get("routed_scaling_factor", 1.0)), *norm_args, E=e, K=top_k,
         SOFTMAX=kw.get("score_function") == "softmax",
         HAS_BIAS=expert_bias is not None, N_GROUP=n_group if grouped else 1, TOPK_GROUP=topk_group if grouped else 1,
         NORM=bool(kw.get("norm_topk_prob", True)), N_APPENDED=n_app, EXPERTS_PER_PROGRAM=per,
-        # as much of the row a load as registers allow: few dependent load rounds (latency, not bandwidth)
-        BLOCK_H=min(triton.next_power_of_2(hidden), max(64, 4096 // (triton.next_power_of_2(t) * per))),
+        BLOCK_H=block_h,
         BLOCK_T=triton.next_power_of_2(t), BLOCK_E=triton.next_power_of_2(e),
         BLOCK_K=triton.next_power_of_2(top_k + n_app), BLOCK_G=triton.next_power_of_2(n_group if grouped else 1),
-        HAS_NORM=norm is not None, num_warps=4)
+        HAS_NORM=norm is not None, ONE_CHUNK=block_h >= hidden, num_warps=4)
     return (weights, ids) if norm is None else (normed, new_residual, weights, ids)
