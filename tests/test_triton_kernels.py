@@ -328,8 +328,7 @@ def test_unsummed_moe_then_expert_sum_add_rms_norm(t, dtype):
     assert pair_out.shape == (t * 4, h)
     summed = tri_moe.moe_experts(x, w13, w2, weights, ids)
     ref_out, ref_res = ref_norm.add_rms_norm(summed, r, nw, 1e-6)  # the combine kernel's sum, then the norm
-    if CUDA or dtype == torch.float32:
-        assert torch.equal(res, ref_res)
+    check(res, ref_res, dtype)  # the fp32 sums may contract to FMAs differently: equal to rounding only
     check(out, ref_out, dtype)
     want = ref_norm.expert_sum_add_rms_norm(pair_out, weights, ids, r, nw, 1e-6)[0]  # the oracle on the same pairs
     check(out, want, dtype)
