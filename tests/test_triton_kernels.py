@@ -25,6 +25,7 @@ from param2moe.kernels import norm as ref_norm  # noqa: E402
 from param2moe.kernels import rope as ref_rope  # noqa: E402
 from param2moe.kernels import routing as ref_routing  # noqa: E402
 from param2moe.kernels.triton import attention as tri_attn  # noqa: E402
+from param2moe.kernels.triton import gemv as tri_gemv  # noqa: E402
 from param2moe.kernels.triton import moe as tri_moe  # noqa: E402
 from param2moe.kernels.triton import norm as tri_norm  # noqa: E402
 from param2moe.kernels.triton import routing as tri_routing  # noqa: E402
@@ -106,6 +107,19 @@ def test_add_rms_norm(dtype, t):
     else:  # the interpreter rounds fp32 -> bf16 toward zero, not to nearest
         torch.testing.assert_close(res, ref_res, rtol=1e-2, atol=1e-2)
     check(out, ref_out, dtype)
+
+
+# ------------------------------------------------------------------------------------ decode GEMV
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t,n,k", [(1, 3072, 2048), (5, 100, 96), (16, 48, 512)])
+def test_gemv(t, n, k, dtype):
+    x = torch.randn(t, k, device=DEV).to(dtype)
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)
+    assert tri_gemv.usable(x, w, None) and not tri_gemv.usable(x, w, torch.zeros(n, device=DEV, dtype=dtype))
+    with poisoned():
+        out = tri_gemv.gemv(x, w)
+    ref = (x.float() @ w.float().T).to(dtype)
+    check(out, ref, torch.bfloat16, loose=1e-2)
 
 
 # ----------------------------------------------------------------------------- QK-norm + RoPE

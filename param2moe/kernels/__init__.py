@@ -15,7 +15,7 @@ from . import norm as _norm
 from . import rope as _rope
 from . import routing as _routing
 from .attention import causal_attention
-from .matmul import linear
+from .matmul import linear as _linear
 from .moe import silu_and_mul
 
 _BACKEND = "auto"
@@ -55,6 +55,14 @@ def triton_available(name: str) -> bool:
 
 def _pick(x, name: str):
     return _tri(name) if use_triton(x) else None
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T + bias. Decode-sized CUDA batches with 16-bit weights: the Triton GEMV (gemv.py)."""
+    t = _pick(x, "gemv")
+    if t and t.usable(x, weight, bias):
+        return t.gemv(x, weight)
+    return _linear(x, weight, bias)
 
 
 def rms_norm(x, weight, eps: float):

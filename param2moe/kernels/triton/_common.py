@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -22,3 +24,23 @@ def mma(a, b, acc, IEEE: tl.constexpr, INTERP: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+@functools.cache
+def _pdl_supported(index) -> bool:
+    return not INTERPRET and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_flag(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device may use programmatic dependent launch (Hopper and later; not the
+    interpreter). Kernels take it as their PDL constexpr: see `release_dependents` and `gemv.py`."""
+    return t.is_cuda and _pdl_supported(t.device.index)
+
+
+@triton.jit
+def release_dependents(PDL: tl.constexpr):
+    """Let the next kernel in the stream be scheduled now, if it was launched to wait for us in-kernel
+    (programmatic dependent launch): the decode GEMV then loads its weights while this kernel runs. Called
+    first thing; without such a dependent it does nothing."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()

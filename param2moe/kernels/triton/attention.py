@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, mma
+from ._common import INTERPRET, mma, pdl_flag, release_dependents
 from .norm import _norm_rope_heads, qk_norm_rope
 
 LOG2E = 1.4426950408889634
@@ -39,7 +39,8 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
                        INTERP: tl.constexpr,
                        kn_ptr, vn_ptr, slot_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, stride_knt, stride_knh,
                        stride_vnt, stride_vnh, stride_ct, eps, NORM_ROPE: tl.constexpr, HAS_W: tl.constexpr,
-                       HALF: tl.constexpr):
+                       HALF: tl.constexpr, PDL: tl.constexpr):
+    release_dependents(PDL)
     pid_q = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -147,7 +148,12 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
 
 @triton.jit
 def _split_reduce_kernel(po_ptr, pml_ptr, o_ptr, stride_ot, stride_oh, NH: tl.constexpr, D: tl.constexpr,
-                         BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                         BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    # Launched to overlap the attention's run (PDL): release the next kernel (the decode GEMV loads its
+    # weights meanwhile), then wait for the attention's partial results.
+    release_dependents(PDL)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -227,6 +233,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_m = max(16, block_q * g_pad)
     block_n = cfg["BLOCK_N"]
     block_d = triton.next_power_of_2(d)
+    pdl = pdl_flag(q)
     if num_splits > 1:
         po = torch.empty(t, nh, num_splits, block_d, dtype=torch.float32, device=q.device)
         pml = torch.empty(t, nh, num_splits, 2, dtype=torch.float32, device=q.device)
@@ -238,10 +245,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_tables.stride(0),
         NH=nh, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DECODE=decode, IEEE=q.dtype == torch.float32, INTERP=INTERPRET,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_new_kv_args(new_kv, q, k_cache, v_cache))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=pdl,
+        **_new_kv_args(new_kv, q, k_cache, v_cache))
     if num_splits > 1:
         _split_reduce_kernel[(t, nh)](po, pml, out, out.stride(0), out.stride(1), NH=nh, D=d, BLOCK_D=block_d,
-                                      NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=2)
+                                      NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl,
+                                      num_warps=2, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

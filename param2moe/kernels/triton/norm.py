@@ -11,10 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import pdl_flag, release_dependents
+
 
 @triton.jit(do_not_specialize=["M"])
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, M, N, stride_x, stride_r, stride_o, stride_ro,
-                     eps, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     eps, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    release_dependents(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -53,7 +56,7 @@ def _launch(x2, r2, weight, out2, res2, eps):
     _rms_norm_kernel[grid](
         x2, r2 if r2 is not None else x2, weight, out2, res2 if res2 is not None else out2, m, n,
         x2.stride(0), r2.stride(0) if r2 is not None else 0, out2.stride(0), res2.stride(0) if res2 is not None else 0,
-        eps, HAS_RES=r2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        eps, HAS_RES=r2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl_flag(x2), num_warps=warps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -76,8 +79,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 @triton.jit
 def _expert_sum_add_rms_norm_kernel(pair_ptr, w_ptr, ids_ptr, r_ptr, nw_ptr, out_ptr, res_out_ptr, N, stride_p,
                                     stride_w, stride_r, stride_o, stride_ro, eps, TOPK: tl.constexpr,
-                                    BLOCK_N: tl.constexpr):
+                                    BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Token t: y = sum_k w[t, k] * pair[t * TOPK + k] (fp32, ids < 0 skipped, rounded), then add + RMSNorm."""
+    release_dependents(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -112,7 +116,8 @@ def expert_sum_add_rms_norm(pair_out: torch.Tensor, weights: torch.Tensor, ids: 
     block_n = triton.next_power_of_2(n)
     _expert_sum_add_rms_norm_kernel[(t,)](
         pair_out, weights, ids, r2, weight, out, res, n, pair_out.stride(0), weights.stride(0), r2.stride(0),
-        out.stride(0), res.stride(0), eps, TOPK=k, BLOCK_N=block_n, num_warps=8 if block_n >= 2048 else 4)
+        out.stride(0), res.stride(0), eps, TOPK=k, BLOCK_N=block_n, PDL=pdl_flag(r2),
+        num_warps=8 if block_n >= 2048 else 4)
     return out, res
 
 
