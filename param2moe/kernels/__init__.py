@@ -133,14 +133,14 @@ def add_rms_norm_gate_route(x, residual, norm_weight, eps: float, gate_weight, e
     return fn(x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, **kw)
 
 
-def moe_experts(x, w13, w2, weights, ids, unsummed: bool = False):
+def moe_experts(x, w13, w2, weights, ids, unsummed: bool = False, shared_experts: int = 0):
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
-    norm to sum (elsewhere the sum, as always)."""
+    norm to sum (elsewhere the sum, as always). shared_experts: the last n experts are taken by every
+    token (a hint: CUDA fetches them early)."""
     t = _pick(x, "moe")
     if t:
-        if unsummed:
-            return ExpertOutputs(t.moe_experts(x, w13, w2, weights, ids, unsummed=True), weights, ids)
-        return t.moe_experts(x, w13, w2, weights, ids)
+        y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed, shared_experts=shared_experts)
+        return ExpertOutputs(y, weights, ids) if unsummed else y
     fn = _moe.moe_experts_cpu if x.device.type == "cpu" else _moe.moe_experts
     return fn(x, w13, w2, weights, ids)
 
