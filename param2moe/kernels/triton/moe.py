@@ -20,6 +20,7 @@ Padding blocks exit at once; the grid of the GEMMs is sized by the most blocks T
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -283,6 +284,7 @@ def _gemm_grid(num_m, n, block_n):
     return (num_m * triton.cdiv(n, block_n),)
 
 
+_PREFETCH = os.environ.get("P2M_PREFETCH", "1") != "0"
 PREFETCH_MAX_TOKENS = 16  # decode sizes: the kernels in front are short, memory mostly idle meanwhile
 
 
@@ -302,7 +304,7 @@ def gate_up(x, w13, align, topk: int, block_m: int, g1: dict, prefetch_experts: 
     grid = _gemm_grid(num_m, inter_size, g1["BLOCK_N"])
     pdl = pdl_flag(x) and x.shape[0] <= PREFETCH_MAX_TOKENS
     line = 128 // w13.element_size()  # elements a 128-byte cache line
-    pf_lines = prefetch_experts * w13.stride(0) // line if pdl and w13.is_contiguous() else 0
+    pf_lines = prefetch_experts * w13.stride(0) // line if pdl and w13.is_contiguous() and _PREFETCH else 0
     pf_programs = min(grid[0], _num_sms(x.device.index)) if pf_lines else 1
     _moe_gate_up_kernel[grid](
         x, w13, inter, sorted_ids, expert_ids, num_post, x.shape[0] * topk, num_m, hidden, inter_size,
