@@ -133,13 +133,12 @@ def add_rms_norm_gate_route(x, residual, norm_weight, eps: float, gate_weight, e
     return fn(x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, **kw)
 
 
-def moe_experts(x, w13, w2, weights, ids, unsummed: bool = False, shared_experts: int = 0):
+def moe_experts(x, w13, w2, weights, ids, unsummed: bool = False):
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
-    norm to sum (elsewhere the sum, as always). shared_experts: the last n experts are taken by every
-    token (a hint: CUDA fetches them early)."""
+    norm to sum (elsewhere the sum, as always)."""
     t = _pick(x, "moe")
     if t:
-        y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed, shared_experts=shared_experts)
+        y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed)
         return ExpertOutputs(y, weights, ids) if unsummed else y
     fn = _moe.moe_experts_cpu if x.device.type == "cpu" else _moe.moe_experts
     return fn(x, w13, w2, weights, ids)

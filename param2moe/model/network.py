@@ -156,8 +156,7 @@ class MoE(nn.Module):
             local = (ids >= self.expert_start) & (ids < self.expert_end)
             ids = torch.where(local, ids - self.expert_start, -1)
         single = self.shard.tp_size == 1 and self.shard.ep_size == 1 and self.shared_experts is None
-        y = ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single,
-                            shared_experts=self.num_folded_shared if self.shard.ep_size == 1 else 0)
+        y = ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return (y if single else self.shard.all_reduce(y)), residual

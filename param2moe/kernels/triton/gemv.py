@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import pdl_flag, release_dependents
+from ._common import pdl_flag
 
 # Each token is one more pass over the registers: measured on an H100 (Param2 qkv/dense, same call) 3 us
 # faster than cuBLAS per projection at 1 token, 3 us slower at 8; about even at 4.
@@ -30,7 +30,6 @@ _ENABLED = os.environ.get("P2M_GEMV", "1") != "0"
 @triton.jit(do_not_specialize=["T"])
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, T, N, stride_xt, stride_wn, stride_ot, K: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    release_dependents(PDL)  # the router after attention's dense projection loads its weights early too
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     nmask, kmask = n < N, k < K

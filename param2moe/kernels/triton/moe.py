@@ -19,14 +19,11 @@ Padding blocks exit at once; the grid of the GEMMs is sized by the most blocks T
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, mma, pdl_flag, release_dependents
+from ._common import INTERPRET, mma
 from .moe_configs import get_config
 
 SMALL_ALIGN_MAX_PAIRS = 1024  # up to this many (token, k) pairs the align is one program
@@ -58,10 +55,9 @@ def _align_layout(counts, ex, sorted_ptr, expert_ids_ptr, npost_ptr, cursor_ptr,
 @triton.jit(do_not_specialize=["TK", "MAX_BLOCKS"])
 def _align_small_kernel(ids_ptr, work_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, MAX_BLOCKS,
                         E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_B: tl.constexpr, PDL: tl.constexpr):
+                        BLOCK_B: tl.constexpr):
     """The whole align in one program (decode sizes): count, lay out, scatter, with atomics on a
     2*E int32 scratch (counts, cursors) that it zeroes itself; barriers order the phases."""
-    release_dependents(PDL)
     p = tl.arange(0, BLOCK_P)
     ex = tl.arange(0, BLOCK_E)
     e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
@@ -123,7 +119,7 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
         num_post = work[2 * num_experts:]
         _align_small_kernel[(1,)](flat, work, sorted_ids, expert_ids, num_post, tk, max_blocks, E=num_experts,
                                   BLOCK_M=block_m, BLOCK_P=triton.next_power_of_2(tk), BLOCK_E=block_e,
-                                  BLOCK_B=block_b, PDL=pdl_flag(ids), num_warps=4)
+                                  BLOCK_B=block_b, num_warps=4)
         return sorted_ids, expert_ids, num_post
     work = torch.zeros(2 * num_experts + 1, dtype=torch.int32, device=dev)
     counts, cursor, num_post = work[:num_experts], work[num_experts:2 * num_experts], work[2 * num_experts:]
@@ -169,21 +165,8 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
 def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, num_m, H, N,
                         stride_xt, stride_we, stride_wn, stride_ot,
                         TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr,
-                        pf_ptr, PF_LINES: tl.constexpr, PF_PROGRAMS: tl.constexpr, PF_BLOCK: tl.constexpr,
-                        LINE: tl.constexpr, PDL: tl.constexpr):
-    """out[slot, n] = silu(x[tok] . w[e, n]) * (x[tok] . w[e, N + n]) for the block's slots.
-    PDL: launched to overlap the kernels in front (the router, the align); until they finish, the programs
-    pull PF_LINES cache lines from pf_ptr on (the experts every token takes: the folded shared expert)
-    into L2, a share each of the first PF_PROGRAMS, while memory is otherwise idle."""
-    if PDL:
-        if (PF_LINES > 0) & (tl.program_id(0) < PF_PROGRAMS):  # the first programs: resident at once
-            per = tl.cdiv(PF_LINES, PF_PROGRAMS)
-            i = tl.arange(0, PF_BLOCK)
-            line = tl.minimum(tl.program_id(0) * per + tl.where(i < per, i, 0), PF_LINES - 1)
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [pf_ptr + line.to(tl.int64) * LINE],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-        tl.extra.cuda.gdc_wait()
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """out[slot, n] = silu(x[tok] . w[e, n]) * (x[tok] . w[e, N + n]) for the block's slots."""
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(npost_ptr):
@@ -284,37 +267,18 @@ def _gemm_grid(num_m, n, block_n):
     return (num_m * triton.cdiv(n, block_n),)
 
 
-_PREFETCH = os.environ.get("P2M_PREFETCH", "1") != "0"
-PREFETCH_MAX_TOKENS = 16  # decode sizes: the kernels in front are short, memory mostly idle meanwhile
-
-
-@functools.cache
-def _num_sms(index) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def gate_up(x, w13, align, topk: int, block_m: int, g1: dict, prefetch_experts: int = 0) -> torch.Tensor:
-    """inter [slots, I] = silu(x[tok] @ gate^T) * (x[tok] @ up^T), by expert-aligned slot block.
-    prefetch_experts: the last n experts of w13, which every token takes, are pulled into L2 while the
-    kernels in front still run (decode sizes, Hopper)."""
+def gate_up(x, w13, align, topk: int, block_m: int, g1: dict) -> torch.Tensor:
+    """inter [slots, I] = silu(x[tok] @ gate^T) * (x[tok] @ up^T), by expert-aligned slot block."""
     sorted_ids, expert_ids, num_post = align
     inter_size, hidden = w13.shape[1] // 2, x.shape[1]
     num_m = expert_ids.shape[0]
     inter = torch.empty(sorted_ids.shape[0], inter_size, dtype=x.dtype, device=x.device)
-    grid = _gemm_grid(num_m, inter_size, g1["BLOCK_N"])
-    pdl = pdl_flag(x) and x.shape[0] <= PREFETCH_MAX_TOKENS
-    line = 128 // w13.element_size()  # elements a 128-byte cache line
-    pf_lines = prefetch_experts * w13.stride(0) // line if pdl and w13.is_contiguous() and _PREFETCH else 0
-    pf_programs = min(grid[0], _num_sms(x.device.index)) if pf_lines else 1
-    _moe_gate_up_kernel[grid](
+    _moe_gate_up_kernel[_gemm_grid(num_m, inter_size, g1["BLOCK_N"])](
         x, w13, inter, sorted_ids, expert_ids, num_post, x.shape[0] * topk, num_m, hidden, inter_size,
         x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
         TOPK=topk, BLOCK_M=block_m, BLOCK_N=g1["BLOCK_N"], BLOCK_K=g1["BLOCK_K"], GROUP_M=g1["GROUP_M"],
         EVEN_K=hidden % g1["BLOCK_K"] == 0, IEEE=x.dtype == torch.float32, INTERP=INTERPRET,
-        pf_ptr=w13[w13.shape[0] - prefetch_experts:] if pf_lines else w13, PF_LINES=pf_lines,
-        PF_PROGRAMS=pf_programs, PF_BLOCK=triton.next_power_of_2(max(1, -(-pf_lines // pf_programs))), LINE=line,
-        PDL=pdl,
-        num_warps=g1["num_warps"], num_stages=g1["num_stages"], **({"launch_pdl": True} if pdl else {}))
+        num_warps=g1["num_warps"], num_stages=g1["num_stages"])
     return inter
 
 
@@ -346,11 +310,10 @@ def combine(pair_out, weights, ids, out) -> torch.Tensor:
 
 
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                config: dict | None = None, unsummed: bool = False, shared_experts: int = 0) -> torch.Tensor:
+                config: dict | None = None, unsummed: bool = False) -> torch.Tensor:
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]); ids -1 contribute nothing. See the module doc.
     unsummed: stop before the combine and return each (token, k) pair's output [T*K, H] (rows of ids -1
-    undefined), for a later kernel to sum (norm.expert_sum_add_rms_norm). shared_experts: the last n experts
-    of w13/w2 are taken by every token (the folded shared expert): prefetched early (gate_up)."""
+    undefined), for a later kernel to sum (norm.expert_sum_add_rms_norm)."""
     t, hidden = x.shape
     topk = ids.shape[1]
     e, two_i, _ = w13.shape
@@ -366,7 +329,7 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     cfg = config or get_config(t, e, hidden, two_i // 2, topk, x.dtype)
     bm = cfg["BLOCK_M"]
     align = single_token_align(ids, bm) if t == 1 else moe_align(ids, e, bm)
-    inter = gate_up(x, w13, align, topk, bm, cfg["gate_up"], shared_experts)
+    inter = gate_up(x, w13, align, topk, bm, cfg["gate_up"])
     pair_out = down(inter, w2, align, t * topk, bm, cfg["down"])
     if unsummed:
         return pair_out

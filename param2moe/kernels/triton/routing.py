@@ -16,8 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import pdl_flag, release_dependents
-
 
 @triton.jit
 def _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_l, scale, row0,
@@ -110,24 +108,19 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
                        N_APPENDED: tl.constexpr, EXPERTS_PER_PROGRAM: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                       HAS_NORM: tl.constexpr, ONE_CHUNK: tl.constexpr, PDL: tl.constexpr):
+                       HAS_NORM: tl.constexpr, ONE_CHUNK: tl.constexpr):
     """Router logits and routing in one launch (decode sizes, T <= BLOCK_T): each program computes the
     fp32 logits of EXPERTS_PER_PROGRAM experts for every token (bf16/fp32 x read as fp32, like
     F.linear(x.float(), gate)); the last program to finish (an atomic counter, reset by it) routes.
     HAS_NORM: x is the attention output; the router's input is rms_norm(x + residual) (rounded as
     add_rms_norm rounds it), which every program computes for itself and program 0 also stores, with
     the new residual, for the experts and the next layer."""
-    release_dependents(PDL)  # the experts' kernel prefetches the shared expert meanwhile (moe.py)
     pid = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     e = pid * EXPERTS_PER_PROGRAM + tl.arange(0, EXPERTS_PER_PROGRAM)
     h = tl.arange(0, BLOCK_H)
     dt = x_ptr.dtype.element_ty
     tmask = t[:, None] < T
-    if ONE_CHUNK:  # the router's rows before waiting for the kernel in front (PDL launch): constants
-        w_all = tl.load(gate_ptr + e[:, None] * H + h[None, :], mask=(h < H)[None, :], other=0.0)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
     if HAS_NORM and not ONE_CHUNK:  # first pass: each token's rstd
         ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
@@ -153,10 +146,7 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
                 tl.store(res_ptr + t[:, None] * H + h0 + h[None, :], sv, mask=m)
                 tl.store(xn_ptr + t[:, None] * H + h0 + h[None, :], xn, mask=m)
             xv = xn.to(tl.float32)
-        if ONE_CHUNK:
-            wv = w_all
-        else:
-            wv = tl.load(gate_ptr + e[:, None] * H + h0 + h[None, :], mask=hm[None, :], other=0.0)
+        wv = tl.load(gate_ptr + e[:, None] * H + h0 + h[None, :], mask=hm[None, :], other=0.0)
         acc += tl.sum(xv[:, None, :] * wv[None, :, :], axis=2)
     tl.store(logits_ptr + t[:, None] * E + e[None, :], acc, mask=tmask)
     tl.debug_barrier()  # every thread's stores issued before the release below
@@ -258,6 +248,5 @@ def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict):
         BLOCK_H=block_h,
         BLOCK_T=triton.next_power_of_2(t), BLOCK_E=triton.next_power_of_2(e),
         BLOCK_K=triton.next_power_of_2(top_k + n_app), BLOCK_G=triton.next_power_of_2(n_group if grouped else 1),
-        HAS_NORM=norm is not None, ONE_CHUNK=block_h >= hidden, PDL=pdl_flag(x), num_warps=4,
-        **({"launch_pdl": True} if pdl_flag(x) else {}))
+        HAS_NORM=norm is not None, ONE_CHUNK=block_h >= hidden, num_warps=4)
     return (weights, ids) if norm is None else (normed, new_residual, weights, ids)
