@@ -90,14 +90,20 @@ def _random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int
     return torch.randint(100, vocab, (n, length), generator=g).tolist()
 
 
-def bench_latency(engine: LLMEngine, batch: int, input_len: int, output_len: int, warmup: bool = True) -> dict:
-    """TTFT of the batch's prefill, then the median decode step (ITL) over output_len steps. A first
-    pass of the same shapes (other prompts: no prefix-cache hits) compiles the kernels for them, so no
-    compilation is timed."""
-    seed = batch
+TTFT_REPEATS = 5  # the first token is one prefill: a single sample is noisy (vLLM's bench: median of 5)
+
+
+def bench_latency(engine: LLMEngine, batch: int, input_len: int, output_len: int, warmup: bool = True,
+                  seed: int | None = None) -> dict:
+    """TTFT of the batch's prefill (median of TTFT_REPEATS batches of fresh prompts), then the median
+    decode step (ITL) over output_len steps. A first pass of the same shapes (other prompts: no
+    prefix-cache hits) compiles the kernels for them, so no compilation is timed."""
+    seed = batch if seed is None else seed
     if warmup:
         bench_latency(engine, batch, input_len, min(output_len, 4), warmup=False)
         seed += 1000
+        ttfts = [bench_latency(engine, batch, input_len, 1, warmup=False, seed=seed + r)["ttft_s"]
+                 for r in range(1, TTFT_REPEATS)]
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False,
                             output_kind=OutputKind.DELTA)
@@ -118,11 +124,16 @@ def bench_latency(engine: LLMEngine, batch: int, input_len: int, output_len: int
             steps.append(now - t)
     steps.sort()
     itl = steps[len(steps) // 2] if steps else float("nan")
+    if warmup:  # (the measured pass)
+        ttfts = sorted([first_token, *ttfts])
+        first_token = ttfts[len(ttfts) // 2]
     row = {"batch": batch, "ttft_s": first_token, "itl_s": itl, "tok_per_s": batch / itl,
            "floor_bytes": decode_step_bytes(engine, batch, input_len + output_len // 2)}
     graphs = engine.runner.graphs
     if graphs is not None and batch <= graphs.sizes[-1] and engine.comm is None:  # (other ranks would not replay)
         row["graph_gpu_s"] = graphs.replay_seconds(batch)  # the decode step's GPU time alone
+    if warmup:
+        row["ttft_all_s"] = ttfts
     return row
 
 
