@@ -238,6 +238,32 @@ def test_add_rms_norm_returns_the_sum_as_residual():
                                atol=1e-6, rtol=1e-6)
 
 
+def test_unsummed_expert_outputs_summed_by_the_next_norm():
+    """A MoE layer's output may reach the next norm unsummed (ops.ExpertOutputs, CUDA's fused path): the
+    norm's sum skips pairs whose id is -1 (their rows may hold anything, NaN included)."""
+    from param2moe.kernels import ExpertOutputs, sum_experts
+
+    gen = torch.Generator().manual_seed(5)
+    t, k, h = 4, 3, 16
+    pair_out = torch.randn(t * k, h, generator=gen)
+    ids = torch.tensor([[0, 5, -1], [2, -1, -1], [1, 3, 4], [-1, -1, -1]])
+    pair_out[(ids.reshape(-1) < 0)] = float("nan")
+    weights = torch.rand(t, k, generator=gen)
+    res, w = torch.randn(t, h, generator=gen), torch.rand(h, generator=gen)
+    want = torch.zeros(t, h, dtype=torch.float64)
+    for i in range(t):
+        for j in range(k):
+            if ids[i, j] >= 0:
+                want[i] += weights[i, j].double() * pair_out[i * k + j].double()
+    eo = ExpertOutputs(pair_out, weights, ids)
+    torch.testing.assert_close(sum_experts(eo).double(), want)
+    normed, new_res = add_rms_norm(eo, res, w, 1e-6)
+    s = want + res.double()
+    torch.testing.assert_close(new_res.double(), s)
+    torch.testing.assert_close(normed.double(), w.double() * s / torch.sqrt((s * s).mean(-1, keepdim=True) + 1e-6),
+                               atol=1e-6, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ attention
 def naive_attention(q, k, v, q_positions, scale):
     """q [Tq, NH, D] at absolute q_positions over k/v [Tk, NKV, D] of one sequence (positions 0..Tk-1):
