@@ -148,7 +148,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
                     max_query_len: int, max_context_len: int, new_kv=None):
     """Attention over the paged cache. new_kv = (k, v, slot_mapping, q_weight, k_weight, cos, sin, eps): q
     and k arrive as projected; QK-norm + RoPE run first and the new k, v go to the cache at slot_mapping
-    (on CUDA inside the attention's launch at decode, else one launch before it)."""
+    (on CUDA inside the attention's launch at decode with a split walk, else one launch before it)."""
     t = _pick(q, "attention")
     if t:
         return t.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,

@@ -1,5 +1,5 @@
-"""Paged attention in Triton. Oracle: `param2moe.kernels.attention.paged_attention`. (The KV-cache write
-is fused into QK-norm + RoPE: norm.py.)
+"""Paged attention in Triton. Oracle: `param2moe.kernels.attention.paged_attention`. (QK-norm + RoPE and the
+KV-cache write run before it in one launch, norm.py, or, at decode with a split walk, inside it: `new_kv`.)
 
 One kernel serves decode, prefill and chunked prefill over the paged cache [num_blocks, 16, NKV, D]:
 - a program takes BLOCK_Q query tokens of one sequence and ALL the query heads of one KV head (GQA:
