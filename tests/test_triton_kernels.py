@@ -115,8 +115,9 @@ def test_add_rms_norm(dtype, t):
 def test_gemv(t, n, k, dtype):
     x = torch.randn(t, k, device=DEV).to(dtype)
     w = (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)
-    assert tri_gemv.usable(x, w, None) and not tri_gemv.usable(x, w, torch.zeros(n, device=DEV, dtype=dtype))
-    assert not tri_gemv.usable(x.new_zeros(tri_gemv.MAX_TOKENS + 1, k), w, None)  # more tokens: cuBLAS
+    assert tri_gemv.fits(x, w, None) and not tri_gemv.fits(x, w, torch.zeros(n, device=DEV, dtype=dtype))
+    assert not tri_gemv.fits(x.new_zeros(tri_gemv.MAX_TOKENS + 1, k), w, None)  # more tokens: cuBLAS
+    assert tri_gemv.usable(x, w, None) == (CUDA and torch.cuda.get_device_capability()[0] >= 9)
     with poisoned():
         out = tri_gemv.gemv(x, w)
     ref = (x.float() @ w.float().T).to(dtype)

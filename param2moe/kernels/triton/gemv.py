@@ -24,7 +24,7 @@ from ._common import pdl_flag
 # faster than cuBLAS per projection at 1 token, 3 us slower at 8; about even at 4.
 MAX_TOKENS = 4  # beyond: cuBLAS
 MAX_WEIGHT_BYTES = 32 << 20  # weights all resident in registers across the GPU's programs at once
-_ENABLED = os.environ.get("P2M_GEMV", "1") != "0"
+_ENABLED = os.environ.get("P2M_GEMV", "1") != "0"  # P2M_GEMV=0: cuBLAS always (A/B measurements)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -44,8 +44,14 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, T, N, stride_xt, stride_wn, stride_ot, K
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
-    """Whether `gemv` serves this linear: few tokens, a 16-bit weight small enough, no bias."""
-    return (_ENABLED and bias is None and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS
+    """Whether `gemv` serves this linear: it `fits`, on a GPU with programmatic dependent launch (without
+    it nothing overlaps, and cuBLAS is as fast: benchmarks/results/gpu_kernels_notes.md, skinny matmuls)."""
+    return _ENABLED and pdl_flag(x) and fits(x, weight, bias)
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+    """Few tokens, a 16-bit weight small enough for the registers, no bias."""
+    return (bias is None and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS
             and weight.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype
             and weight.stride(-1) == 1 and weight.shape[1] <= 4096
             and weight.numel() * weight.element_size() <= MAX_WEIGHT_BYTES)
