@@ -8,6 +8,7 @@ index), weights gathered from the unbiased scores, renormalised, scaled.
 `gate_route` adds the router's fp32 logits (oracle: `param2moe.kernels.routing.gate_route`): at decode
 sizes in the same launch (programs compute a slice of the experts' logits each; the last one to finish,
 found with an atomic counter, routes), beyond that cuBLAS logits and the routing kernel.
+`add_rms_norm_gate_route` does the same on rms_norm(x + residual), the norm computed in the same launch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .norm import add_rms_norm
 
 
 @triton.jit
@@ -108,7 +111,7 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
                        N_APPENDED: tl.constexpr, EXPERTS_PER_PROGRAM: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                       HAS_NORM: tl.constexpr, ONE_CHUNK: tl.constexpr):
+                       HAS_NORM: tl.constexpr):
     """Router logits and routing in one launch (decode sizes, T <= BLOCK_T): each program computes the
     fp32 logits of EXPERTS_PER_PROGRAM experts for every token (bf16/fp32 x read as fp32, like
     F.linear(x.float(), gate)); the last program to finish (an atomic counter, reset by it) routes.
@@ -121,7 +124,7 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
     h = tl.arange(0, BLOCK_H)
     dt = x_ptr.dtype.element_ty
     tmask = t[:, None] < T
-    if HAS_NORM and not ONE_CHUNK:  # first pass: each token's rstd
+    if HAS_NORM:  # first pass: each token's rstd
         ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
             m = tmask & (h0 + h < H)[None, :]
@@ -138,8 +141,6 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
         if HAS_NORM:
             rv = tl.load(r_ptr + t[:, None] * stride_r + h0 + h[None, :], mask=m, other=0.0).to(tl.float32)
             sv = (xv + rv).to(dt)
-            if ONE_CHUNK:  # the whole row is in registers: one pass
-                rstd = 1.0 / tl.sqrt(tl.sum(sv.to(tl.float32) * sv.to(tl.float32), axis=1) / H + eps)
             nw = tl.load(nw_ptr + h0 + h, mask=hm, other=0.0).to(tl.float32)
             xn = (sv.to(tl.float32) * rstd[:, None] * nw[None, :]).to(dt)
             if pid == 0:
@@ -200,8 +201,6 @@ def add_rms_norm_gate_route(x: torch.Tensor, residual: torch.Tensor, norm_weight
     """(normed, residual', weights, ids): add_rms_norm(x, residual), then gate_route on the normed rows;
     one launch for decode sizes (the norm computed inside the router's launch)."""
     if not _fused(x, gate_weight) or residual.dtype != x.dtype:
-        from .norm import add_rms_norm
-
         normed, residual = add_rms_norm(x, residual, norm_weight, eps)
         return (normed, residual, *gate_route(normed, gate_weight, expert_bias, top_k, **kw))
     return _gate_route(x, (residual, norm_weight, eps), gate_weight, expert_bias, top_k, kw)
@@ -248,5 +247,5 @@ def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict):
         BLOCK_H=block_h,
         BLOCK_T=triton.next_power_of_2(t), BLOCK_E=triton.next_power_of_2(e),
         BLOCK_K=triton.next_power_of_2(top_k + n_app), BLOCK_G=triton.next_power_of_2(n_group if grouped else 1),
-        HAS_NORM=norm is not None, ONE_CHUNK=block_h >= hidden, num_warps=4)
+        HAS_NORM=norm is not None, num_warps=4)
     return (weights, ids) if norm is None else (normed, new_residual, weights, ids)
