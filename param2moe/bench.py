@@ -93,24 +93,14 @@ def _random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int
 TTFT_REPEATS = 5  # the first token is one prefill: a single sample is noisy (vLLM's bench: median of 5)
 
 
-def bench_latency(engine: LLMEngine, batch: int, input_len: int, output_len: int, warmup: bool = True,
-                  seed: int | None = None) -> dict:
-    """TTFT of the batch's prefill (median of TTFT_REPEATS batches of fresh prompts), then the median
-    decode step (ITL) over output_len steps. A first pass of the same shapes (other prompts: no
-    prefix-cache hits) compiles the kernels for them, so no compilation is timed."""
-    seed = batch if seed is None else seed
-    if warmup:
-        bench_latency(engine, batch, input_len, min(output_len, 4), warmup=False)
-        seed += 1000
-        ttfts = [bench_latency(engine, batch, input_len, 1, warmup=False, seed=seed + r)["ttft_s"]
-                 for r in range(1, TTFT_REPEATS)]
+def _run_batch(engine: LLMEngine, batch: int, input_len: int, output_len: int, seed: int):
+    """One batch of fresh random prompts, greedy: (seconds to the first token, each later step's seconds)."""
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False,
                             output_kind=OutputKind.DELTA)
     for i, p in enumerate(_random_prompts(batch, input_len, vocab, seed=seed)):
         engine.add_request(f"lat-{batch}-{seed}-{i}", p, params)
-    dev = engine.config.device
-    _sync(dev)
+    _sync(engine.config.device)
     t0 = time.perf_counter()
     steps = []
     first_token = None
@@ -122,18 +112,28 @@ def bench_latency(engine: LLMEngine, batch: int, input_len: int, output_len: int
             first_token = now - t0
         elif first_token is not None:
             steps.append(now - t)
-    steps.sort()
-    itl = steps[len(steps) // 2] if steps else float("nan")
-    if warmup:  # (the measured pass)
-        ttfts = sorted([first_token, *ttfts])
-        first_token = ttfts[len(ttfts) // 2]
-    row = {"batch": batch, "ttft_s": first_token, "itl_s": itl, "tok_per_s": batch / itl,
+    return first_token, steps
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def bench_latency(engine: LLMEngine, batch: int, input_len: int, output_len: int) -> dict:
+    """TTFT of the batch's prefill (median of TTFT_REPEATS batches of fresh prompts), then the median
+    decode step (ITL) over output_len steps. A first pass of the same shapes (other prompts: no
+    prefix-cache hits) compiles the kernels for them, so no compilation is timed."""
+    _run_batch(engine, batch, input_len, min(output_len, 4), seed=batch)
+    ttfts = [_run_batch(engine, batch, input_len, 1, seed=batch + 1000 + r)[0] for r in range(1, TTFT_REPEATS)]
+    first_token, steps = _run_batch(engine, batch, input_len, output_len, seed=batch + 1000)
+    ttfts = sorted([first_token, *ttfts])
+    itl = _median(steps)
+    row = {"batch": batch, "ttft_s": _median(ttfts), "ttft_all_s": ttfts, "itl_s": itl, "tok_per_s": batch / itl,
            "floor_bytes": decode_step_bytes(engine, batch, input_len + output_len // 2)}
     graphs = engine.runner.graphs
     if graphs is not None and batch <= graphs.sizes[-1] and engine.comm is None:  # (other ranks would not replay)
         row["graph_gpu_s"] = graphs.replay_seconds(batch)  # the decode step's GPU time alone
-    if warmup:
-        row["ttft_all_s"] = ttfts
     return row
 
 

@@ -104,12 +104,6 @@ def _eos_token_ids(path: str | None, mc: Param2MoEConfig, tokenizer) -> list[int
     return ids
 
 
-def _reads_history(seq: Sequence) -> bool:
-    """Whether sampling this sequence reads its earlier tokens' values (the penalties)."""
-    p = seq.params
-    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
-
-
 class EngineError(ValueError):
     """A request the engine cannot take; the message says which field and why."""
 
@@ -256,7 +250,7 @@ class LLMEngine:
         sequence that turns out finished has its extra row dropped."""
         batch = self.scheduler.schedule()
         touched: set[str] = set()
-        if self._pending is not None and (not batch.seqs or any(_reads_history(s) for s in batch.seqs)):
+        if self._pending is not None and (not batch.seqs or any(s.params.has_penalties for s in batch.seqs)):
             touched |= self._resolve()  # penalties read the tokens themselves
             keep = [i for i, seq in enumerate(batch.seqs) if not seq.is_finished]
             batch = ScheduledBatch([batch.seqs[i] for i in keep], [batch.num_new_tokens[i] for i in keep])

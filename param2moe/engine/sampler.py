@@ -75,8 +75,7 @@ def _padded(rows: list[list[int]], device) -> torch.Tensor:
 def _changes_logits(seq: Sequence) -> bool:
     """Whether a logit bias, min_tokens or a penalty applies to this sequence's next token."""
     p = seq.params
-    return bool(p.logit_bias or seq.num_output_tokens < p.min_tokens or p.repetition_penalty != 1.0
-                or p.presence_penalty or p.frequency_penalty)
+    return bool(p.logit_bias) or seq.num_output_tokens < p.min_tokens or p.has_penalties
 
 
 class Sampler:

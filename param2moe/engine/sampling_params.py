@@ -49,6 +49,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
 
+    @property
+    def has_penalties(self) -> bool:
+        """Repetition, presence or frequency penalty: sampling reads the sequence's earlier tokens."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
     def validate(self) -> None:
         def fail(name: str, rule: str) -> None:
             raise ValueError(f"{name}={getattr(self, name)!r}: {rule}")
