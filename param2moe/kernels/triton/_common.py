@@ -26,9 +26,13 @@ def mma(a, b, acc, IEEE: tl.constexpr, INTERP: tl.constexpr):
     return acc
 
 
+# P2M_PDL=0: no programmatic dependent launch anywhere (A/B measurements; the GEMV then falls back to cuBLAS)
+_PDL_ENABLED = os.environ.get("P2M_PDL", "1") != "0"
+
+
 @functools.cache
 def _pdl_supported(index) -> bool:
-    return not INTERPRET and torch.cuda.get_device_capability(index)[0] >= 9
+    return _PDL_ENABLED and not INTERPRET and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def pdl_flag(t: torch.Tensor) -> bool:
@@ -40,7 +44,23 @@ def pdl_flag(t: torch.Tensor) -> bool:
 @triton.jit
 def release_dependents(PDL: tl.constexpr):
     """Let the next kernel in the stream be scheduled now, if it was launched to wait for us in-kernel
-    (programmatic dependent launch): the decode GEMV then loads its weights while this kernel runs. Called
-    first thing; without such a dependent it does nothing."""
+    (programmatic dependent launch, `pdl_launch`): its programs start, load their constants and wait while
+    this kernel runs, so no launch gap opens between the two. Called first thing in the decode kernels
+    (the MoE gate/up GEMM calls it after its wait: the down GEMM reads the expert ids before its own);
+    without such a dependent it does nothing."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def wait_for_previous(PDL: tl.constexpr):
+    """Block until the kernel in front has finished and its writes are visible. A kernel launched with
+    `pdl_launch` may start while the one in front still runs: before this call it may read constants
+    (weights) only, and write nothing (its output may reuse memory that kernel still reads)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """The launch keywords of a kernel that waits for the one in front in-kernel (`wait_for_previous`)."""
+    return {"launch_pdl": True} if pdl else {}

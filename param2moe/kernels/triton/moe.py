@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, mma
+from ._common import INTERPRET, mma, pdl_flag, pdl_launch, release_dependents, wait_for_previous
 from .moe_configs import get_config
 
 SMALL_ALIGN_MAX_PAIRS = 1024  # up to this many (token, k) pairs the align is one program
@@ -55,9 +55,11 @@ def _align_layout(counts, ex, sorted_ptr, expert_ids_ptr, npost_ptr, cursor_ptr,
 @triton.jit(do_not_specialize=["TK", "MAX_BLOCKS"])
 def _align_small_kernel(ids_ptr, work_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, MAX_BLOCKS,
                         E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_B: tl.constexpr):
+                        BLOCK_B: tl.constexpr, PDL: tl.constexpr):
     """The whole align in one program (decode sizes): count, lay out, scatter, with atomics on a
     2*E int32 scratch (counts, cursors) that it zeroes itself; barriers order the phases."""
+    release_dependents(PDL)
+    wait_for_previous(PDL)
     p = tl.arange(0, BLOCK_P)
     ex = tl.arange(0, BLOCK_E)
     e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
@@ -117,9 +119,10 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     if tk <= SMALL_ALIGN_MAX_PAIRS:
         work = torch.empty(2 * num_experts + 1, dtype=torch.int32, device=dev)
         num_post = work[2 * num_experts:]
+        pdl = pdl_flag(ids)
         _align_small_kernel[(1,)](flat, work, sorted_ids, expert_ids, num_post, tk, max_blocks, E=num_experts,
                                   BLOCK_M=block_m, BLOCK_P=triton.next_power_of_2(tk), BLOCK_E=block_e,
-                                  BLOCK_B=block_b, num_warps=4)
+                                  BLOCK_B=block_b, PDL=pdl, num_warps=4, **pdl_launch(pdl))
         return sorted_ids, expert_ids, num_post
     work = torch.zeros(2 * num_experts + 1, dtype=torch.int32, device=dev)
     counts, cursor, num_post = work[:num_experts], work[num_experts:2 * num_experts], work[2 * num_experts:]
@@ -165,8 +168,11 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
 def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, num_m, H, N,
                         stride_xt, stride_we, stride_wn, stride_ot,
                         TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr,
+                        PDL: tl.constexpr):
     """out[slot, n] = silu(x[tok] . w[e, n]) * (x[tok] . w[e, N + n]) for the block's slots."""
+    wait_for_previous(PDL)
+    release_dependents(PDL)  # after the wait: the down GEMM reads the expert ids (two kernels back) before its own
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(npost_ptr):
@@ -214,10 +220,24 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost
 def _moe_down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, num_m, Kdim, N,
                      stride_at, stride_we, stride_wn, stride_ot,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
-    """out[pair, n] = inter[slot] . w2[e, n] for the block's slots (rows of padding slots dropped)."""
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr,
+                     NUM_E, PDL: tl.constexpr):
+    """out[pair, n] = inter[slot] . w2[e, n] for the block's slots (rows of padding slots dropped).
+    PDL: launched while the gate/up GEMM runs; the block's expert (written two kernels back, by the router
+    or the align, which finished before the gate/up GEMM released us) and its first weight tile are loaded
+    before the wait, so the weights stream in during the gate/up GEMM's tail."""
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nc = tl.where(offs_n < N, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    if PDL:
+        e_pre = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        e_ok = (e_pre >= 0) & (e_pre < NUM_E)  # blocks past num_post may hold any id: nothing read for them
+        b_first = tl.load(w_ptr + tl.where(e_ok, e_pre, 0) * stride_we + offs_nc[None, :].to(tl.int64) * stride_wn
+                          + offs_k[:, None], mask=e_ok & (offs_k[:, None] < Kdim), other=0.0)
+    wait_for_previous(PDL)
+    release_dependents(PDL)
     if pid_m * BLOCK_M >= tl.load(npost_ptr):
         return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -226,13 +246,17 @@ def _moe_down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_pt
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + offs_m)
     valid = pair < TK
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_nc = tl.where(offs_n < N, offs_n, 0)
-    offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_at + offs_k[None, :]
     b_ptrs = w_ptr + e * stride_we + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(Kdim, BLOCK_K)):
+    kb0 = 0
+    if PDL:  # the first K tile from the registers
+        a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < Kdim), other=0.0)
+        acc = mma(a, b_first, acc, IEEE, INTERP)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+        kb0 = 1
+    for kb in range(kb0, tl.cdiv(Kdim, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
             b = tl.load(b_ptrs)
@@ -273,12 +297,13 @@ def gate_up(x, w13, align, topk: int, block_m: int, g1: dict) -> torch.Tensor:
     inter_size, hidden = w13.shape[1] // 2, x.shape[1]
     num_m = expert_ids.shape[0]
     inter = torch.empty(sorted_ids.shape[0], inter_size, dtype=x.dtype, device=x.device)
+    pdl = pdl_flag(x)
     _moe_gate_up_kernel[_gemm_grid(num_m, inter_size, g1["BLOCK_N"])](
         x, w13, inter, sorted_ids, expert_ids, num_post, x.shape[0] * topk, num_m, hidden, inter_size,
         x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
         TOPK=topk, BLOCK_M=block_m, BLOCK_N=g1["BLOCK_N"], BLOCK_K=g1["BLOCK_K"], GROUP_M=g1["GROUP_M"],
-        EVEN_K=hidden % g1["BLOCK_K"] == 0, IEEE=x.dtype == torch.float32, INTERP=INTERPRET,
-        num_warps=g1["num_warps"], num_stages=g1["num_stages"])
+        EVEN_K=hidden % g1["BLOCK_K"] == 0, IEEE=x.dtype == torch.float32, INTERP=INTERPRET, PDL=pdl,
+        num_warps=g1["num_warps"], num_stages=g1["num_stages"], **pdl_launch(pdl))
     return inter
 
 
@@ -288,12 +313,13 @@ def down(inter, w2, align, tk: int, block_m: int, g2: dict) -> torch.Tensor:
     hidden, inter_size = w2.shape[1], w2.shape[2]
     num_m = expert_ids.shape[0]
     pair_out = torch.empty(tk, hidden, dtype=inter.dtype, device=inter.device)
+    pdl = pdl_flag(inter)
     _moe_down_kernel[_gemm_grid(num_m, hidden, g2["BLOCK_N"])](
         inter, w2, pair_out, sorted_ids, expert_ids, num_post, tk, num_m, inter_size, hidden,
         inter.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0),
         BLOCK_M=block_m, BLOCK_N=g2["BLOCK_N"], BLOCK_K=g2["BLOCK_K"], GROUP_M=g2["GROUP_M"],
         EVEN_K=inter_size % g2["BLOCK_K"] == 0, IEEE=inter.dtype == torch.float32, INTERP=INTERPRET,
-        num_warps=g2["num_warps"], num_stages=g2["num_stages"])
+        NUM_E=w2.shape[0], PDL=pdl, num_warps=g2["num_warps"], num_stages=g2["num_stages"], **pdl_launch(pdl))
     return pair_out
 
 
