@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from . import attention as _attention
+from . import cpu as _cpu
 from . import moe as _moe
 from . import norm as _norm
 from . import rope as _rope
@@ -153,9 +154,17 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
     if t:
         return t.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
                                  max_query_len, max_context_len, new_kv=new_kv)
+    kv = None
     if new_kv is not None:
         k, v, slots, q_weight, k_weight, cos, sin, eps = new_kv
-        q, _ = _rope.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, (v, k_cache, v_cache, slots))
+        q, k = _rope.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
+        kv = (k, v, slots)
+    if max_query_len == 1 and _BACKEND == "auto" and q.device.type == "cpu":  # CPU decode: the C kernel (cpu/)
+        out = _cpu.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, kv)
+        if out is not None:  # None: off (P2M_CPU_NATIVE=0), no compiler, or inputs it does not take
+            return out
+    if kv is not None:
+        _attention.write_kv_cache(kv[0], kv[1], k_cache, v_cache, kv[2])
     return _attention.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
                                       max_query_len, max_context_len)
 

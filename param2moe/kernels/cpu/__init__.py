@@ -1,0 +1,173 @@
+"""Native CPU kernels, in plain C, built on first use with the system C compiler and loaded with ctypes.
+
+`paged_decode` (paged_decode.c): attention of one query token per sequence over the paged KV cache, K and V
+read once straight through the block table (the torch path gathers each sequence's blocks into a copy and runs
+SDPA on it: three passes over the KV). It can also store the step's new k and v in the cache first.
+
+The library is compiled (`cc -O3 -march=native -fopenmp -shared -fPIC`, about 0.3 s) on the first CPU decode
+call, not at import, into a per-user cache directory ($XDG_CACHE_HOME or ~/.cache, then param2moe/) under a
+name keyed by a hash of the source, the compiler, its flags and the host CPU's features; later processes load
+it from there. Without a compiler, or when the build or the load fails, the callers fall back to the torch path
+(one log line). `P2M_CPU_NATIVE=0` in the environment turns the native kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("param2moe")
+
+_SRC = Path(__file__).with_name("paged_decode.c")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_state: dict = {"lib": None, "tried": False, "enabled": None}
+
+
+def enabled() -> bool:
+    """Whether the native kernels may run (P2M_CPU_NATIVE != 0 and the library built and loaded)."""
+    if _state["enabled"] is None:
+        _state["enabled"] = os.environ.get("P2M_CPU_NATIVE", "1") != "0"
+    return _state["enabled"] and _lib() is not None
+
+
+def set_enabled(on: bool | None) -> None:
+    """Force the native kernels on or off (None: decide from the environment again)."""
+    _state["enabled"] = on
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "param2moe"
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build() -> Path | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        log.info("param2moe: no C compiler found; CPU decode attention stays on the torch path")
+        return None
+    src = _SRC.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(_FLAGS).encode(), _cpu_features().encode()]))
+    out = _cache_dir() / f"paged_decode-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        # The library needs libgomp.so.1 by soname: torch's CPU builds have loaded theirs by then, and the
+        # dynamic loader reuses it, so the process keeps one OpenMP thread pool.
+        r = subprocess.run([cc, *_FLAGS, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            log.info("param2moe: building the native CPU kernels failed (torch path instead): %s",
+                     (r.stderr or r.stdout).strip()[-500:])
+            return None
+        os.replace(tmp, out)
+        return out
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _lib():
+    if _state["tried"]:
+        return _state["lib"]
+    _state["tried"] = True
+    try:
+        path = _build()
+        if path is None:
+            return None
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.info("param2moe: native CPU kernels unavailable (torch path instead): %s", e)
+        return None
+    i64, i32, p, f = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+    fn = lib.p2m_paged_decode
+    fn.restype = i32
+    fn.argtypes = [p, i64, i64, i32,  # q, token / head strides, bf16
+                   p, p, i32, i64,  # k_cache, v_cache, bf16, num_blocks
+                   p, i64, p,  # block_tables, row stride, context_lens
+                   p, i32, i32, i32, i32, i32, f,  # out, B, nh, nkv, D, block_size, scale
+                   p, i64, i64, p, i64, i64, p,  # k_new, strides, v_new, strides, slots
+                   i32]  # threads
+    _state["lib"] = lib
+    return lib
+
+
+def _i32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.int32 and x.stride(-1) == 1 else x.to(torch.int32).contiguous()
+
+
+def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float, max_context_len: int,
+                 new_kv=None):
+    """Single-query paged attention (see attention.paged_attention, whose decode results it reproduces):
+    q [B, nh, D] (one token per sequence, in order), context_lens [B] including the new token, block_tables
+    [B, max_blocks]. new_kv = (k, v, slot_mapping): store k, v [B, nkv, D] at their slots first. Returns
+    [B, nh, D] in q's dtype, or None when these inputs are not ones the kernel takes (nothing written then)."""
+    if not enabled() or not _usable(q, k_cache, v_cache, block_tables, context_lens, max_context_len, new_kv):
+        return None
+    b, nh, d = q.shape
+    nblocks, bs, nkv, _ = k_cache.shape
+    tables, lens = _i32(block_tables), _i32(context_lens)
+    out = torch.empty((b, nh, d), dtype=q.dtype)
+    kn = vn = slots = None
+    ks = vs = (0, 0)
+    if new_kv is not None:
+        kn, vn, slots = new_kv
+        slots = slots if slots.dtype == torch.int64 and slots.stride(0) == 1 else slots.to(torch.int64).contiguous()
+        ks, vs = kn.stride()[:2], vn.stride()[:2]
+    err = _state["lib"].p2m_paged_decode(
+        q.data_ptr(), q.stride(0), q.stride(1), _DTYPES[q.dtype],
+        k_cache.data_ptr(), v_cache.data_ptr(), _DTYPES[k_cache.dtype], nblocks,
+        tables.data_ptr(), tables.stride(0), lens.data_ptr(),
+        out.data_ptr(), b, nh, nkv, d, bs, float(scale),
+        kn.data_ptr() if kn is not None else None, ks[0], ks[1],
+        vn.data_ptr() if vn is not None else None, vs[0], vs[1],
+        slots.data_ptr() if slots is not None else None, torch.get_num_threads())
+    if err:
+        raise RuntimeError(f"native paged decode attention: {'a block id out of range' if err == 1 else 'no memory'}")
+    return out
+
+
+def _usable(q, k_cache, v_cache, block_tables, context_lens, max_context_len, new_kv) -> bool:
+    if q.device.type != "cpu" or q.dim() != 3 or k_cache.dim() != 4 or q.dtype not in _DTYPES:
+        return False
+    if k_cache.dtype not in _DTYPES or v_cache.dtype != k_cache.dtype or v_cache.shape != k_cache.shape:
+        return False
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or v_cache.device.type != "cpu":
+        return False
+    b, nh, d = q.shape
+    _, bs, nkv, dk = k_cache.shape
+    if dk != d or nkv == 0 or nh % nkv or q.stride(2) != 1 or b == 0:
+        return False
+    if block_tables.dim() != 2 or block_tables.shape[0] != b or context_lens.shape != (b,):
+        return False
+    if max_context_len > block_tables.shape[1] * bs:  # a context past its table
+        return False
+    if new_kv is not None:
+        k, v, slots = new_kv
+        for x in (k, v):
+            if x.dtype != k_cache.dtype or x.shape != (b, nkv, d) or x.stride(2) != 1 or x.device.type != "cpu":
+                return False
+        if slots.shape != (b,):
+            return False
+    return True
