@@ -15,7 +15,7 @@ from param2moe.kernels import cpu as native
 from param2moe.kernels.attention import paged_attention, write_kv_cache
 
 pytestmark = pytest.mark.skipif(
-    native._lib() is None, reason="no C compiler (or the native CPU kernels failed to build)")
+    not native.available(), reason="no C compiler (or the native CPU kernels failed to build)")
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 
@@ -49,10 +49,18 @@ def _oracle(q, kc, vc, table, lens, scale):
     return paged_attention(q, kc, vc, table, lens, qsl, scale, 1, int(lens.max()))
 
 
+@pytest.fixture(params=["simd", "generic"])
+def path(request):
+    """Both the SIMD path (AVX-512 where the CPU has it) and the plain C one."""
+    native._state["generic"] = request.param == "generic"
+    yield request.param
+    native._state["generic"] = False
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("d", [32, 64, 128])
-def test_matches_torch_path(dtype, group, d):
+def test_matches_torch_path(dtype, group, d, path):
     bs, nkv = 16, 2
     ctxs = [1, 2, bs - 1, bs, bs + 1, 2 * bs, 3 * bs + 5, 150]  # one token, block edges, many blocks
     q, kc, vc, table, lens = _inputs(ctxs, nkv * group, nkv, d, bs, dtype, seed=d * 10 + group)
@@ -64,8 +72,18 @@ def test_matches_torch_path(dtype, group, d):
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
-@pytest.mark.parametrize("bs", [1, 8, 32])
-def test_block_sizes_and_strided_query(bs):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nh, nkv, d", [(3, 1, 48), (6, 2, 80), (8, 1, 64), (16, 2, 16)])
+def test_other_shapes(nh, nkv, d, dtype, path):
+    """Groups of 3 and 8, head sizes not a power of two (80) or not a multiple of 16 (48)."""
+    ctxs = [1, 7, 16, 17, 64, 99]
+    q, kc, vc, table, lens = _inputs(ctxs, nh, nkv, d, 16, dtype, seed=nh * d)
+    out = native.paged_decode(q, kc, vc, table, lens, 0.3, int(lens.max()))
+    torch.testing.assert_close(out, _oracle(q, kc, vc, table, lens, 0.3), **TOL[dtype])
+
+
+@pytest.mark.parametrize("bs", [1, 8, 32, 48])
+def test_block_sizes_and_strided_query(bs, path):
     """Other block sizes, a query that is a strided view, int64 tables and lengths, and a wide table."""
     ctxs = [1, bs, bs + 1, 5 * bs + 3]
     q, kc, vc, table, lens = _inputs(ctxs, 8, 2, 64, bs, torch.float32, seed=bs, extra_cols=4)
@@ -78,7 +96,7 @@ def test_block_sizes_and_strided_query(bs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_writes_new_kv_then_attends(dtype):
+def test_writes_new_kv_then_attends(dtype, path):
     """new_kv: the step's k, v stored at their slots (v a strided view, as from a fused projection) before the
     attention, with the same cache contents and output as write_kv_cache + the torch path."""
     bs, nkv, d = 16, 2, 64
@@ -145,16 +163,17 @@ def test_off_by_environment_falls_back(monkeypatch):
 
 def test_no_compiler_falls_back(monkeypatch, tmp_path):
     """A compiler that fails (or none): no library, one log line, and the torch path still answers."""
-    saved = dict(native._state)
+    saved = dict(native._state, libs=dict(native._state["libs"]))
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\necho 'no compiler here' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    native._state.update(lib=None, tried=False, enabled=None)
+    native._state.update(libs={}, enabled=None)
     try:
-        assert not native.enabled()
+        assert native.enabled() and not native.available(4, 32)
         q, kc, vc, table, lens = _inputs([9], 4, 1, 32, 8, torch.float32, seed=2)
+        assert native.paged_decode(q, kc, vc, table, lens, 0.3, 9) is None
         out = kernels.paged_attention(q, kc, vc, table, lens, torch.arange(2), 0.3, 1, 9)
         assert torch.equal(out, _oracle(q, kc, vc, table, lens, 0.3))
     finally:
@@ -165,11 +184,11 @@ def test_no_compiler_falls_back(monkeypatch, tmp_path):
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 def test_builds_into_the_cache_dir(monkeypatch, tmp_path):
     """A fresh cache directory: the library is compiled there (no temporary files left) and loads."""
-    saved = dict(native._state)
+    saved = dict(native._state, libs=dict(native._state["libs"]))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    native._state.update(lib=None, tried=False, enabled=None)
+    native._state.update(libs={}, enabled=None)
     try:
-        assert native.enabled()
+        assert native.available(2, 32)
         files = [p.name for p in (tmp_path / "param2moe").iterdir()]
         assert len(files) == 1 and files[0].startswith("paged_decode-") and files[0].endswith(".so")
     finally:

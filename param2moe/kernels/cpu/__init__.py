@@ -29,14 +29,22 @@ log = logging.getLogger("param2moe")
 _SRC = Path(__file__).with_name("paged_decode.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_state: dict = {"lib": None, "tried": False, "enabled": None}
+# libs: (query heads per KV head, head size) -> the library built for that shape, or None where that failed;
+# generic: skip the SIMD path (tests).
+_state: dict = {"libs": {}, "enabled": None, "generic": False}
 
 
 def enabled() -> bool:
-    """Whether the native kernels may run (P2M_CPU_NATIVE != 0 and the library built and loaded)."""
+    """Whether the native kernels may run: P2M_CPU_NATIVE is not 0 (paged_decode still returns None where the
+    library cannot be built)."""
     if _state["enabled"] is None:
         _state["enabled"] = os.environ.get("P2M_CPU_NATIVE", "1") != "0"
-    return _state["enabled"] and _lib() is not None
+    return _state["enabled"]
+
+
+def available(group: int = 4, head_dim: int = 64) -> bool:
+    """Enabled, and the library for this shape builds and loads (building it now if need be)."""
+    return enabled() and _lib(group, head_dim) is not None
 
 
 def set_enabled(on: bool | None) -> None:
@@ -60,13 +68,16 @@ def _cpu_features() -> str:
     return ""
 
 
-def _build() -> Path | None:
+def _build(group: int, head_dim: int) -> Path | None:
+    """The library's path in the cache directory, compiled first if it is not there. Its SIMD path is built for
+    one shape (constants let the compiler keep the accumulators in registers: 2x faster than a general one)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         log.info("param2moe: no C compiler found; CPU decode attention stays on the torch path")
         return None
     src = _SRC.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(_FLAGS).encode(), _cpu_features().encode()]))
+    flags = [*_FLAGS, f"-DP2M_G={group}", f"-DP2M_D={head_dim}"]
+    key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_features().encode()]))
     out = _cache_dir() / f"paged_decode-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
@@ -76,7 +87,7 @@ def _build() -> Path | None:
     try:
         # The library needs libgomp.so.1 by soname: torch's CPU builds have loaded theirs by then, and the
         # dynamic loader reuses it, so the process keeps one OpenMP thread pool.
-        r = subprocess.run([cc, *_FLAGS, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             log.info("param2moe: building the native CPU kernels failed (torch path instead): %s",
                      (r.stderr or r.stdout).strip()[-500:])
@@ -88,12 +99,13 @@ def _build() -> Path | None:
             os.remove(tmp)
 
 
-def _lib():
-    if _state["tried"]:
-        return _state["lib"]
-    _state["tried"] = True
+def _lib(group: int, head_dim: int):
+    libs = _state["libs"]
+    if (group, head_dim) in libs:
+        return libs[group, head_dim]
+    libs[group, head_dim] = None
     try:
-        path = _build()
+        path = _build(group, head_dim)
         if path is None:
             return None
         lib = ctypes.CDLL(str(path))
@@ -108,8 +120,8 @@ def _lib():
                    p, i64, p,  # block_tables, row stride, context_lens
                    p, i32, i32, i32, i32, i32, f,  # out, B, nh, nkv, D, block_size, scale
                    p, i64, i64, p, i64, i64, p,  # k_new, strides, v_new, strides, slots
-                   i32]  # threads
-    _state["lib"] = lib
+                   i32, i32]  # threads, generic
+    libs[group, head_dim] = lib
     return lib
 
 
@@ -127,6 +139,9 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float, 
         return None
     b, nh, d = q.shape
     nblocks, bs, nkv, _ = k_cache.shape
+    lib = _lib(nh // nkv, d)
+    if lib is None:
+        return None
     tables, lens = _i32(block_tables), _i32(context_lens)
     out = torch.empty((b, nh, d), dtype=q.dtype)
     kn = vn = slots = None
@@ -135,14 +150,15 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float, 
         kn, vn, slots = new_kv
         slots = slots if slots.dtype == torch.int64 and slots.stride(0) == 1 else slots.to(torch.int64).contiguous()
         ks, vs = kn.stride()[:2], vn.stride()[:2]
-    err = _state["lib"].p2m_paged_decode(
+    err = lib.p2m_paged_decode(
         q.data_ptr(), q.stride(0), q.stride(1), _DTYPES[q.dtype],
         k_cache.data_ptr(), v_cache.data_ptr(), _DTYPES[k_cache.dtype], nblocks,
         tables.data_ptr(), tables.stride(0), lens.data_ptr(),
         out.data_ptr(), b, nh, nkv, d, bs, float(scale),
         kn.data_ptr() if kn is not None else None, ks[0], ks[1],
         vn.data_ptr() if vn is not None else None, vs[0], vs[1],
-        slots.data_ptr() if slots is not None else None, torch.get_num_threads())
+        slots.data_ptr() if slots is not None else None, torch.get_num_threads(),
+        int(_state["generic"]))
     if err:
         raise RuntimeError(f"native paged decode attention: {'a block id out of range' if err == 1 else 'no memory'}")
     return out

@@ -137,6 +137,123 @@ static inline int attend_one(int G, int D, int bs, int ctx, const int32_t *table
     return 0;
 }
 
+#if defined(__AVX512F__)
+/* The same walk with AVX-512 for head sizes that are a multiple of 16 (ND = D / 16 vectors a row): keys and values
+ * in 16-token chunks (a block's tokens, at most 16 at a time); a chunk's G x 16 scores sit in one vector per query
+ * head for the softmax; the G x D accumulators stay in registers where G * ND allows (G and ND are constants in
+ * the instance built: P2M_G and P2M_D, the model's, are defined on the compiler's command line). */
+#include <immintrin.h>
+
+static inline __attribute__((always_inline)) __m512 ld16(const void *base, int64_t off, int bf16) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + off))), 16));
+    return _mm512_loadu_ps((const float *)base + off);
+}
+
+static inline __attribute__((always_inline)) __m512 exp16(__m512 x) { /* exp_neg, 16 lanes */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Lane t of the result: the sum of v[t]'s 16 lanes (a 16 x 16 transpose folded into the adds). */
+static inline __attribute__((always_inline)) __m512 hsum16(const __m512 *v) {
+    __m512 w[8], x[4], y[2];
+    for (int i = 0; i < 8; i++) { /* 128-bit lanes: v[2i] (two partial quads), v[2i+1] (two) */
+        __m512 a = v[2 * i], b = v[2 * i + 1];
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+    }
+    for (int i = 0; i < 4; i++) { /* 128-bit lane k: a quad of partial sums of v[4i + k] */
+        __m512 a = w[2 * i], b = w[2 * i + 1];
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
+    }
+    for (int i = 0; i < 2; i++)
+        y[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+    /* 128-bit lane k of z: the sums of v[k], v[8 + k], v[4 + k], v[12 + k] */
+    __m512 z = _mm512_add_ps(_mm512_unpacklo_ps(y[0], y[1]), _mm512_unpackhi_ps(y[0], y[1]));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15), z);
+}
+
+static inline __attribute__((always_inline)) int attend_avx512(
+    const int G, const int ND, int bs, int ctx, const int32_t *table, int64_t num_blocks, const void *kc,
+    const void *vc, int kv_bf16, int64_t head_off, int64_t row_stride, const float *qf, float *restrict out_acc,
+    float *restrict l_out) {
+    __m512 acc[G * ND], q[G * ND];
+    float m[G], l[G];
+    for (int i = 0; i < G * ND; i++) {
+        acc[i] = _mm512_setzero_ps();
+        q[i] = _mm512_loadu_ps(qf + 16 * i);
+    }
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+    }
+    int nblk = (ctx + bs - 1) / bs;
+    for (int bi = 0; bi < nblk; bi++) {
+        int64_t blk = table[bi];
+        if (blk < 0 || blk >= num_blocks) return 1;
+        int nb = ctx - bi * bs < bs ? ctx - bi * bs : bs;
+        int64_t base = blk * bs * row_stride + head_off;
+        for (int t0 = 0; t0 < nb; t0 += 16) {
+            int n = nb - t0 < 16 ? nb - t0 : 16;
+            __mmask16 live = (__mmask16)((1u << n) - 1u);
+            __m512 part[G][16];
+            for (int t = 0; t < 16; t++) {
+                if (t < n) {
+                    int64_t off = base + (t0 + t) * row_stride;
+                    __m512 a[G];
+                    for (int g = 0; g < G; g++) a[g] = _mm512_setzero_ps();
+                    for (int c = 0; c < ND; c++) {
+                        __m512 k = ld16(kc, off + 16 * c, kv_bf16);
+                        for (int g = 0; g < G; g++) a[g] = _mm512_fmadd_ps(q[g * ND + c], k, a[g]);
+                    }
+                    for (int g = 0; g < G; g++) part[g][t] = a[g];
+                } else {
+                    for (int g = 0; g < G; g++) part[g][t] = _mm512_setzero_ps();
+                }
+            }
+            float p[G][16];
+            for (int g = 0; g < G; g++) {
+                __m512 sc = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), hsum16(part[g]));
+                float mx = _mm512_reduce_max_ps(sc);
+                if (mx > m[g]) {
+                    float c = m[g] == -INFINITY ? 0.0f : exp_neg(m[g] - mx);
+                    __m512 cv = _mm512_set1_ps(c);
+                    l[g] *= c;
+                    for (int i = 0; i < ND; i++) acc[g * ND + i] = _mm512_mul_ps(acc[g * ND + i], cv);
+                    m[g] = mx;
+                }
+                __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(m[g]))));
+                l[g] += _mm512_reduce_add_ps(e);
+                _mm512_storeu_ps(p[g], e);
+            }
+            for (int t = 0; t < n; t++) {
+                int64_t off = base + (t0 + t) * row_stride;
+                for (int c = 0; c < ND; c++) {
+                    __m512 v = ld16(vc, off + 16 * c, kv_bf16);
+                    for (int g = 0; g < G; g++)
+                        acc[g * ND + c] = _mm512_fmadd_ps(_mm512_set1_ps(p[g][t]), v, acc[g * ND + c]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < G * ND; i++) _mm512_storeu_ps(out_acc + 16 * i, acc[i]);
+    for (int g = 0; g < G; g++) l_out[g] = l[g];
+    return 0;
+}
+#endif
+
 /* Returns 0; 1 if a block id was out of range (those outputs are zeros); 2 if scratch memory ran out. */
 int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
                      const void *k_cache, const void *v_cache, int kv_bf16, int64_t num_blocks,
@@ -144,11 +261,12 @@ int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
                      void *out, int B, int nh, int nkv, int D, int bs, float scale,
                      const void *k_new, int64_t kn_stok, int64_t kn_shead,
                      const void *v_new, int64_t vn_stok, int64_t vn_shead, const int64_t *slots,
-                     int nthreads) {
+                     int nthreads, int generic) {
     const int G = nh / nkv;
     const int64_t row_stride = (int64_t)nkv * D;  /* elements from one token's row to the next */
     const size_t esz = kv_bf16 ? 2 : 4;
     int err = 0;
+    (void)generic;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && B * nkv > 1)
     {
@@ -181,8 +299,16 @@ int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
                 for (int i = 0; i < D; i++) qg[i] *= scale;
             }
             int ctx = context_lens[b];
-            int bad = attend_one(G, D, bs, ctx, block_tables + b * bt_stride, num_blocks, k_cache, v_cache, kv_bf16,
-                                 (int64_t)h * D, row_stride, qf, acc, row, s, m, l);
+            const int32_t *table = block_tables + b * bt_stride;
+            int bad = -1;
+#if defined(__AVX512F__) && defined(P2M_G) && defined(P2M_D) && P2M_D % 16 == 0
+            if (!generic && G == P2M_G && D == P2M_D)
+                bad = attend_avx512(P2M_G, P2M_D / 16, bs, ctx, table, num_blocks, k_cache, v_cache, kv_bf16,
+                                    (int64_t)h * D, row_stride, qf, acc, l);
+#endif
+            if (bad < 0)
+                bad = attend_one(G, D, bs, ctx, table, num_blocks, k_cache, v_cache, kv_bf16, (int64_t)h * D,
+                                 row_stride, qf, acc, row, s, m, l);
             if (bad) {
 #pragma omp atomic write
                 err = 1;
