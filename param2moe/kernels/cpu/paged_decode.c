@@ -5,12 +5,15 @@
  * j uses KV head j / G (G = nh / nkv). q [B, nh, D] fp32 or bf16 (any token / head strides, D contiguous);
  * the caches fp32 or bf16; math in fp32; out [B, nh, D] contiguous, in q's dtype.
  *
- * Work: one task per (sequence, KV head), spread over OpenMP threads. A task walks the sequence's blocks once,
- * scoring the block's keys against its G query heads, then folding the block's values in with an online
- * softmax (running max and sum per head, rescaled as the max grows), so K and V are each read once.
- * Optionally the step's new k, v [B, nkv, D] are first stored at their slots (all of them before any read).
+ * Work: tasks of one sequence (its KV heads in turn) or, with few sequences, of one (sequence, KV head), spread
+ * over OpenMP threads. A KV head's walk goes over the sequence's blocks once, scoring each block's keys against
+ * its G query heads, then folding the block's values in with an online softmax (running max and sum per head,
+ * rescaled as the max grows), so K and V are each read once; the next block's rows are prefetched. Optionally the
+ * step's new k, v [B, nkv, D] are first stored at their slots (all of them before any read).
  *
- * Plain C with OpenMP; built with -O3 -march=native -fopenmp by param2moe/kernels/cpu/__init__.py.
+ * Plain C with OpenMP; built with -O3 -march=native -fopenmp -DP2M_G=<G> -DP2M_D=<D> by
+ * param2moe/kernels/cpu/__init__.py. With AVX-512 and D a multiple of 16, the walk for that G and D runs in
+ * intrinsics (attend_avx512); otherwise in plain C the compiler vectorises (attend_one).
  */
 #include <math.h>
 #include <stdint.h>
@@ -187,8 +190,8 @@ static inline __attribute__((always_inline)) __m512 hsum16(const __m512 *v) {
 
 static inline __attribute__((always_inline)) int attend_avx512(
     const int G, const int ND, int bs, int ctx, const int32_t *table, int64_t num_blocks, const void *kc,
-    const void *vc, int kv_bf16, int64_t head_off, int64_t row_stride, const float *qf, float *restrict out_acc,
-    float *restrict l_out) {
+    const void *vc, int kv_bf16, int64_t head_off, int64_t row_stride, int64_t pf_off, int64_t pf_span,
+    const float *qf, float *restrict out_acc, float *restrict l_out) {
     __m512 acc[G * ND], q[G * ND];
     float m[G], l[G];
     for (int i = 0; i < G * ND; i++) {
@@ -205,6 +208,21 @@ static inline __attribute__((always_inline)) int attend_avx512(
         if (blk < 0 || blk >= num_blocks) return 1;
         int nb = ctx - bi * bs < bs ? ctx - bi * bs : bs;
         int64_t base = blk * bs * row_stride + head_off;
+        if (bi + 1 < nblk) { /* the next block's rows: blocks lie anywhere, the hardware sees no stride */
+            int64_t nxt = table[bi + 1];
+            if (nxt >= 0 && nxt < num_blocks) {
+                int nn = ctx - (bi + 1) * bs < bs ? ctx - (bi + 1) * bs : bs;
+                int esz = kv_bf16 ? 2 : 4;
+                for (int t = 0; t < nn; t++) {
+                    const char *kr = (const char *)kc + (nxt * bs * row_stride + pf_off + t * row_stride) * esz;
+                    const char *vr = (const char *)vc + (nxt * bs * row_stride + pf_off + t * row_stride) * esz;
+                    for (int64_t c = 0; c < pf_span; c += 64) {
+                        _mm_prefetch(kr + c, _MM_HINT_T0);
+                        _mm_prefetch(vr + c, _MM_HINT_T0);
+                    }
+                }
+            }
+        }
         for (int t0 = 0; t0 < nb; t0 += 16) {
             int n = nb - t0 < 16 ? nb - t0 : 16;
             __mmask16 live = (__mmask16)((1u << n) - 1u);
@@ -254,6 +272,8 @@ static inline __attribute__((always_inline)) int attend_avx512(
 }
 #endif
 
+#define P2M_L2_BYTES (512 << 10)
+
 /* Returns 0; 1 if a block id was out of range (those outputs are zeros); 2 if scratch memory ran out. */
 int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
                      const void *k_cache, const void *v_cache, int kv_bf16, int64_t num_blocks,
@@ -268,7 +288,10 @@ int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
     int err = 0;
     (void)generic;
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && B * nkv > 1)
+    /* A task: a sequence's KV heads one after the other when there are sequences enough to go round the threads,
+     * else one KV head of one sequence. */
+    const int per_seq = B >= 4 * nthreads && nkv > 1, tasks = per_seq ? B : B * nkv;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && tasks > 1)
     {
         if (slots) {  /* the new tokens' k and v to the cache, all before any read */
 #pragma omp for schedule(static)
@@ -288,9 +311,10 @@ int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
             err = 2;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int task = 0; task < B * nkv; task++) {
+        for (int task = 0; task < tasks; task++) {
+          const int b = per_seq ? task : task / nkv, h0 = per_seq ? 0 : task % nkv, h1 = per_seq ? nkv : h0 + 1;
+          for (int h = h0; h < h1; h++) {
             if (!scratch) continue;
-            int b = task / nkv, h = task % nkv;
             for (int g = 0; g < G; g++) {  /* the G query rows, scaled, in fp32 */
                 int64_t off = b * q_stok + (int64_t)(h * G + g) * q_shead;
                 float *qg = qf + g * D;
@@ -302,9 +326,14 @@ int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
             const int32_t *table = block_tables + b * bt_stride;
             int bad = -1;
 #if defined(__AVX512F__) && defined(P2M_G) && defined(P2M_D) && P2M_D % 16 == 0
-            if (!generic && G == P2M_G && D == P2M_D)
+            if (!generic && G == P2M_G && D == P2M_D) {
+                /* The first head's walk prefetches the whole rows (the task's heads are contiguous in them) if
+                 * the sequence's keys and values fit in L2 (P2M_L2_BYTES): the later heads' walks find them there. */
+                int wide = per_seq && h == 0 && (int64_t)ctx * row_stride * esz * 2 <= P2M_L2_BYTES;
                 bad = attend_avx512(P2M_G, P2M_D / 16, bs, ctx, table, num_blocks, k_cache, v_cache, kv_bf16,
-                                    (int64_t)h * D, row_stride, qf, acc, l);
+                                    (int64_t)h * D, row_stride, wide ? 0 : (int64_t)h * D,
+                                    (int64_t)(wide ? row_stride : D) * esz, qf, acc, l);
+            }
 #endif
             if (bad < 0)
                 bad = attend_one(G, D, bs, ctx, table, num_blocks, k_cache, v_cache, kv_bf16, (int64_t)h * D,
@@ -326,6 +355,7 @@ int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
                     for (int i = 0; i < D; i++) od[i] = ag[i] * inv;
                 }
             }
+          }
         }
         free(scratch);
     }
