@@ -26,6 +26,9 @@ def main() -> None:
     ap.add_argument("--no-fold", action="store_true")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--replays", type=int, default=10)
+    ap.add_argument("--timeline", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                    help="also print kernels FIRST..LAST of the last replay in time order: start, duration, and "
+                         "how far each moved the end of the step (its cost on the critical path)")
     args = ap.parse_args()
     if args.no_fold:
         Param2MoEForCausalLM.fold_shared_experts = lambda self: 0
@@ -57,6 +60,25 @@ def main() -> None:
             n = e.count / args.replays
             print(f"{e.key[:60]:<60} {e.device_time_total / args.replays:>9.1f} {n:>9.0f} "
                   f"{e.device_time_total / e.count:>8.2f}")
+        if args.timeline:
+            _timeline(prof, round(launches), *args.timeline)
+
+
+def _timeline(prof, per_step: int, first: int, last: int) -> None:
+    """Kernels of the last replay in start order. With programmatic dependent launch a kernel starts
+    before the one in front ends (its duration includes the wait): "adds" is how much later the step's
+    running end is after it than before it."""
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and e.device_time_total > 0),
+                     key=lambda e: e.time_range.start)[-per_step:]
+    t0 = kernels[0].time_range.start
+    end = t0
+    print(f"{'#':>4} {'kernel':<44} {'start':>8} {'dur':>7} {'adds':>7}")
+    for i, e in enumerate(kernels):
+        new_end = max(end, e.time_range.end)
+        if first <= i <= last:
+            print(f"{i:>4} {e.name[:44]:<44} {e.time_range.start - t0:>8.1f} {e.time_range.elapsed_us():>7.1f} "
+                  f"{new_end - end:>7.1f}")
+        end = new_end
 
 
 if __name__ == "__main__":

@@ -329,6 +329,41 @@ def test_moe_experts_one_weight_row_expanded():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_choice", [False, True])
+def test_gate_up_launched_behind_the_router(with_choice, dtype):
+    """One token, the shared expert folded in as the last 2 experts: the experts' gate/up launched behind
+    the router (the shared blocks norm the row themselves, the routed ones read the router's row and ids,
+    or the given choice's) gives the fused MoE's outputs, and the oracle's on the router's normed row."""
+    h, i, e, k = 256, 64, 16, 4
+    gate = torch.randn(e, h, device=DEV) / h**0.5
+    bias = 0.1 * torch.randn(e, device=DEV)
+    nw = (1 + 0.1 * torch.randn(h, device=DEV)).to(dtype)
+    _, w13, w2, _, _ = _moe_inputs(1, e + 2, h, i, k, dtype)
+    kw = dict(num_appended=2, routed_scaling_factor=2.5)
+    for _ in range(2):
+        a, r = torch.randn(1, h, device=DEV).to(dtype), torch.randn(1, h, device=DEV).to(dtype)
+        choice = None
+        if with_choice:
+            picks = torch.cat([torch.randperm(e, device=DEV)[:k], torch.tensor([e, e + 1], device=DEV)])
+            choice = (torch.rand(1, k + 2, device=DEV), picks[None])
+        with poisoned():
+            xn, res, w, ids, started = tri_moe.add_rms_norm_gate_route_gate_up(a, r, nw, 1e-6, gate, bias, k, w13,
+                                                                               choice, overlap=True, **kw)
+            assert started is not None
+            pair_out = tri_moe.moe_experts(xn, w13, w2, w, ids, unsummed=True, started=started)
+        xn2, res2, w2_, ids2 = tri_routing.add_rms_norm_gate_route(a, r, nw, 1e-6, gate, bias, k, **kw)
+        assert torch.equal(res, res2) and torch.equal(xn, xn2)
+        assert torch.equal(ids, choice[1] if with_choice else ids2) and ids[0, k:].tolist() == [e, e + 1]
+        plain = tri_moe.moe_experts(xn, w13, w2, w, ids, unsummed=True)
+        check(pair_out, plain, dtype)
+        y = tri_norm.expert_sum_add_rms_norm(pair_out, w, ids, res, nw, 1e-6)[1]
+        check(y, ref_norm.add_rms_norm(ref_moe.moe_experts(xn, w13, w2, w, ids), res, nw, 1e-6)[1], dtype)
+    # more than one token: nothing launched early
+    a2 = torch.randn(3, h, device=DEV).to(dtype)
+    assert tri_moe.add_rms_norm_gate_route_gate_up(a2, a2, nw, 1e-6, gate, bias, k, w13, overlap=True, **kw)[4] is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t", [1, 6, 37])
 def test_unsummed_moe_then_expert_sum_add_rms_norm(t, dtype):
     """The MoE stopped before its combine, summed inside the next add + RMSNorm (ids -1 skipped, one

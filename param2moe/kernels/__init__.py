@@ -126,20 +126,28 @@ def gate_route(x, gate_weight, expert_bias, top_k: int, **kw):
     return fn(x, gate_weight, expert_bias, top_k, **kw)
 
 
-def add_rms_norm_gate_route(x, residual, norm_weight, eps: float, gate_weight, expert_bias, top_k: int, **kw):
-    """(normed, residual', weights, ids): add_rms_norm, then the router on the normed rows (one launch
-    for decode-sized CUDA batches)."""
+def add_rms_norm_gate_route(x, residual, norm_weight, eps: float, gate_weight, expert_bias, top_k: int,
+                            experts_w13=None, choice=None, **kw):
+    """(normed, residual', weights, ids, started): add_rms_norm, then the router on the normed rows (one
+    launch for decode-sized CUDA batches). choice: (weights, ids) returned instead of the router's (the
+    benchmarks' uniform routing; the router still runs). experts_w13: the stacked experts with the shared
+    expert folded in (kw num_appended): on Hopper at one token their gate/up GEMM is launched behind the
+    router, `started` (else None), for moe_experts to go on from."""
+    if experts_w13 is not None and use_triton(x):
+        return _tri("moe").add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps, gate_weight, expert_bias,
+                                                           top_k, experts_w13, choice, **kw)
     t = _pick(x, "routing")
     fn = t.add_rms_norm_gate_route if t else _routing.add_rms_norm_gate_route
-    return fn(x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, **kw)
+    normed, residual, weights, ids = fn(x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, **kw)
+    return (normed, residual, *(choice or (weights, ids)), None)
 
 
-def moe_experts(x, w13, w2, weights, ids, unsummed: bool = False):
+def moe_experts(x, w13, w2, weights, ids, unsummed: bool = False, started=None):
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
-    norm to sum (elsewhere the sum, as always)."""
+    norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result."""
     t = _pick(x, "moe")
     if t:
-        y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed)
+        y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed, started=started)
         return ExpertOutputs(y, weights, ids) if unsummed else y
     fn = _moe.moe_experts_cpu if x.device.type == "cpu" else _moe.moe_experts
     return fn(x, w13, w2, weights, ids)

@@ -145,18 +145,19 @@ class MoE(nn.Module):
         """The post-attention norm and this block: a is the attention output; returns (y, residual') with
         residual' = a + residual. The norm runs in the router's launch (decode sizes, CUDA), and with one
         rank y comes back unsummed over each token's experts (ops.ExpertOutputs): the next norm sums it."""
-        x, residual, weights, ids = ops.add_rms_norm_gate_route(
-            a, residual, norm.weight, norm.eps, self.gate.weight, self.gate.expert_bias, self.cfg.num_experts_per_tok,
-            **self._routing_options())
+        single = self.shard.tp_size == 1 and self.shard.ep_size == 1 and self.shared_experts is None
         # Benchmarks with random weights (SPEC 7): the router still runs, as it would in a real model, but
         # uniformly random experts replace its choice (Param2MoEForCausalLM.set_uniform_random_routing).
-        if self.random_choice is not None:
-            weights, ids = self.random_choice
+        # One rank with the shared expert folded in: at one token the experts' gate/up may start behind the
+        # router (`started`).
+        x, residual, weights, ids, started = ops.add_rms_norm_gate_route(
+            a, residual, norm.weight, norm.eps, self.gate.weight, self.gate.expert_bias, self.cfg.num_experts_per_tok,
+            experts_w13=self.w13 if single and self.num_folded_shared else None, choice=self.random_choice,
+            **self._routing_options())
         if self.shard.ep_size > 1:  # experts held by other ranks contribute nothing here
             local = (ids >= self.expert_start) & (ids < self.expert_end)
             ids = torch.where(local, ids - self.expert_start, -1)
-        single = self.shard.tp_size == 1 and self.shard.ep_size == 1 and self.shared_experts is None
-        y = ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single)
+        y = ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single, started=started)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return (y if single else self.shard.all_reduce(y)), residual

@@ -8,8 +8,7 @@ One kernel serves decode, prefill and chunked prefill over the paged cache [num_
   alignment (query i of a sequence sits at position context_len - query_len + i), online softmax in fp32
   (exp2 domain);
 - with few programs and a long context the KV walk is split NUM_SPLITS ways (third grid axis); each
-  split writes its partial output and (max, sum) to fp32 scratch; at decode the last split of a
-  (sequence, KV head) to finish (an atomic counter) combines them, in prefill a second kernel does.
+  split writes its partial output and (max, sum) to fp32 scratch and a second kernel combines them.
 The grid's first axis is T // BLOCK_Q + B (a sequence's q-blocks start at q_start // BLOCK_Q + b, found by
 binary search), so the grid depends on shapes and host ints only: CUDA-graph capturable. The split
 count depends on (T, B, max_context_len), fixed for a captured graph (max_context_len = max_model_len);
@@ -24,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, mma, pdl_flag, pdl_launch, release_dependents, wait_for_previous
+from ._common import INTERPRET, mma, pdl_flag, release_dependents
 from .norm import _norm_rope_heads, qk_norm_rope
 
 LOG2E = 1.4426950408889634
@@ -40,9 +39,8 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
                        INTERP: tl.constexpr,
                        kn_ptr, vn_ptr, slot_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, stride_knt, stride_knh,
                        stride_vnt, stride_vnh, stride_ct, eps, NORM_ROPE: tl.constexpr, HAS_W: tl.constexpr,
-                       HALF: tl.constexpr, cnt_ptr, FOLD_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+                       HALF: tl.constexpr, PDL: tl.constexpr):
     release_dependents(PDL)
-    wait_for_previous(PDL)
     pid_q = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -76,6 +74,13 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     tok = (q_start + qi).to(tl.int64)
+    if NORM_ROPE:  # decode: q as projected; this program's G heads normed and rotated here (row r = head r)
+        q = _norm_rope_heads(q_ptr + kvh * G * stride_qh, stride_qt, stride_qh, qw_ptr, cos_ptr, sin_ptr,
+                             q_start, stride_ct, eps, G, D, HALF, HAS_W, BLOCK_M, BLOCK_D,
+                             q_ptr.dtype.element_ty).to(q_ptr.dtype.element_ty)
+    else:
+        q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_valid[:, None] & dmask[None, :], other=0.0)
     q_pos = ctx - q_len + qi
     last_q = tl.minimum(qblk * BLOCK_Q + BLOCK_Q, q_len) - 1
     kv_end = tl.minimum(ctx, ctx - q_len + last_q + 1)
@@ -84,20 +89,9 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
         per = tl.cdiv(n_tiles, NUM_SPLITS)
         t0 = split * per
         t1 = tl.minimum(t0 + per, n_tiles)
-        n_active = tl.cdiv(n_tiles, per)  # splits with a share of the walk (short contexts: fewer)
-        if FOLD_SPLITS:
-            if split >= n_active:  # nothing to walk, and the combine reads only the active splits
-                return
     else:
         t0 = 0
         t1 = n_tiles
-    if NORM_ROPE:  # decode: q as projected; this program's G heads normed and rotated here (row r = head r)
-        q = _norm_rope_heads(q_ptr + kvh * G * stride_qh, stride_qt, stride_qh, qw_ptr, cos_ptr, sin_ptr,
-                             q_start, stride_ct, eps, G, D, HALF, HAS_W, BLOCK_M, BLOCK_D,
-                             q_ptr.dtype.element_ty).to(q_ptr.dtype.element_ty)
-    else:
-        q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                    mask=row_valid[:, None] & dmask[None, :], other=0.0)
 
     if NORM_ROPE:  # the new token's k (normed, rotated) and v: stored by the program whose share of the walk
         # holds it, and put into its tile from registers (no store-then-load round trip)
@@ -147,39 +141,9 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
         tl.store(po_ptr + base[:, None] * BLOCK_D + d[None, :], out, mask=row_valid[:, None])
         tl.store(pml_ptr + base * 2, m_i, mask=row_valid)
         tl.store(pml_ptr + base * 2 + 1, l_i, mask=row_valid)
-        if FOLD_SPLITS:  # decode: the last active split of this (sequence, KV head) to finish combines them
-            tl.debug_barrier()  # every thread's stores issued before the release below
-            cnt = cnt_ptr + b * (NH // G) + kvh
-            if tl.atomic_add(cnt, 1, sem="acq_rel") == n_active - 1:
-                _combine_splits(po_ptr, pml_ptr, o_ptr, b.to(tl.int64), kvh * G, n_active, stride_ot, stride_oh,
-                                NH, G, D, BLOCK_D, NUM_SPLITS, BLOCK_S)
-                tl.atomic_xchg(cnt, 0)
     else:
         tl.store(o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & dmask[None, :])
-
-
-@triton.jit
-def _combine_splits(po_ptr, pml_ptr, o_ptr, t, head0, n_splits, stride_ot, stride_oh, NH: tl.constexpr,
-                    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                    BLOCK_S: tl.constexpr):
-    """Token t's heads head0 .. head0 + G - 1: the first n_splits splits' partial outputs weighted by their
-    softmax mass (read through L2: other programs wrote them)."""
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    smask = s < n_splits
-    for gi in tl.static_range(G):
-        base = (t * NH + head0 + gi) * NUM_SPLITS + s
-        m = tl.load(pml_ptr + base * 2, mask=smask, other=float("-inf"), cache_modifier=".cg")
-        lse = tl.load(pml_ptr + base * 2 + 1, mask=smask, other=0.0, cache_modifier=".cg")
-        o = tl.load(po_ptr + base[:, None] * BLOCK_D + d[None, :], mask=smask[:, None], other=0.0,
-                    cache_modifier=".cg")
-        m_max = tl.max(m, axis=0)
-        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-        w = tl.exp2(m - m_max) * lse
-        total = tl.sum(w, axis=0)
-        out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-        tl.store(o_ptr + t * stride_ot + (head0 + gi) * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
@@ -272,7 +236,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_n = cfg["BLOCK_N"]
     block_d = triton.next_power_of_2(d)
     pdl = pdl_flag(q)
-    fold = decode and num_splits > 1  # the splits combined by the last to finish: no second launch
     if num_splits > 1:
         po = torch.empty(t, nh, num_splits, block_d, dtype=torch.float32, device=q.device)
         pml = torch.empty(t, nh, num_splits, 2, dtype=torch.float32, device=q.device)
@@ -284,28 +247,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_tables.stride(0),
         NH=nh, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DECODE=decode, IEEE=q.dtype == torch.float32, INTERP=INTERPRET,
-        cnt_ptr=_split_counters(q.device, b * nkv) if fold else out, FOLD_SPLITS=fold,
-        BLOCK_S=triton.next_power_of_2(num_splits),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=pdl, **pdl_launch(pdl),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=pdl,
         **_new_kv_args(new_kv, q, k_cache, v_cache))
-    if num_splits > 1 and not fold:
+    if num_splits > 1:
         _split_reduce_kernel[(t, nh)](po, pml, out, out.stride(0), out.stride(1), NH=nh, D=d, BLOCK_D=block_d,
                                       NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl,
-                                      num_warps=2, **pdl_launch(pdl))
+                                      num_warps=2, **({"launch_pdl": True} if pdl else {}))
     return out
-
-
-_COUNTERS: dict = {}
-
-
-def _split_counters(device, n: int) -> torch.Tensor:
-    """n int32 zeros: a (sequence, KV head)'s count of finished splits, reset by the last of them. Made on
-    the first decode call (before graph capture; splits happen only below one program an SM, so the
-    engine's batches never outgrow it)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
 
 
 def _new_kv_args(new_kv, q, k_cache, v_cache) -> dict:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import pdl_flag, pdl_launch, release_dependents, wait_for_previous
+from ._common import pdl_flag
 
 # Each token is one more pass over the registers: measured on an H100 (Param2 qkv/dense, same call) 3 us
 # faster than cuBLAS per projection at 1 token, 3 us slower at 8; about even at 4.
@@ -30,13 +30,13 @@ _ENABLED = os.environ.get("P2M_GEMV", "1") != "0"  # P2M_GEMV=0: cuBLAS always (
 @triton.jit(do_not_specialize=["T"])
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, T, N, stride_xt, stride_wn, stride_ot, K: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    release_dependents(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     nmask, kmask = n < N, k < K
     w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :],
                 other=0.0)
-    wait_for_previous(PDL)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     for t in range(0, T):
         x = tl.load(x_ptr + t * stride_xt + k, mask=kmask, other=0.0).to(tl.float32)
         acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
@@ -71,5 +71,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     pdl = pdl_flag(x)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, t, n, x.stride(0), weight.stride(0), out.stride(0), K=k, BLOCK_N=block_n,
-        BLOCK_K=block_k, PDL=pdl, num_warps=4, **pdl_launch(pdl))
+        BLOCK_K=block_k, PDL=pdl, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}))
     return out

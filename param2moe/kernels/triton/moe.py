@@ -19,11 +19,14 @@ Padding blocks exit at once; the grid of the GEMMs is sized by the most blocks T
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, mma, pdl_flag, pdl_launch, release_dependents, wait_for_previous
+from . import routing
+from ._common import INTERPRET, mma, pdl_flag, pdl_launch, wait_for_previous
 from .moe_configs import get_config
 
 SMALL_ALIGN_MAX_PAIRS = 1024  # up to this many (token, k) pairs the align is one program
@@ -55,11 +58,9 @@ def _align_layout(counts, ex, sorted_ptr, expert_ids_ptr, npost_ptr, cursor_ptr,
 @triton.jit(do_not_specialize=["TK", "MAX_BLOCKS"])
 def _align_small_kernel(ids_ptr, work_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, MAX_BLOCKS,
                         E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_B: tl.constexpr, PDL: tl.constexpr):
+                        BLOCK_B: tl.constexpr):
     """The whole align in one program (decode sizes): count, lay out, scatter, with atomics on a
     2*E int32 scratch (counts, cursors) that it zeroes itself; barriers order the phases."""
-    release_dependents(PDL)
-    wait_for_previous(PDL)
     p = tl.arange(0, BLOCK_P)
     ex = tl.arange(0, BLOCK_E)
     e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
@@ -119,10 +120,9 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     if tk <= SMALL_ALIGN_MAX_PAIRS:
         work = torch.empty(2 * num_experts + 1, dtype=torch.int32, device=dev)
         num_post = work[2 * num_experts:]
-        pdl = pdl_flag(ids)
         _align_small_kernel[(1,)](flat, work, sorted_ids, expert_ids, num_post, tk, max_blocks, E=num_experts,
                                   BLOCK_M=block_m, BLOCK_P=triton.next_power_of_2(tk), BLOCK_E=block_e,
-                                  BLOCK_B=block_b, PDL=pdl, num_warps=4, **pdl_launch(pdl))
+                                  BLOCK_B=block_b, num_warps=4)
         return sorted_ids, expert_ids, num_post
     work = torch.zeros(2 * num_experts + 1, dtype=torch.int32, device=dev)
     counts, cursor, num_post = work[:num_experts], work[num_experts:2 * num_experts], work[2 * num_experts:]
@@ -168,11 +168,8 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
 def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, num_m, H, N,
                         stride_xt, stride_we, stride_wn, stride_ot,
                         TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr,
-                        PDL: tl.constexpr):
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
     """out[slot, n] = silu(x[tok] . w[e, n]) * (x[tok] . w[e, N + n]) for the block's slots."""
-    wait_for_previous(PDL)
-    release_dependents(PDL)  # after the wait: the down GEMM reads the expert ids (two kernels back) before its own
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(npost_ptr):
@@ -220,24 +217,10 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost
 def _moe_down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, num_m, Kdim, N,
                      stride_at, stride_we, stride_wn, stride_ot,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr,
-                     NUM_E, PDL: tl.constexpr):
-    """out[pair, n] = inter[slot] . w2[e, n] for the block's slots (rows of padding slots dropped).
-    PDL: launched while the gate/up GEMM runs; the block's expert (written two kernels back, by the router
-    or the align, which finished before the gate/up GEMM released us) and its first weight tile are loaded
-    before the wait, so the weights stream in during the gate/up GEMM's tail."""
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """out[pair, n] = inter[slot] . w2[e, n] for the block's slots (rows of padding slots dropped)."""
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_nc = tl.where(offs_n < N, offs_n, 0)
-    offs_k = tl.arange(0, BLOCK_K)
-    if PDL:
-        e_pre = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        e_ok = (e_pre >= 0) & (e_pre < NUM_E)  # blocks past num_post may hold any id: nothing read for them
-        b_first = tl.load(w_ptr + tl.where(e_ok, e_pre, 0) * stride_we + offs_nc[None, :].to(tl.int64) * stride_wn
-                          + offs_k[:, None], mask=e_ok & (offs_k[:, None] < Kdim), other=0.0)
-    wait_for_previous(PDL)
-    release_dependents(PDL)
     if pid_m * BLOCK_M >= tl.load(npost_ptr):
         return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -246,17 +229,13 @@ def _moe_down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_pt
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + offs_m)
     valid = pair < TK
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nc = tl.where(offs_n < N, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_at + offs_k[None, :]
     b_ptrs = w_ptr + e * stride_we + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    kb0 = 0
-    if PDL:  # the first K tile from the registers
-        a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < Kdim), other=0.0)
-        acc = mma(a, b_first, acc, IEEE, INTERP)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-        kb0 = 1
-    for kb in range(kb0, tl.cdiv(Kdim, BLOCK_K)):
+    for kb in range(0, tl.cdiv(Kdim, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
             b = tl.load(b_ptrs)
@@ -286,6 +265,69 @@ def _moe_combine_kernel(pair_ptr, w_ptr, ids_ptr, out_ptr, N, stride_pt, stride_
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
+@triton.jit
+def _gate_up_one_token_kernel(x_ptr, h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, ids_ptr, H, N, eps, stride_we, stride_wn,
+                              stride_ot, K_ROUTED: tl.constexpr, N_APP: tl.constexpr, E_SHARED: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              IEEE: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
+    """The gate/up GEMM at one token (the one-token layout: block k = column k of ids, slot k * BLOCK_M),
+    launched right behind the router (PDL), which releases it at its start. Programs of the appended
+    blocks (the folded shared expert, experts E_SHARED.., taken by every token) come first and need
+    nothing from the router: they norm the row themselves, x = rms_norm(h + r) * nw rounded as
+    add_rms_norm rounds it, and stream their weights while the router runs. The routed blocks' programs
+    wait for the router, then read its normed row x and its expert ids. Every program waits before it
+    ends, so the kernels after this one find the router done."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    blk = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    shared = blk < N_APP
+    col = tl.where(shared, K_ROUTED + blk, blk - N_APP)  # the block (column of ids) this program computes
+    dt = out_ptr.dtype.element_ty
+    offs_k = tl.arange(0, BLOCK_K)
+    if shared:
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            km = k0 + offs_k < H
+            sv = (tl.load(h_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)
+                  + tl.load(r_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+            ss += sv * sv
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / H + eps)
+        e = (E_SHARED + blk).to(tl.int64)
+    else:
+        wait_for_previous(PDL)
+        rstd = 0.0
+        e = tl.load(ids_ptr + col).to(tl.int64)
+    if e >= 0:
+        routed = blk >= N_APP
+        rows = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_nc = tl.where(offs_n < N, offs_n, 0)
+        g_ptrs = w_ptr + e * stride_we + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        u_ptrs = g_ptrs + N * stride_wn
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            km = k0 + offs_k < H
+            sv = (tl.load(h_ptr + k0 + offs_k, mask=km & shared, other=0.0).to(tl.float32)
+                  + tl.load(r_ptr + k0 + offs_k, mask=km & shared, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+            nv = tl.load(nw_ptr + k0 + offs_k, mask=km & shared, other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + k0 + offs_k, mask=km & routed, other=0.0)
+            xn = tl.where(shared, (sv * rstd * nv).to(dt), xv)
+            a = tl.where(rows[:, None] == 0, xn[None, :], tl.zeros((BLOCK_M, BLOCK_K), dtype=dt))
+            bg = tl.load(g_ptrs, mask=km[:, None], other=0.0)
+            bu = tl.load(u_ptrs, mask=km[:, None], other=0.0)
+            acc_g = mma(a, bg, acc_g, IEEE, INTERP)
+            acc_u = mma(a, bu, acc_u, IEEE, INTERP)
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        g = acc_g.to(dt).to(tl.float32)
+        u = acc_u.to(dt).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        o_ptrs = out_ptr + (col * BLOCK_M + rows[:, None]).to(tl.int64) * stride_ot + offs_n[None, :]
+        tl.store(o_ptrs, (act * u).to(dt), mask=(rows[:, None] == 0) & (offs_n[None, :] < N))
+    wait_for_previous(PDL)
+
+
 # ----------------------------------------------------------------------------------- entry
 def _gemm_grid(num_m, n, block_n):
     return (num_m * triton.cdiv(n, block_n),)
@@ -297,13 +339,12 @@ def gate_up(x, w13, align, topk: int, block_m: int, g1: dict) -> torch.Tensor:
     inter_size, hidden = w13.shape[1] // 2, x.shape[1]
     num_m = expert_ids.shape[0]
     inter = torch.empty(sorted_ids.shape[0], inter_size, dtype=x.dtype, device=x.device)
-    pdl = pdl_flag(x)
     _moe_gate_up_kernel[_gemm_grid(num_m, inter_size, g1["BLOCK_N"])](
         x, w13, inter, sorted_ids, expert_ids, num_post, x.shape[0] * topk, num_m, hidden, inter_size,
         x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
         TOPK=topk, BLOCK_M=block_m, BLOCK_N=g1["BLOCK_N"], BLOCK_K=g1["BLOCK_K"], GROUP_M=g1["GROUP_M"],
-        EVEN_K=hidden % g1["BLOCK_K"] == 0, IEEE=x.dtype == torch.float32, INTERP=INTERPRET, PDL=pdl,
-        num_warps=g1["num_warps"], num_stages=g1["num_stages"], **pdl_launch(pdl))
+        EVEN_K=hidden % g1["BLOCK_K"] == 0, IEEE=x.dtype == torch.float32, INTERP=INTERPRET,
+        num_warps=g1["num_warps"], num_stages=g1["num_stages"])
     return inter
 
 
@@ -313,13 +354,12 @@ def down(inter, w2, align, tk: int, block_m: int, g2: dict) -> torch.Tensor:
     hidden, inter_size = w2.shape[1], w2.shape[2]
     num_m = expert_ids.shape[0]
     pair_out = torch.empty(tk, hidden, dtype=inter.dtype, device=inter.device)
-    pdl = pdl_flag(inter)
     _moe_down_kernel[_gemm_grid(num_m, hidden, g2["BLOCK_N"])](
         inter, w2, pair_out, sorted_ids, expert_ids, num_post, tk, num_m, inter_size, hidden,
         inter.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0),
         BLOCK_M=block_m, BLOCK_N=g2["BLOCK_N"], BLOCK_K=g2["BLOCK_K"], GROUP_M=g2["GROUP_M"],
         EVEN_K=inter_size % g2["BLOCK_K"] == 0, IEEE=inter.dtype == torch.float32, INTERP=INTERPRET,
-        NUM_E=w2.shape[0], PDL=pdl, num_warps=g2["num_warps"], num_stages=g2["num_stages"], **pdl_launch(pdl))
+        num_warps=g2["num_warps"], num_stages=g2["num_stages"])
     return pair_out
 
 
@@ -335,11 +375,61 @@ def combine(pair_out, weights, ids, out) -> torch.Tensor:
     return out
 
 
+class StartedGateUp(NamedTuple):
+    """The gate/up GEMM of one token, launched behind the router (`add_rms_norm_gate_route_gate_up`):
+    `moe_experts(..., started=)` goes on from its output."""
+
+    inter: torch.Tensor  # [K * BLOCK_M, I]: row k * BLOCK_M is column k's silu(gate) * up
+    config: dict
+    keep: tuple  # tensors the router may still use while the gate/up runs: held until the next launch
+
+
+def add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps: float, gate_weight, expert_bias, top_k: int,
+                                    w13: torch.Tensor, choice=None, overlap: bool | None = None, **kw):
+    """routing.add_rms_norm_gate_route, then, at one token with the shared expert folded in (the last
+    num_appended experts of w13, taken by every token), the experts' gate/up GEMM launched behind the
+    router with PDL (`_gate_up_one_token_kernel`): the shared expert's quarter of the layer's gate/up
+    bytes streams while the router works through its chain of short dependent steps. choice: (weights,
+    ids) that replace the router's (benchmarks' uniform routing; the router still runs). Returns (normed,
+    residual', weights, ids, StartedGateUp or None). overlap (default: where PDL is; elsewhere nothing
+    is gained): the tests force it."""
+    n_app = kw.get("num_appended", 0)
+    e, two_i, hidden = w13.shape
+    pdl = pdl_flag(x)
+    overlap = pdl if overlap is None else overlap
+    if not (x.shape[0] == 1 and n_app > 0 and overlap and routing.fused_norm_route(x, residual, gate_weight)
+            and x.dtype == w13.dtype and x.stride(-1) == 1 and residual.stride(-1) == 1):
+        out = routing.add_rms_norm_gate_route(x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, **kw)
+        return (*out[:2], *(choice or out[2:]), None)
+    k_total = top_k + n_app
+    cfg = get_config(1, e, hidden, two_i // 2, k_total, x.dtype)
+    bm, g1 = cfg["BLOCK_M"], cfg["gate_up"]
+    # made before the router's launch: memory the router still uses cannot be handed out for it
+    inter = torch.empty(k_total * bm, two_i // 2, dtype=x.dtype, device=x.device)
+
+    def launch(normed, ids, keep):
+        if choice is not None:
+            ids = choice[1]
+        assert ids.is_contiguous() and ids.numel() == k_total
+        _gate_up_one_token_kernel[(k_total * triton.cdiv(two_i // 2, g1["BLOCK_N"]),)](
+            normed, x, residual, norm_weight, w13, inter, ids, hidden, two_i // 2, eps,
+            w13.stride(0), w13.stride(1), inter.stride(0), K_ROUTED=top_k, N_APP=n_app, E_SHARED=e - n_app,
+            BLOCK_M=bm, BLOCK_N=g1["BLOCK_N"], BLOCK_K=g1["BLOCK_K"], IEEE=x.dtype == torch.float32,
+            INTERP=INTERPRET, PDL=pdl, num_warps=g1["num_warps"], num_stages=g1["num_stages"], **pdl_launch(pdl))
+        return StartedGateUp(inter, cfg, (*keep, x, residual, norm_weight, ids))
+
+    normed, res, weights, ids, started = routing.add_rms_norm_gate_route(
+        x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, after=launch, **kw)
+    return (normed, res, *(choice or (weights, ids)), started)
+
+
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                config: dict | None = None, unsummed: bool = False) -> torch.Tensor:
+                config: dict | None = None, unsummed: bool = False, started: StartedGateUp | None = None
+                ) -> torch.Tensor:
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]); ids -1 contribute nothing. See the module doc.
     unsummed: stop before the combine and return each (token, k) pair's output [T*K, H] (rows of ids -1
-    undefined), for a later kernel to sum (norm.expert_sum_add_rms_norm)."""
+    undefined), for a later kernel to sum (norm.expert_sum_add_rms_norm). started: one token whose
+    gate/up already launched behind the router (`add_rms_norm_gate_route_gate_up`)."""
     t, hidden = x.shape
     topk = ids.shape[1]
     e, two_i, _ = w13.shape
@@ -352,10 +442,13 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     ids = ids.contiguous()
     if weights.stride(-1) != 1:
         weights = weights.contiguous()
-    cfg = config or get_config(t, e, hidden, two_i // 2, topk, x.dtype)
+    cfg = started.config if started is not None else config or get_config(t, e, hidden, two_i // 2, topk, x.dtype)
     bm = cfg["BLOCK_M"]
     align = single_token_align(ids, bm) if t == 1 else moe_align(ids, e, bm)
-    inter = gate_up(x, w13, align, topk, bm, cfg["gate_up"])
+    if started is not None:
+        inter = started.inter
+    else:
+        inter = gate_up(x, w13, align, topk, bm, cfg["gate_up"])
     pair_out = down(inter, w2, align, t * topk, bm, cfg["down"])
     if unsummed:
         return pair_out

@@ -11,14 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import pdl_flag, pdl_launch, release_dependents, wait_for_previous
+from ._common import pdl_flag, release_dependents
 
 
 @triton.jit(do_not_specialize=["M"])
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, M, N, stride_x, stride_r, stride_o, stride_ro,
                      eps, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     release_dependents(PDL)
-    wait_for_previous(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -54,11 +53,10 @@ def _launch(x2, r2, weight, out2, res2, eps):
     block_m = max(1, min(16, 2048 // block_n))
     warps = 8 if block_n * block_m >= 4096 else 4
     grid = (triton.cdiv(m, block_m),)
-    pdl = pdl_flag(x2)
     _rms_norm_kernel[grid](
         x2, r2 if r2 is not None else x2, weight, out2, res2 if res2 is not None else out2, m, n,
         x2.stride(0), r2.stride(0) if r2 is not None else 0, out2.stride(0), res2.stride(0) if res2 is not None else 0,
-        eps, HAS_RES=r2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, num_warps=warps, **pdl_launch(pdl))
+        eps, HAS_RES=r2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl_flag(x2), num_warps=warps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -84,7 +82,6 @@ def _expert_sum_add_rms_norm_kernel(pair_ptr, w_ptr, ids_ptr, r_ptr, nw_ptr, out
                                     BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Token t: y = sum_k w[t, k] * pair[t * TOPK + k] (fp32, ids < 0 skipped, rounded), then add + RMSNorm."""
     release_dependents(PDL)
-    wait_for_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -117,11 +114,10 @@ def expert_sum_add_rms_norm(pair_out: torch.Tensor, weights: torch.Tensor, ids: 
         return out, res
     assert pair_out.stride(-1) == 1 and weights.stride(-1) == 1
     block_n = triton.next_power_of_2(n)
-    pdl = pdl_flag(r2)
     _expert_sum_add_rms_norm_kernel[(t,)](
         pair_out, weights, ids, r2, weight, out, res, n, pair_out.stride(0), weights.stride(0), r2.stride(0),
-        out.stride(0), res.stride(0), eps, TOPK=k, BLOCK_N=block_n, PDL=pdl,
-        num_warps=8 if block_n >= 2048 else 4, **pdl_launch(pdl))
+        out.stride(0), res.stride(0), eps, TOPK=k, BLOCK_N=block_n, PDL=pdl_flag(r2),
+        num_warps=8 if block_n >= 2048 else 4)
     return out, res
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import pdl_flag, pdl_launch, release_dependents, wait_for_previous
+from ._common import pdl_flag, release_dependents
 from .norm import add_rms_norm
 
 
@@ -112,22 +112,19 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
                        N_APPENDED: tl.constexpr, EXPERTS_PER_PROGRAM: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                       HAS_NORM: tl.constexpr, PRELOAD_W: tl.constexpr, PDL: tl.constexpr):
+                       HAS_NORM: tl.constexpr, PDL: tl.constexpr):
     """Router logits and routing in one launch (decode sizes, T <= BLOCK_T): each program computes the
     fp32 logits of EXPERTS_PER_PROGRAM experts for every token (bf16/fp32 x read as fp32, like
     F.linear(x.float(), gate)); the last program to finish (an atomic counter, reset by it) routes.
     HAS_NORM: x is the attention output; the router's input is rms_norm(x + residual) (rounded as
     add_rms_norm rounds it), which every program computes for itself and program 0 also stores, with
-    the new residual, for the experts and the next layer. PRELOAD_W (the whole row in one BLOCK_H): the
-    program's gate rows are loaded before it waits for the kernel in front (PDL)."""
+    the new residual, for the experts and the next layer. Launched as usual (its inputs complete), it lets
+    a kernel launched after it with PDL start at once (`moe.add_rms_norm_gate_route_gate_up`)."""
     release_dependents(PDL)
     pid = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     e = pid * EXPERTS_PER_PROGRAM + tl.arange(0, EXPERTS_PER_PROGRAM)
     h = tl.arange(0, BLOCK_H)
-    if PRELOAD_W:
-        w_pre = tl.load(gate_ptr + e[:, None] * H + h[None, :], mask=(h < H)[None, :], other=0.0)
-    wait_for_previous(PDL)
     dt = x_ptr.dtype.element_ty
     tmask = t[:, None] < T
     if HAS_NORM:  # first pass: each token's rstd
@@ -153,10 +150,7 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
                 tl.store(res_ptr + t[:, None] * H + h0 + h[None, :], sv, mask=m)
                 tl.store(xn_ptr + t[:, None] * H + h0 + h[None, :], xn, mask=m)
             xv = xn.to(tl.float32)
-        if PRELOAD_W:
-            wv = w_pre
-        else:
-            wv = tl.load(gate_ptr + e[:, None] * H + h0 + h[None, :], mask=hm[None, :], other=0.0)
+        wv = tl.load(gate_ptr + e[:, None] * H + h0 + h[None, :], mask=hm[None, :], other=0.0)
         acc += tl.sum(xv[:, None, :] * wv[None, :, :], axis=2)
     tl.store(logits_ptr + t[:, None] * E + e[None, :], acc, mask=tmask)
     tl.debug_barrier()  # every thread's stores issued before the release below
@@ -206,20 +200,28 @@ def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Te
 
 
 def add_rms_norm_gate_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                            gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, **kw):
+                            gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, after=None,
+                            **kw):
     """(normed, residual', weights, ids): add_rms_norm(x, residual), then gate_route on the normed rows;
-    one launch for decode sizes (the norm computed inside the router's launch)."""
-    if not _fused(x, gate_weight) or residual.dtype != x.dtype:
+    one launch for decode sizes (the norm computed inside the router's launch). after(normed, ids, keep),
+    when given and the launch is the fused one, is called right after it (keep: the router's inputs and
+    scratch); its result is
+    returned fifth (moe.add_rms_norm_gate_route_gate_up)."""
+    if not fused_norm_route(x, residual, gate_weight):
         normed, residual = add_rms_norm(x, residual, norm_weight, eps)
         return (normed, residual, *gate_route(normed, gate_weight, expert_bias, top_k, **kw))
-    return _gate_route(x, (residual, norm_weight, eps), gate_weight, expert_bias, top_k, kw)
+    return _gate_route(x, (residual, norm_weight, eps), gate_weight, expert_bias, top_k, kw, after)
+
+
+def fused_norm_route(x: torch.Tensor, residual: torch.Tensor, gate_weight: torch.Tensor) -> bool:
+    return _fused(x, gate_weight) and residual.dtype == x.dtype
 
 
 def _fused(x: torch.Tensor, gate_weight: torch.Tensor) -> bool:
     return x.shape[0] <= GATE_ROUTE_MAX_TOKENS and gate_weight.shape[0] % 2 == 0 and gate_weight.dtype == torch.float32
 
 
-def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict):
+def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict, after=None):
     t, hidden = x.shape
     e = gate_weight.shape[0]
     n_app = kw.get("num_appended", 0)
@@ -247,7 +249,6 @@ def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict):
     bias = expert_bias.float().contiguous() if expert_bias is not None else logits
     # as much of the row a load as registers allow: few dependent load rounds (latency, not bandwidth)
     block_h = min(triton.next_power_of_2(hidden), max(64, 4096 // (triton.next_power_of_2(t) * per)))
-    pdl = pdl_flag(x)
     _gate_route_kernel[(e // per,)](
         x, gate_weight, logits, counter, bias, weights, ids, t, hidden, x.stride(0),
         float(kw.get("routed_scaling_factor", 1.0)), *norm_args, E=e, K=top_k,
@@ -257,5 +258,7 @@ def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict):
         BLOCK_H=block_h,
         BLOCK_T=triton.next_power_of_2(t), BLOCK_E=triton.next_power_of_2(e),
         BLOCK_K=triton.next_power_of_2(top_k + n_app), BLOCK_G=triton.next_power_of_2(n_group if grouped else 1),
-        HAS_NORM=norm is not None, PRELOAD_W=block_h >= hidden, PDL=pdl, num_warps=4, **pdl_launch(pdl))
+        HAS_NORM=norm is not None, PDL=pdl_flag(x), num_warps=4)
+    if after is not None:
+        return normed, new_residual, weights, ids, after(normed, ids, (x, gate_weight, logits, bias, *norm_args))
     return (weights, ids) if norm is None else (normed, new_residual, weights, ids)
