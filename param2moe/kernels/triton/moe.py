@@ -6,7 +6,8 @@ Four steps, no host sync, every launch shape a function of T alone (CUDA-graph c
 1. align (`moe_align`): the T*K (token, k) pairs are grouped by expert into a slot array whose every
    expert segment is padded to a multiple of BLOCK_M (padding slots hold the sentinel T*K); each BLOCK_M
    block of slots belongs to one expert (`expert_ids`); `num_post` is the used length. One program
-   does it all for small batches; larger ones use count -> offsets -> scatter (atomic counters).
+   does it all for decode batches (histogram, then a sort); larger ones use count -> offsets -> scatter
+   (atomic counters).
 2. gate/up GEMM with SiLU-and-mul fused: per (slot block, intermediate block), the block's token rows
    of x (gathered) times the expert's gate rows and up rows (two accumulators), then
    silu(gate) * up -> `inter` [slots, I], stored by slot (contiguous rows for step 3).
@@ -29,7 +30,7 @@ from . import routing
 from ._common import INTERPRET, mma, pdl_flag, pdl_launch, wait_for_previous
 from .moe_configs import get_config
 
-SMALL_ALIGN_MAX_PAIRS = 1024  # up to this many (token, k) pairs the align is one program
+SMALL_ALIGN_MAX_PAIRS = 4096  # up to this many (token, k) pairs the align is one program (decode)
 
 
 # ----------------------------------------------------------------------------------- align
@@ -56,27 +57,29 @@ def _align_layout(counts, ex, sorted_ptr, expert_ids_ptr, npost_ptr, cursor_ptr,
 
 
 @triton.jit(do_not_specialize=["TK", "MAX_BLOCKS"])
-def _align_small_kernel(ids_ptr, work_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, MAX_BLOCKS,
-                        E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_B: tl.constexpr):
-    """The whole align in one program (decode sizes): count, lay out, scatter, with atomics on a
-    2*E int32 scratch (counts, cursors) that it zeroes itself; barriers order the phases."""
+def _align_sort_kernel(ids_ptr, work_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, MAX_BLOCKS,
+                       E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+                       BLOCK_B: tl.constexpr, SHIFT: tl.constexpr):
+    """The whole align in one program (decode sizes), without atomics: the counts by histogram, the pairs
+    sorted by (expert, pair) so that a pair's place in the sorted order is its expert's unpadded start
+    plus its rank; its slot adds the padding of the experts before it (a per-expert shift, E int32 of
+    scratch). Within a segment the pairs stay in order."""
     p = tl.arange(0, BLOCK_P)
     ex = tl.arange(0, BLOCK_E)
     e = tl.load(ids_ptr + p, mask=p < TK, other=-1).to(tl.int32)
-    valid = (e >= 0) & (e < E) & (p < TK)
-    e_c = tl.where(valid, e, 0)
-    tl.atomic_xchg(work_ptr + ex, tl.zeros((BLOCK_E,), tl.int32), mask=ex < E)
-    tl.debug_barrier()
-    tl.atomic_add(work_ptr + e_c, tl.full((BLOCK_P,), 1, tl.int32), mask=valid)
-    tl.debug_barrier()
-    counts = tl.atomic_add(work_ptr + ex, tl.zeros((BLOCK_E,), tl.int32), mask=ex < E)  # read through L2
-    counts = tl.where(ex < E, counts, 0)
+    e_c = tl.where((e >= 0) & (e < E) & (p < TK), e, E)  # E: no expert (a bin of its own, sorted last)
+    counts = tl.where(ex < E, tl.histogram(e_c, BLOCK_E), 0)
     _align_layout(counts, ex, sorted_ptr, expert_ids_ptr, npost_ptr, work_ptr + E, TK, MAX_BLOCKS,
                   E, BLOCK_M, BLOCK_E, BLOCK_B)
-    tl.debug_barrier()
-    pos = tl.atomic_add(work_ptr + E + e_c, tl.full((BLOCK_P,), 1, tl.int32), mask=valid)
-    tl.store(sorted_ptr + pos, p, mask=valid)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    shift = (tl.cumsum(padded, axis=0) - padded) - (tl.cumsum(counts, axis=0) - counts)
+    tl.store(work_ptr + ex, shift, mask=ex < E)
+    keys = tl.sort((e_c << SHIFT) | p)
+    e_s = keys >> SHIFT
+    ok = e_s < E
+    tl.debug_barrier()  # the shifts stored above, visible to the whole program
+    slot = p + tl.load(work_ptr + tl.where(ok, e_s, 0), mask=ok, other=0)
+    tl.store(sorted_ptr + slot, keys & ((1 << SHIFT) - 1), mask=ok)
 
 
 @triton.jit(do_not_specialize=["TK"])
@@ -120,9 +123,10 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     if tk <= SMALL_ALIGN_MAX_PAIRS:
         work = torch.empty(2 * num_experts + 1, dtype=torch.int32, device=dev)
         num_post = work[2 * num_experts:]
-        _align_small_kernel[(1,)](flat, work, sorted_ids, expert_ids, num_post, tk, max_blocks, E=num_experts,
-                                  BLOCK_M=block_m, BLOCK_P=triton.next_power_of_2(tk), BLOCK_E=block_e,
-                                  BLOCK_B=block_b, num_warps=4)
+        block_p = triton.next_power_of_2(tk)
+        _align_sort_kernel[(1,)](flat, work, sorted_ids, expert_ids, num_post, tk, max_blocks, E=num_experts,
+                                 BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_E=triton.next_power_of_2(num_experts + 1),
+                                 BLOCK_B=block_b, SHIFT=max(1, block_p.bit_length() - 1), num_warps=8)
         return sorted_ids, expert_ids, num_post
     work = torch.zeros(2 * num_experts + 1, dtype=torch.int32, device=dev)
     counts, cursor, num_post = work[:num_experts], work[num_experts:2 * num_experts], work[2 * num_experts:]
