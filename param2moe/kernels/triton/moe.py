@@ -30,7 +30,7 @@ from . import routing
 from ._common import INTERPRET, mma, pdl_flag, pdl_launch, wait_for_previous
 from .moe_configs import get_config
 
-SMALL_ALIGN_MAX_PAIRS = 4096  # up to this many (token, k) pairs the align is one program (decode)
+SMALL_ALIGN_MAX_PAIRS = 1024  # up to this many (token, k) pairs the align is one program
 
 
 # ----------------------------------------------------------------------------------- align
