@@ -8,7 +8,8 @@ these kernels on CPU tensors too, through Triton's interpreter (TRITON_INTERPRET
 - norm.py:      rms_norm, add_rms_norm, expert_sum_add_rms_norm (the MoE's combine + the next norm),
                 qk_norm_rope (+ the KV-cache write), apply_rope
 - routing.py:   route, gate_route (router logits + routing), add_rms_norm_gate_route (+ the norm before it)
-- moe.py:       moe_experts (align by expert + fused gate/up+SiLU GEMM + down GEMM + top-k combine), moe_align
+- moe.py:       moe_experts (align by expert + fused gate/up+SiLU GEMM + down GEMM + top-k combine), moe_align,
+                add_rms_norm_gate_route_gate_up (one token: the gate/up GEMM launched behind the router, PDL)
 - attention.py: paged_attention (GQA-packed, split-KV + reduce; QK-norm + RoPE + KV write inside at decode)
 - gemv.py:      decode-sized linear layers, weights loaded before waiting for the kernel in front (PDL)
 - moe_configs.py: block-size table of the fused MoE by token-count bucket
