@@ -45,9 +45,8 @@ def pdl_flag(t: torch.Tensor) -> bool:
 def release_dependents(PDL: tl.constexpr):
     """Let the next kernel in the stream be scheduled now, if it was launched to wait for us in-kernel
     (programmatic dependent launch, `pdl_launch`): its programs start, load their constants and wait while
-    this kernel runs, so no launch gap opens between the two. Called first thing in the decode kernels
-    (the MoE gate/up GEMM calls it after its wait: the down GEMM reads the expert ids before its own);
-    without such a dependent it does nothing."""
+    this kernel runs (the decode GEMV loads its weights; at one token the experts' gate/up streams the
+    shared expert's while the router runs). Without such a dependent it does nothing."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 

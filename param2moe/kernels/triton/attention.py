@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, mma, pdl_flag, release_dependents
+from ._common import INTERPRET, mma, pdl_flag, pdl_launch, release_dependents, wait_for_previous
 from .norm import _norm_rope_heads, qk_norm_rope
 
 LOG2E = 1.4426950408889634
@@ -152,8 +152,7 @@ def _split_reduce_kernel(po_ptr, pml_ptr, o_ptr, stride_ot, stride_oh, NH: tl.co
     # Launched to overlap the attention's run (PDL): release the next kernel (the decode GEMV loads its
     # weights meanwhile), then wait for the attention's partial results.
     release_dependents(PDL)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+    wait_for_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -252,7 +251,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if num_splits > 1:
         _split_reduce_kernel[(t, nh)](po, pml, out, out.stride(0), out.stride(1), NH=nh, D=d, BLOCK_D=block_d,
                                       NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl,
-                                      num_warps=2, **({"launch_pdl": True} if pdl else {}))
+                                      num_warps=2, **pdl_launch(pdl))
     return out
 
 

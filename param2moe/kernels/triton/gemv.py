@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import pdl_flag
+from ._common import pdl_flag, pdl_launch, wait_for_previous
 
 # Each token is one more pass over the registers: measured on an H100 (Param2 qkv/dense, same call) 3 us
 # faster than cuBLAS per projection at 1 token, 3 us slower at 8; about even at 4.
@@ -35,8 +35,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, T, N, stride_xt, stride_wn, stride_ot, K
     nmask, kmask = n < N, k < K
     w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :],
                 other=0.0)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+    wait_for_previous(PDL)
     for t in range(0, T):
         x = tl.load(x_ptr + t * stride_xt + k, mask=kmask, other=0.0).to(tl.float32)
         acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
@@ -71,6 +70,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     pdl = pdl_flag(x)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, t, n, x.stride(0), weight.stride(0), out.stride(0), K=k, BLOCK_N=block_n,
-        BLOCK_K=block_k, PDL=pdl, num_warps=4,
-        **({"launch_pdl": True} if pdl else {}))
+        BLOCK_K=block_k, PDL=pdl, num_warps=4, **pdl_launch(pdl))
     return out

@@ -168,6 +168,16 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _silu_mul(acc_g, acc_u, dt: tl.constexpr):
+    """silu(gate) * up from the fp32 accumulators, rounded to dt where the oracle rounds (gate, up, silu(gate),
+    the product)."""
+    g = acc_g.to(dt).to(tl.float32)
+    u = acc_u.to(dt).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    return (act * u).to(dt)
+
+
 @triton.jit(do_not_specialize=["TK", "num_m"])
 def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, num_m, H, N,
                         stride_xt, stride_we, stride_wn, stride_ot,
@@ -208,13 +218,8 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    dt = out_ptr.dtype.element_ty
-    g = acc_g.to(dt).to(tl.float32)
-    u = acc_u.to(dt).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-    h = (act * u).to(dt)
     o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
-    tl.store(o_ptrs, h, mask=offs_n[None, :] < N)
+    tl.store(o_ptrs, _silu_mul(acc_g, acc_u, out_ptr.dtype.element_ty), mask=offs_n[None, :] < N)
 
 
 @triton.jit(do_not_specialize=["TK", "num_m"])
@@ -324,11 +329,8 @@ def _gate_up_one_token_kernel(x_ptr, h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, ids_p
             acc_u = mma(a, bu, acc_u, IEEE, INTERP)
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
-        g = acc_g.to(dt).to(tl.float32)
-        u = acc_u.to(dt).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         o_ptrs = out_ptr + (col * BLOCK_M + rows[:, None]).to(tl.int64) * stride_ot + offs_n[None, :]
-        tl.store(o_ptrs, (act * u).to(dt), mask=(rows[:, None] == 0) & (offs_n[None, :] < N))
+        tl.store(o_ptrs, _silu_mul(acc_g, acc_u, dt), mask=(rows[:, None] == 0) & (offs_n[None, :] < N))
     wait_for_previous(PDL)
 
 

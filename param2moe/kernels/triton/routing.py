@@ -205,8 +205,7 @@ def add_rms_norm_gate_route(x: torch.Tensor, residual: torch.Tensor, norm_weight
     """(normed, residual', weights, ids): add_rms_norm(x, residual), then gate_route on the normed rows;
     one launch for decode sizes (the norm computed inside the router's launch). after(normed, ids, keep),
     when given and the launch is the fused one, is called right after it (keep: the router's inputs and
-    scratch); its result is
-    returned fifth (moe.add_rms_norm_gate_route_gate_up)."""
+    scratch) and its result returned fifth (moe.add_rms_norm_gate_route_gate_up)."""
     if not fused_norm_route(x, residual, gate_weight):
         normed, residual = add_rms_norm(x, residual, norm_weight, eps)
         return (normed, residual, *gate_route(normed, gate_weight, expert_bias, top_k, **kw))
