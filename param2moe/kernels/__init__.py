@@ -149,8 +149,18 @@ def moe_experts(x, w13, w2, weights, ids, unsummed: bool = False, started=None):
     if t:
         y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed, started=started)
         return ExpertOutputs(y, weights, ids) if unsummed else y
-    fn = _moe.moe_experts_cpu if x.device.type == "cpu" else _moe.moe_experts
-    return fn(x, w13, w2, weights, ids)
+    if x.device.type != "cpu":
+        return _moe.moe_experts(x, w13, w2, weights, ids)
+    if ids.numel() <= _NATIVE_MOE_UP_TO:  # decode steps: the native kernel (cpu/moe_decode.c), one call a layer
+        y = _cpu.moe_decode(x, w13, w2, weights, ids)
+        if y is not None:
+            return y
+    return _moe.moe_experts_cpu(x, w13, w2, weights, ids)
+
+
+# (token, expert) pairs up to which CPU MoE layers run the native kernel; prefill sizes keep moe_experts_cpu
+# (oneDNN matmuls per expert).
+_NATIVE_MOE_UP_TO = 1024
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale: float,

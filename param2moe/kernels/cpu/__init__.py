@@ -4,6 +4,10 @@
 read once straight through the block table (the torch path gathers each sequence's blocks into a copy and runs
 SDPA on it: three passes over the KV). It can also store the step's new k and v in the cache first.
 
+`moe_decode` (moe_decode.c): the routed experts of a decode step in one call (pairs grouped by expert in C, each
+expert's weights streamed once for all its rows), instead of two oneDNN calls per expert plus the torch
+bookkeeping around them. `P2M_CPU_NATIVE_MOE=0` turns it off alone.
+
 The library is compiled (`cc -O3 -march=native -fopenmp -shared -fPIC`, about 0.3 s) on the first CPU decode
 call, not at import, into a per-user cache directory ($XDG_CACHE_HOME or ~/.cache, then param2moe/) under a
 name keyed by a hash of the source, the compiler, its flags and the host CPU's features; later processes load
@@ -27,11 +31,13 @@ import torch
 log = logging.getLogger("param2moe")
 
 _SRC = Path(__file__).with_name("paged_decode.c")
+_MOE_SRC = Path(__file__).with_name("moe_decode.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-# libs: (query heads per KV head, head size) -> the library built for that shape, or None where that failed;
+# libs: ("paged_decode", query heads per KV head, head size) or ("moe_decode",) -> the library built, or None
+# where that failed;
 # generic: skip the SIMD path (tests).
-_state: dict = {"libs": {}, "enabled": None, "generic": False}
+_state: dict = {"libs": {}, "enabled": None, "moe_enabled": None, "generic": False}
 
 
 def enabled() -> bool:
@@ -68,17 +74,17 @@ def _cpu_features() -> str:
     return ""
 
 
-def _build(group: int, head_dim: int) -> Path | None:
-    """The library's path in the cache directory, compiled first if it is not there. Its SIMD path is built for
-    one shape (constants let the compiler keep the accumulators in registers: 2x faster than a general one)."""
+def _build(src_path: Path, defines: tuple[str, ...] = ()) -> Path | None:
+    """The library built from src_path (with these -D defines) in the cache directory, compiled first if it is
+    not there."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
-        log.info("param2moe: no C compiler found; CPU decode attention stays on the torch path")
+        log.info("param2moe: no C compiler found; the CPU kernels of %s stay on the torch path", src_path.name)
         return None
-    src = _SRC.read_bytes()
-    flags = [*_FLAGS, f"-DP2M_G={group}", f"-DP2M_D={head_dim}"]
+    src = src_path.read_bytes()
+    flags = [*_FLAGS, *(f"-D{d}" for d in defines)]
     key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_features().encode()]))
-    out = _cache_dir() / f"paged_decode-{key.hexdigest()[:16]}.so"
+    out = _cache_dir() / f"{src_path.stem}-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +93,8 @@ def _build(group: int, head_dim: int) -> Path | None:
     try:
         # The library needs libgomp.so.1 by soname: torch's CPU builds have loaded theirs by then, and the
         # dynamic loader reuses it, so the process keeps one OpenMP thread pool.
-        r = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([cc, *flags, str(src_path), "-o", tmp, "-lm"], capture_output=True, text=True,
+                           timeout=120)
         if r.returncode != 0:
             log.info("param2moe: building the native CPU kernels failed (torch path instead): %s",
                      (r.stderr or r.stdout).strip()[-500:])
@@ -99,19 +106,27 @@ def _build(group: int, head_dim: int) -> Path | None:
             os.remove(tmp)
 
 
-def _lib(group: int, head_dim: int):
+def _load(key, src_path: Path, defines: tuple[str, ...], setup):
+    """The library for key (built from src_path with defines, then setup(lib) declares its functions), loaded
+    once; None where building or loading failed (remembered)."""
     libs = _state["libs"]
-    if (group, head_dim) in libs:
-        return libs[group, head_dim]
-    libs[group, head_dim] = None
+    if key in libs:
+        return libs[key]
+    libs[key] = None
     try:
-        path = _build(group, head_dim)
+        path = _build(src_path, defines)
         if path is None:
             return None
         lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
+        setup(lib)
+    except (OSError, AttributeError, subprocess.SubprocessError) as e:
         log.info("param2moe: native CPU kernels unavailable (torch path instead): %s", e)
         return None
+    libs[key] = lib
+    return lib
+
+
+def _setup_paged_decode(lib) -> None:
     i64, i32, p, f = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     fn = lib.p2m_paged_decode
     fn.restype = i32
@@ -121,8 +136,76 @@ def _lib(group: int, head_dim: int):
                    p, i32, i32, i32, i32, i32, f,  # out, B, nh, nkv, D, block_size, scale
                    p, i64, i64, p, i64, i64, p,  # k_new, strides, v_new, strides, slots
                    i32, i32]  # threads, generic
-    libs[group, head_dim] = lib
-    return lib
+
+
+def _lib(group: int, head_dim: int):
+    """The paged-decode library. Its SIMD path is built for one shape (constants let the compiler keep the
+    accumulators in registers: 2x faster than a general one)."""
+    return _load(("paged_decode", group, head_dim), _SRC, (f"P2M_G={group}", f"P2M_D={head_dim}"),
+                 _setup_paged_decode)
+
+
+def _setup_moe(lib) -> None:
+    i32, p = ctypes.c_int, ctypes.c_void_p
+    fn = lib.p2m_moe_decode
+    fn.restype = i32
+    fn.argtypes = [p, i32, p, p, i32, p, p, p,  # x, bf16, w13, w2, bf16, weights, ids, out
+                   i32, i32, i32, i32, i32, i32, i32]  # T, K, H, I, E, threads, generic
+
+
+def _moe_lib():
+    return _load(("moe_decode",), _MOE_SRC, (), _setup_moe)
+
+
+def moe_enabled() -> bool:
+    """Whether the native routed-expert kernel may run: the native kernels are on and P2M_CPU_NATIVE_MOE is not 0."""
+    if _state["moe_enabled"] is None:
+        _state["moe_enabled"] = os.environ.get("P2M_CPU_NATIVE_MOE", "1") != "0"
+    return enabled() and _state["moe_enabled"]
+
+
+def moe_available() -> bool:
+    """moe_enabled, and the library builds and loads (building it now if need be)."""
+    return moe_enabled() and _moe_lib() is not None
+
+
+def set_moe_enabled(on: bool | None) -> None:
+    """Force the native routed-expert kernel on or off (None: decide from the environment again)."""
+    _state["moe_enabled"] = on
+
+
+def moe_decode(x, w13, w2, weights, ids):
+    """moe.moe_experts (its sum and roundings; see moe_decode.c) in one native call: x [T, H], w13 [E, 2I, H],
+    w2 [E, H, I] of one dtype (float32 or bfloat16), weights [T, K], ids [T, K] (-1: none). Returns [T, H] in
+    x's dtype, or None where the kernel does not take these inputs (also: a gradient is wanted) or the library is
+    not there."""
+    if not moe_enabled() or x.device.type != "cpu" or x.dim() != 2 or ids.dim() != 2:
+        return None
+    if x.dtype not in _DTYPES or w13.dtype != x.dtype or w2.dtype != x.dtype or w13.dim() != 3 or w2.dim() != 3:
+        return None
+    t, h = x.shape
+    e, i2, h1 = w13.shape
+    if h1 != h or i2 % 2 or tuple(w2.shape) != (e, h, i2 // 2) or weights.shape != ids.shape or ids.shape[0] != t:
+        return None
+    if w13.device.type != "cpu" or w2.device.type != "cpu" or not (w13.is_contiguous() and w2.is_contiguous()):
+        return None
+    if torch.is_grad_enabled() and any(a.requires_grad for a in (x, w13, w2, weights)):
+        return None  # no autograd here (training runs the torch path)
+    lib = _moe_lib()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    wts = weights if weights.dtype == torch.float32 and weights.is_contiguous() else \
+        weights.float().contiguous()
+    idx = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
+    out = torch.empty((t, h), dtype=x.dtype)
+    bf = _DTYPES[x.dtype]
+    err = lib.p2m_moe_decode(x.data_ptr(), bf, w13.data_ptr(), w2.data_ptr(), bf, wts.data_ptr(), idx.data_ptr(),
+                             out.data_ptr(), t, ids.shape[1], h, i2 // 2, e, torch.get_num_threads(),
+                             int(_state["generic"]))
+    if err:
+        raise RuntimeError(f"native MoE experts: {'an expert id out of range' if err == 1 else 'no memory'}")
+    return out
 
 
 def _i32(x: torch.Tensor) -> torch.Tensor:
