@@ -151,7 +151,7 @@ def moe_experts(x, w13, w2, weights, ids, unsummed: bool = False, started=None):
         return ExpertOutputs(y, weights, ids) if unsummed else y
     if x.device.type != "cpu":
         return _moe.moe_experts(x, w13, w2, weights, ids)
-    if ids.numel() <= _NATIVE_MOE_UP_TO:  # decode steps: the native kernel (cpu/moe_decode.c), one call a layer
+    if ids.numel() <= _NATIVE_MOE_UP_TO and _BACKEND == "auto":  # decode steps: the native kernel, one call
         y = _cpu.moe_decode(x, w13, w2, weights, ids)
         if y is not None:
             return y
