@@ -161,39 +161,21 @@ def test_off_by_environment_falls_back(monkeypatch):
     assert native.enabled()
 
 
-def test_no_compiler_falls_back(monkeypatch, tmp_path):
+def test_no_compiler_falls_back(failing_compiler):
     """A compiler that fails (or none): no library, one log line, and the torch path still answers."""
-    saved = dict(native._state, libs=dict(native._state["libs"]))
-    fake = tmp_path / "cc"
-    fake.write_text("#!/bin/sh\necho 'no compiler here' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("CC", str(fake))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    native._state.update(libs={}, enabled=None)
-    try:
-        assert native.enabled() and not native.available(4, 32)
-        q, kc, vc, table, lens = _inputs([9], 4, 1, 32, 8, torch.float32, seed=2)
-        assert native.paged_decode(q, kc, vc, table, lens, 0.3, 9) is None
-        out = kernels.paged_attention(q, kc, vc, table, lens, torch.arange(2), 0.3, 1, 9)
-        assert torch.equal(out, _oracle(q, kc, vc, table, lens, 0.3))
-    finally:
-        native._state.clear()
-        native._state.update(saved)
+    assert native.enabled() and not native.available(4, 32)
+    q, kc, vc, table, lens = _inputs([9], 4, 1, 32, 8, torch.float32, seed=2)
+    assert native.paged_decode(q, kc, vc, table, lens, 0.3, 9) is None
+    out = kernels.paged_attention(q, kc, vc, table, lens, torch.arange(2), 0.3, 1, 9)
+    assert torch.equal(out, _oracle(q, kc, vc, table, lens, 0.3))
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
-def test_builds_into_the_cache_dir(monkeypatch, tmp_path):
+def test_builds_into_the_cache_dir(fresh_native):
     """A fresh cache directory: the library is compiled there (no temporary files left) and loads."""
-    saved = dict(native._state, libs=dict(native._state["libs"]))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    native._state.update(libs={}, enabled=None)
-    try:
-        assert native.available(2, 32)
-        files = [p.name for p in (tmp_path / "param2moe").iterdir()]
-        assert len(files) == 1 and files[0].startswith("paged_decode-") and files[0].endswith(".so")
-    finally:
-        native._state.clear()
-        native._state.update(saved)
+    assert native.available(2, 32)
+    files = [p.name for p in fresh_native.iterdir()]
+    assert len(files) == 1 and files[0].startswith("paged_decode-") and files[0].endswith(".so")
 
 
 def test_declines_what_it_does_not_take():

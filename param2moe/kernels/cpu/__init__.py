@@ -32,6 +32,7 @@ log = logging.getLogger("param2moe")
 
 _SRC = Path(__file__).with_name("paged_decode.c")
 _MOE_SRC = Path(__file__).with_name("moe_decode.c")
+_COMMON_HEADER = Path(__file__).with_name("cpu_common.h")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # libs: ("paged_decode", query heads per KV head, head size) or ("moe_decode",) -> the library built, or None
@@ -81,7 +82,7 @@ def _build(src_path: Path, defines: tuple[str, ...] = ()) -> Path | None:
     if not cc:
         log.info("param2moe: no C compiler found; the CPU kernels of %s stay on the torch path", src_path.name)
         return None
-    src = src_path.read_bytes()
+    src = src_path.read_bytes() + _COMMON_HEADER.read_bytes()  # the header both sources include
     flags = [*_FLAGS, *(f"-D{d}" for d in defines)]
     key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_features().encode()]))
     out = _cache_dir() / f"{src_path.stem}-{key.hexdigest()[:16]}.so"

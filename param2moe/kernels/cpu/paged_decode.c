@@ -20,41 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept quiet (as torch) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-/* exp(x) for x <= 0 (scores minus their running max), vectorisable: 2^n * p(r), r = x - n ln2, |r| <= ln2/2,
- * Cephes' degree-6 polynomial (about 1 ulp). Below -87 it returns ~2^-125 instead of underflowing. */
-#pragma omp declare simd notinbranch
-static inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t e = ((int32_t)n + 127) << 23;
-    float s;
-    memcpy(&s, &e, 4);
-    return p * s;
-}
+#include "cpu_common.h"
 
 static inline void load_row(float *restrict dst, const void *src, int64_t off, int d, int bf16) {
     if (bf16) {
@@ -110,7 +76,7 @@ static inline int attend_one(int G, int D, int bs, int ctx, const int32_t *table
             float mx = m[g];
             for (int t = 0; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
             if (mx > m[g]) {
-                float c = m[g] == -INFINITY ? 0.0f : exp_neg(m[g] - mx);
+                float c = m[g] == -INFINITY ? 0.0f : exp_approx(m[g] - mx);
                 l[g] *= c;
                 float *ag = acc + g * D;
 #pragma omp simd
@@ -120,7 +86,7 @@ static inline int attend_one(int G, int D, int bs, int ctx, const int32_t *table
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
             for (int t = 0; t < n; t++) {
-                float p = exp_neg(sg[t] - mx);
+                float p = exp_approx(sg[t] - mx);
                 sg[t] = p;
                 sum += p;
             }
@@ -154,7 +120,7 @@ static inline __attribute__((always_inline)) __m512 ld16(const void *base, int64
     return _mm512_loadu_ps((const float *)base + off);
 }
 
-static inline __attribute__((always_inline)) __m512 exp16(__m512 x) { /* exp_neg, 16 lanes */
+static inline __attribute__((always_inline)) __m512 exp16(__m512 x) { /* exp_approx, 16 lanes */
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -246,7 +212,7 @@ static inline __attribute__((always_inline)) int attend_avx512(
                 __m512 sc = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), hsum16(part[g]));
                 float mx = _mm512_reduce_max_ps(sc);
                 if (mx > m[g]) {
-                    float c = m[g] == -INFINITY ? 0.0f : exp_neg(m[g] - mx);
+                    float c = m[g] == -INFINITY ? 0.0f : exp_approx(m[g] - mx);
                     __m512 cv = _mm512_set1_ps(c);
                     l[g] *= c;
                     for (int i = 0; i < ND; i++) acc[g * ND + i] = _mm512_mul_ps(acc[g * ND + i], cv);

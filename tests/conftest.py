@@ -1,0 +1,29 @@
+"""Fixtures shared by the test files."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """The native CPU kernels (param2moe.kernels.cpu) with no library loaded, their switches read from the
+    environment again, and an empty cache directory (returned); their state is restored afterwards."""
+    from param2moe.kernels import cpu as native
+
+    saved = dict(native._state, libs=dict(native._state["libs"]))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    native._state.update(libs={}, enabled=None, moe_enabled=None)
+    yield cache / "param2moe"
+    native._state.clear()
+    native._state.update(saved)
+
+
+@pytest.fixture
+def failing_compiler(fresh_native, monkeypatch, tmp_path):
+    """`fresh_native`, with CC a compiler that always fails."""
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'no compiler here' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
