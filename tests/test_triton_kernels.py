@@ -20,15 +20,18 @@ if not CUDA:
 triton = pytest.importorskip("triton")
 
 from param2moe.kernels import attention as ref_attn  # noqa: E402
+from param2moe.kernels import embedding as ref_embedding  # noqa: E402
 from param2moe.kernels import moe as ref_moe  # noqa: E402
 from param2moe.kernels import norm as ref_norm  # noqa: E402
 from param2moe.kernels import rope as ref_rope  # noqa: E402
 from param2moe.kernels import routing as ref_routing  # noqa: E402
 from param2moe.kernels.triton import attention as tri_attn  # noqa: E402
+from param2moe.kernels.triton import embedding as tri_embedding  # noqa: E402
 from param2moe.kernels.triton import gemv as tri_gemv  # noqa: E402
 from param2moe.kernels.triton import moe as tri_moe  # noqa: E402
 from param2moe.kernels.triton import norm as tri_norm  # noqa: E402
 from param2moe.kernels.triton import routing as tri_routing  # noqa: E402
+from param2moe.kernels.triton import sampling as tri_sampling  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 BIG = CUDA or os.environ.get("P2M_TEST_BIG") == "1"  # real Param2 shapes too (slow under the interpreter)
@@ -505,6 +508,45 @@ def test_paged_attention_with_norm_rope_and_cache_write(name, rot, splits, with_
         torch.testing.assert_close(kc.nan_to_num(), kc2.nan_to_num(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
                                    atol=1e-5 if dtype == torch.float32 else 1e-2)
     check(out, ref_attn.paged_attention(rq, kc2, vc2, *meta), dtype, tight=2e-5, loose=1.2e-2)
+
+
+# ------------------------------------------------------------------------------------ sampling, inputs
+@pytest.mark.parametrize("b,v", [(1, 128008), (3, 5000), (2, 4096), (5, 17)] if BIG else [(1, 9000), (3, 5000),
+                                                                                          (2, 4096), (5, 17)])
+def test_argmax(b, v):
+    x = torch.randn(b, v, device=DEV)
+    x[0, v // 3] = x[0, v - 1] = x[0].max() + 1  # a tie: the lower index wins, as torch's
+    if b > 1:
+        x[1] = float("-inf")  # all -inf: index 0
+    if b > 2:
+        x[2, 7] = float("nan")  # NaN counts as the largest
+    with poisoned():
+        out = tri_sampling.argmax(x)
+    assert out.dtype == torch.int64 and out.tolist() == x.argmax(-1).tolist()
+    with poisoned():  # again, into a given buffer (the counters were reset by the first launch)
+        buf = torch.empty(b + 2, dtype=torch.int64, device=DEV)
+        tri_sampling.argmax(x[:, : v - 1], out=buf[:b])
+    assert buf[:b].tolist() == x[:, : v - 1].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("with_prev", [False, True])
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+def test_token_inputs(with_prev, pos_dtype):
+    torch.manual_seed(0)
+    emb = torch.randn(1000, 96, device=DEV, dtype=torch.bfloat16)
+    cos_t, sin_t = torch.randn(64, 16, device=DEV), torch.randn(64, 16, device=DEV)
+    ids = torch.randint(0, 1000, (5,), device=DEV, dtype=pos_dtype)
+    positions = torch.randint(0, 64, (5,), device=DEV, dtype=pos_dtype)
+    prev = None
+    if with_prev:
+        prev = (torch.tensor([-1, 2, -1, 0, 3], device=DEV, dtype=pos_dtype),
+                torch.randint(0, 1000, (4,), device=DEV, dtype=torch.int64))
+    with poisoned():
+        h, cos, sin = tri_embedding.token_inputs(emb, cos_t, sin_t, ids, positions, prev)
+    rh, rcos, rsin = ref_embedding.token_inputs(emb, cos_t, sin_t, ids, positions, prev)
+    assert torch.equal(h, rh) and torch.equal(cos, rcos) and torch.equal(sin, rsin)
+    if with_prev:
+        assert torch.equal(h[1], emb[prev[1][2]]) and torch.equal(h[0], emb[ids[0]])
 
 
 # ------------------------------------------------------------------------------------ CUDA only

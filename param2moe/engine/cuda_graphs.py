@@ -13,8 +13,8 @@ import logging
 
 import torch
 
+from .. import kernels as ops
 from ..model.attention import PagedAttention
-from .model_runner import input_ids_on_device
 
 log = logging.getLogger("param2moe")
 
@@ -33,7 +33,8 @@ class CudaGraphRunner:
         self.sizes = [s for s in _LADDER if s <= max_batch_size] or [1]
         self.max_blocks = -(-max_model_len // runner.block_size)
         # The previous step's sampled ids: rows of a batch whose last token the host has not read yet
-        # take it from here, inside the graph (prev_index >= 0).
+        # take it from here, inside the graph (prev_index >= 0). Each graph ends by writing its rows' argmax
+        # here, after its inputs are read: with greedy sampling the next step finds its tokens in place.
         self.prev_tokens = torch.zeros(self.sizes[-1], dtype=torch.long, device=dev)
         # Every tensor a graph reads must outlive it (a graph keeps addresses, not references).
         self.query_start_loc = torch.arange(self.sizes[-1] + 1, dtype=torch.int32, device=dev)
@@ -53,9 +54,11 @@ class CudaGraphRunner:
                     self.query_start_loc[: size + 1], max_query_len=1,
                     max_context_len=max_model_len, layer_offset=runner.layer_offset)
 
-                def step(attn=attn, f=f):
-                    ids = input_ids_on_device(f["input_ids"], f["prev_index"], self.prev_tokens)
-                    return model.compute_logits(model(ids, f["positions"], attn))
+                def step(attn=attn, f=f, size=size):
+                    hidden = model(f["input_ids"], f["positions"], attn, prev=(f["prev_index"], self.prev_tokens))
+                    logits = model.compute_logits(hidden)
+                    ops.argmax(logits, out=self.prev_tokens[:size])
+                    return logits
 
                 step()  # warm up: compile kernels, allocate workspaces outside the graph
                 torch.cuda.synchronize()
@@ -85,7 +88,9 @@ class CudaGraphRunner:
         b = len(host["context_lens"])
         return b <= self.sizes[-1] and len(host["input_ids"]) == b and host["block_tables"].shape[1] <= self.max_blocks
 
-    def run(self, host: dict, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, host: dict, prev_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the graph of the batch's size: (logits [B, V], their argmax [B], a view of the buffer the
+        next replay reads pending tokens from). prev_tokens: the previous step's sampled ids."""
         b = len(host["context_lens"])
         size = next(s for s in self.sizes if s >= b)
         buf, event = self._staging_buffer(size)
@@ -97,10 +102,10 @@ class CudaGraphRunner:
         f["block_tables"][:b, : tables.shape[1]] = tables
         self.inputs[size].copy_(buf, non_blocking=True)
         event.record()
-        if prev_tokens is not None and "prev_index" in host:
-            self.prev_tokens[: prev_tokens.numel()].copy_(prev_tokens)
+        if prev_tokens is not None and "prev_index" in host and prev_tokens.data_ptr() != self.prev_tokens.data_ptr():
+            self.prev_tokens[: prev_tokens.numel()].copy_(prev_tokens)  # not the last replay's argmax: copied in
         self.graphs[size].replay()
-        return self.logits[size][:b]
+        return self.logits[size][:b], self.prev_tokens[:b]
 
     def _staging_buffer(self, size: int):
         """One of two pinned host buffers of this size, in turn; waits (rarely) until the copy that

@@ -263,7 +263,7 @@ class LLMEngine:
             self._raise_if_a_worker_died(e)
             raise
         sampled = [batch.seqs[b] for b in out.sampled_rows]
-        pending = self.sampler.sample(out.sample_logits, sampled) if sampled else None
+        pending = self.sampler.sample(out.sample_logits, sampled, out.argmax) if sampled else None
         if prev is not None:
             touched |= self._resolve()
         self.stats["steps"] += 1

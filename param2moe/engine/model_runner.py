@@ -27,14 +27,6 @@ def to_device(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tenso
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
-def input_ids_on_device(ids: torch.Tensor, prev_index: torch.Tensor | None, prev_tokens: torch.Tensor | None):
-    """Input ids with the rows that wait for the previous step's tokens (prev_index >= 0) read from
-    that step's sampled ids, still on the device."""
-    if prev_index is None:
-        return ids
-    return torch.where(prev_index >= 0, prev_tokens[prev_index.clamp(min=0)], ids)
-
-
 def kv_bytes_per_token(model) -> int:
     """Bytes of key and value cache one token takes on this rank (all its layers)."""
     layer = next(iter(model.model.layers.values())).attention
@@ -66,6 +58,7 @@ class StepOutput:
     sample_logits: torch.Tensor | None  # [S, V] float32, one row per sampled sequence
     sampled_rows: list[int]  # which entries of the batch were sampled, in the order of the rows
     prompt_logits: dict[int, tuple[int, torch.Tensor]]  # batch entry -> (first position, logits of its range)
+    argmax: torch.Tensor | None = None  # each sampled row's argmax, when the decode graph computed it
 
 
 class ModelRunner:
@@ -162,36 +155,40 @@ class ModelRunner:
         plan.num_prev_tokens = prev_tokens.numel() if needs_prev else 0
         if self.comm is not None:
             self.comm.broadcast_plan(plan)
-        logits, prompt_logits = self.run_plan(plan)
-        return StepOutput(logits, sampled, {b: (first, lg) for (b, first), lg in zip(prompt, prompt_logits)})
+        logits, prompt_logits, argmax = self.run_plan(plan)
+        return StepOutput(logits, sampled, {b: (first, lg) for (b, first), lg in zip(prompt, prompt_logits)}, argmax)
 
     # ------------------------------------------------------------------ every rank
-    def _attention(self, arrays: dict) -> tuple[PagedAttention, torch.Tensor, torch.Tensor]:
+    def _attention(self, arrays: dict) -> tuple[PagedAttention, torch.Tensor, torch.Tensor, tuple | None]:
         t = {k: to_device(v, self.device) for k, v in arrays.items()}
         attn = PagedAttention(
             self.k_caches, self.v_caches, slot_mapping=t["slot_mapping"], block_tables=t["block_tables"],
             context_lens=t["context_lens"], query_start_loc=t["query_start_loc"],
             max_query_len=int(np.diff(arrays["query_start_loc"]).max()),
             max_context_len=int(arrays["context_lens"].max()), layer_offset=self.layer_offset)
-        return attn, input_ids_on_device(t["input_ids"], t.get("prev_index"), self.prev_tokens), t["positions"]
+        prev = (t["prev_index"], self.prev_tokens) if "prev_index" in t else None
+        return attn, t["input_ids"], t["positions"], prev
 
     @torch.inference_mode()
-    def run_plan(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def run_plan(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]:
         """Run this rank's layers over the plan. On the last stage: (logits of the sampled rows, the
-        logits of each prompt-logprob range); elsewhere (None, [])."""
+        logits of each prompt-logprob range, their argmax when a decode graph computed it); elsewhere
+        (None, [], None)."""
         shard, model = self.model.shard, self.model
         if plan.num_prev_tokens and shard.tp_size > 1:  # the driver's sampled ids, to every rank
             if self.comm is None:  # a worker
                 self.prev_tokens = torch.empty(plan.num_prev_tokens, dtype=torch.long, device=self.device)
             shard.broadcast_from_driver(self.prev_tokens)
         logits, prompt_logits, sends = [], [], []
+        argmax = None
         for mb in plan.microbatches:
-            if mb.use_graph:  # single stage, decode only: logits of every row come out of the graph
-                logits.append(self.graphs.run(mb.arrays, self.prev_tokens))
+            if mb.use_graph:  # single stage, decode only: logits (and argmax) of every row come out of the graph
+                lg, argmax = self.graphs.run(mb.arrays, self.prev_tokens)
+                logits.append(lg)
                 continue
-            attn, input_ids, positions = self._attention(mb.arrays)
+            attn, input_ids, positions, prev = self._attention(mb.arrays)
             if shard.is_first_stage:
-                out = model(input_ids, positions, attn)
+                out = model(input_ids, positions, attn, prev=prev)
             else:
                 hidden, residual = shard.recv_from_prev_stage(mb.num_tokens, model.config.hidden_size, model.dtype,
                                                               self.device)
@@ -205,8 +202,10 @@ class ModelRunner:
         for work in sends:
             work.wait()
         if not shard.is_last_stage:
-            return None, []
-        return (torch.cat(logits) if len(logits) > 1 else logits[0] if logits else None), prompt_logits
+            return None, [], None
+        if len(logits) > 1:
+            return torch.cat(logits), prompt_logits, None
+        return (logits[0] if logits else None), prompt_logits, argmax
 
 
 def _split(counts: list[int], parts: int) -> list[int]:

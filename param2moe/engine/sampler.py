@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels as ops
 from .model_runner import to_device
 from .outputs import Logprob, entries_from_stats, logprob_stats
 from .sequence import Sequence
@@ -86,17 +87,19 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         return self.sample(logits, seqs).resolve()
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tensor | None = None) -> PendingSample:
         """Queue the draw of one token per row; nothing here waits for the device (penalties read the
-        sequences' tokens, so the engine resolves earlier steps before sampling a batch that has them)."""
+        sequences' tokens, so the engine resolves earlier steps before sampling a batch that has them).
+        argmax: the rows' argmax of these logits when already computed (the decode graph's)."""
         dev, v = logits.device, logits.shape[1]
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
         if any(_changes_logits(s) for s in seqs):
             logits = self._apply_bias_and_penalties(logits.clone(), seqs)
+            argmax = None
 
         params = [s.params for s in seqs]
-        sampled = logits.argmax(-1)
+        sampled = ops.argmax(logits) if argmax is None else argmax
         if not all(p.greedy for p in params):  # decided on the host: no device read
             greedy = _on(dev, [p.greedy for p in params])
             temp = _on(dev, [max(p.temperature, 1e-5) for p in params], torch.float32)

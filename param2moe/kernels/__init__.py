@@ -11,6 +11,7 @@ import torch
 
 from . import attention as _attention
 from . import cpu as _cpu
+from . import embedding as _embedding
 from . import moe as _moe
 from . import norm as _norm
 from . import rope as _rope
@@ -101,6 +102,25 @@ def sum_experts(x):
     return _norm.expert_sum(*x)
 
 
+def token_inputs(embedding, cos_table, sin_table, input_ids, positions, prev=None):
+    """(embedding rows [T, H], RoPE cos [T, R], sin [T, R]) of the step's tokens at their positions; prev =
+    (prev_index, prev_tokens): rows with prev_index >= 0 take their id from the previous step's sampled ids
+    (still on the device). One launch on CUDA."""
+    t = _pick(embedding, "embedding")
+    fn = t.token_inputs if t else _embedding.token_inputs
+    return fn(embedding, cos_table, sin_table, input_ids, positions, prev)
+
+
+def argmax(logits, out=None):
+    """Each row's index of its largest value [B] int64 (greedy sampling; ties: the lowest index), into out
+    when given."""
+    t = _pick(logits, "sampling")
+    if t:
+        return t.argmax(logits, out)
+    ids = logits.argmax(-1)
+    return ids if out is None else out.copy_(ids)
+
+
 def apply_rope(x, cos, sin):
     t = _pick(x, "norm")
     return t.apply_rope(x, cos, sin) if t else _rope.apply_rope(x, cos, sin)
@@ -187,6 +207,6 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
                                       max_query_len, max_context_len)
 
 
-__all__ = ["ExpertOutputs", "add_rms_norm", "add_rms_norm_gate_route", "apply_rope", "causal_attention", "gate_route",
-           "linear", "moe_experts", "paged_attention", "qk_norm_rope", "rms_norm", "route", "set_backend",
-           "silu_and_mul", "sum_experts", "use_triton"]
+__all__ = ["ExpertOutputs", "add_rms_norm", "add_rms_norm_gate_route", "apply_rope", "argmax", "causal_attention",
+           "gate_route", "linear", "moe_experts", "paged_attention", "qk_norm_rope", "rms_norm", "route", "set_backend",
+           "silu_and_mul", "sum_experts", "token_inputs", "use_triton"]

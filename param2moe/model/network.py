@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import kernels as ops
 from ..config import Param2MoEConfig
+from ..kernels.embedding import resolve_ids
 from ..kernels.routing import append_experts
 from .rope import rope_cos_sin
 from .shard import Shard
@@ -254,17 +255,22 @@ class Param2MoEForCausalLM(nn.Module):
         self.rope_cos, self.rope_sin = rope_cos_sin(self.config, max_positions, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
-                hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
-        """Run this rank's layers. The first pipeline stage embeds input_ids; later stages take the
-        hidden state and residual of the stage before. Returns the final normed hidden state on the
-        last stage, else (hidden, residual) for the next stage."""
+                hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None, prev=None):
+        """Run this rank's layers. The first pipeline stage embeds input_ids (prev = (prev_index,
+        prev_tokens): rows with prev_index >= 0 take their id from the previous step's sampled ids, still
+        on the device); later stages take the hidden state and residual of the stage before. Returns the
+        final normed hidden state on the last stage, else (hidden, residual) for the next stage."""
         if self.rope_cos is None:  # the engine sizes the table for max_model_len up front
             self.init_rope(max(self.config.max_position_embeddings, int(positions.max()) + 1))
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        shard = self.shard
+        if shard.is_first_stage and shard.tp_size == 1:  # ids, embedding and RoPE rows: one launch on CUDA
+            h, cos, sin = ops.token_inputs(self.model.word_embeddings.weight, self.rope_cos, self.rope_sin,
+                                           input_ids, positions, prev)
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            h = self.model.embed(resolve_ids(input_ids, prev)) if shard.is_first_stage else hidden
         if self.random_routing is not None:
             self._draw_random_experts(positions.shape[0], positions.device)
-        shard = self.shard
-        h = self.model.embed(input_ids) if shard.is_first_stage else hidden
         for layer in self.model.layers.values():
             h, residual = layer(h, residual, cos, sin, attn)
         if not shard.is_last_stage:
