@@ -16,6 +16,7 @@ Four steps, no host sync, every launch shape a function of T alone (CUDA-graph c
 The roundings to the activation dtype sit where the oracle has them (gate, up, silu(gate), its product
 with up, each pair's output), so bf16 results match it to within a rounding.
 Padding blocks exit at once; the grid of the GEMMs is sized by the most blocks T*K pairs can need.
+One token skips the align: its K experts are products of a matrix and a vector (`ONE_TOKEN` below).
 """
 
 from __future__ import annotations
@@ -139,23 +140,6 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, expert_ids, num_post
 
 
-_ONE_TOKEN: dict = {}
-
-
-def single_token_align(ids: torch.Tensor, block_m: int):
-    """One token: its K experts are distinct (top-k), so pair k can own block k with no align launch.
-    Slots and num_post are constants (cached per device, K, BLOCK_M; made on the first call, which the
-    engine makes before capturing graphs); the block experts are ids itself (-1: the block is skipped)."""
-    k = ids.numel()
-    key = (ids.device, k, block_m)
-    if key not in _ONE_TOKEN:
-        slots = torch.full((k * block_m,), k, dtype=torch.int32)
-        slots[::block_m] = torch.arange(k, dtype=torch.int32)
-        _ONE_TOKEN[key] = (slots.to(ids.device), torch.tensor([k * block_m], dtype=torch.int32).to(ids.device))
-    slots, num_post = _ONE_TOKEN[key]
-    return slots, ids.reshape(-1), num_post
-
-
 # ----------------------------------------------------------------------------------- GEMMs
 @triton.jit
 def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
@@ -189,8 +173,6 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost
     if pid_m * BLOCK_M >= tl.load(npost_ptr):
         return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if e < 0:  # the one-token layout's "no expert" (-1) block
-        return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + offs_m)
     valid = pair < TK
@@ -233,8 +215,6 @@ def _moe_down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_pt
     if pid_m * BLOCK_M >= tl.load(npost_ptr):
         return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if e < 0:  # the one-token layout's "no expert" (-1) block
-        return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + offs_m)
     valid = pair < TK
@@ -274,64 +254,156 @@ def _moe_combine_kernel(pair_ptr, w_ptr, ids_ptr, out_ptr, N, stride_pt, stride_
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
+# ----------------------------------------------------------------------------------- one token
+# At one token (decode at batch 1) each expert is a matrix-vector product: tensor-core tiles would leave
+# 15 of 16 rows idle, and their K loop keeps only a few stages of loads in flight. Here a program loads its
+# BLOCK_N weight rows whole, every load in flight at once, and reduces them in fp32: 3.0 TB/s for the
+# gate/up and 2.8 for the down on an H100 against 2.8 and 2.6 for the tiles (same call,
+# benchmarks/results/h100_2026-11-26f/expert_gemv.json). The shared expert's gate/up, streamed beside the
+# router, keeps the tiles (SHARED_BLOCK_N x SHARED_BLOCK_K, 3 stages): see `_shared_gate_up_tile`.
+ONE_TOKEN = {"BLOCK_N": 2, "num_warps": 4, "SHARED_BLOCK_N": 32, "SHARED_BLOCK_K": 128}
+
+
 @triton.jit
-def _gate_up_one_token_kernel(x_ptr, h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, ids_ptr, H, N, eps, stride_we, stride_wn,
-                              stride_ot, K_ROUTED: tl.constexpr, N_APP: tl.constexpr, E_SHARED: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              IEEE: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
-    """The gate/up GEMM at one token (the one-token layout: block k = column k of ids, slot k * BLOCK_M),
-    launched right behind the router (PDL), which releases it at its start. Programs of the appended
-    blocks (the folded shared expert, experts E_SHARED.., taken by every token) come first and need
-    nothing from the router: they norm the row themselves, x = rms_norm(h + r) * nw rounded as
-    add_rms_norm rounds it, and stream their weights while the router runs. The routed blocks' programs
-    wait for the router, then read its normed row x and its expert ids. Every program waits before it
-    ends, so the kernels after this one find the router done."""
-    num_n = tl.cdiv(N, BLOCK_N)
-    blk = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
-    shared = blk < N_APP
-    col = tl.where(shared, K_ROUTED + blk, blk - N_APP)  # the block (column of ids) this program computes
+def _gate_up_rows(w_ptr, e, n, nmask, h, hmask, N, stride_we, stride_wn):
+    """Expert e's gate rows n and up rows N + n, whole: ([BLOCK_N, BLOCK_H], [BLOCK_N, BLOCK_H])."""
+    base = w_ptr + e * stride_we + h[None, :]
+    m = nmask[:, None] & hmask[None, :]
+    g = tl.load(base + n[:, None].to(tl.int64) * stride_wn, mask=m, other=0.0)
+    u = tl.load(base + (N + n)[:, None].to(tl.int64) * stride_wn, mask=m, other=0.0)
+    return g, u
+
+
+@triton.jit
+def _shared_gate_up_tile(h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, e, col, pid_n, H, N, eps, stride_we, stride_wn,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """Columns pid_n * BLOCK_N.. of silu(x . gate_e) * (x . up_e) into row col of out, x = rms_norm(h + r) * nw
+    (rounded as add_rms_norm rounds it) computed here; in tensor-core tiles (16 rows, the first one real)
+    with a pipelined K loop: a moderate stream that leaves the router running beside it its memory latency
+    (as whole-row GEMV loads it slowed the router by 2.5 us a layer)."""
     dt = out_ptr.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)
-    if shared:
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            km = k0 + offs_k < H
-            sv = (tl.load(h_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)
-                  + tl.load(r_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-            ss += sv * sv
-        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / H + eps)
-        e = (E_SHARED + blk).to(tl.int64)
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        km = k0 + offs_k < H
+        sv = (tl.load(h_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)
+              + tl.load(r_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        ss += sv * sv
+    rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / H + eps)
+    rows = tl.arange(0, 16)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nc = tl.where(offs_n < N, offs_n, 0)
+    g_ptrs = w_ptr + e * stride_we + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + N * stride_wn
+    acc_g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        km = k0 + offs_k < H
+        sv = (tl.load(h_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)
+              + tl.load(r_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        nv = tl.load(nw_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)
+        xn = (sv * rstd * nv).to(dt)
+        a = tl.where(rows[:, None] == 0, xn[None, :], tl.zeros((16, BLOCK_K), dtype=dt))
+        bg = tl.load(g_ptrs, mask=km[:, None], other=0.0)
+        bu = tl.load(u_ptrs, mask=km[:, None], other=0.0)
+        acc_g = mma(a, bg, acc_g, IEEE, INTERP)
+        acc_u = mma(a, bu, acc_u, IEEE, INTERP)
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    o_ptrs = out_ptr + col * N + rows[:, None] * 0 + offs_n[None, :]
+    tl.store(o_ptrs, _silu_mul(acc_g, acc_u, dt), mask=(rows[:, None] == 0) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _gate_up_one_token_kernel(x_ptr, h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, ids_ptr, H, N, eps, stride_we, stride_wn,
+                              K_ROUTED: tl.constexpr, N_APP: tl.constexpr, E_SHARED: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, SHARED_BLOCK_N: tl.constexpr,
+                              SHARED_BLOCK_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr,
+                              PDL: tl.constexpr):
+    """inter[k, n] = silu(x . gate_e[n]) * (x . up_e[n]) for column k of ids (e = ids[k]; -1: skipped),
+    inter [K, N] contiguous. N_APP > 0: launched right behind the router (PDL), which releases it at its
+    start. The first programs compute the appended columns K_ROUTED.. (the folded shared expert, experts
+    E_SHARED.., taken by every token): they need nothing from the router, norm the row themselves and
+    stream their weights while the router runs (`_shared_gate_up_tile`). The routed columns' programs
+    wait for the router, then read its normed row x and its expert ids, and load their BLOCK_N gate and up
+    rows whole. Every program waits before it ends, so the kernels after this one find the router done."""
+    pid = tl.program_id(0)
+    shared_n = tl.cdiv(N, SHARED_BLOCK_N)
+    if pid < N_APP * shared_n:
+        blk = pid // shared_n
+        _shared_gate_up_tile(h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, (E_SHARED + blk).to(tl.int64), K_ROUTED + blk,
+                             pid % shared_n, H, N, eps, stride_we, stride_wn, SHARED_BLOCK_N, SHARED_BLOCK_K, IEEE,
+                             INTERP)
     else:
+        p = pid - N_APP * shared_n
+        num_n = tl.cdiv(N, BLOCK_N)
+        col = p // num_n
         wait_for_previous(PDL)
-        rstd = 0.0
         e = tl.load(ids_ptr + col).to(tl.int64)
-    if e >= 0:
-        routed = blk >= N_APP
-        rows = tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_nc = tl.where(offs_n < N, offs_n, 0)
-        g_ptrs = w_ptr + e * stride_we + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        u_ptrs = g_ptrs + N * stride_wn
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            km = k0 + offs_k < H
-            sv = (tl.load(h_ptr + k0 + offs_k, mask=km & shared, other=0.0).to(tl.float32)
-                  + tl.load(r_ptr + k0 + offs_k, mask=km & shared, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-            nv = tl.load(nw_ptr + k0 + offs_k, mask=km & shared, other=0.0).to(tl.float32)
-            xv = tl.load(x_ptr + k0 + offs_k, mask=km & routed, other=0.0)
-            xn = tl.where(shared, (sv * rstd * nv).to(dt), xv)
-            a = tl.where(rows[:, None] == 0, xn[None, :], tl.zeros((BLOCK_M, BLOCK_K), dtype=dt))
-            bg = tl.load(g_ptrs, mask=km[:, None], other=0.0)
-            bu = tl.load(u_ptrs, mask=km[:, None], other=0.0)
-            acc_g = mma(a, bg, acc_g, IEEE, INTERP)
-            acc_u = mma(a, bu, acc_u, IEEE, INTERP)
-            g_ptrs += BLOCK_K
-            u_ptrs += BLOCK_K
-        o_ptrs = out_ptr + (col * BLOCK_M + rows[:, None]).to(tl.int64) * stride_ot + offs_n[None, :]
-        tl.store(o_ptrs, _silu_mul(acc_g, acc_u, dt), mask=(rows[:, None] == 0) & (offs_n[None, :] < N))
+        if e >= 0:
+            n = (p % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+            h = tl.arange(0, BLOCK_H)
+            nmask, hmask = n < N, h < H
+            base = w_ptr + e * stride_we + h[None, :]
+            m = nmask[:, None] & hmask[None, :]
+            g = tl.load(base + n[:, None].to(tl.int64) * stride_wn, mask=m, other=0.0)
+            u = tl.load(base + (N + n)[:, None].to(tl.int64) * stride_wn, mask=m, other=0.0)
+            x = tl.load(x_ptr + h, mask=hmask, other=0.0).to(tl.float32)
+            y = _silu_mul(tl.sum(g.to(tl.float32) * x[None, :], axis=1), tl.sum(u.to(tl.float32) * x[None, :], axis=1),
+                          out_ptr.dtype.element_ty)
+            tl.store(out_ptr + col * N + n, y, mask=nmask)
     wait_for_previous(PDL)
+
+
+@triton.jit
+def _down_one_token_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, N, INTER, stride_at, stride_we, stride_wn, stride_ot,
+                           BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
+    """out[k, n] = inter[k] . w2[ids[k], n] (rows of ids -1 not written)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    col = pid // num_n
+    e = tl.load(ids_ptr + col).to(tl.int64)
+    if e >= 0:
+        n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        i = tl.arange(0, BLOCK_I)
+        nmask, imask = n < N, i < INTER
+        w = tl.load(w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + i[None, :],
+                    mask=nmask[:, None] & imask[None, :], other=0.0)
+        a = tl.load(a_ptr + col * stride_at + i, mask=imask, other=0.0).to(tl.float32)
+        y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+        tl.store(out_ptr + col * stride_ot + n, y.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+def _gate_up_one_token(x, w13, ids, norm=None, pdl: bool = False, inter=None):
+    """inter [K, I]: row k = silu(x @ gate_{ids[k]}^T) * (x @ up_{ids[k]}^T) (rows of ids -1 undefined).
+    norm = (h, residual, norm_weight, eps, n_app): the last n_app columns are the folded shared expert
+    (the last n_app experts), normed from h + residual in-kernel; launched behind the router with PDL."""
+    k = ids.numel()
+    e, two_i, hidden = w13.shape
+    n = two_i // 2
+    if inter is None:
+        inter = torch.empty(k, n, dtype=x.dtype, device=x.device)
+    assert inter.is_contiguous()
+    h, r, nw, eps, n_app = norm if norm is not None else (x, x, x, 0.0, 0)
+    bn, sbn, sbk = ONE_TOKEN["BLOCK_N"], ONE_TOKEN["SHARED_BLOCK_N"], ONE_TOKEN["SHARED_BLOCK_K"]
+    grid = n_app * triton.cdiv(n, sbn) + (k - n_app) * triton.cdiv(n, bn)
+    _gate_up_one_token_kernel[(grid,)](
+        x, h, r, nw, w13, inter, ids, hidden, n, eps, w13.stride(0), w13.stride(1), K_ROUTED=k - n_app, N_APP=n_app,
+        E_SHARED=e - n_app, BLOCK_N=bn, BLOCK_H=triton.next_power_of_2(hidden), SHARED_BLOCK_N=sbn,
+        SHARED_BLOCK_K=sbk, IEEE=x.dtype == torch.float32, INTERP=INTERPRET, PDL=pdl,
+        num_warps=ONE_TOKEN["num_warps"], num_stages=3, **pdl_launch(pdl))
+    return inter
+
+
+def _down_one_token(inter, w2, ids) -> torch.Tensor:
+    k = ids.numel()
+    hidden, inter_size = w2.shape[1], w2.shape[2]
+    pair_out = torch.empty(k, hidden, dtype=inter.dtype, device=inter.device)
+    bn = ONE_TOKEN["BLOCK_N"]
+    _down_one_token_kernel[(k * triton.cdiv(hidden, bn),)](
+        inter, w2, pair_out, ids, hidden, inter_size, inter.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0),
+        BLOCK_N=bn, BLOCK_I=triton.next_power_of_2(inter_size), num_warps=ONE_TOKEN["num_warps"])
+    return pair_out
 
 
 # ----------------------------------------------------------------------------------- entry
@@ -385,8 +457,7 @@ class StartedGateUp(NamedTuple):
     """The gate/up GEMM of one token, launched behind the router (`add_rms_norm_gate_route_gate_up`):
     `moe_experts(..., started=)` goes on from its output."""
 
-    inter: torch.Tensor  # [K * BLOCK_M, I]: row k * BLOCK_M is column k's silu(gate) * up
-    config: dict
+    inter: torch.Tensor  # [K, I]: row k is column k's silu(gate) * up
     keep: tuple  # tensors the router may still use while the gate/up runs: held until the next launch
 
 
@@ -408,21 +479,15 @@ def add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps: float, gate_w
         out = routing.add_rms_norm_gate_route(x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, **kw)
         return (*out[:2], *(choice or out[2:]), None)
     k_total = top_k + n_app
-    cfg = get_config(1, e, hidden, two_i // 2, k_total, x.dtype)
-    bm, g1 = cfg["BLOCK_M"], cfg["gate_up"]
     # made before the router's launch: memory the router still uses cannot be handed out for it
-    inter = torch.empty(k_total * bm, two_i // 2, dtype=x.dtype, device=x.device)
+    inter = torch.empty(k_total, two_i // 2, dtype=x.dtype, device=x.device)
 
     def launch(normed, ids, keep):
         if choice is not None:
             ids = choice[1]
         assert ids.is_contiguous() and ids.numel() == k_total
-        _gate_up_one_token_kernel[(k_total * triton.cdiv(two_i // 2, g1["BLOCK_N"]),)](
-            normed, x, residual, norm_weight, w13, inter, ids, hidden, two_i // 2, eps,
-            w13.stride(0), w13.stride(1), inter.stride(0), K_ROUTED=top_k, N_APP=n_app, E_SHARED=e - n_app,
-            BLOCK_M=bm, BLOCK_N=g1["BLOCK_N"], BLOCK_K=g1["BLOCK_K"], IEEE=x.dtype == torch.float32,
-            INTERP=INTERPRET, PDL=pdl, num_warps=g1["num_warps"], num_stages=g1["num_stages"], **pdl_launch(pdl))
-        return StartedGateUp(inter, cfg, (*keep, x, residual, norm_weight, ids))
+        _gate_up_one_token(normed, w13, ids, (x, residual, norm_weight, eps, n_app), pdl, inter)
+        return StartedGateUp(inter, (*keep, x, residual, norm_weight, ids))
 
     normed, res, weights, ids, started = routing.add_rms_norm_gate_route(
         x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, after=launch, **kw)
@@ -448,14 +513,15 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     ids = ids.contiguous()
     if weights.stride(-1) != 1:
         weights = weights.contiguous()
-    cfg = started.config if started is not None else config or get_config(t, e, hidden, two_i // 2, topk, x.dtype)
-    bm = cfg["BLOCK_M"]
-    align = single_token_align(ids, bm) if t == 1 else moe_align(ids, e, bm)
-    if started is not None:
-        inter = started.inter
+    if t == 1:  # matrix-vector products (see ONE_TOKEN)
+        inter = started.inter if started is not None else _gate_up_one_token(x, w13, ids)
+        pair_out = _down_one_token(inter, w2, ids)
     else:
+        cfg = config or get_config(t, e, hidden, two_i // 2, topk, x.dtype)
+        bm = cfg["BLOCK_M"]
+        align = moe_align(ids, e, bm)
         inter = gate_up(x, w13, align, topk, bm, cfg["gate_up"])
-    pair_out = down(inter, w2, align, t * topk, bm, cfg["down"])
+        pair_out = down(inter, w2, align, t * topk, bm, cfg["down"])
     if unsummed:
         return pair_out
     return combine(pair_out, weights, ids, torch.empty(t, hidden, dtype=x.dtype, device=x.device))
