@@ -127,6 +127,18 @@ def test_gemv(t, n, k, dtype):
     check(out, ref, torch.bfloat16, loose=1e-2)
 
 
+@pytest.mark.parametrize("t", [1, 3])
+def test_gemv_streaming_fp32_out(t):
+    """The head's form: a weight streamed through programs of STREAM_BLOCK_N rows, float32 logits (the fp32
+    accumulator, not rounded to bf16)."""
+    x = torch.randn(t, 256, device=DEV).to(torch.bfloat16)
+    w = (torch.randn(1000, 256, device=DEV) / 16).to(torch.bfloat16)
+    with poisoned():
+        out = tri_gemv.gemv(x, w, out_dtype=torch.float32, block_n=tri_gemv.STREAM_BLOCK_N)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, x.float() @ w.float().T, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- QK-norm + RoPE
 def _cos_sin(t, half, device):
     pos = torch.randint(0, 4096, (t,), device=device).float()
@@ -320,6 +332,22 @@ def test_moe_one_token_without_align_and_missing_ids(dtype):
     with poisoned():
         out = tri_moe.moe_experts(x, w13, w2, weights, ids)
     check(out, ref_moe.moe_experts(x, w13, w2, weights, ids), dtype, tight=2e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [96, 2600])
+def test_one_token_mlp_as_one_expert(width, dtype):
+    """A dense MLP at one token runs the one-token expert GEMVs as a single expert of its whole width (ops.mlp),
+    the down rows in chunks when the width passes one chunk; unsummed, the pair's row is the MLP's output."""
+    x = torch.randn(1, 64, device=DEV).to(dtype)
+    gate_up = (torch.randn(2 * width, 64, device=DEV) / 8).to(dtype)
+    down = (torch.randn(64, width, device=DEV) / width**0.5).to(dtype)
+    one, zero = torch.ones(1, 1, device=DEV), torch.zeros(1, 1, dtype=torch.long, device=DEV)
+    with poisoned():
+        out = tri_moe.moe_experts(x, gate_up[None], down[None], one, zero, unsummed=True)
+    gate, up = (x.float() @ gate_up.float().T).to(dtype).chunk(2, dim=-1)
+    ref = ((torch.nn.functional.silu(gate.float()).to(dtype) * up).float() @ down.float().T).to(dtype)
+    check(out, ref, dtype, tight=2e-5)
 
 
 def test_moe_experts_one_weight_row_expanded():

@@ -67,6 +67,43 @@ def linear(x, weight, bias=None):
     return _linear(x, weight, bias)
 
 
+_FP32_OUT_MM = {"ok": True}
+
+
+def logits(hidden, weight):
+    """hidden @ weight.T in float32: the head (rounding logits to bf16 would turn near-ties into exact ties,
+    steps of 1/16 at magnitude 8, and greedy choices would flip on rounding noise). Decode-sized CUDA batches
+    with a 16-bit head: the Triton GEMV streaming the weight; else a CUDA matmul writing its float32
+    accumulator (torch.mm out_dtype), or the matmul in the activation dtype, upcast."""
+    t = _pick(hidden, "gemv")
+    if t and t.streams(hidden, weight):
+        return t.gemv(hidden, weight, out_dtype=torch.float32, block_n=t.STREAM_BLOCK_N)
+    if hidden.is_cuda and hidden.dtype != torch.float32 and _FP32_OUT_MM["ok"]:
+        try:
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT_MM["ok"] = False
+    return _linear(hidden, weight).float()
+
+
+_ONE_PAIR: dict = {}
+
+
+def mlp(x, gate_up, down, unsummed: bool = False):
+    """down(silu(gate(x)) * up(x)), gate and up rows stacked in gate_up. One token on CUDA: the fused MoE's
+    one-token GEMVs, the MLP as one expert of weight 1 (unsummed: as ExpertOutputs, which the next norm
+    sums in its launch; elsewhere the result as always)."""
+    t = _pick(x, "moe")
+    if t and x.shape[0] == 1 and x.dtype == gate_up.dtype == down.dtype:
+        one = _ONE_PAIR.get(x.device)
+        if one is None:  # made on the first (eager) call, before any graph capture
+            one = _ONE_PAIR[x.device] = (torch.ones(1, 1, device=x.device), torch.zeros(1, 1, dtype=torch.long,
+                                                                                         device=x.device))
+        y = t.moe_experts(x, gate_up[None], down[None], *one, unsummed=unsummed)
+        return ExpertOutputs(y, *one) if unsummed else y
+    return linear(silu_and_mul(linear(x, gate_up)), down)
+
+
 def rms_norm(x, weight, eps: float):
     t = _pick(x, "norm")
     return t.rms_norm(x, weight, eps) if t else _norm.rms_norm(x, weight, eps)

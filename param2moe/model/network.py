@@ -87,9 +87,9 @@ class MLP(nn.Module):
         self.gate_up_proj = _param(2 * width, hidden, dtype=dtype)  # gate rows, then up rows
         self.down_proj = _param(hidden, width, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The partial output of this rank's slice of the width (reduced by the caller)."""
-        return ops.linear(ops.silu_and_mul(ops.linear(x, self.gate_up_proj)), self.down_proj)
+    def forward(self, x: torch.Tensor, unsummed: bool = False) -> torch.Tensor:
+        """The partial output of this rank's slice of the width (reduced by the caller); unsummed: see ops.mlp."""
+        return ops.mlp(x, self.gate_up_proj, self.down_proj, unsummed=unsummed)
 
 
 class MoE(nn.Module):
@@ -172,7 +172,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if cfg.is_dense_layer(layer_idx):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size // shard.tp_size, dtype)
-            self.reduce_mlp = shard.all_reduce
+            self.reduce_mlp = shard.all_reduce if shard.tp_size > 1 else None
         else:
             self.mlp = MoE(cfg, shard, dtype)  # reduces its own sum
 
@@ -187,6 +187,8 @@ class DecoderLayer(nn.Module):
         if isinstance(self.mlp, MoE):
             return self.mlp(a, residual, self.post_attention_layernorm)
         x, residual = self.post_attention_layernorm(a, residual)
+        if self.reduce_mlp is None:  # one rank: may come unsummed (one token on CUDA), the next norm sums it
+            return self.mlp(x, unsummed=True), residual
         return self.reduce_mlp(self.mlp(x)), residual
 
 
@@ -212,21 +214,6 @@ class Param2MoEModel(nn.Module):
         local = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         h = F.embedding(torch.where(local, input_ids - self.vocab_start, 0), self.word_embeddings.weight)
         return self.shard.all_reduce(h * local[:, None].to(h.dtype))
-
-
-_FP32_OUT_MM = {"ok": True}
-
-
-def _fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """hidden @ weight.T with float32 output. In bf16, rounding the logits to bf16 makes near-ties
-    exact ties (steps of 1/16 at magnitude 8), so greedy choices would flip on rounding noise; CUDA
-    matmuls can write the float32 accumulator directly (torch.mm out_dtype)."""
-    if hidden.is_cuda and hidden.dtype != torch.float32 and _FP32_OUT_MM["ok"]:
-        try:
-            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            _FP32_OUT_MM["ok"] = False
-    return ops.linear(hidden, weight).float()
 
 
 class Param2MoEForCausalLM(nn.Module):
@@ -279,7 +266,7 @@ class Param2MoEForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab_size] in float32 (gathered over the ranks' vocabulary slices)."""
-        logits = _fp32_logits(hidden, self.head_weight)
+        logits = ops.logits(hidden, self.head_weight)
         return self.shard.all_gather_vocab(logits, self.config.vocab_size)
 
     def fold_shared_experts(self) -> int:

@@ -56,17 +56,30 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
             and weight.numel() * weight.element_size() <= MAX_WEIGHT_BYTES)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, K] @ weight[N, K].T in fp32, rounded to x's dtype (T <= MAX_TOKENS; see `usable`)."""
+# A weight too large for the registers streams through programs of STREAM_BLOCK_N rows, all loads of a program
+# in flight at once (the head: Param2's 524 MB, where cuBLAS reaches 2.86 TB/s on an H100).
+STREAM_BLOCK_N = 4
+
+
+def streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv` serves this linear as a stream (the head): few tokens, a large 16-bit weight."""
+    return (_ENABLED and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS and x.dtype == weight.dtype
+            and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(-1) == 1
+            and weight.shape[1] <= 4096 and weight.numel() * weight.element_size() > MAX_WEIGHT_BYTES)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype=None, block_n: int | None = None) -> torch.Tensor:
+    """x [T, K] @ weight[N, K].T in fp32, rounded to out_dtype (default x's dtype) (T <= MAX_TOKENS; see
+    `usable`, `streams`)."""
     t, k = x.shape
     n = weight.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
     block_k = triton.next_power_of_2(k)
     # 16K weight elements a program (4 warps: 164 registers a thread on sm_90, three programs an SM): the
     # programs of a whole Param2 projection fit on an H100 at once (8 warps fit two: measured slower)
-    block_n = max(1, min(16, 16384 // block_k))
+    block_n = block_n or max(1, min(16, 16384 // block_k))
     pdl = pdl_flag(x)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, t, n, x.stride(0), weight.stride(0), out.stride(0), K=k, BLOCK_N=block_n,

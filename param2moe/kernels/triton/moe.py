@@ -356,22 +356,25 @@ def _gate_up_one_token_kernel(x_ptr, h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, ids_p
 
 
 @triton.jit
-def _down_one_token_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, N, INTER, stride_at, stride_we, stride_wn, stride_ot,
-                           BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
-    """out[k, n] = inter[k] . w2[ids[k], n] (rows of ids -1 not written)."""
+def _down_one_token_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, N, stride_at, stride_we, stride_wn, stride_ot,
+                           INTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
+    """out[k, n] = inter[k] . w2[ids[k], n] (rows of ids -1 not written); the rows in chunks of BLOCK_I."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     col = pid // num_n
     e = tl.load(ids_ptr + col).to(tl.int64)
     if e >= 0:
         n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        i = tl.arange(0, BLOCK_I)
-        nmask, imask = n < N, i < INTER
-        w = tl.load(w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + i[None, :],
-                    mask=nmask[:, None] & imask[None, :], other=0.0)
-        a = tl.load(a_ptr + col * stride_at + i, mask=imask, other=0.0).to(tl.float32)
-        y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-        tl.store(out_ptr + col * stride_ot + n, y.to(out_ptr.dtype.element_ty), mask=nmask)
+        nmask = n < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for i0 in tl.static_range(0, INTER, BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            imask = i < INTER
+            w = tl.load(w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + i[None, :],
+                        mask=nmask[:, None] & imask[None, :], other=0.0)
+            a = tl.load(a_ptr + col * stride_at + i, mask=imask, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+        tl.store(out_ptr + col * stride_ot + n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
 def _gate_up_one_token(x, w13, ids, norm=None, pdl: bool = False, inter=None):
@@ -401,8 +404,9 @@ def _down_one_token(inter, w2, ids) -> torch.Tensor:
     pair_out = torch.empty(k, hidden, dtype=inter.dtype, device=inter.device)
     bn = ONE_TOKEN["BLOCK_N"]
     _down_one_token_kernel[(k * triton.cdiv(hidden, bn),)](
-        inter, w2, pair_out, ids, hidden, inter_size, inter.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0),
-        BLOCK_N=bn, BLOCK_I=triton.next_power_of_2(inter_size), num_warps=ONE_TOKEN["num_warps"])
+        inter, w2, pair_out, ids, hidden, inter.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0),
+        INTER=inter_size, BLOCK_N=bn, BLOCK_I=min(2048, triton.next_power_of_2(inter_size)),
+        num_warps=ONE_TOKEN["num_warps"])
     return pair_out
 
 
