@@ -21,9 +21,12 @@ Prints a table and writes JSON (argument: output path).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for the checkpoint's training
 
 import torch
 import torch.nn.functional as F

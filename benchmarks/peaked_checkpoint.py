@@ -123,7 +123,9 @@ def make_peaked_checkpoint(path: str, device: str = "cpu", steps: int = 200, see
                            config_overrides: dict | None = None, log_every: int = 0) -> dict:
     """Write a random checkpoint to `path` (param2moe.writer, so config and tokenizer are complete), train it
     on `device` with Adam for `steps` full-batch steps to memorise `make_corpus(vocab, n_seq, seq_len, seed)`,
-    and write the trained weights back. Deterministic on the CPU for a given seed (and thread count).
+    and write the trained weights back. Deterministic on the CPU for a given seed (and thread count); on a
+    GPU with torch's deterministic algorithms (their cuBLAS needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set before
+    CUDA starts: gpu_correctness.py sets it), so that runs on the same card check the same checkpoint.
     Returns what happened: the corpus, loss and accuracy at the start and the end, seconds, and the
     number of tokens routed to each expert of each MoE layer (forward over the corpus, after training)."""
     from param2moe.checkpoint import load_model
@@ -136,6 +138,8 @@ def make_peaked_checkpoint(path: str, device: str = "cpu", steps: int = 200, see
     write_checkpoint(path, cfg, seed=seed, std=0.02, head_std=0.02, router_std=0.1, bias_std=0.01)
     torch.manual_seed(seed)
     corpus = make_corpus(cfg.vocab_size, n_seq, seq_len, seed)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # (warns where an op has no such version)
     with _TrainingKernels():
         model = load_model(path, dtype=torch.float32, device=device, progress=False)
         params = []
@@ -173,6 +177,7 @@ def make_peaked_checkpoint(path: str, device: str = "cpu", steps: int = 200, see
             p.requires_grad_(False)
         load = _expert_load(model, ids, pos, attn)
         _write_back(model, path)
+    torch.use_deterministic_algorithms(deterministic)
     return {"steps": steps, "seed": seed, "lr": lr, "decay_from": decay_from, "n_seq": n_seq, "seq_len": seq_len,
             "device": str(device),
             "initial_loss": history[0][0], "final_loss": history[-1][0], "final_accuracy": history[-1][1],
