@@ -89,8 +89,8 @@ class CudaGraphRunner:
         return b <= self.sizes[-1] and len(host["input_ids"]) == b and host["block_tables"].shape[1] <= self.max_blocks
 
     def run(self, host: dict, prev_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the graph of the batch's size: (logits [B, V], their argmax [B], a view of the buffer the
-        next replay reads pending tokens from). prev_tokens: the previous step's sampled ids."""
+        """Replay the graph of the batch's size: (logits [B, V], their argmax [B]). The argmax is a view of
+        the buffer the next replay reads pending tokens from. prev_tokens: the previous step's sampled ids."""
         b = len(host["context_lens"])
         size = next(s for s in self.sizes if s >= b)
         buf, event = self._staging_buffer(size)

@@ -245,5 +245,5 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
 
 
 __all__ = ["ExpertOutputs", "add_rms_norm", "add_rms_norm_gate_route", "apply_rope", "argmax", "causal_attention",
-           "gate_route", "linear", "moe_experts", "paged_attention", "qk_norm_rope", "rms_norm", "route", "set_backend",
-           "silu_and_mul", "sum_experts", "token_inputs", "use_triton"]
+           "gate_route", "linear", "logits", "mlp", "moe_experts", "paged_attention", "qk_norm_rope", "rms_norm",
+           "route", "set_backend", "silu_and_mul", "sum_experts", "token_inputs", "use_triton"]

@@ -344,10 +344,7 @@ def _gate_up_one_token_kernel(x_ptr, h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, ids_p
             n = (p % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
             h = tl.arange(0, BLOCK_H)
             nmask, hmask = n < N, h < H
-            base = w_ptr + e * stride_we + h[None, :]
-            m = nmask[:, None] & hmask[None, :]
-            g = tl.load(base + n[:, None].to(tl.int64) * stride_wn, mask=m, other=0.0)
-            u = tl.load(base + (N + n)[:, None].to(tl.int64) * stride_wn, mask=m, other=0.0)
+            g, u = _gate_up_rows(w_ptr, e, n, nmask, h, hmask, N, stride_we, stride_wn)
             x = tl.load(x_ptr + h, mask=hmask, other=0.0).to(tl.float32)
             y = _silu_mul(tl.sum(g.to(tl.float32) * x[None, :], axis=1), tl.sum(u.to(tl.float32) * x[None, :], axis=1),
                           out_ptr.dtype.element_ty)
@@ -502,6 +499,7 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
                 config: dict | None = None, unsummed: bool = False, started: StartedGateUp | None = None
                 ) -> torch.Tensor:
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]); ids -1 contribute nothing. See the module doc.
+    config: block sizes of the tiled GEMMs (default: the tuned table; one token takes the GEMVs, no config).
     unsummed: stop before the combine and return each (token, k) pair's output [T*K, H] (rows of ids -1
     undefined), for a later kernel to sum (norm.expert_sum_add_rms_norm). started: one token whose
     gate/up already launched behind the router (`add_rms_norm_gate_route_gate_up`)."""

@@ -14,6 +14,7 @@ import triton.language as tl
 
 CHUNK = 4096
 _COUNTERS: dict = {}  # device -> int32 counters, one a row, zero between launches
+_RETIRED: list = []  # counters replaced by larger ones: CUDA graphs captured earlier still use them
 
 
 @triton.jit
@@ -50,6 +51,8 @@ def argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
         logits = logits.contiguous()
     counters = _COUNTERS.get(logits.device)
     if counters is None or counters.numel() < b:  # grown outside graph capture: the engine warms up first
+        if counters is not None:
+            _RETIRED.append(counters)
         counters = _COUNTERS[logits.device] = torch.zeros(max(b, 64), dtype=torch.int32, device=logits.device)
     nch = triton.cdiv(v, CHUNK)
     part_v = torch.empty(b * nch, dtype=torch.float32, device=logits.device)
