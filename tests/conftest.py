@@ -27,3 +27,13 @@ def failing_compiler(fresh_native, monkeypatch, tmp_path):
     fake.write_text("#!/bin/sh\necho 'no compiler here' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
+
+
+@pytest.fixture(params=["simd", "generic"])
+def native_path(request):
+    """The native CPU kernels' SIMD code (AVX-512 where the CPU has it), then their plain C code."""
+    from param2moe.kernels import cpu as native
+
+    native._state["generic"] = request.param == "generic"
+    yield request.param
+    native._state["generic"] = False

@@ -49,18 +49,10 @@ def _oracle(q, kc, vc, table, lens, scale):
     return paged_attention(q, kc, vc, table, lens, qsl, scale, 1, int(lens.max()))
 
 
-@pytest.fixture(params=["simd", "generic"])
-def path(request):
-    """Both the SIMD path (AVX-512 where the CPU has it) and the plain C one."""
-    native._state["generic"] = request.param == "generic"
-    yield request.param
-    native._state["generic"] = False
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("d", [32, 64, 128])
-def test_matches_torch_path(dtype, group, d, path):
+def test_matches_torch_path(dtype, group, d, native_path):
     bs, nkv = 16, 2
     ctxs = [1, 2, bs - 1, bs, bs + 1, 2 * bs, 3 * bs + 5, 150]  # one token, block edges, many blocks
     q, kc, vc, table, lens = _inputs(ctxs, nkv * group, nkv, d, bs, dtype, seed=d * 10 + group)
@@ -74,7 +66,7 @@ def test_matches_torch_path(dtype, group, d, path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nh, nkv, d", [(3, 1, 48), (6, 2, 80), (8, 1, 64), (16, 2, 16)])
-def test_other_shapes(nh, nkv, d, dtype, path):
+def test_other_shapes(nh, nkv, d, dtype, native_path):
     """Groups of 3 and 8, head sizes not a power of two (80) or not a multiple of 16 (48)."""
     ctxs = [1, 7, 16, 17, 64, 99]
     q, kc, vc, table, lens = _inputs(ctxs, nh, nkv, d, 16, dtype, seed=nh * d)
@@ -83,7 +75,7 @@ def test_other_shapes(nh, nkv, d, dtype, path):
 
 
 @pytest.mark.parametrize("bs", [1, 8, 32, 48])
-def test_block_sizes_and_strided_query(bs, path):
+def test_block_sizes_and_strided_query(bs, native_path):
     """Other block sizes, a query that is a strided view, int64 tables and lengths, and a wide table."""
     ctxs = [1, bs, bs + 1, 5 * bs + 3]
     q, kc, vc, table, lens = _inputs(ctxs, 8, 2, 64, bs, torch.float32, seed=bs, extra_cols=4)
@@ -96,7 +88,7 @@ def test_block_sizes_and_strided_query(bs, path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_writes_new_kv_then_attends(dtype, path):
+def test_writes_new_kv_then_attends(dtype, native_path):
     """new_kv: the step's k, v stored at their slots (v a strided view, as from a fused projection) before the
     attention, with the same cache contents and output as write_kv_cache + the torch path."""
     bs, nkv, d = 16, 2, 64

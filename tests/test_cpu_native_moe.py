@@ -42,14 +42,6 @@ def _inputs(t, k, h, i, e, dtype, seed, all_take=None, unused=(), none_frac=0.1)
     return x, w13, w2, weights, ids
 
 
-@pytest.fixture(params=["simd", "generic"])
-def path(request):
-    """Both the SIMD path (AVX-512 where the CPU has it) and the plain C one."""
-    native._state["generic"] = request.param == "generic"
-    yield request.param
-    native._state["generic"] = False
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t,k,h,i,e", [
     (1, 4, 512, 256, 16),   # batch 1: one row an expert
@@ -58,7 +50,7 @@ def path(request):
     (7, 2, 96, 48, 5),
     (13, 8, 80, 36, 10),    # I, H with tails under 16, rows not a multiple of 4
 ])
-def test_matches_the_oracle(dtype, t, k, h, i, e, path):
+def test_matches_the_oracle(dtype, t, k, h, i, e, native_path):
     x, w13, w2, weights, ids = _inputs(t, k, h, i, e, dtype, seed=t * 1000 + k * 10 + h, all_take=e // 2,
                                        unused=(0, e - 1))
     assert (ids == -1).any() and (ids == e // 2).any(1).all() and not ((ids == 0) | (ids == e - 1)).any()
