@@ -24,6 +24,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="dummy: random weights from the config (no weight files)")
     g.add_argument("--preset", default=None, help="with --load-format dummy and no --model: a preset config")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--max-graph-tokens", type=int, default=2048,
+                   help="steps of up to this many tokens (prefills too) replay CUDA graphs; 0: decode steps only")
     g.add_argument("--kernels", default="auto", choices=["auto", "torch"],
                    help="torch: the plain torch ops even on a GPU (the benchmarks' baseline)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
@@ -44,6 +46,7 @@ def engine_config(args):
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
                         load_format=args.load_format, preset=args.preset, enforce_eager=args.enforce_eager,
+                        max_graph_tokens=args.max_graph_tokens,
                         kernels=args.kernels, tensor_parallel_size=args.tensor_parallel_size,
                         pipeline_parallel_size=args.pipeline_parallel_size,
                         enable_expert_parallel=args.enable_expert_parallel, async_scheduling=args.async_scheduling)

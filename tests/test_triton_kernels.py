@@ -478,6 +478,27 @@ def test_paged_attention(name, splits, dtype):
     check(out, ref_attn.paged_attention(*args), dtype, tight=2e-5, loose=1.2e-2)
 
 
+@pytest.mark.parametrize("splits", [None, 3])
+def test_paged_attention_token_graph_layout(splits):
+    """A token graph's batch (engine/cuda_graphs.py): the rows past the step's tokens form one more sequence
+    with no context, whose attention is zero (not garbage: it feeds the padding rows' MoE), and the
+    sequences after it are empty; the real rows are as without the padding."""
+    q_lens, ctx_lens, nh, nkv, d = [9, 1, 20], [50, 33, 20], 8, 2, 64
+    q, kc, vc, tables, ctx, qsl = _paged_batch(q_lens, ctx_lens, nh, nkv, d, torch.float32)
+    t, pad, empty = q.shape[0], 11, 3
+    qp = torch.cat([q, torch.randn(pad, nh, d, device=DEV)])
+    tables_p = torch.cat([tables, torch.full((1 + empty, tables.shape[1]), 7, dtype=tables.dtype, device=DEV)])
+    ctx_p = torch.cat([ctx, torch.zeros(1 + empty, dtype=ctx.dtype, device=DEV)])
+    qsl_p = torch.cat([qsl, torch.full((1 + empty,), t + pad, dtype=qsl.dtype, device=DEV)])
+    cfg = dict(BLOCK_Q=4, BLOCK_N=32, num_warps=4, num_stages=2)
+    with poisoned():
+        out = tri_attn.paged_attention(qp, kc, vc, tables_p, ctx_p, qsl_p, d**-0.5, t + pad, 4096,
+                                       num_splits=splits, config=cfg)
+    ref = ref_attn.paged_attention(q, kc, vc, tables, ctx, qsl, d**-0.5, max(q_lens), max(ctx_lens))
+    check(out[:t], ref, torch.float32, tight=2e-5)
+    assert torch.equal(out[t:], torch.zeros_like(out[t:]))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_qk_norm_rope_writes_the_kv_cache(dtype):
     """The fused KV write: k (normed, rotated) and v at each token's slot, slot -1 skipped, nothing else touched."""

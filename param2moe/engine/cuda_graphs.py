@@ -1,16 +1,22 @@
-"""Decode steps replayed from CUDA graphs captured at a ladder of batch sizes.
+"""Steps replayed from CUDA graphs, so that the host launches one graph instead of hundreds of kernels.
 
-A decode step of a small batch is hundreds of short kernel launches; replaying a captured graph
-removes the launch gaps. A batch is padded up to the next captured size: padding rows write their
-keys and values to the runner's scratch slot and attend to one cached token, and their logits are
-dropped. Attention is captured with max_context_len = max_model_len, so the kernels size their
-work from the device-side context lengths, never from a host value that changes between steps.
+Two kinds, sharing one memory pool:
+- decode graphs, at a ladder of batch sizes (one new token a sequence): logits and their argmax come out
+  of the graph. A batch is padded up to the next captured size: padding rows write their keys and values
+  to the runner's scratch slot and attend to one cached token, and their logits are dropped.
+- token graphs, at a ladder of token counts (prefills, chunked prefills, decodes mixed with them): the
+  final hidden state comes out; the logits of the sampled rows are computed after it. The tokens are
+  padded up to the captured count, and the padding rows form one more sequence with no context (their
+  attention is zero, their keys and values go to the scratch slot); sequences past it are empty.
+Attention is captured with max_context_len = max_model_len, so the kernels size their work from the
+device-side context lengths, never from a host value that changes between steps.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from .. import kernels as ops
@@ -18,62 +24,123 @@ from ..model.attention import PagedAttention
 
 log = logging.getLogger("param2moe")
 
-_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+_DECODE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448,
+                  512)
+# Past 128 tokens a step of this model reads most expert weights anyway, and past ~512 it is bound by the
+# tensor cores: steps of 128 keep the padding's share small where it costs.
+_TOKEN_LADDER = (16, 32, 64, *range(128, 1 << 16, 128))
+
+# A graph's static inputs live in one int32 buffer, so that a step sends them in one copy.
+_DECODE_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens", "prev_index")  # `size` rows each
+_TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "prev_index")  # a row a token
+_PADDING = {"input_ids": 0, "positions": 0, "prev_index": -1}  # and slot_mapping: the scratch slot
 
 
-# A captured size's static inputs live in one int32 buffer, so that a step sends them in one copy:
-# these fields of `size` rows each, then the block tables [size, max_blocks].
-_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens", "prev_index")
+def token_views(buf, max_tokens: int, max_seqs: int, max_blocks: int) -> dict:
+    """The fields of the token graphs' input buffer (a device tensor, or a numpy array), laid out as: each
+    token field (max_tokens rows), context_lens [max_seqs], query_start_loc [max_seqs + 1], block_tables
+    [max_seqs, max_blocks] (last, so that a step copies the rows it uses only); block_tables_offset: where
+    the tables start. A buffer of token_views_size(...) elements."""
+    views, offset = {}, 0
+    for name, length in (*((f, max_tokens) for f in _TOKEN_FIELDS), ("context_lens", max_seqs),
+                         ("query_start_loc", max_seqs + 1)):
+        views[name] = buf[offset:offset + length]
+        offset += length
+    views["block_tables"] = buf[offset:offset + max_seqs * max_blocks].reshape(max_seqs, max_blocks)
+    views["block_tables_offset"] = offset
+    return views
+
+
+def token_views_size(max_tokens: int, max_seqs: int, max_blocks: int) -> int:
+    return len(_TOKEN_FIELDS) * max_tokens + 2 * max_seqs + 1 + max_seqs * max_blocks
+
+
+def token_sizes(max_tokens: int) -> list[int]:
+    return [s for s in _TOKEN_LADDER if s <= max_tokens]
+
+
+def fill_token_inputs(f: dict, host: dict, size: int, scratch_slot: int) -> int:
+    """Writes a step's host arrays into the numpy views f of a token graph's input buffer, padded to `size`
+    tokens; returns the number of leading int32 elements of the buffer the step needs (block-table rows
+    past the last sequence keep stale values: no program reads them)."""
+    t, b = len(host["input_ids"]), len(host["context_lens"])
+    for name in _TOKEN_FIELDS:
+        f[name][:t] = host.get(name, -1)  # prev_index absent: no row waits for the previous step
+        f[name][t:size] = _PADDING.get(name, scratch_slot)
+    f["context_lens"][:b] = host["context_lens"]
+    f["context_lens"][b:] = 0
+    # padding rows t..size are sequence b (no context: attention writes zeros); later sequences are empty
+    f["query_start_loc"][: b + 1] = host["query_start_loc"]
+    f["query_start_loc"][b + 1:] = size
+    tables, bt = host["block_tables"], f["block_tables"]
+    bt[:b, : tables.shape[1]] = tables
+    bt[:b, tables.shape[1]:] = 0
+    return f["block_tables_offset"] + b * bt.shape[1]
 
 
 class CudaGraphRunner:
-    def __init__(self, runner, max_batch_size: int, max_model_len: int):
+    def __init__(self, runner, max_batch_size: int, max_model_len: int, max_tokens: int = 0):
+        """Decode graphs up to max_batch_size sequences; token graphs up to max_tokens tokens of at most
+        max_batch_size sequences (none when 0)."""
         self.runner = runner
         model, dev = runner.model, runner.device
-        self.sizes = [s for s in _LADDER if s <= max_batch_size] or [1]
+        self.model, self.max_model_len = model, max_model_len
+        self.sizes = [s for s in _DECODE_LADDER if s <= max_batch_size] or [1]
+        self.token_sizes = token_sizes(max_tokens)
         self.max_blocks = -(-max_model_len // runner.block_size)
         # The previous step's sampled ids: rows of a batch whose last token the host has not read yet
-        # take it from here, inside the graph (prev_index >= 0). Each graph ends by writing its rows' argmax
-        # here, after its inputs are read: with greedy sampling the next step finds its tokens in place.
-        self.prev_tokens = torch.zeros(self.sizes[-1], dtype=torch.long, device=dev)
+        # take it from here, inside the graph (prev_index >= 0). Each decode graph ends by writing its rows'
+        # argmax here, after its inputs are read: with greedy sampling the next step finds its tokens in place.
+        self.prev_tokens = torch.zeros(max(max_batch_size, self.sizes[-1]), dtype=torch.long, device=dev)
         # Every tensor a graph reads must outlive it (a graph keeps addresses, not references).
         self.query_start_loc = torch.arange(self.sizes[-1] + 1, dtype=torch.int32, device=dev)
-        self.inputs: dict[int, torch.Tensor] = {}  # size -> the static input buffer on the device
-        self.staging: dict[int, list] = {}  # size -> two (pinned host buffer, event of its last copy)
+        self.inputs: dict = {}  # size (or "tokens") -> the static input buffer on the device
+        self.staging: dict = {}  # the same keys -> two (pinned host buffer, event of its last copy)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
-        pool = None
+        self.token_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.hidden: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
-            for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
-                buf = torch.zeros(size * (len(_FIELDS) + self.max_blocks), dtype=torch.int32, device=dev)
-                self.inputs[size] = buf
-                f = self._views(buf, size)
-                self._pad(f, 0)
-                attn = PagedAttention(
-                    runner.k_caches, runner.v_caches, f["slot_mapping"], f["block_tables"], f["context_lens"],
-                    self.query_start_loc[: size + 1], max_query_len=1,
-                    max_context_len=max_model_len, layer_offset=runner.layer_offset)
-
-                def step(attn=attn, f=f, size=size):
-                    hidden = model(f["input_ids"], f["positions"], attn, prev=(f["prev_index"], self.prev_tokens))
-                    logits = model.compute_logits(hidden)
-                    ops.argmax(logits, out=self.prev_tokens[:size])
-                    return logits
-
-                step()  # warm up: compile kernels, allocate workspaces outside the graph
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.logits[size] = step()
-                pool = graph.pool()
-                self.graphs[size] = graph
+            pool = self._capture_token_graphs(max_batch_size + 1)  # the largest activations first
+            self._capture_decode_graphs(pool)
         torch.cuda.synchronize()
-        log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+        log.info("captured CUDA graphs for decode batch sizes %s and steps of %s tokens", self.sizes,
+                 self.token_sizes or "no")
 
-    def _views(self, buf, size: int) -> dict:
+    def _capture(self, step, pool):
+        step()  # warm up: compile kernels, allocate workspaces outside the graph
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = step()
+        return graph, out
+
+    # ------------------------------------------------------------------ decode graphs
+    def _capture_decode_graphs(self, pool) -> None:
+        runner, model = self.runner, self.model
+        for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory
+            buf = torch.zeros(size * (len(_DECODE_FIELDS) + self.max_blocks), dtype=torch.int32, device=runner.device)
+            self.inputs[size] = buf
+            f = self._decode_views(buf, size)
+            self._pad(f, 0)
+            attn = PagedAttention(
+                runner.k_caches, runner.v_caches, f["slot_mapping"], f["block_tables"], f["context_lens"],
+                self.query_start_loc[: size + 1], max_query_len=1,
+                max_context_len=self.max_model_len, layer_offset=runner.layer_offset)
+
+            def step(attn=attn, f=f, size=size):
+                hidden = model(f["input_ids"], f["positions"], attn, prev=(f["prev_index"], self.prev_tokens))
+                logits = model.compute_logits(hidden)
+                ops.argmax(logits, out=self.prev_tokens[:size])
+                return logits
+
+            self.graphs[size], self.logits[size] = self._capture(step, pool)
+            pool = self.graphs[size].pool()
+
+    def _decode_views(self, buf, size: int) -> dict:
         """The fields of a buffer of this size (a device tensor, or the numpy view of a staging buffer)."""
-        views = {name: buf[i * size:(i + 1) * size] for i, name in enumerate(_FIELDS)}
-        views["block_tables"] = buf[len(_FIELDS) * size:].reshape(size, self.max_blocks)
+        views = {name: buf[i * size:(i + 1) * size] for i, name in enumerate(_DECODE_FIELDS)}
+        views["block_tables"] = buf[len(_DECODE_FIELDS) * size:].reshape(size, self.max_blocks)
         return views
 
     def _pad(self, f: dict, b: int) -> None:
@@ -89,39 +156,95 @@ class CudaGraphRunner:
         return b <= self.sizes[-1] and len(host["input_ids"]) == b and host["block_tables"].shape[1] <= self.max_blocks
 
     def run(self, host: dict, prev_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the graph of the batch's size: (logits [B, V], their argmax [B]). The argmax is a view of
-        the buffer the next replay reads pending tokens from. prev_tokens: the previous step's sampled ids."""
+        """Replay the decode graph of the batch's size: (logits [B, V], their argmax [B]). The argmax is a view
+        of the buffer the next replay reads pending tokens from. prev_tokens: the previous step's sampled ids."""
         b = len(host["context_lens"])
         size = next(s for s in self.sizes if s >= b)
         buf, event = self._staging_buffer(size)
-        f = self._views(buf.numpy(), size)
+        f = self._decode_views(buf.numpy(), size)
         self._pad(f, b)
-        for name in _FIELDS:
+        for name in _DECODE_FIELDS:
             f[name][:b] = host.get(name, -1)  # prev_index absent: no row waits for the previous step
         tables = host["block_tables"]
         f["block_tables"][:b, : tables.shape[1]] = tables
         self.inputs[size].copy_(buf, non_blocking=True)
         event.record()
-        if prev_tokens is not None and "prev_index" in host and prev_tokens.data_ptr() != self.prev_tokens.data_ptr():
-            self.prev_tokens[: prev_tokens.numel()].copy_(prev_tokens)  # not the last replay's argmax: copied in
+        self._take_prev_tokens(host, prev_tokens)
         self.graphs[size].replay()
         return self.logits[size][:b], self.prev_tokens[:b]
 
-    def _staging_buffer(self, size: int):
-        """One of two pinned host buffers of this size, in turn; waits (rarely) until the copy that
-        last read it has run, since the engine may queue a step while the one before is in flight."""
-        pair = self.staging.get(size)
+    def _take_prev_tokens(self, host: dict, prev_tokens: torch.Tensor | None) -> None:
+        if prev_tokens is not None and "prev_index" in host and prev_tokens.data_ptr() != self.prev_tokens.data_ptr():
+            self.prev_tokens[: prev_tokens.numel()].copy_(prev_tokens)  # not the last replay's argmax: copied in
+
+    # ------------------------------------------------------------------ token graphs
+    def _token_views(self, buf) -> dict:
+        return token_views(buf, self.token_sizes[-1], self.max_seqs, self.max_blocks)
+
+    def _capture_token_graphs(self, max_seqs: int):
+        """Token graphs of every size, on one input buffer (only one runs at a time): max_seqs sequences, the
+        last of them for the padding rows. Returns the memory pool."""
+        if not self.token_sizes:
+            return None
+        runner, model = self.runner, self.model
+        self.max_seqs = max_seqs
+        size = token_views_size(self.token_sizes[-1], max_seqs, self.max_blocks)
+        buf = self.inputs["tokens"] = torch.zeros(size, dtype=torch.int32, device=runner.device)
+        f = self._token_views(buf)
+        host = dict(input_ids=np.zeros(0, np.int32), context_lens=np.zeros(0, np.int32),
+                    query_start_loc=np.zeros(1, np.int32), block_tables=np.zeros((0, 1), np.int32))
+        pool = None
+        staged = np.zeros(buf.numel(), dtype=np.int32)
+        for size in reversed(self.token_sizes):  # every row padding while capturing
+            fill_token_inputs(self._token_views(staged), host, size, runner.scratch_slot)
+            buf.copy_(torch.from_numpy(staged))
+            attn = PagedAttention(runner.k_caches, runner.v_caches, f["slot_mapping"][:size], f["block_tables"],
+                                  f["context_lens"], f["query_start_loc"], max_query_len=size,
+                                  max_context_len=self.max_model_len, layer_offset=runner.layer_offset)
+
+            def step(attn=attn, size=size):
+                return model(f["input_ids"][:size], f["positions"][:size], attn,
+                             prev=(f["prev_index"][:size], self.prev_tokens))
+
+            self.token_graphs[size], self.hidden[size] = self._capture(step, pool)
+            pool = self.token_graphs[size].pool()
+        return pool
+
+    def token_graph_size(self, host: dict) -> int | None:
+        """The token graph that runs this step (a token count), or None (eager)."""
+        t, b = len(host["input_ids"]), len(host["context_lens"])
+        if not self.token_sizes or t > self.token_sizes[-1] or b >= self.max_seqs:
+            return None
+        if host["block_tables"].shape[1] > self.max_blocks:
+            return None
+        return next(s for s in self.token_sizes if s >= t)
+
+    def run_tokens(self, host: dict, size: int, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the token graph of `size` tokens: the final hidden state of the step's rows [T, H]."""
+        buf, event = self._staging_buffer("tokens")
+        n = fill_token_inputs(self._token_views(buf.numpy()), host, size, self.runner.scratch_slot)
+        self.inputs["tokens"][:n].copy_(buf[:n], non_blocking=True)
+        event.record()
+        self._take_prev_tokens(host, prev_tokens)
+        self.token_graphs[size].replay()
+        return self.hidden[size][: len(host["input_ids"])]
+
+    # ------------------------------------------------------------------ both
+    def _staging_buffer(self, key):
+        """One of two pinned host buffers for this graph's inputs, in turn; waits (rarely) until the copy
+        that last read it has run, since the engine may queue a step while the one before is in flight."""
+        pair = self.staging.get(key)
         if pair is None:
-            n = self.inputs[size].numel()
-            pair = self.staging[size] = [[torch.empty(n, dtype=torch.int32, pin_memory=True), torch.cuda.Event()]
-                                         for _ in range(2)]
+            n = self.inputs[key].numel()
+            pair = self.staging[key] = [[torch.empty(n, dtype=torch.int32, pin_memory=True), torch.cuda.Event()]
+                                        for _ in range(2)]
         pair.reverse()
         buf, event = pair[0]
         event.synchronize()  # an event never recorded counts as done
         return buf, event
 
     def replay_seconds(self, batch: int, repeats: int = 20) -> float:
-        """GPU time of one replay of the graph that serves `batch` (for benchmarks: the step's time
+        """GPU time of one replay of the decode graph that serves `batch` (for benchmarks: the step's time
         without the host; inputs are whatever the last step left in the static buffers)."""
         graph = self.graphs[next(s for s in self.sizes if s >= batch)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

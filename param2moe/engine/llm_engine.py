@@ -54,6 +54,7 @@ class EngineConfig:
     preset: str | None = None  # with load_format dummy and no model: a writer preset (e.g. param2-17b)
     uniform_random_routing: bool | None = None  # None: on with dummy weights (SPEC 7)
     enforce_eager: bool = False  # no CUDA graphs
+    max_graph_tokens: int = 2048  # steps of up to this many tokens (prefills too) replay CUDA graphs; 0: decodes only
     kernels: str = "auto"  # "torch": the plain torch ops even on a GPU (benchmark baseline)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -68,6 +69,11 @@ class EngineConfig:
         if self.uniform_random_routing is None:
             self.uniform_random_routing = self.load_format == "dummy"
         return self
+
+    @property
+    def token_budget(self) -> int:
+        """The most tokens a step takes (a step holds at least one token a running sequence)."""
+        return max(self.max_num_batched_tokens, self.max_num_seqs)
 
     def model_config(self) -> Param2MoEConfig:
         if self.model is not None:
@@ -143,7 +149,7 @@ class LLMEngine:
                 f"({self.max_model_len}): give it more memory or lower max_model_len")
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
-                                   max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
+                                   cfg.token_budget)
         self.eos_token_ids = _eos_token_ids(cfg.model, mc, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, decode_token)
         # Overlap host work with the GPU (see step): on CUDA, with one pipeline stage (tensor-parallel

@@ -40,7 +40,8 @@ class MicroBatch:
     # (and prev_index: per input row, the row of the previous step's sampled ids it takes, or -1)
     logit_rows: list[int]  # rows (tokens) whose next-token logits are sampled
     prompt_ranges: list[tuple[int, int]] = field(default_factory=list)  # row ranges whose logits give prompt logprobs
-    use_graph: bool = False
+    use_graph: bool = False  # a pure decode step: replayed from a decode graph
+    token_graph: int = 0  # else the token count of the token graph that replays it (0: eager)
 
     @property
     def num_tokens(self) -> int:
@@ -80,10 +81,10 @@ class ModelRunner:
         self.graphs = None  # CudaGraphRunner, set by enable_cuda_graphs()
         self.prev_tokens = None  # the previous step's sampled ids (device), for inputs still pending
 
-    def enable_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
+    def enable_cuda_graphs(self, max_batch_size: int, max_model_len: int, max_tokens: int = 0) -> None:
         from .cuda_graphs import CudaGraphRunner
 
-        self.graphs = CudaGraphRunner(self, max_batch_size, max_model_len)
+        self.graphs = CudaGraphRunner(self, max_batch_size, max_model_len, max_tokens)
 
     # ------------------------------------------------------------------ the driver's side
     def _arrays(self, batch: ScheduledBatch, lo: int, hi: int, prev_rows: dict[int, int]) -> dict[str, np.ndarray]:
@@ -139,8 +140,9 @@ class ModelRunner:
                     if last > first:
                         mb.prompt_ranges.append((row0 + first - s, row0 + last - s))
                         prompt.append((b, first))
-            mb.use_graph = (self.graphs is not None and not mb.prompt_ranges and self.graphs.can_run(arrays)
-                            and len(mb.logit_rows) == mb.num_tokens)  # a pure decode step
+            if self.graphs is not None and not mb.prompt_ranges:
+                mb.use_graph = len(mb.logit_rows) == mb.num_tokens and self.graphs.can_run(arrays)
+                mb.token_graph = 0 if mb.use_graph else self.graphs.token_graph_size(arrays) or 0
             microbatches.append(mb)
         return StepPlan(microbatches), sampled, prompt
 
@@ -186,13 +188,16 @@ class ModelRunner:
                 lg, argmax = self.graphs.run(mb.arrays, self.prev_tokens)
                 logits.append(lg)
                 continue
-            attn, input_ids, positions, prev = self._attention(mb.arrays)
-            if shard.is_first_stage:
-                out = model(input_ids, positions, attn, prev=prev)
+            if mb.token_graph:  # single stage: the final hidden state comes out of the graph
+                out = self.graphs.run_tokens(mb.arrays, mb.token_graph, self.prev_tokens)
             else:
-                hidden, residual = shard.recv_from_prev_stage(mb.num_tokens, model.config.hidden_size, model.dtype,
-                                                              self.device)
-                out = model(input_ids, positions, attn, hidden=hidden, residual=residual)
+                attn, input_ids, positions, prev = self._attention(mb.arrays)
+                if shard.is_first_stage:
+                    out = model(input_ids, positions, attn, prev=prev)
+                else:
+                    hidden, residual = shard.recv_from_prev_stage(mb.num_tokens, model.config.hidden_size,
+                                                                  model.dtype, self.device)
+                    out = model(input_ids, positions, attn, hidden=hidden, residual=residual)
             if not shard.is_last_stage:
                 sends.extend(shard.send_to_next_stage(*out))
                 continue

@@ -38,7 +38,7 @@ def build_runner(config, model_config, dtype, shard=None, comm=None, device=None
                          comm=comm if comm is not None and torch.distributed.get_rank() == 0 else None,
                          num_microbatches=pp)
     if device.type == "cuda" and not config.enforce_eager and config.kernels != "torch" and pp == 1:
-        runner.enable_cuda_graphs(config.max_num_seqs, max_model_len)
+        runner.enable_cuda_graphs(config.max_num_seqs, max_model_len, min(config.max_graph_tokens, config.token_budget))
     return model, runner, num_blocks
 
 
