@@ -20,7 +20,7 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-@pytest.mark.parametrize("max_num_batched_tokens", [2048, 24])  # 24: prompts in chunks, beside decodes
+@pytest.mark.parametrize("max_num_batched_tokens", [2048, 32])  # 32: prompts in chunks, beside decodes
 def test_graph_steps_equal_eager(checkpoint, async_scheduling, max_num_batched_tokens):
     """Every step replayed from a graph (decode graphs, and token graphs for prefills, chunks and mixed steps)
     gives the eager path's tokens and logprobs, with prefix-cache hits (a context longer than the new tokens)."""
