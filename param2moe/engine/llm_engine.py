@@ -180,6 +180,7 @@ class LLMEngine:
             stop_watching()
             self.comm.broadcast_plan(None)
             self.comm = None
+            self.runner.release_cuda_graphs()
             for p in self.workers:
                 try:
                     p.wait(timeout=10)

@@ -9,6 +9,7 @@ while stage k+1 works on micro-batch m-1. The driver sits on the last stage, whe
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,6 +86,14 @@ class ModelRunner:
         from .cuda_graphs import CudaGraphRunner
 
         self.graphs = CudaGraphRunner(self, max_batch_size, max_model_len, max_tokens)
+
+    def release_cuda_graphs(self) -> None:
+        """Free the captured graphs. Before destroying a process group: NCCL cannot tear down a communicator
+        whose collectives live on in captured graphs (the destroy hangs, pytorch/pytorch#115388)."""
+        if self.graphs is not None:
+            torch.cuda.synchronize(self.device)
+            self.graphs = None
+            gc.collect()
 
     # ------------------------------------------------------------------ the driver's side
     def _arrays(self, batch: ScheduledBatch, lo: int, hi: int, prev_rows: dict[int, int]) -> dict[str, np.ndarray]:

@@ -58,4 +58,5 @@ def worker_loop(rank: int, config, parallel) -> None:
         if plan is None:
             break
         runner.run_plan(plan)
+    runner.release_cuda_graphs()
     torch.distributed.destroy_process_group()
