@@ -33,7 +33,7 @@ _TOKEN_LADDER = (16, 32, 64, *range(128, 1 << 16, 128))
 # A graph's static inputs live in one int32 buffer, so that a step sends them in one copy.
 _DECODE_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens", "prev_index")  # `size` rows each
 _TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "prev_index")  # a row a token
-_PADDING = {"input_ids": 0, "positions": 0, "prev_index": -1}  # and slot_mapping: the scratch slot
+_PADDING = {"input_ids": 0, "positions": 0, "prev_index": -1}  # a padding row's; its slot_mapping: the scratch slot
 
 
 def token_views(buf, max_tokens: int, max_seqs: int, max_blocks: int) -> dict:
@@ -146,9 +146,8 @@ class CudaGraphRunner:
     def _pad(self, f: dict, b: int) -> None:
         """Rows b.. of the fields are padding: token 0 at position 0, written to the scratch slot, attending
         to one cached token; and every row's block table is cleared (rows < b get theirs after)."""
-        for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", self.runner.scratch_slot),
-                            ("context_lens", 1), ("prev_index", -1)):
-            f[name][b:] = value
+        for name in _DECODE_FIELDS:
+            f[name][b:] = 1 if name == "context_lens" else _PADDING.get(name, self.runner.scratch_slot)
         f["block_tables"][:] = 0
 
     def can_run(self, host: dict) -> bool:
