@@ -87,6 +87,7 @@ class CudaGraphRunner:
         self.model, self.max_model_len = model, max_model_len
         self.sizes = [s for s in _DECODE_LADDER if s <= max_batch_size] or [1]
         self.token_sizes = token_sizes(max_tokens)
+        self.max_seqs = max_batch_size + 1  # a token graph's sequences: the batch's, then one for the padding rows
         self.max_blocks = -(-max_model_len // runner.block_size)
         # The previous step's sampled ids: rows of a batch whose last token the host has not read yet
         # take it from here, inside the graph (prev_index >= 0). Each decode graph ends by writing its rows'
@@ -101,7 +102,7 @@ class CudaGraphRunner:
         self.token_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
-            pool = self._capture_token_graphs(max_batch_size + 1)  # the largest activations first
+            pool = self._capture_token_graphs()  # the largest activations first
             self._capture_decode_graphs(pool)
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batch sizes %s and steps of %s tokens", self.sizes,
@@ -180,14 +181,12 @@ class CudaGraphRunner:
     def _token_views(self, buf) -> dict:
         return token_views(buf, self.token_sizes[-1], self.max_seqs, self.max_blocks)
 
-    def _capture_token_graphs(self, max_seqs: int):
-        """Token graphs of every size, on one input buffer (only one runs at a time): max_seqs sequences, the
-        last of them for the padding rows. Returns the memory pool."""
+    def _capture_token_graphs(self):
+        """Token graphs of every size, on one input buffer (only one runs at a time). Returns the memory pool."""
         if not self.token_sizes:
             return None
         runner, model = self.runner, self.model
-        self.max_seqs = max_seqs
-        size = token_views_size(self.token_sizes[-1], max_seqs, self.max_blocks)
+        size = token_views_size(self.token_sizes[-1], self.max_seqs, self.max_blocks)
         buf = self.inputs["tokens"] = torch.zeros(size, dtype=torch.int32, device=runner.device)
         f = self._token_views(buf)
         host = dict(input_ids=np.zeros(0, np.int32), context_lens=np.zeros(0, np.int32),
