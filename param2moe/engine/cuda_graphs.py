@@ -36,23 +36,27 @@ _TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "prev_index")  # a ro
 _PADDING = {"input_ids": 0, "positions": 0, "prev_index": -1}  # a padding row's; its slot_mapping: the scratch slot
 
 
+def _token_layout(max_tokens: int, max_seqs: int, max_blocks: int) -> tuple:
+    """(name, length) of each field of the token graphs' input buffer, in order: each token field, then
+    context_lens, query_start_loc, and the block tables last (so that a step copies the rows it uses only)."""
+    return (*((f, max_tokens) for f in _TOKEN_FIELDS), ("context_lens", max_seqs), ("query_start_loc", max_seqs + 1),
+            ("block_tables", max_seqs * max_blocks))
+
+
 def token_views(buf, max_tokens: int, max_seqs: int, max_blocks: int) -> dict:
-    """The fields of the token graphs' input buffer (a device tensor, or a numpy array), laid out as: each
-    token field (max_tokens rows), context_lens [max_seqs], query_start_loc [max_seqs + 1], block_tables
-    [max_seqs, max_blocks] (last, so that a step copies the rows it uses only); block_tables_offset: where
-    the tables start. A buffer of token_views_size(...) elements."""
+    """The fields of the token graphs' input buffer (a device tensor, or a numpy array) of
+    token_views_size(...) elements; block_tables [max_seqs, max_blocks], and block_tables_offset: where they start."""
     views, offset = {}, 0
-    for name, length in (*((f, max_tokens) for f in _TOKEN_FIELDS), ("context_lens", max_seqs),
-                         ("query_start_loc", max_seqs + 1)):
+    for name, length in _token_layout(max_tokens, max_seqs, max_blocks):
         views[name] = buf[offset:offset + length]
         offset += length
-    views["block_tables"] = buf[offset:offset + max_seqs * max_blocks].reshape(max_seqs, max_blocks)
-    views["block_tables_offset"] = offset
+    views["block_tables"] = views["block_tables"].reshape(max_seqs, max_blocks)
+    views["block_tables_offset"] = offset - max_seqs * max_blocks
     return views
 
 
 def token_views_size(max_tokens: int, max_seqs: int, max_blocks: int) -> int:
-    return len(_TOKEN_FIELDS) * max_tokens + 2 * max_seqs + 1 + max_seqs * max_blocks
+    return sum(length for _, length in _token_layout(max_tokens, max_seqs, max_blocks))
 
 
 def token_sizes(max_tokens: int) -> list[int]:
@@ -186,8 +190,8 @@ class CudaGraphRunner:
         if not self.token_sizes:
             return None
         runner, model = self.runner, self.model
-        size = token_views_size(self.token_sizes[-1], self.max_seqs, self.max_blocks)
-        buf = self.inputs["tokens"] = torch.zeros(size, dtype=torch.int32, device=runner.device)
+        n = token_views_size(self.token_sizes[-1], self.max_seqs, self.max_blocks)
+        buf = self.inputs["tokens"] = torch.zeros(n, dtype=torch.int32, device=runner.device)
         f = self._token_views(buf)
         host = dict(input_ids=np.zeros(0, np.int32), context_lens=np.zeros(0, np.int32),
                     query_start_loc=np.zeros(1, np.int32), block_tables=np.zeros((0, 1), np.int32))
