@@ -24,7 +24,7 @@ from .outputs import CompletionOutput, RequestOutput, logprob_entries
 from .sampler import Sampler
 from .sampling_params import OutputKind, SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
-from .sequence import PENDING, Request, Sequence
+from .sequence import Request, Sequence
 from .worker import build_runner
 
 
@@ -181,9 +181,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and launch one step. With overlap (CUDA, one pipeline stage) the tokens of the step
         before are read only after this one is queued: the host's bookkeeping (detokenizing, stop
-        checks, outputs, the next plan) runs while the GPU computes. Those sequences carry a PENDING
-        last token meanwhile; their next inputs are taken from the sampled ids on the device, and a
-        sequence that turns out finished has its extra row dropped."""
+        checks, outputs, the next plan) runs while the GPU computes. Those sequences count a pending
+        token meanwhile; their next inputs are taken from the sampled ids on the device, and a sequence
+        that turns out finished has its extra row dropped."""
         if self._closed:
             raise EngineError("the engine is shut down")
         batch = self.scheduler.schedule()
@@ -216,11 +216,11 @@ class LLMEngine:
             self.block_manager.commit_full_blocks(seq)
             if b in out.prompt_logits:
                 seq.prompt_logprobs.extend(self._prompt_logprobs(seq, *out.prompt_logits[b]))
-        outputs = self._collect_outputs(touched) if self.overlap else None  # before new tokens are PENDING
+        outputs = self._collect_outputs(touched) if self.overlap else None  # before new tokens are pending
         if pending is not None and any(not seq.is_finished for seq in sampled):
             for seq in sampled:
                 if not seq.is_finished:
-                    seq.token_ids.append(PENDING)
+                    seq.num_pending_tokens += 1
             self._pending = pending
         if self.overlap:
             return outputs
@@ -235,9 +235,9 @@ class LLMEngine:
         now = time.monotonic()
         touched = set()
         for row, seq in enumerate(pending.seqs):
-            if seq.is_finished or seq.token_ids[-1] != PENDING:
+            if seq.is_finished or not seq.num_pending_tokens:
                 continue  # finished (or aborted) before its token was read
-            seq.token_ids.pop()
+            seq.num_pending_tokens -= 1
             self._append_token(seq, result.token_ids[row], result.logprobs[row], result.sampled_logprob[row])
             req = seq.request
             req.first_token_time = req.first_token_time or now
