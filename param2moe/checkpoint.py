@@ -190,7 +190,9 @@ def resolve_shared_width(cfg: Param2MoEConfig, path: str) -> Param2MoEConfig:
     and record it in the config; a width that matches neither is an error naming both."""
     if not cfg.shared_expert_intermediate_size:
         return cfg
-    layer = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_dense_layer(i))
+    layer = next((i for i in range(cfg.num_hidden_layers) if not cfg.is_dense_layer(i)), None)
+    if layer is None:  # dense layers only: no shared expert to look at
+        return cfg
     name = f"model.layers.{layer}.mlp.shared_experts.gate_proj.weight"
     for file, tensor_name, tensor_slice in iter_checkpoint_tensors(path):
         if tensor_name != name:
@@ -287,15 +289,16 @@ def _materialize(model: torch.nn.Module, device) -> None:
 
 
 def load_model(path: str | None, dtype=torch.bfloat16, device="cpu", shard=None, *, config=None,
-               dummy: bool = False, seed: int = 0, progress: bool = True):
-    """Build the network on `device` and fill it from the checkpoint at `path` (or randomly, `dummy`)."""
+               dummy: bool = False, seed: int = 0, progress: bool = True, kernels=None):
+    """Build the network on `device` and fill it from the checkpoint at `path` (or randomly, `dummy`);
+    kernels: the backend of its hot ops (param2moe.kernels.Kernels; default: "auto")."""
     from .model import Param2MoEForCausalLM
 
     cfg = config or Param2MoEConfig.from_pretrained(path)
     if not dummy:
         cfg = resolve_shared_width(cfg, path)
     with torch.device("meta"):
-        model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard)
+        model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard, kernels=kernels)
     _materialize(model, device)
     with torch.no_grad():
         if dummy:
