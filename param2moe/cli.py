@@ -235,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _follow_rank_zero(args) -> int:
+    """A rank other than 0 started by torchrun (several machines): build this rank's part of the engine and
+    run the step plans rank 0 sends, until it stops."""
+    from .engine.worker import worker_loop
+
+    config = EngineConfig.from_cli_args(args).resolve()
+    worker_loop(int(os.environ["RANK"]), config, config.parallel)
+    return 0
+
+
 class CliError(Exception):
     """A problem with the command as given: printed as one line, no traceback."""
 
@@ -261,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "tensor_parallel_size") and int(os.environ.get("RANK", "0")) > 0:
+            return _follow_rank_zero(args)
         return args.func(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
