@@ -131,6 +131,7 @@ class EngineConfig:
         elif self.model is not None:
             from ..hub import resolve_model
 
+            self.model_id = getattr(self, "model_id", None) or self.model  # as given (served under this name)
             self.model = resolve_model(self.model, self.revision)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,6 +139,14 @@ class EngineConfig:
         if self.uniform_random_routing is None:
             self.uniform_random_routing = self.load_format == "dummy"
         return self
+
+    @property
+    def model_name(self) -> str:
+        """What the model is called: a Hub id as given (not its cache folder), a folder's name, or the preset."""
+        given = getattr(self, "model_id", None)
+        if given and not os.path.isdir(given):
+            return given
+        return os.path.basename(os.path.normpath(self.model)) if self.model else (self.preset or "model")
 
     @property
     def token_budget(self) -> int:
