@@ -6,50 +6,7 @@ import argparse
 import json
 import sys
 
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="checkpoint directory (default: the bundled small model)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache (CPU default 2 GiB)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
-                   help="dummy: random weights from the config (no weight files)")
-    g.add_argument("--preset", default=None, help="with --load-format dummy and no --model: a preset config")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--max-graph-tokens", type=int, default=2048,
-                   help="steps of up to this many tokens (prefills too) replay CUDA graphs; 0: decode steps only")
-    g.add_argument("--kernels", default="auto", choices=["auto", "torch"],
-                   help="torch: the plain torch ops even on a GPU (the benchmarks' baseline)")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    g.add_argument("--enable-expert-parallel", action="store_true",
-                   help="split the routed experts over the tensor-parallel ranks instead of their width")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="launch each step before reading the previous step's tokens (default: on CUDA with one "
-                        "pipeline stage)")
-
-
-def engine_config(args):
-    from .engine import EngineConfig
-
-    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-                        gpu_memory_utilization=args.gpu_memory_utilization,
-                        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-                        load_format=args.load_format, preset=args.preset, enforce_eager=args.enforce_eager,
-                        max_graph_tokens=args.max_graph_tokens,
-                        kernels=args.kernels, tensor_parallel_size=args.tensor_parallel_size,
-                        pipeline_parallel_size=args.pipeline_parallel_size,
-                        enable_expert_parallel=args.enable_expert_parallel, async_scheduling=args.async_scheduling)
+from .engine.config import EngineConfig
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -80,7 +37,7 @@ def sampling_params(args, llm):
 def cmd_generate(args) -> int:
     from .llm import LLM
 
-    llm = LLM.from_config(engine_config(args))
+    llm = LLM.from_config(EngineConfig.from_cli_args(args))
     params = sampling_params(args, llm)
     if args.prompts_file:
         prompts = _read_prompts(args.prompts_file)
@@ -126,8 +83,10 @@ def _read_prompts(path: str) -> list[str]:
 
 def cmd_chat(args) -> int:
     from .chat_repl import run_chat
+    from .llm import LLM
 
-    return run_chat(args)
+    llm = LLM.from_config(EngineConfig.from_cli_args(args))
+    return run_chat(llm, sampling_params(args, llm), args.system)
 
 
 def cmd_serve(args) -> int:
@@ -156,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text for one prompt or a file of prompts")
-    add_engine_args(p)
+    EngineConfig.add_cli_args(p)
     add_sampling_args(p)
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompts-file", default=None, help="one prompt a line, or JSONL with a \"prompt\" field")
@@ -165,13 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="an interactive chat in the terminal")
-    add_engine_args(p)
+    EngineConfig.add_cli_args(p)
     add_sampling_args(p, max_tokens=1024)
     p.add_argument("--system", default=None, help="a system prompt")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
-    add_engine_args(p)
+    EngineConfig.add_cli_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None)
@@ -183,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency and throughput benchmarks")
     p.add_argument("mode", choices=["latency", "throughput"])
-    add_engine_args(p)
+    EngineConfig.add_cli_args(p)
     p.add_argument("--batch-size", type=int, nargs="+", default=[1])
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)

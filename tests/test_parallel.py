@@ -54,7 +54,7 @@ def test_dead_worker_stops_the_driver_with_a_message(checkpoint):
         import time
         from param2moe import LLM, SamplingParams
         llm = LLM({checkpoint!r}, kv_cache_memory=1 << 24, tensor_parallel_size=2)
-        llm.llm_engine.workers[0].kill()
+        llm.llm_engine.ranks.workers.procs[0].kill()
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1000, ignore_eos=True), use_tqdm=False)
         time.sleep(30)
         print("still running")

@@ -17,7 +17,6 @@ import torch
 
 from ..model.attention import PagedAttention
 from .scheduler import ScheduledBatch
-from .sequence import PENDING
 
 
 def to_device(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -98,7 +97,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ the driver's side
     def _arrays(self, batch: ScheduledBatch, lo: int, hi: int, prev_rows: dict[int, int]) -> dict[str, np.ndarray]:
         """Host-side arrays of batch entries lo..hi (numpy), built without touching the device. A
-        sequence whose last token is still on the device (PENDING) takes it from the previous step's
+        sequence whose last token is still on the device (pending) takes it from the previous step's
         sampled ids: prev_rows maps its seq_id to its row there."""
         bs, seqs, counts = self.block_size, batch.seqs[lo:hi], batch.num_new_tokens[lo:hi]
         width = max(len(seq.block_table) for seq in seqs)
@@ -109,8 +108,10 @@ class ModelRunner:
         for b, seq in enumerate(seqs):
             tables[b, : len(seq.block_table)] = seq.block_table
             s = starts[b] = seq.num_computed_tokens
-            ids.extend(seq.token_ids[s:s + counts[b]])
-            if ids[-1] == PENDING:
+            known = seq.token_ids[s:s + counts[b]]
+            ids.extend(known)
+            if len(known) < counts[b]:  # its last token is pending: a placeholder, replaced on the device
+                ids.append(0)
                 pending.append((len(ids) - 1, prev_rows[seq.seq_id]))
         n = np.asarray(counts, dtype=np.int64)
         q_start = np.zeros(len(seqs) + 1, dtype=np.int64)

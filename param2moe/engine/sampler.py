@@ -37,12 +37,15 @@ class PendingSample:
         results = [sampled]
         if raw_logprobs is not None:
             results += logprob_stats(raw_logprobs, sampled, self.top_n)
+        # A snapshot: `sampled` may be a view of a buffer the next step overwrites (the decode graphs' greedy ids).
         self.event = None
         if sampled.is_cuda:
             results = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                        for t in results]
             self.event = torch.cuda.Event()
             self.event.record()
+        else:
+            results = [t.clone() for t in results]
         self.results = results
 
     def rows(self) -> dict[int, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint import load_model
+from .config import EngineConfig, resolve_dtype
 from .model_runner import ModelRunner, kv_bytes_per_token
 
 
@@ -42,11 +43,19 @@ def build_runner(config, model_config, dtype, shard=None, comm=None, device=None
     return model, runner, num_blocks
 
 
-def worker_loop(rank: int, config, parallel) -> None:
+def worker_main(argv: list[str]) -> None:
+    """`python -m param2moe.engine RANK CONFIG_JSON`: a rank started by the driver (distributed.LocalWorkers)."""
+    from ..distributed import exit_with_parent
+
+    exit_with_parent()
+    rank, config = int(argv[0]), EngineConfig.from_json(argv[1])
+    worker_loop(rank, config, config.parallel)
+
+
+def worker_loop(rank: int, config: EngineConfig, parallel) -> None:
     """A non-driver rank: build its part, then run each plan the driver broadcasts (None: stop)."""
     from .. import kernels
     from ..distributed import init_rank
-    from .llm_engine import resolve_dtype
 
     kernels.set_backend(config.kernels)
     device_type = "cuda" if str(config.device).startswith("cuda") else "cpu"
