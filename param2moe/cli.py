@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued-requests", type=int, default=1024)
     p.add_argument("--max-request-bytes", type=int, default=4 << 20)
     p.add_argument("--drain-seconds", type=float, default=10.0, help="on SIGTERM, time to let requests finish")
+    p.add_argument("--enable-access-log", action="store_true",
+                   help="log every request (4xx and 5xx replies are logged, with their request id, regardless)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="latency and throughput benchmarks")

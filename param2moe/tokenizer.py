@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
+from functools import cached_property
 
 
 class Tokenizer:
@@ -51,6 +53,60 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 
+    def token_bytes(self, i: int) -> list[int] | None:
+        """The bytes a token stands for (a byte-level piece may hold part of a UTF-8 character), or None
+        where this tokenizer's pieces do not map to bytes one to one."""
+        piece = self._tok.id_to_token(i)
+        if piece is None:
+            return None
+        m = _BYTE_FALLBACK.fullmatch(piece)
+        if m:
+            return [int(m.group(1), 16)]
+        alphabet = self._byte_alphabet
+        if alphabet is None or not all(ch in alphabet for ch in piece):
+            return None
+        return [alphabet[ch] for ch in piece]
+
+    @cached_property
+    def _byte_alphabet(self) -> dict[str, int] | None:
+        """char -> byte of a byte-level tokenizer (GPT-2's alphabet), read from the tokenizers library's own
+        byte-level pre-tokenizer; None for other tokenizers."""
+        from tokenizers import decoders, pre_tokenizers
+
+        if not isinstance(self._tok.decoder, decoders.ByteLevel):
+            return None
+        level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        out: dict[str, int] = {}
+        # Characters whose UTF-8 encodings hold every byte that valid UTF-8 has (all but C0, C1, F5-FF).
+        probes = ([chr(c) for c in range(0x80)] + [chr(0x80 + k) for k in range(0x40)]
+                  + [chr((lead & 0x1F) << 6) for lead in range(0xC2, 0xE0)]
+                  + [chr(max((lead & 0x0F) << 12, 0x800)) for lead in range(0xE0, 0xF0)]
+                  + [chr(max((lead & 0x07) << 18, 0x10000)) for lead in range(0xF0, 0xF5)])
+        for probe in probes:
+            mapped = "".join(p for p, _ in level.pre_tokenize_str(probe))
+            raw = probe.encode("utf-8")
+            if len(mapped) != len(raw):
+                return None
+            out.update(zip(mapped, raw))
+        return out
+
+    @cached_property
+    def end_of_turn_id(self) -> int | None:
+        """The special token the chat template closes an assistant turn with (Param2's `<|im_end|>`), found
+        by rendering one; None without a template or where the turn does not end in a special token."""
+        mark = "p2m-end-of-turn-probe"
+        try:
+            text = self.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                                            add_generation_prompt=False)
+        except Exception:  # no template, or one that refuses this conversation
+            return None
+        at = text.rfind(mark)
+        if at < 0:
+            return None
+        ids = self._tok.encode(text[at + len(mark):], add_special_tokens=False).ids
+        special = self._tok.get_added_tokens_decoder()
+        return ids[0] if ids and ids[0] in special and special[ids[0]].special else None
+
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.chat_template:
@@ -69,6 +125,9 @@ class Tokenizer:
             self._template = env.from_string(self.chat_template)
         return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _token_text(token) -> str | None:
