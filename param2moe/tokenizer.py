@@ -37,7 +37,12 @@ class Tokenizer:
         self._template = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # The `tokenizers` library holds the GIL throughout `encode` but not `encode_batch`: long texts go
+        # through the latter so that other threads (a server's event loop) run meanwhile.
+        if len(text) > _LONG_TEXT:
+            ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id, *ids]
         return ids
@@ -45,6 +50,8 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         # Ids past the tokenizer's vocabulary (padding rows of the embedding) decode to nothing.
         ids = [i for i in ids if 0 <= i < self.vocab_size]
+        if len(ids) > _LONG_TEXT // 4:  # as in encode
+            return self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
@@ -127,6 +134,7 @@ class Tokenizer:
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
 
 
+_LONG_TEXT = 16 << 10  # characters
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 

@@ -43,15 +43,10 @@ def normalize_messages(messages: list[ChatMessage]) -> list[dict]:
     out = []
     for i, msg in enumerate(messages):
         m = msg.model_dump(exclude_none=True)
-        role = msg.role
-        if role == "developer":
-            m["role"] = role = "system"
-        m["content"] = _message_text(msg.content, i)
-        if m["content"] is None:
-            if role != "assistant":
-                raise RequestError(f"messages[{i}].content: required for role {role!r}", "messages")
-            m["content"] = ""
-        if msg.tool_calls is not None and role != "assistant":
+        if m["role"] == "developer":
+            m["role"] = "system"
+        m["content"] = _message_text(msg.content, i) or ""
+        if m.get("tool_calls") is not None and m["role"] != "assistant":
             raise RequestError(f"messages[{i}].tool_calls: on assistant messages only", "messages")
         out.append(m)
     return out

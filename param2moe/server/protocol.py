@@ -9,9 +9,9 @@ them to SamplingParams arguments.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 MAX_LOGPROBS = 20
 MAX_STOP, MAX_STOP_IDS = 256, 1024  # every new token is checked against each of them
@@ -97,15 +97,31 @@ class ToolCallIn(OpenAIModel):
     function: FunctionCall
 
 
-class ChatMessage(OpenAIModel):
-    """One message. `developer` is read as `system`; other roles go to the chat template as they are."""
-
-    role: str = Field(min_length=1, description="system, developer, user, assistant or tool")
-    content: str | list[ContentPart] | None = Field(None, description="required but for assistant messages")
+class AssistantMessage(OpenAIModel):
+    role: Literal["assistant"]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[ToolCallIn] | None = Field(None, description="assistant messages only")
-    tool_call_id: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
     reasoning_content: str | None = None
+
+
+class Message(OpenAIModel):
+    """A message of any role but the assistant's: system, developer (read as system), user, tool, or
+    another role the chat template knows."""
+
+    role: str = Field(min_length=1)
+    content: str | list[ContentPart]
+    name: str | None = None
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+
+
+def _message_kind(m) -> str:
+    role = m.get("role") if isinstance(m, dict) else getattr(m, "role", None)
+    return "Assistant" if role == "assistant" else "Message"
+
+
+ChatMessage = Annotated[Annotated[AssistantMessage, Tag("Assistant")] | Annotated[Message, Tag("Message")],
+                        Discriminator(_message_kind)]
 
 
 class FunctionDefinition(OpenAIModel):
