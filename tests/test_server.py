@@ -329,8 +329,13 @@ def test_auth(main):
 def test_unknown_model_404(main, client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-9", prompt="x", max_tokens=1)
-    err = assert_error(post(main, "/v1/chat/completions", {"model": "gpt-9", "messages": USER}), 404, "gpt-9")
+    r = post(main, "/v1/chat/completions", {"model": "gpt-9", "messages": USER})
+    err = assert_error(r, 404, "gpt-9")
     assert err["param"] == "model"
+    # logged with its request id, though this server has no --enable-access-log (which adds 2xx lines)
+    line = next(line for line in main.log_path.read_text().splitlines() if r.headers["x-request-id"] in line)
+    assert "WARNING" in line and "404" in line and "gpt-9" in line
+    assert "POST /v1/completions 200" not in main.log_path.read_text()
     assert_error(post(main, "/v1/nothing-here", {}), 404)
 
 

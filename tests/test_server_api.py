@@ -195,7 +195,7 @@ def test_schemathesis_against_the_document(api):
         op = result.ok()
         statuses[op.label] = set()
 
-        @settings(max_examples=8, derandomize=True, deadline=None, database=None,
+        @settings(max_examples=5, derandomize=True, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
         @given(case=op.as_strategy())
         def check(case):
