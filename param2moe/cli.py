@@ -14,14 +14,16 @@ from dataclasses import dataclass
 from .engine.config import EngineConfig
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 128) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=None, help="default: the model's generation_config")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--min-p", type=float, default=None)
     g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=None if max_tokens else "default: the model's generation_config max_new_tokens, else the "
+                                                "rest of the context")
     g.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampler for each request")
     g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="an interactive chat in the terminal")
     EngineConfig.add_cli_args(p)
-    add_sampling_args(p, max_tokens=1024)
+    add_sampling_args(p, max_tokens=None)
     p.add_argument("--system", default=None, help="a system prompt")
     p.set_defaults(func=cmd_chat)
 

@@ -288,6 +288,13 @@ def sampling_defaults(gen: dict) -> dict:
     return {k: gen[k] for k in SAMPLING_KEYS if gen.get(k) is not None}
 
 
+def default_max_tokens(gen: dict) -> int | None:
+    """generation_config.json's max_new_tokens: a reply's length when the request sets none (else the rest
+    of the context), as vLLM applies it."""
+    n = gen.get("max_new_tokens")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 def generation_eos_ids(gen: dict) -> list[int]:
     """generation_config.json's eos_token_id (an id or a list; as vLLM reads it, it may add the end of turn)."""
     ids = gen.get("eos_token_id")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 from ..engine.async_engine import AsyncLLMEngine
-from ..engine.config import sampling_defaults
+from ..engine.config import default_max_tokens, sampling_defaults
 from .metrics import ServerMetrics
 from .protocol import RequestError
 from .serving import TokenText, now
@@ -36,14 +36,6 @@ class ServerOptions:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
-def generation_defaults(gen: dict) -> dict:
-    """Sampling defaults from the checkpoint's generation_config.json (vLLM's `--generation-config auto`)."""
-    out = sampling_defaults(gen)
-    if isinstance(gen.get("max_new_tokens"), int):
-        out["max_new_tokens"] = gen["max_new_tokens"]
-    return out
-
-
 class ServerState:
     def __init__(self, async_engine: AsyncLLMEngine, options: ServerOptions):
         engine = async_engine.engine
@@ -55,7 +47,8 @@ class ServerState:
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.model_config.vocab_size
         self.max_num_seqs = engine.config.max_num_seqs
-        self.defaults = generation_defaults(engine.generation_config)
+        self.defaults = sampling_defaults(engine.generation_config)
+        self.default_max_tokens = default_max_tokens(engine.generation_config)
         self.metrics = ServerMetrics(async_engine, self.model_name)
         self.token_text = TokenText(self.tokenizer)
         self.created = now()
@@ -138,8 +131,7 @@ class ServerState:
         rest of the context."""
         room = self.max_model_len - num_prompt
         if requested is None:
-            default = self.defaults.get("max_new_tokens")
-            return min(room, default) if default else room
+            return min(room, self.default_max_tokens or room)
         if requested > room:
             raise RequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
