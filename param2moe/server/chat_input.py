@@ -4,6 +4,7 @@ Nothing here touches the event loop: `render_chat` may run on a worker thread.""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from .protocol import ChatMessage, NamedToolChoice, RequestError, Tool
@@ -23,7 +24,7 @@ class ChatInput:
     @property
     def size(self) -> int:
         """Characters of text to render (how long rendering takes)."""
-        return sum(len(m["content"]) for m in self.messages)
+        return sum(len(m["content"]) for m in self.messages) + (len(json.dumps(self.tools)) if self.tools else 0)
 
 
 def _message_text(content, i: int) -> str | None:

@@ -40,14 +40,15 @@ def sse_chunk(ctx, obj: str, choice: dict, logprobs, finish, stop_reason, usage)
     return sse(body)
 
 
-def stream_error(e: Exception) -> dict:
+def stream_error(e: Exception, request_id: str) -> dict:
+    """The error event that ends a stream that failed."""
     from ..engine.async_engine import EngineDeadError
 
     if isinstance(e, EngineDeadError):
         return error_body(str(e), "service_unavailable", code="shutting_down")
     if isinstance(e, ValueError):
         return error_body(str(e), "invalid_request_error", code="invalid_value")
-    log.exception("stream failed", exc_info=e)
+    log.exception("stream of %s failed", request_id, exc_info=e)
     return error_body(f"internal error: {type(e).__name__}", "internal_server_error", code="internal_error")
 
 

@@ -205,7 +205,7 @@ async def chat_stream(stream: AsyncIterator, ctx: ChatContext, tracker=None) -> 
     except Exception as e:  # the engine failed or is shutting down: say so in the stream, then end it
         if tracker is not None:
             tracker.finish("error")
-        yield sse(stream_error(e))
+        yield sse(stream_error(e, ctx.request_id))
     yield SSE_DONE
 
 
@@ -368,5 +368,5 @@ async def completion_stream(streams: list[AsyncIterator], ctx: CompletionContext
         if trackers:
             for t in trackers:
                 t.finish("error")
-        yield sse(stream_error(e))
+        yield sse(stream_error(e, ctx.request_id))
     yield SSE_DONE
