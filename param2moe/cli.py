@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from .engine.config import EngineConfig
+from .server.options import ServerOptions
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 128) -> None:
@@ -206,15 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
     EngineConfig.add_cli_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--max-queued-requests", type=int, default=1024)
-    p.add_argument("--max-request-bytes", type=int, default=4 << 20)
-    p.add_argument("--drain-seconds", type=float, default=10.0, help="on SIGTERM, time to let requests finish")
-    p.add_argument("--enable-access-log", action="store_true",
-                   help="log every request (4xx and 5xx replies are logged, with their request id, regardless)")
+    ServerOptions.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="latency and throughput benchmarks")

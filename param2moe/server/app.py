@@ -20,9 +20,10 @@ from .errors import install_error_handlers
 from .lifecycle import DrainingServer, lifespan
 from .middleware import AccessLog, Guard
 from .openapi import install_openapi
+from .options import ServerOptions
 from .routes import router
 from .schemas import ChatCompletionChunk, CompletionChunk
-from .state import ServerOptions, ServerState
+from .state import ServerState
 
 log = logging.getLogger("param2moe.server")
 
@@ -52,10 +53,11 @@ def run_server(args) -> int:
     st = app.state.server
     log.info("loaded %s in %.1f s (max_model_len %d, %d KV blocks of %d tokens); serving `%s` on http://%s:%d",
              st.model_root or st.model_name, time.perf_counter() - t0, st.max_model_len,
-             len(engine.block_manager.blocks), engine.block_manager.block_size, st.model_name, args.host, args.port)
+             len(engine.block_manager.blocks), engine.block_manager.block_size, st.model_name, options.host,
+             options.port)
     # Keep-alive: uvicorn's 5 s default closed idle connections just as busy clients reused them
     # (a ReadError before any response, ~2 in 1000 requests at 256 concurrent streams); 60 s did not.
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=60)
     DrainingServer(config, st, options.drain_seconds).run()
     if hasattr(engine, "shutdown"):

@@ -5,35 +5,18 @@ and checkpoint), the request limits and the count of sequences admitted. One Ser
 from __future__ import annotations
 
 import asyncio
-import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
 
 from ..engine.async_engine import AsyncLLMEngine
 from ..engine.config import default_max_tokens, sampling_defaults
 from .metrics import ServerMetrics
+from .options import ServerOptions
 from .protocol import RequestError
-from .serving import TokenText, now
-
-log = logging.getLogger("param2moe.server")
+from .response_common import TokenText, now
 
 # Text longer than this is tokenized (or a chat rendered) on a worker thread, so that the event loop
 # (health checks, every stream) does not wait for it; shorter text is quicker to do in place.
 _INLINE_CHARS = 32 << 10
-
-
-@dataclass
-class ServerOptions:
-    served_model_name: str | None = None
-    api_key: str | None = None
-    max_queued_requests: int = 1024
-    max_request_bytes: int = 4 << 20
-    drain_seconds: float = 10.0
-    enable_access_log: bool = False
-
-    @classmethod
-    def from_args(cls, args) -> ServerOptions:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
 class ServerState:
