@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from .middleware import OPEN_PATHS
 from .schemas import ErrorResponse
 
 EMPTY = {"description": "an empty body", "content": {}}
@@ -19,7 +20,6 @@ _ERRORS = {
     503: "the queue is full or the server is shutting down (Retry-After says when to try again)",
 }
 _GENERATION_ERRORS = (400, 401, 404, 413, 503)
-_PUBLIC = {"/health", "/ping", "/version", "/metrics"}
 
 
 def document(model, *errors: int) -> dict:
@@ -55,7 +55,7 @@ def install_openapi(app: FastAPI, chunk_models, api_key: bool) -> None:
         for path, ops in doc.get("paths", {}).items():
             for op in ops.values():
                 op.get("responses", {}).pop("422", None)
-                if api_key and path not in _PUBLIC:
+                if api_key and path not in OPEN_PATHS:
                     op["security"] = [{"bearer": []}]
         if api_key:
             doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
