@@ -3,7 +3,8 @@
 `checkpoint_layout(config)` is the one map of tensor names and shapes: the loader checks files
 against it and the checkpoint writer writes it. `load_checkpoint` streams tensors from memory-mapped
 safetensors files into the model's (possibly fused, stacked or sharded) parameters, one tensor at a
-time, so peak memory stays near the size of the weights.
+time, so peak memory stays near the size of the weights. With quantization (quant/) each tensor is
+quantized as it arrives, or, from a pre-quantized checkpoint, converted to the model's quantized format.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import Param2MoEConfig
+from .quant.formats import QuantFormatError
+from .quant.loading import init_dummy, load_tensor, make_plan, materialize
+from .quant.prequantized import iter_quantized_checkpoint, read_checkpoint_quant
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -83,7 +87,6 @@ def _cols(start: int, size: int) -> tuple:
 def load_targets(model) -> dict[str, Target]:
     """Map each checkpoint tensor this rank needs onto its parameters (fused, stacked, sharded)."""
     cfg, shard = model.config, model.shard
-    d = cfg.head_size
     t: dict[str, Target] = {}
     m = model.model
     if shard.is_first_stage or (cfg.tie_word_embeddings and shard.is_last_stage):
@@ -91,47 +94,59 @@ def load_targets(model) -> dict[str, Target]:
         t["model.word_embeddings.weight"] = Target([(w, _rows(m.vocab_start, w.shape[0]))])
     if shard.is_last_stage:
         t["model.norm.weight"] = Target([(m.norm.weight, ())])
-        if model.lm_head is not None:
+        if model.lm_head is not None:  # (a quantized tied head: a quantized copy of the embedding matrix)
             w = model.lm_head.weight
-            t["lm_head.weight"] = Target([(w, _rows(m.vocab_start, w.shape[0]))])
+            source = "model.word_embeddings.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+            t.setdefault(source, Target([])).parts.append((w, _rows(m.vocab_start, w.shape[0])))
     for i in m.layer_range:
-        layer, p = m.layers[str(i)], f"model.layers.{i}."
-        t[p + "input_layernorm.weight"] = Target([(layer.input_layernorm.weight, ())])
-        t[p + "post_attention_layernorm.weight"] = Target([(layer.post_attention_layernorm.weight, ())])
-        att = layer.attention
-        q, kv = att.num_heads * d, att.num_kv_heads * d
-        q_src = shard.tp_rank * q
-        kv_src = shard.kv_head_start(cfg.num_kv_heads) * d
-        nh_total = cfg.num_attention_heads * d
-        nkv_total = cfg.num_kv_heads * d
-        for suffix, tensor in (("weight", att.query_key_value.weight), ("bias", att.query_key_value.bias)):
-            if tensor is None:
-                continue
-            t[p + "attention.query_key_value." + suffix] = Target([
-                (tensor[:q], _rows(q_src, q)),
-                (tensor[q:q + kv], _rows(nh_total + kv_src, kv)),
-                (tensor[q + kv:], _rows(nh_total + nkv_total + kv_src, kv)),
-            ])
-        t[p + "attention.dense.weight"] = Target([(att.dense.weight, _cols(q_src, q))])
-        if att.dense.bias is not None:
-            t[p + "attention.dense.bias"] = Target([(att.dense.bias, ())])
-        if att.query_layernorm is not None:
-            t[p + "attention.query_layernorm.weight"] = Target([(att.query_layernorm.weight, ())])
-            t[p + "attention.key_layernorm.weight"] = Target([(att.key_layernorm.weight, ())])
-        if cfg.is_dense_layer(i):
-            t.update(_swiglu_targets(p + "mlp.", layer.mlp.gate_up_proj, layer.mlp.down_proj, shard.tp_rank))
+        try:
+            t.update(_layer_targets(model, i))
+        except QuantFormatError as e:  # a quantized weight cut where its scales do not allow (fused parts, TP)
+            raise QuantFormatError(f"model.layers.{i}: {e}") from None
+    return t
+
+
+def _layer_targets(model, i: int) -> dict[str, Target]:
+    """load_targets' part for layer i."""
+    cfg, shard, d = model.config, model.shard, model.config.head_size
+    t: dict[str, Target] = {}
+    layer, p = model.model.layers[str(i)], f"model.layers.{i}."
+    t[p + "input_layernorm.weight"] = Target([(layer.input_layernorm.weight, ())])
+    t[p + "post_attention_layernorm.weight"] = Target([(layer.post_attention_layernorm.weight, ())])
+    att = layer.attention
+    q, kv = att.num_heads * d, att.num_kv_heads * d
+    q_src = shard.tp_rank * q
+    kv_src = shard.kv_head_start(cfg.num_kv_heads) * d
+    nh_total = cfg.num_attention_heads * d
+    nkv_total = cfg.num_kv_heads * d
+    for suffix, tensor in (("weight", att.query_key_value.weight), ("bias", att.query_key_value.bias)):
+        if tensor is None:
             continue
-        moe = layer.mlp
-        t[p + "mlp.gate.weight"] = Target([(moe.gate.weight, ())])
-        if moe.gate.expert_bias is not None:
-            t[p + "mlp.gate.expert_bias"] = Target([(moe.gate.expert_bias, ())])
-        width_rank = 0 if shard.expert_parallel else shard.tp_rank
-        for j in range(moe.expert_start, moe.expert_end):
-            t.update(_swiglu_targets(f"{p}mlp.experts.{j}.", moe.w13[j - moe.expert_start],
-                                     moe.w2[j - moe.expert_start], width_rank))
-        if moe.shared_experts is not None:
-            s = moe.shared_experts
-            t.update(_swiglu_targets(p + "mlp.shared_experts.", s.gate_up_proj, s.down_proj, shard.tp_rank))
+        t[p + "attention.query_key_value." + suffix] = Target([
+            (tensor[:q], _rows(q_src, q)),
+            (tensor[q:q + kv], _rows(nh_total + kv_src, kv)),
+            (tensor[q + kv:], _rows(nh_total + nkv_total + kv_src, kv)),
+        ])
+    t[p + "attention.dense.weight"] = Target([(att.dense.weight, _cols(q_src, q))])
+    if att.dense.bias is not None:
+        t[p + "attention.dense.bias"] = Target([(att.dense.bias, ())])
+    if att.query_layernorm is not None:
+        t[p + "attention.query_layernorm.weight"] = Target([(att.query_layernorm.weight, ())])
+        t[p + "attention.key_layernorm.weight"] = Target([(att.key_layernorm.weight, ())])
+    if cfg.is_dense_layer(i):
+        t.update(_swiglu_targets(p + "mlp.", layer.mlp.gate_up_proj, layer.mlp.down_proj, shard.tp_rank))
+        return t
+    moe = layer.mlp
+    t[p + "mlp.gate.weight"] = Target([(moe.gate.weight, ())])
+    if moe.gate.expert_bias is not None:
+        t[p + "mlp.gate.expert_bias"] = Target([(moe.gate.expert_bias, ())])
+    width_rank = 0 if shard.expert_parallel else shard.tp_rank
+    for j in range(moe.expert_start, moe.expert_end):
+        t.update(_swiglu_targets(f"{p}mlp.experts.{j}.", moe.w13[j - moe.expert_start],
+                                 moe.w2[j - moe.expert_start], width_rank))
+    if moe.shared_experts is not None:
+        s = moe.shared_experts
+        t.update(_swiglu_targets(p + "mlp.shared_experts.", s.gate_up_proj, s.down_proj, shard.tp_rank))
     return t
 
 
@@ -175,9 +190,15 @@ def _is_mtp(name: str, cfg: Param2MoEConfig) -> bool:
 
 
 def iter_checkpoint_tensors(path: str) -> Iterator[tuple[str, str, object]]:
-    """(file, name, safetensors slice) for every tensor of every file, memory-mapped, nothing read yet."""
+    """(file, name, safetensors slice) for every tensor of every file, memory-mapped, nothing read yet. In a
+    pre-quantized checkpoint each quantized weight comes once, as `<module>.weight` with a QuantizedSource
+    standing for its tensors (codes, scales; quant/prequantized.py)."""
     from safetensors import safe_open
 
+    quantized = read_checkpoint_quant(path)
+    if quantized is not None:
+        yield from iter_quantized_checkpoint(quantized, weight_files(path))
+        return
     for file in weight_files(path):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
@@ -236,9 +257,7 @@ def load_checkpoint(model, path: str, progress: bool = True) -> None:
         target = targets.get(name)
         if target is None:  # held by another rank or pipeline stage
             continue
-        for dest, index in target.parts:
-            src = tensor_slice[index] if index else tensor_slice[:]
-            dest.copy_(src)
+        load_tensor(name, target.parts, tensor_slice)
     bar.close()
     missing = [n for n in layout if n not in found]
     if missing:
@@ -268,6 +287,7 @@ def init_dummy_weights(model, seed: int = 0, std: float = 0.02) -> None:
             p.zero_()
         else:
             p.normal_(0.0, std, generator=gen)
+    init_dummy(model, gen, std)  # quantized weights, one matrix at a time
 
 
 def _materialize(model: torch.nn.Module, device) -> None:
@@ -287,16 +307,20 @@ def _materialize(model: torch.nn.Module, device) -> None:
 
 
 def load_model(path: str | None, dtype=torch.bfloat16, device="cpu", shard=None, *, config=None,
-               dummy: bool = False, seed: int = 0, progress: bool = True):
-    """Build the network on `device` and fill it from the checkpoint at `path` (or randomly, `dummy`)."""
+               dummy: bool = False, seed: int = 0, progress: bool = True, quantization: str | None = None,
+               quantize_head: bool = False):
+    """Build the network on `device` and fill it from the checkpoint at `path` (or randomly, `dummy`).
+    quantization: quant.plan.OPTIONS (None: as the checkpoint is); quantize_head: the output head too."""
     from .model import Param2MoEForCausalLM
 
     cfg = config or Param2MoEConfig.from_pretrained(path)
     if not dummy:
         cfg = resolve_shared_width(cfg, path)
+    plan = make_plan(quantization, path, quantize_head, None if dummy else weight_files(path))
     with torch.device("meta"):
-        model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard)
+        model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard, quant=plan)
     _materialize(model, device)
+    materialize(model, device)
     with torch.no_grad():
         if dummy:
             init_dummy_weights(model, seed)

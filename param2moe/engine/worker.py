@@ -15,7 +15,8 @@ def build_runner(config, model_config, dtype, shard=None, comm=None, device=None
     device = device or torch.device(config.device)
     model = load_model(config.model, dtype, device, shard, config=model_config,
                        dummy=config.load_format == "dummy", seed=config.seed,
-                       progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage))
+                       progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage),
+                       quantization=config.quantization, quantize_head=config.quantize_head)
     if device.type == "cuda" and config.kernels != "torch":
         from .. import kernels
 
