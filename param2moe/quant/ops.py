@@ -109,14 +109,17 @@ def torch_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     return y if bias is None else y + bias
 
 
-def torch_moe_experts(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids) -> torch.Tensor:
+def torch_moe_experts(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids,
+                      every_expert: bool | None = None) -> torch.Tensor:
     """The experts one at a time, each dequantized on its own (memory stays at one expert's weights). The
     pairs go by expert and each token's results add up in float32 by ascending expert, as in
-    kernels.moe.moe_experts. Inside a CUDA graph capture (no host sync allowed) every expert runs on every
-    token, weighted by its share (zero for tokens that did not choose it)."""
+    kernels.moe.moe_experts. every_expert (default: inside a CUDA graph capture, where no host sync is
+    allowed): every expert runs on every token, weighted by its share (zero for tokens that did not choose it)."""
     t, k = ids.shape
     y = torch.zeros(t, w2.shape[1], dtype=torch.float32, device=x.device)
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+    if every_expert is None:
+        every_expert = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if every_expert:
         for e in range(w13.shape[0]):
             share = (weights * (ids == e)).sum(-1, keepdim=True)
             y.add_(_expert(x, w13[e], w2[e]).float() * share)
