@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-dtype", default=None, help="store router weights in this dtype (e.g. float32)")
     p.set_defaults(func=cmd_make_checkpoint)
 
-    p = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (compressed-tensors, loads in vLLM too)")
+    p = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (compressed-tensors; vLLM loads it)")
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
     p.add_argument("--method", required=True, choices=list(QUANT_OPTIONS))
