@@ -287,7 +287,7 @@ def init_dummy_weights(model, seed: int = 0, std: float = 0.02) -> None:
             p.zero_()
         else:
             p.normal_(0.0, std, generator=gen)
-    init_dummy(model, gen, std)  # quantized weights, one matrix at a time
+    init_dummy(model, seed, std)  # quantized weights: random codes, one matrix at a time
 
 
 def _materialize(model: torch.nn.Module, device) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 
 from .formats import INT4_GROUP, QuantFormatError, QuantizedWeight, dequantize, quantize
@@ -76,11 +77,44 @@ def load_tensor(name: str, parts: list, src) -> None:
         raise QuantFormatError(f"tensor {name!r}: {e}") from None
 
 
-def init_dummy(model: torch.nn.Module, gen: torch.Generator, std: float) -> None:
-    """Random quantized weights: each matrix (each expert of a stack) drawn in float32 and quantized on its own,
-    so that no more than one matrix is ever held in high precision."""
+def init_dummy(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Random quantized weights, matrix by matrix (each expert of a stack on its own): uniformly random codes,
+    with scales that give the weights a standard deviation of `std`. Codes are drawn directly rather than
+    floats drawn and quantized: for the 17B model that would take ~20 minutes on two CPU cores (random bytes:
+    about a minute), and no matrix is ever held in high precision."""
+    rng = np.random.default_rng(seed)
     for _, _, _, qw in quantized_weights(model):
+        gen = torch.Generator(device=qw.device).manual_seed(seed) if qw.device.type == "cuda" else None
         for idx in itertools.product(*map(range, qw.shape[:-2])):
             piece = qw[idx] if idx else qw
-            w = torch.empty(piece.shape, device=qw.device).normal_(0.0, std, generator=gen)
-            piece.copy_(_quantize_like(piece, w))
+            q = piece.qweight
+            if gen is not None:
+                raw = torch.randint(0, 256, q.shape, dtype=torch.uint8, device=q.device, generator=gen)
+            else:
+                raw = torch.from_numpy(rng.integers(0, 256, q.shape, dtype=np.uint8))
+            q.copy_(_codes(raw, piece.method))
+            piece.scale.fill_(std / _CODE_STD[piece.method])
+
+
+def _codes(raw: torch.Tensor, method: str) -> torch.Tensor:
+    """Uniformly random bytes as codes of `method`: int8 in [-127, 127]; int4 two nibbles as they are; fp8 with
+    the exponent's top bit cleared (no NaN, |q| <= 1.875)."""
+    if method == "int8":
+        return raw.view(torch.int8).clamp_(-127, 127)
+    if method == "fp8":
+        return (raw & 0xBF).view(torch.float8_e4m3fn)
+    return raw
+
+
+def _code_std(method: str) -> float:
+    """The standard deviation of the values _codes makes from uniformly random bytes (scale 1)."""
+    raw = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes = _codes(raw.clone(), method)
+    if method == "int4":
+        values = torch.cat([(raw & 0xF).float() - 8, (raw >> 4).float() - 8])
+    else:
+        values = codes.float()
+    return values.pow(2).mean().sqrt().item()
+
+
+_CODE_STD = {m: _code_std(m) for m in ("int8", "int4", "fp8")}
