@@ -60,9 +60,9 @@ seconds = time.perf_counter() - t
 time.sleep(0.05)
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 weights += sum(qw.nbytes() for *_, qw in quantized_weights(model))
+maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"method": method, "load_s": seconds, "peak_rss": peak["rss"], "peak_anon": peak["anon"],
-                  "rss_before_load": base["rss"], "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "weight_bytes": weights}))
+                  "rss_before_load": base["rss"], "ru_maxrss": maxrss, "weight_bytes": weights}))
 """
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Quality of the quantized formats against the model as stored: logprob drift, perplexity and greedy agreement.
 
-    python benchmarks/quant_quality.py [--models bundled,peaked,parity] [--model DIR ...] [--methods int8,int4,fp8,fp8-block]
-                                      [--dtype float32] [--steps 64] [--out benchmarks/results/quant_quality_<date>.json]
+    python benchmarks/quant_quality.py [--models bundled,peaked,parity] [--model DIR ...]
+        [--methods int8,int4,fp8,fp8-block] [--dtype float32] [--steps 64] [--out FILE.json]
 
 For each checkpoint, the engine runs the same prompts once as stored (the reference: the checkpoint's own
 weights, bf16 for the bundled model) and once per quantization method, activations in --dtype (float32 by
@@ -11,6 +11,8 @@ default, so that the differences are the weights' quantization alone), greedy, i
   - perplexity of the prompt tokens, reference and quantized, and the relative change;
   - greedy agreement: prompts whose --steps generated tokens are all the reference's, and the mean length of
     the common prefix.
+For scale, a row "bf16-act" runs the unquantized model with bfloat16 activations: how far rounding alone moves
+the same checkpoint (random networks amplify any change; a trained one much less).
 Checkpoints: `bundled` (the package's model, random weights), `peaked` (benchmarks/peaked_checkpoint.py: random
 weights trained on the CPU to memorise a corpus, so that next tokens lead clearly as in a trained model; its
 prompts are prefixes of that corpus), `parity` (the checkpoints of tests/test_vllm_parity.py, rewritten from
@@ -121,9 +123,11 @@ def main() -> int:
             t = time.perf_counter()
             ref = run(path, prompts, None, args.dtype, args.steps)
             case = {"checkpoint": name, "notes": notes, "methods": {}}
-            for method in args.methods.split(","):
+            for method in ["bf16-act", *args.methods.split(",")]:
                 try:
-                    row = compare(ref, run(path, prompts, method, args.dtype, args.steps), prompts)
+                    got = run(path, prompts, None, "bfloat16", args.steps) if method == "bf16-act" else \
+                        run(path, prompts, method, args.dtype, args.steps)
+                    row = compare(ref, got, prompts)
                 except ValueError as e:  # the format does not fit this checkpoint's widths
                     case["methods"][method] = {"not_applicable": str(e)}
                     print(f"{name:>30} {method:>9}   n/a: {str(e)[:90]}")

@@ -252,7 +252,7 @@ class Param2MoEForCausalLM(nn.Module):
 
     def __init__(self, cfg: Param2MoEConfig, dtype=torch.bfloat16, shard: Shard | None = None, quant=None):
         super().__init__()
-        self.config, self.dtype = cfg, dtype
+        self.config, self.dtype, self.quant = cfg, dtype, quant
         self.shard = shard or Shard()
         self.model = Param2MoEModel(cfg, self.shard, dtype, quant)
         # A tied head is the embedding matrix, unless the head is quantized: then a quantized copy of it.
