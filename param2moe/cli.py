@@ -1,4 +1,4 @@
-"""The `param2moe` command: generate, chat, serve, bench, make-checkpoint."""
+"""The `param2moe` command: generate, chat, serve, bench, make-checkpoint, quantize."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 
 from .engine.config import EngineConfig
+from .quant.plan import OPTIONS as QUANT_OPTIONS
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
