@@ -71,7 +71,7 @@ def compare(ref, got, prompts) -> dict:
 def cases(names: list[str], extra: list[str], tmp: str):
     """(name, checkpoint folder, prompts, notes) for each requested checkpoint."""
     if "bundled" in names:
-        from param2moe.engine.llm_engine import bundled_model_path
+        from param2moe.engine.config import bundled_model_path
 
         yield "bundled", bundled_model_path(), _random_prompts(1024, 16), {}
     if "peaked" in names:
