@@ -2,9 +2,10 @@
 
 `checkpoint_layout(config)` is the one map of tensor names and shapes: the loader checks files
 against it and the checkpoint writer writes it. `load_checkpoint` streams tensors from memory-mapped
-safetensors files into the model's (possibly fused, stacked or sharded) parameters, one tensor at a
-time, so peak memory stays near the size of the weights. With quantization (quant/) each tensor is
-quantized as it arrives, or, from a pre-quantized checkpoint, converted to the model's quantized format.
+safetensors files (weights_file.py) into the model's (possibly fused, stacked or sharded) parameters, one
+tensor at a time, giving back each tensor's pages once copied, so peak memory stays near the size of the weights.
+With quantization (quant/) each tensor is quantized as it arrives, or, from a pre-quantized checkpoint,
+converted to the model's quantized format.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 from .config import Param2MoEConfig
 from .quant.formats import QuantFormatError
 from .quant.loading import init_dummy, load_tensor, make_plan, materialize
-from .quant.prequantized import iter_quantized_checkpoint, read_checkpoint_quant
+from .quant.prequantized import QuantizedCheckpoint, read_checkpoint_quant
+from .weights_file import WeightsFile
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -189,20 +191,24 @@ def _is_mtp(name: str, cfg: Param2MoEConfig) -> bool:
     return m is not None and int(m.group(1)) >= cfg.num_hidden_layers
 
 
-def iter_checkpoint_tensors(path: str) -> Iterator[tuple[str, str, object]]:
-    """(file, name, safetensors slice) for every tensor of every file, memory-mapped, nothing read yet. In a
-    pre-quantized checkpoint each quantized weight comes once, as `<module>.weight` with a QuantizedSource
-    standing for its tensors (codes, scales; quant/prequantized.py)."""
-    from safetensors import safe_open
-
+def open_weights(path: str, files: list[str]) -> Iterator[WeightsFile | QuantizedCheckpoint]:
+    """Each weight file, open in turn; a pre-quantized checkpoint's files all at once, as one reader whose
+    quantized modules' tensors (codes, scales: quant/prequantized.py) come as one `<module>.weight` each."""
     quantized = read_checkpoint_quant(path)
     if quantized is not None:
-        yield from iter_quantized_checkpoint(quantized, weight_files(path))
+        with QuantizedCheckpoint(quantized, files) as f:
+            yield f
         return
-    for file in weight_files(path):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield file, name, f.get_slice(name)
+    for file in files:
+        with WeightsFile(file) as f:
+            yield f
+
+
+def iter_checkpoint_tensors(path: str) -> Iterator[tuple[str, str, WeightsFile | QuantizedCheckpoint]]:
+    """(file, name, the open file) for every tensor of every file, memory-mapped, nothing read yet."""
+    for f in open_weights(path, weight_files(path)):
+        for name in f.names():
+            yield f.path, name, f
 
 
 def resolve_shared_width(cfg: Param2MoEConfig, path: str) -> Param2MoEConfig:
@@ -211,12 +217,14 @@ def resolve_shared_width(cfg: Param2MoEConfig, path: str) -> Param2MoEConfig:
     and record it in the config; a width that matches neither is an error naming both."""
     if not cfg.shared_expert_intermediate_size:
         return cfg
-    layer = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_dense_layer(i))
+    layer = next((i for i in range(cfg.num_hidden_layers) if not cfg.is_dense_layer(i)), None)
+    if layer is None:  # dense layers only: no shared expert to look at
+        return cfg
     name = f"model.layers.{layer}.mlp.shared_experts.gate_proj.weight"
-    for file, tensor_name, tensor_slice in iter_checkpoint_tensors(path):
+    for file, tensor_name, f in iter_checkpoint_tensors(path):
         if tensor_name != name:
             continue
-        width = tensor_slice.get_shape()[0]
+        width = f.shape(name)[0]
         rules = {"moe_shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size,
                  "moe_intermediate_size * num_shared_experts": cfg.moe_intermediate_size * cfg.num_shared_experts}
         if width == cfg.shared_expert_intermediate_size:
@@ -231,7 +239,9 @@ def resolve_shared_width(cfg: Param2MoEConfig, path: str) -> Param2MoEConfig:
 
 
 def load_checkpoint(model, path: str, progress: bool = True) -> None:
-    """Fill the model's parameters from the checkpoint at `path`, checking every name and shape."""
+    """Fill the model's parameters from the checkpoint at `path`, checking every name and shape. Each tensor
+    goes from the memory-mapped file straight into its parameters (no copy of a file, nor of a tensor, in
+    between), and its pages of the mapping are released once copied."""
     from tqdm import tqdm
 
     cfg = model.config
@@ -239,26 +249,14 @@ def load_checkpoint(model, path: str, progress: bool = True) -> None:
     targets = load_targets(model)
     found: set[str] = set()
     files = weight_files(path)
-    bar = tqdm(total=len(layout), desc="Loading weights", unit="tensor", disable=not progress)
-    for file, name, tensor_slice in iter_checkpoint_tensors(path):
-        if _is_mtp(name, cfg) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-            continue  # multi-token-prediction layers and a redundant tied head are not used
-        where = os.path.basename(file)
-        if name not in layout:
-            raise CheckpointError(f"unexpected tensor {name!r} in {where}: not part of this config's model")
-        shape = tuple(tensor_slice.get_shape())
-        if shape != layout[name]:
-            raise CheckpointError(
-                f"tensor {name!r} in {where} has shape {list(shape)}, expected {list(layout[name])}")
-        if name in found:
-            raise CheckpointError(f"tensor {name!r} appears twice (again in {where})")
-        found.add(name)
-        bar.update(1)
-        target = targets.get(name)
-        if target is None:  # held by another rank or pipeline stage
-            continue
-        load_tensor(name, target.parts, tensor_slice)
-    bar.close()
+    total = sum(os.path.getsize(f) for f in files)
+    with tqdm(total=total, desc="Loading weights", unit="B", unit_scale=True, disable=not progress) as bar:
+        for f in open_weights(path, files):
+            bar.set_postfix_str(os.path.basename(f.path), refresh=False)
+            for name in f.names():
+                _load_tensor(f, name, layout, targets, found, cfg)
+                bar.update(f.nbytes(name))
+        bar.update(total - bar.n)  # the files' headers
     missing = [n for n in layout if n not in found]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -266,6 +264,26 @@ def load_checkpoint(model, path: str, progress: bool = True) -> None:
             f"{len(missing)} tensor(s) missing from {', '.join(os.path.basename(f) for f in files)}: "
             f"{', '.join(missing[:5])}{more}")
     _center_expert_bias(model)
+
+
+def _load_tensor(f: WeightsFile | QuantizedCheckpoint, name: str, layout: dict, targets: dict, found: set,
+                 cfg: Param2MoEConfig) -> None:
+    if _is_mtp(name, cfg) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+        return  # multi-token-prediction layers and a redundant tied head are not used
+    where = os.path.basename(f.path)
+    if name not in layout:
+        raise CheckpointError(f"unexpected tensor {name!r} in {where}: not part of this config's model")
+    shape = f.shape(name)
+    if shape != layout[name]:
+        raise CheckpointError(f"tensor {name!r} in {where} has shape {list(shape)}, expected {list(layout[name])}")
+    if name in found:
+        raise CheckpointError(f"tensor {name!r} appears twice (again in {where})")
+    found.add(name)
+    target = targets.get(name)
+    if target is None:  # held by another rank or pipeline stage
+        return
+    load_tensor(name, target.parts, f.tensor(name))  # (quantized where the destination is)
+    f.release(name)
 
 
 def _center_expert_bias(model) -> None:
@@ -307,10 +325,11 @@ def _materialize(model: torch.nn.Module, device) -> None:
 
 
 def load_model(path: str | None, dtype=torch.bfloat16, device="cpu", shard=None, *, config=None,
-               dummy: bool = False, seed: int = 0, progress: bool = True, quantization: str | None = None,
-               quantize_head: bool = False):
-    """Build the network on `device` and fill it from the checkpoint at `path` (or randomly, `dummy`).
-    quantization: quant.plan.OPTIONS (None: as the checkpoint is); quantize_head: the output head too."""
+               dummy: bool = False, seed: int = 0, progress: bool = True, kernels=None,
+               quantization: str | None = None, quantize_head: bool = False):
+    """Build the network on `device` and fill it from the checkpoint at `path` (or randomly, `dummy`);
+    kernels: the backend of its hot ops (param2moe.kernels.Kernels; default: "auto"); quantization:
+    quant.plan.OPTIONS (None: as the checkpoint is); quantize_head: the output head too."""
     from .model import Param2MoEForCausalLM
 
     cfg = config or Param2MoEConfig.from_pretrained(path)
@@ -318,7 +337,7 @@ def load_model(path: str | None, dtype=torch.bfloat16, device="cpu", shard=None,
         cfg = resolve_shared_width(cfg, path)
     plan = make_plan(quantization, path, quantize_head, None if dummy else weight_files(path))
     with torch.device("meta"):
-        model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard, quant=plan)
+        model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard, kernels=kernels, quant=plan)
     _materialize(model, device)
     materialize(model, device)
     with torch.no_grad():

@@ -14,8 +14,8 @@ import weakref
 
 import torch
 
-from .. import kernels
 from ..config import Param2MoEConfig
+from ..kernels import Kernels
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig, generation_eos_ids, read_generation_config, resolve_dtype
@@ -50,7 +50,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         cfg = self.config = config.resolve()
         torch.manual_seed(cfg.seed)
-        kernels.set_backend(cfg.kernels)
+        self.kernels = Kernels(cfg.kernels)  # the backend of the model's hot ops, the sampler's and the graphs'
         if str(cfg.device).startswith("cpu"):
             from .cpu_setup import configure_cpu_allocator
 
@@ -79,7 +79,12 @@ class LLMEngine:
     def _build(self, cfg: EngineConfig, mc: Param2MoEConfig, parallel) -> None:
         ranks = self.ranks
         shard, device = (ranks.shard, ranks.device) if ranks else (None, None)
-        self.model, self.runner, num_blocks = build_runner(cfg, mc, self.dtype, shard, self.comm, device)
+        self.generation_config = read_generation_config(cfg.model)
+        self.eos_token_ids = _eos_token_ids(mc, self.generation_config, self.tokenizer)
+        decode_token = functools.partial(_decode_one, self.tokenizer) if self.tokenizer else None
+        self.sampler = Sampler(self.eos_token_ids, decode_token, self.kernels)
+        self.model, self.runner, num_blocks = build_runner(cfg, mc, self.dtype, self.sampler, shard, self.comm,
+                                                           device)
         if ranks:
             ranks.runner = self.runner
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
@@ -89,10 +94,6 @@ class LLMEngine:
                 f"({self.max_model_len}): give it more memory or lower max_model_len")
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.token_budget)
-        self.generation_config = read_generation_config(cfg.model)
-        self.eos_token_ids = _eos_token_ids(mc, self.generation_config, self.tokenizer)
-        decode_token = functools.partial(_decode_one, self.tokenizer) if self.tokenizer else None
-        self.sampler = Sampler(self.eos_token_ids, decode_token)
         # Overlap host work with the GPU (see step): on CUDA, with one pipeline stage (tensor-parallel
         # ranks get the sampled ids from the driver; a first stage would need them from the last).
         on = cfg.async_scheduling
@@ -202,7 +203,7 @@ class LLMEngine:
                 self.ranks.raise_if_a_worker_died(e)
             raise
         sampled = [batch.seqs[b] for b in out.sampled_rows]
-        pending = self.sampler.sample(out.sample_logits, sampled, out.argmax) if sampled else None
+        pending = self.sampler.sample(out.sample_logits, sampled, out.greedy_ids) if sampled else None
         if prev is not None:
             touched |= self._resolve()
         self.stats["steps"] += 1

@@ -61,18 +61,19 @@ def quantize_checkpoint(src: str, out: str, option: str, shard_bytes: int = 2 <<
     os.makedirs(out, exist_ok=True)
     shards: list[dict] = [{}]
     size = 0
-    for _, name, tensor in tqdm(iter_checkpoint_tensors(src), desc="Quantizing", unit="tensor", disable=not progress):
+    for _, name, f in tqdm(iter_checkpoint_tensors(src), desc="Quantizing", unit="tensor", disable=not progress):
         module = name.removesuffix(".weight")
         if module != name and quantizable(module):
-            tensors = {f"{module}.{leaf}": t for leaf, t in to_compressed(plan.quantize(tensor[:])).items()}
+            tensors = {f"{module}.{leaf}": t for leaf, t in to_compressed(plan.quantize(f.tensor(name))).items()}
         else:
-            tensors = {name: tensor[:]}
+            tensors = {name: f.tensor(name).clone()}  # (the file's mapping closes after it)
+        f.release(name)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         if size and size + nbytes > shard_bytes:
             _flush(shards, out, save_file)
             shards.append({})
             size = 0
-        shards[-1].update({k: t.contiguous() for k, t in tensors.items()})
+        shards[-1].update(tensors)
         size += nbytes
     _flush(shards, out, save_file, last=True)
     with open(os.path.join(src, "config.json")) as f:

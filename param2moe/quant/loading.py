@@ -56,18 +56,19 @@ def _quantize_like(dest: QuantizedWeight, w: torch.Tensor) -> QuantizedWeight:
 
 
 def load_tensor(name: str, parts: list, src) -> None:
-    """Copy checkpoint tensor `name` into its (destination, index) parts (checkpoint.Target). src: a safetensors
-    slice or a QuantizedSource (pre-quantized); a destination: a tensor or a QuantizedWeight. A quantized
+    """Copy checkpoint tensor `name` into its (destination, index) parts (checkpoint.Target). src: the tensor (a
+    view of the memory-mapped file) or a QuantizedSource (pre-quantized); a destination: a tensor or a
+    QuantizedWeight. A quantized
     destination of a plain tensor is quantized here (once for all its parts); a plain destination of a
     quantized tensor gets the dequantized weight."""
     full = None  # src as a QuantizedWeight, made on first need
     try:
         for dest, index in parts:
             if not isinstance(dest, QuantizedWeight) and not isinstance(src, QuantizedSource):
-                dest.copy_(src[index] if index else src[:])
+                dest.copy_(src[index] if index else src)
                 continue
             if full is None:
-                full = src.read() if isinstance(src, QuantizedSource) else _quantize_like(dest, src[:])
+                full = src.read() if isinstance(src, QuantizedSource) else _quantize_like(dest, src)
             piece = full[index] if index else full
             if isinstance(dest, QuantizedWeight):
                 dest.copy_(piece)

@@ -24,9 +24,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 
+import torch
+
+from ..weights_file import WeightsFile
 from .convert import from_checkpoint
 from .formats import FP8_BLOCK, QuantFormatError, QuantizedWeight
 from .plan import quantizable
@@ -140,12 +142,10 @@ def _compressed_option(fmt, kind, bits, strategy, w: dict, here: str) -> tuple[s
 
 def _parts(files: list[str]) -> dict[str, dict[str, tuple[str, str]]]:
     """module -> {leaf: (file, tensor name)} over every file's tensor names (headers only)."""
-    from safetensors import safe_open
-
     parts: dict[str, dict[str, tuple[str, str]]] = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
+        with WeightsFile(file) as f:
+            for name in f.names():
                 module, _, leaf = name.rpartition(".")
                 parts.setdefault(module, {})[leaf] = (file, name)
     return parts
@@ -174,40 +174,88 @@ class QuantizedSource:
     """One quantized checkpoint weight, assembled from its tensors (which may lie in several files): what the
     loader reads in place of a plain tensor. get_shape(): the logical [N, K]; read(): a QuantizedWeight."""
 
-    def __init__(self, cq: CheckpointQuant, module: str, leaves: dict[str, object]):
-        self.cq, self.module, self.leaves = cq, module, leaves  # leaf -> safetensors slice
+    def __init__(self, cq: CheckpointQuant, module: str, leaves: dict[str, tuple[WeightsFile, str]]):
+        self.cq, self.module, self.leaves = cq, module, leaves  # leaf -> (open file, tensor name)
 
-    def get_shape(self) -> list[int]:
+    def get_shape(self) -> tuple[int, ...]:
         if "weight_packed" in self.leaves:
             if "weight_shape" not in self.leaves:
                 raise QuantFormatError(f"{self.module}.weight_packed has no {self.module}.weight_shape beside it")
-            return [int(v) for v in self.leaves["weight_shape"][:].tolist()]
-        return list(self.leaves["weight"].get_shape())
+            return tuple(int(v) for v in self._tensor("weight_shape").tolist())
+        return tuple(self._tensor("weight").shape)
 
     def read(self) -> QuantizedWeight:
-        return from_checkpoint(self.cq, self.module, {k: v[:] for k, v in self.leaves.items() if k != "input_scale"},
-                               self.get_shape())
+        tensors = {leaf: self._tensor(leaf) for leaf in self.leaves if leaf != "input_scale"}
+        return from_checkpoint(self.cq, self.module, tensors, list(self.get_shape()))
+
+    def _tensor(self, leaf: str) -> torch.Tensor:
+        f, name = self.leaves[leaf]
+        return f.tensor(name)
+
+    def nbytes(self) -> int:
+        return sum(f.nbytes(name) for f, name in self.leaves.values())
+
+    def release(self) -> None:
+        for f, name in self.leaves.values():
+            f.release(name)
 
 
-def iter_quantized_checkpoint(cq: CheckpointQuant, files: list[str]):
-    """(file, name, source) for every weight, as checkpoint.iter_checkpoint_tensors yields them: a plain tensor's
-    safetensors slice, or one QuantizedSource named `<module>.weight` for a quantized module's tensors."""
-    from safetensors import safe_open
+class QuantizedCheckpoint:
+    """A pre-quantized checkpoint's files, read as one weights_file.WeightsFile is (names, shape, tensor, nbytes,
+    release), except that each quantized module's tensors appear once, as `<module>.weight`, whose tensor() is
+    a QuantizedSource. All files stay open (memory-mapped) together: a module's tensors may lie in several."""
 
-    parts = _parts(files)
-    with ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(file, framework="pt")) for file in files}
+    def __init__(self, cq: CheckpointQuant, files: list[str]):
+        self.path = os.path.dirname(files[0]) if files else ""
+        self._open: list[WeightsFile] = []
+        try:
+            handles = {}
+            for file in files:
+                handles[file] = WeightsFile(file)
+                self._open.append(handles[file])
+        except BaseException:
+            self.close()
+            raise
+        self._entries: dict[str, object] = {}  # name -> (file, tensor name) or QuantizedSource
+        parts = _parts(files)
         for file in files:
-            for name in handles[file].keys():
+            for name in handles[file].names():
                 module, _, leaf = name.rpartition(".")
                 leaves = parts[module]
-                if not _is_quantized(leaves):
-                    yield file, name, handles[file].get_slice(name)
+                if not _is_quantized(leaves) or leaf not in _PARTS + ("weight",):  # plain (or a bias beside one)
+                    self._entries[name] = (handles[file], name)
                 elif leaf in ("weight", "weight_packed"):
-                    sources = {k: handles[f].get_slice(n) for k, (f, n) in leaves.items() if k in (*_PARTS, "weight")}
-                    yield file, module + ".weight", QuantizedSource(cq, module, sources)
-                elif leaf not in _PARTS:  # e.g. a bias beside a quantized weight
-                    yield file, name, handles[file].get_slice(name)
+                    own = {k: (handles[f], n) for k, (f, n) in leaves.items() if k in _PARTS + ("weight",)}
+                    self._entries[module + ".weight"] = QuantizedSource(cq, module, own)
                 elif "weight" not in leaves and "weight_packed" not in leaves and leaf in _SCALES:
                     raise QuantFormatError(f"{name}: a scale with no quantized weight ({module}.weight or "
                                            f"{module}.weight_packed) beside it")
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        e = self._entries[name]
+        return e.get_shape() if isinstance(e, QuantizedSource) else e[0].shape(e[1])
+
+    def tensor(self, name: str):
+        e = self._entries[name]
+        return e if isinstance(e, QuantizedSource) else e[0].tensor(e[1])
+
+    def nbytes(self, name: str) -> int:
+        e = self._entries[name]
+        return e.nbytes() if isinstance(e, QuantizedSource) else e[0].nbytes(e[1])
+
+    def release(self, name: str) -> None:
+        e = self._entries[name]
+        e.release() if isinstance(e, QuantizedSource) else e[0].release(e[1])
+
+    def close(self) -> None:
+        for f in self._open:
+            f.close()
+
+    def __enter__(self) -> QuantizedCheckpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
