@@ -127,3 +127,11 @@ def test_cpu_kernels_plug_in_through_the_interface(monkeypatch):
     assert ops.moe_experts(x[:, :128], w13, w2, torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.long)) is sentinel
     assert ops.Kernels("torch").linear(x, qw) is not sentinel  # the plain torch path: no kernel asked
     assert calls == ["declined"]
+
+
+@pytest.mark.parametrize("method,kw", KINDS, ids=IDS)
+def test_quantizing_in_row_slices_is_bit_identical(method, kw):
+    w = _w(300, 256) * torch.linspace(0.1, 3, 300)[:, None]  # rows of different magnitudes
+    whole, rows = quantize(w, method, **kw), layout.quantize_in_rows(w, method, **kw)
+    assert torch.equal(whole.qweight.view(torch.uint8), rows.qweight.view(torch.uint8))
+    assert torch.equal(whole.scale, rows.scale) and whole.shape == rows.shape

@@ -14,7 +14,8 @@ import itertools
 import numpy as np
 import torch
 
-from .formats import INT4_GROUP, QuantFormatError, QuantizedWeight, dequantize, quantize
+from .formats import INT4_GROUP, QuantFormatError, QuantizedWeight, dequantize
+from .layout import quantize_in_rows
 from .plan import QuantPlan
 from .prequantized import QuantizedSource, read_checkpoint_quant
 
@@ -52,7 +53,7 @@ def materialize(model: torch.nn.Module, device) -> None:
 
 
 def _quantize_like(dest: QuantizedWeight, w: torch.Tensor) -> QuantizedWeight:
-    return quantize(w, dest.method, group_size=dest.group_size or INT4_GROUP, block=dest.block)
+    return quantize_in_rows(w, dest.method, group_size=dest.group_size or INT4_GROUP, block=dest.block)
 
 
 def load_tensor(name: str, parts: list, src) -> None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .formats import INT4_GROUP, QuantFormatError, QuantizedWeight, empty, quantize
+from .formats import INT4_GROUP, QuantFormatError, QuantizedWeight, empty
+from .layout import quantize_in_rows
 
 OPTIONS = ("int8", "int4", "fp8", "fp8-block")
 
@@ -73,7 +74,7 @@ class QuantPlan:
             raise QuantFormatError(f"{name}: {e}") from None
 
     def quantize(self, w) -> QuantizedWeight:
-        return quantize(w, self.method, group_size=self._group(w.shape), block=self.block)
+        return quantize_in_rows(w, self.method, group_size=self._group(w.shape), block=self.block)
 
     def _group(self, shape) -> int:
         return self.group_size or shape[-1]
