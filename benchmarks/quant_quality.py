@@ -68,7 +68,7 @@ def compare(ref, got, prompts) -> dict:
             "greedy_common_prefix_mean": sum(common) / len(common)}
 
 
-def cases(names: list[str], extra: list[str], tmp: str):
+def cases(names: list[str], extra: list[str], tmp: str, peaked: tuple[int, int, int]):
     """(name, checkpoint folder, prompts, notes) for each requested checkpoint."""
     if "bundled" in names:
         from param2moe.engine.config import bundled_model_path
@@ -78,10 +78,11 @@ def cases(names: list[str], extra: list[str], tmp: str):
         from peaked_checkpoint import corpus_prompts, make_peaked_checkpoint
 
         path = os.path.join(tmp, "peaked")
-        info = make_peaked_checkpoint(path, "cpu")
+        steps, n_seq, seq_len = peaked
+        info = make_peaked_checkpoint(path, "cpu", steps=steps, n_seq=n_seq, seq_len=seq_len)
         corpus = info.pop("corpus")
-        notes = {k: info[k] for k in ("steps", "final_loss", "final_accuracy", "train_seconds")}
-        yield "peaked", path, corpus_prompts(corpus, 16, min_len=32, max_len=200), notes
+        notes = {k: info[k] for k in ("steps", "n_seq", "seq_len", "final_loss", "final_accuracy", "train_seconds")}
+        yield "peaked", path, corpus_prompts(corpus, 16, min_len=32, max_len=seq_len), notes
     if "parity" in names:
         from make_vllm_reference import make_prompts, write_case
 
@@ -108,6 +109,8 @@ def main() -> int:
     p.add_argument("--methods", default="int8,int4,fp8,fp8-block")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--peaked", default="150,4,160", help="the peaked checkpoint's training: steps,sequences,length "
+                   "(peaked_checkpoint.py's GPU default 200,8,272 takes ~25 CPU minutes)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     from quant_load_memory import machine
@@ -119,7 +122,8 @@ def main() -> int:
     print(f"{'checkpoint':>30} {'method':>9} {'drift mean':>10} {'max':>8} {'ppl ref':>9} {'ppl':>9} {'dppl':>7} "
           f"{'greedy same':>11} {'prefix':>6}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, path, prompts, notes in cases(args.models.split(","), args.model, tmp):
+        for name, path, prompts, notes in cases(args.models.split(","), args.model, tmp,
+                                                  tuple(map(int, args.peaked.split(",")))):
             t = time.perf_counter()
             ref = run(path, prompts, None, args.dtype, args.steps)
             case = {"checkpoint": name, "notes": notes, "methods": {}}
