@@ -123,7 +123,8 @@ def main() -> int:
     args = p.parse_args()
     date = datetime.date.today().isoformat()
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"quant_load_memory_{date}.json")
-    result = {"date": date, "machine": machine(), "command": " ".join(sys.argv), "rows": [], "dummy_17b": []}
+    result = {"date": date, "machine": machine(), "command": " ".join(sys.argv), "rows": [], "dummy_17b": [],
+              "load_average_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
         if not args.methods:
@@ -151,6 +152,7 @@ def main() -> int:
         result["dummy_17b"].append(row)
         print(f"17B dummy {method}: load {row['load_s']:.0f} s, weights {row['weight_bytes'] / 1e9:.2f} GB, peak RSS "
               f"{row['peak_rss'] / 1e9:.2f} GB (anon {row['peak_anon'] / 1e9:.2f})", flush=True)
+    result["load_average_end"] = os.getloadavg()  # a shared machine slows the loads down, not their memory
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {out}")
