@@ -1,4 +1,4 @@
-"""The `param2moe` command: generate, chat, serve, bench, make-checkpoint."""
+"""The `param2moe` command: generate, chat, serve, bench, make-checkpoint, quantize."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from .engine.config import EngineConfig
+from .quant.plan import OPTIONS as QUANT_OPTIONS
 from .server.options import ServerOptions
 
 
@@ -184,6 +185,14 @@ def cmd_make_checkpoint(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .quant.export import quantize_checkpoint
+
+    quantize_checkpoint(args.input, args.output, args.method)
+    print(f"wrote {args.output} ({args.method}, compressed-tensors)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="param2moe", description="Run Param2MoE models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--router-dtype", default=None, help="store router weights in this dtype (e.g. float32)")
     p.set_defaults(func=cmd_make_checkpoint)
+
+    p = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (compressed-tensors; vLLM loads it)")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("--method", required=True, choices=list(QUANT_OPTIONS))
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Param2MoEConfig
+from ..quant.plan import OPTIONS as QUANT_OPTIONS
 
 log = logging.getLogger("param2moe")
 
@@ -119,6 +120,10 @@ class EngineConfig:
     async_scheduling: bool | None = setting(
         None, "launch each step before reading the previous step's tokens (default: on CUDA with one "
               "pipeline stage)")
+    quantization: str | None = setting(
+        None, "weights quantized while they load (default: as the checkpoint is): int8 per channel, int4 groups of "
+              "128, fp8 per channel, fp8-block 128x128 blocks", choices=QUANT_OPTIONS, aliases=("-q",))
+    quantize_head: bool = setting(False, "with quantization: the output head too (default: high precision)")
 
     def resolve(self) -> EngineConfig:
         """Check the settings and fill in what `auto`/None stand for (the model's folder, the device)."""

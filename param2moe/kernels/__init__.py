@@ -1,6 +1,7 @@
 """The network's hot operations. Each has a plain torch version (the test oracle, and the CPU path)
 and, on CUDA devices, a Triton version; a `Kernels` object (one backend) picks one by the tensors' device.
-Nothing GPU-only is imported until a CUDA tensor arrives."""
+Nothing GPU-only is imported until a CUDA tensor arrives. A quantized weight (quant.QuantizedWeight) goes
+to quant/ops.py, which picks its kernels the same way."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..quant import ops as _quant
+from ..quant.formats import QuantizedWeight
 from . import attention as _attention
 from . import cpu as _cpu
 from . import embedding as _embedding
@@ -84,6 +87,8 @@ class Kernels:
 
     def linear(self, x, weight, bias=None):
         """x @ weight.T + bias. Decode-sized CUDA batches with 16-bit weights: the Triton GEMV (gemv.py)."""
+        if isinstance(weight, QuantizedWeight):
+            return _quant.linear(x, weight, bias, native=self.native)
         t = self._pick(x, "gemv")
         if t and t.usable(x, weight, bias):
             return t.gemv(x, weight)
@@ -94,6 +99,8 @@ class Kernels:
         steps of 1/16 at magnitude 8, and greedy choices would flip on rounding noise). Decode-sized CUDA batches
         with a 16-bit head: the Triton GEMV streaming the weight; else a CUDA matmul writing its float32
         accumulator (torch.mm out_dtype), or the matmul in the activation dtype, upcast."""
+        if isinstance(weight, QuantizedWeight):
+            return _quant.logits(hidden, weight, native=self.native)
         t = self._pick(hidden, "gemv")
         if t and t.streams(hidden, weight):
             return t.gemv(hidden, weight, out_dtype=torch.float32, block_n=t.STREAM_BLOCK_N)
@@ -108,6 +115,8 @@ class Kernels:
         """down(silu(gate(x)) * up(x)), gate and up rows stacked in gate_up. One token on CUDA: the fused MoE's
         one-token GEMVs, the MLP as one expert of weight 1 (unsummed: as ExpertOutputs, which the next norm
         sums in its launch; elsewhere the result as always)."""
+        if isinstance(gate_up, QuantizedWeight):
+            return _quant.mlp(x, gate_up, down, native=self.native)
         t = self._pick(x, "moe")
         if t and x.shape[0] == 1 and x.dtype == gate_up.dtype == down.dtype:
             one = _ONE_PAIR.get(x.device)
@@ -186,7 +195,7 @@ class Kernels:
         benchmarks' uniform routing; the router still runs). experts_w13: the stacked experts with the shared
         expert folded in (kw num_appended): on Hopper at one token their gate/up GEMM is launched behind the
         router, `started` (else None), for moe_experts to go on from."""
-        if experts_w13 is not None and self.use_triton(x):
+        if isinstance(experts_w13, torch.Tensor) and self.use_triton(x):  # (not for quantized experts)
             return _tri("moe").add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps, gate_weight, expert_bias,
                                                                top_k, experts_w13, choice, **kw)
         t = self._pick(x, "routing")
@@ -197,6 +206,8 @@ class Kernels:
     def moe_experts(self, x, w13, w2, weights, ids, unsummed: bool = False, started=None):
         """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
         norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result."""
+        if isinstance(w13, QuantizedWeight):  # the sum
+            return _quant.moe_experts(x, w13, w2, weights, ids, native=self.native)
         t = self._pick(x, "moe")
         if t:
             y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed, started=started)
