@@ -46,11 +46,16 @@ _WORD_VALUES = {INT8: 4, INT4: 8}  # values per int32 word as the GEMV reads the
 GEMV_MAX_TOKENS = {INT8: 4, INT4: 4, FP8: 4, FP8_BLOCK_SCALED: 4}
 _GEMV_OVERRIDE = os.environ.get("P2M_QUANT_GEMV_TOKENS")
 GEMV_CHUNK = 4096  # logical columns a GEMV program holds at once (larger K: a loop of chunks, no preload)
-# Stored bytes a GEMV program loads per weight set: 16 KB, like gemv.py's 16K bf16 elements (int4 rows: 1 KB
-# at K = 2048, so 16 rows; int8 / fp8: 8). The one-token experts take 8 KB a set (gate and up: 16 KB, as
-# moe.py's ONE_TOKEN BLOCK_N = 2 bf16 rows of each).
-GEMV_BYTES = 16384
-EXPERT_GEMV_BYTES = 8192
+# A GEMV program: (stored bytes it loads per weight set, warps), by method and use. The converted values
+# and their products take registers by value, not by byte (int4: 2 a byte), so int4 programs load fewer
+# bytes or run more warps than gemv.py's 32 KB of bf16: chosen from sm_90 compiles (no spills, <= ~170
+# registers a thread, two or three programs an SM); benchmarks/quant_gpu_bench.py sweeps them on the GPU.
+GEMV_CONFIGS = {
+    INT8: {"linear": (16384, 8), "gate_up": (8192, 8), "down": (16384, 8)},
+    INT4: {"linear": (8192, 8), "gate_up": (4096, 8), "down": (8192, 8)},
+    FP8: {"linear": (16384, 4), "gate_up": (8192, 4), "down": (16384, 4)},
+    FP8_BLOCK_SCALED: {"linear": (16384, 4), "gate_up": (8192, 4), "down": (16384, 4)},
+}
 MMA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -399,30 +404,32 @@ def usable(x: torch.Tensor, qw: QuantizedWeight) -> bool:
             and x.device == qw.device and (x.is_cuda or INTERPRET) and _layout_ok(qw))
 
 
-def _gemv_block_n(w: _W, k: int, budget: int) -> int:
+def _gemv_shape(w: _W, k: int, use: str) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of a GEMV program: GEMV_CONFIGS' bytes a weight set over the stored bytes of a row
+    (chunk)."""
+    budget, warps = GEMV_CONFIGS[w.method][use]
     stored = min(k, GEMV_CHUNK) // (2 if w.method == INT4 else 1)
-    return max(1, min(64, triton.next_power_of_2(max(1, budget // max(1, stored)))))
+    return max(1, min(64, triton.next_power_of_2(max(1, budget // stored)))), warps
 
 
-def _gemv(x, w: _W, out, n: int, k: int, *, cols: int = 1, ids=None, gated: bool = False, x_col_stride: int = 0,
-          n_pre: int = 0, col_pre: int = 0, e_pre: int = 0, t: int = 1, bias=None, pdl: bool = False,
-          block_n: int | None = None, num_warps: int = 4):
-    """Launch `_qgemv_kernel`: cols columns (an expert each, from ids; a linear layer: one, expert 0) of t tokens,
-    N output rows (gated: N gate + N up rows -> N); out rows col * out.stride(0) + t * ..."""
-    epw = _WORD_VALUES.get(w.method, 1)
+def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x_col_stride: int = 0,
+          n_pre: int = 0, col_pre: int = 0, e_pre: int = 0, t: int = 1, bias=None, pdl: bool = False):
+    """Launch `_qgemv_kernel` for `use` ("linear": t tokens, one column, expert 0; "gate_up" / "down": the MoE
+    at one token, a column per entry of ids, the expert's rows against x (gate_up, the same row for every
+    column) or row col of x (down)); N output rows (gate_up: N gate and N up rows, N results)."""
+    block_n, num_warps = _gemv_shape(w, k, use)
     block_k = min(triton.next_power_of_2(k), GEMV_CHUNK)
     if w.method in (INT4, FP8_BLOCK_SCALED):
         block_k = max(block_k, w.group)
-    block_n = block_n or _gemv_block_n(w, k, EXPERT_GEMV_BYTES if ids is not None else GEMV_BYTES)
-    num_n = triton.cdiv(n, block_n)
     wt = w.words if w.words is not None else w.qweight
     stride_oc, stride_ot = (out.stride(0), 0) if ids is not None else (0, out.stride(0))
     stride_xc, stride_xt = (x_col_stride, 0) if ids is not None else (0, x.stride(0))
-    _qgemv_kernel[(cols * num_n,)](
-        x, wt, w.scale, out, bias if bias is not None else out, ids if ids is not None else out, t, n, col_pre, e_pre, stride_xc, stride_xt, wt.stride(0), wt.stride(1), w.scale.stride(0), w.scale.stride(1),
-        stride_oc, stride_ot, K=k, METHOD=w.method, EPW=epw, GROUP=w.group, SROWS=w.srows, GATED=gated,
-        HAS_IDS=ids is not None, PRE_COLS=n_pre, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        num_warps=num_warps, **pdl_launch(pdl))
+    _qgemv_kernel[(cols * triton.cdiv(n, block_n),)](
+        x, wt, w.scale, out, bias if bias is not None else out, ids if ids is not None else out, t, n, col_pre,
+        e_pre, stride_xc, stride_xt, wt.stride(0), wt.stride(1), w.scale.stride(0), w.scale.stride(1), stride_oc,
+        stride_ot, K=k, METHOD=w.method, EPW=_WORD_VALUES.get(w.method, 1), GROUP=w.group, SROWS=w.srows,
+        GATED=use == "gate_up", HAS_IDS=ids is not None, PRE_COLS=n_pre, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, **pdl_launch(pdl))
     return out
 
 
@@ -473,7 +480,7 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
     """x [T, K] @ dequantize(qw).T + bias, accumulated in fp32, in x's dtype (see `usable`). path "gemv" or
     "mma" forces a kernel (benchmarks); config: (BLOCK_M, GEMM config) of the tiled one."""
     if not usable(x, qw):
-        raise ValueError(f"quantized linear: x {x.dtype} {list(x.shape)} on {x.device} with a {qw.method} weight "
+        raise ValueError(f"quantized linear: x {x.dtype} {list(x.shape)} on {x.device} with the {qw.method} weight "
                          f"{list(qw.shape)} (qweight {qw.qweight.dtype} {list(qw.qweight.shape)}): not served "
                          "(see quant.usable)")
     t, k = x.shape
@@ -487,7 +494,7 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
     if t == 0:
         return out
     if (path or ("gemv" if t <= gemv_max_tokens(w) else "mma")) == "gemv":
-        return _gemv(x, w, out, n, k, t=t, bias=bias, pdl=pdl_flag(x) and k <= GEMV_CHUNK)
+        return _gemv(x, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl_flag(x) and k <= GEMV_CHUNK)
     block_m, cfg = config or linear_config(t)
     return _mma(x, w, out, n, k, cfg, block_m=block_m, bias=bias)
 
@@ -541,10 +548,10 @@ def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weig
     if t == 1:  # matrix-vector products, an expert per column of ids (moe.py's ONE_TOKEN path)
         inter = torch.empty(topk, inter_size, dtype=x.dtype, device=x.device)
         pdl = pdl_flag(x)
-        _gemv(x, g13, inter, inter_size, hidden, cols=topk, ids=ids, gated=True, n_pre=num_appended,
+        _gemv(x, g13, inter, inter_size, hidden, "gate_up", cols=topk, ids=ids, n_pre=num_appended,
               col_pre=topk - num_appended, e_pre=e - num_appended, pdl=pdl)
         pair_out = torch.empty(topk, hidden, dtype=x.dtype, device=x.device)
-        _gemv(inter, g2, pair_out, hidden, inter_size, cols=topk, ids=ids, x_col_stride=inter.stride(0))
+        _gemv(inter, g2, pair_out, hidden, inter_size, "down", cols=topk, ids=ids, x_col_stride=inter.stride(0))
     else:
         cfg = config or moe_config(t, e, hidden, inter_size, topk, x.dtype, g13.method)
         bm = cfg["BLOCK_M"]
