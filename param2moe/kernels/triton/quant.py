@@ -475,10 +475,11 @@ def gemv_max_tokens(w: _W) -> int:
     return int(_GEMV_OVERRIDE) if _GEMV_OVERRIDE else GEMV_MAX_TOKENS[w.method]
 
 
-def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, path: str | None = None,
-           config: tuple[int, dict] | None = None) -> torch.Tensor:
-    """x [T, K] @ dequantize(qw).T + bias, accumulated in fp32, in x's dtype (see `usable`). path "gemv" or
-    "mma" forces a kernel (benchmarks); config: (BLOCK_M, GEMM config) of the tiled one."""
+def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, out_dtype=None,
+           path: str | None = None, config: tuple[int, dict] | None = None) -> torch.Tensor:
+    """x [T, K] @ dequantize(qw).T + bias, accumulated in fp32, rounded to out_dtype (default x's dtype; the head:
+    float32) (see `usable`). path "gemv" or "mma" forces a kernel (benchmarks); config: (BLOCK_M, GEMM config)
+    of the tiled one."""
     if not usable(x, qw):
         raise ValueError(f"quantized linear: x {x.dtype} {list(x.shape)} on {x.device} with the {qw.method} weight "
                          f"{list(qw.shape)} (qweight {qw.qweight.dtype} {list(qw.qweight.shape)}): not served "
@@ -490,7 +491,7 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
         x = x.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
     if t == 0:
         return out
     if (path or ("gemv" if t <= gemv_max_tokens(w) else "mma")) == "gemv":
