@@ -211,6 +211,61 @@ def test_moe_errors_name_the_problem():
         tq.moe_experts(x, w13, bad, weights, ids)
 
 
+# ------------------------------------------------------------------------------- fp8 activations
+def torch_act_quant(x):
+    """Per-row fp8 e4m3: scale = max|x| / 448 (1 for a zero row), q = x / scale rounded to nearest."""
+    s = x.float().abs().amax(-1) / 448
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return (x.float() / s[:, None]).to(torch.float8_e4m3fn), s
+
+
+def test_act_quant_matches_torch():
+    x = torch.randn(7, 512, device=DEV) * torch.exp2(torch.empty(7, 512, device=DEV).uniform_(-14, 3))
+    x[3] = 0
+    with poisoned():
+        q, s = tq.act_quant(x)
+    rq, rs = torch_act_quant(x)
+    assert torch.equal(s, rs)
+    assert torch.equal(q.float(), rq.float())  # subnormals, ties and the zero row included
+
+
+@pytest.mark.parametrize("t", [2, 40])
+@pytest.mark.parametrize("method", ["fp8", "fp8-block"])
+def test_linear_fp8_activations(method, t):
+    qw = random_qweight(method, 72, 384)
+    x = torch.randn(t, 384, device=DEV)
+    with poisoned():
+        out = tq.linear(x, qw, act="fp8")
+    q, s = torch_act_quant(x)
+    check(out, torch.nn.functional.linear(q.float() * s[:, None], dequantize(qw)), torch.float32)
+    with pytest.raises(ValueError, match="fp8 weights"):
+        tq.linear(x, random_qweight("int4", 72, 384), act="fp8")
+
+
+@pytest.mark.parametrize("t", [1, 6])
+@pytest.mark.parametrize("method", ["fp8", "fp8-block"])
+def test_moe_fp8_activations(method, t):
+    """x quantized per token for the gate/up, each pair's intermediate row per row for the down (one token: the
+    GEMVs, fp8 x with its scale; more: the fp8 tensor-core tiles)."""
+    e, h, i, k = 4, 128, 128, 2
+    x, w13, w2, weights, ids = _moe_inputs(method, t, e, h, i, k, torch.float32, True)
+    with poisoned():
+        out = tq.moe_experts(x, w13, w2, weights, ids, act="fp8")
+    d13, d2 = dequantize(w13), dequantize(w2)
+    q, s = torch_act_quant(x)
+    xq = q.float() * s[:, None]
+    ref = torch.zeros(t, h, device=DEV)
+    for tok in range(t):
+        for j in range(k):
+            ex = int(ids[tok, j])
+            if ex < 0:
+                continue
+            gate, up = (xq[tok] @ d13[ex].T).chunk(2)
+            iq, isc = torch_act_quant((torch.nn.functional.silu(gate) * up)[None])
+            ref[tok] += weights[tok, j] * ((iq.float() * isc[:, None])[0] @ d2[ex].T)
+    check(out, ref, torch.float32, tight=1e-4)  # an intermediate value may round to the other fp8 neighbour
+
+
 @pytest.mark.skipif(not CUDA, reason="real Param2 shapes on CUDA")
 @pytest.mark.parametrize("t", [1, 8, 64, 256])
 @pytest.mark.parametrize("method", ["int8", "int4", "fp8", "fp8-block"])

@@ -148,14 +148,33 @@ def _row_dots(raw, s_ptr, s_off, nmask, x_ptr, k0, K: tl.constexpr, METHOD: tl.c
 
 # ------------------------------------------------------------------------------ matrix-vector kernel
 @triton.jit
-def _gemv_rows(x_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N, stride_xc, stride_xt, stride_we, stride_wn,
-               stride_se, stride_sn, stride_oc, stride_ot, K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr,
-               GROUP: tl.constexpr, SROWS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr):
+def _gemv_out(acc, acc_u, xs_ptr, bias_ptr, out_ptr, o_off, n, nmask, xs_idx, GATED: tl.constexpr,
+              HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr):
+    """Store a token's row sums: times x's scale (fp8 activations), silu(gate) * up or + bias, rounded."""
+    dt = out_ptr.dtype.element_ty
+    if X_SCALE > 0:
+        xs = tl.load(xs_ptr + xs_idx)
+        acc = acc * xs
+        acc_u = acc_u * xs
+    if GATED:
+        y = _silu_mul(acc, acc_u, dt)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+        y = acc.to(dt)
+    tl.store(out_ptr + o_off + n, y, mask=nmask)
+
+
+@triton.jit
+def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N, stride_xc, stride_xt, stride_we,
+               stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K: tl.constexpr, METHOD: tl.constexpr,
+               EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr, GATED: tl.constexpr,
+               HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               PRELOAD: tl.constexpr, PDL: tl.constexpr):
     """Rows nb * BLOCK_N.. of expert e against x rows col * stride_xc + t * stride_xt, t < T, into out rows
     col * stride_oc + t * stride_ot. GATED: the rows n and N + n (gate, up), silu(gate) * up stored.
-    PRELOAD: the weights are loaded before waiting for the kernel in front (one chunk only)."""
-    dt = out_ptr.dtype.element_ty
+    X_SCALE: x is fp8 with a scale per token (1) or per column (2). PRELOAD: the weights are loaded before
+    waiting for the kernel in front (one chunk only)."""
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     g_row = e * stride_we + n.to(tl.int64) * stride_wn
@@ -167,88 +186,56 @@ def _gemv_rows(x_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N, stride_
         g = _load_rows(w_ptr, g_row, nmask, 0, K, EPW, BLOCK_K)
         if GATED:
             u = _load_rows(w_ptr, u_row, nmask, 0, K, EPW, BLOCK_K)
-        if PRELOAD:
-            wait_for_previous(PDL)
-        for t in range(0, T):
-            xr = x_ptr + col * stride_xc + t * stride_xt
+    if PRELOAD:
+        wait_for_previous(PDL)
+    for t in range(0, T):
+        xr = x_ptr + col * stride_xc + t * stride_xt
+        if CHUNKS == 1:
             acc = _row_dots(g, s_ptr, g_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
+            acc_u = acc
             if GATED:
-                y = _silu_mul(acc, _row_dots(u, s_ptr, u_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K),
-                              dt)
-            else:
-                if HAS_BIAS:
-                    acc += tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-                y = acc.to(dt)
-            tl.store(out_ptr + col * stride_oc + t * stride_ot + n, y, mask=nmask)
-    else:
-        if PRELOAD:
-            wait_for_previous(PDL)
-        for t in range(0, T):
-            xr = x_ptr + col * stride_xc + t * stride_xt
+                acc_u = _row_dots(u, s_ptr, u_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
+        else:  # rows too long for the registers: chunk by chunk, loaded after the wait
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for c in tl.static_range(CHUNKS):
-                g = _load_rows(w_ptr, g_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
-                acc += _row_dots(g, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
+                gc = _load_rows(w_ptr, g_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
+                acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
                 if GATED:
-                    u = _load_rows(w_ptr, u_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
-                    acc_u += _row_dots(u, s_ptr, u_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N,
+                    uc = _load_rows(w_ptr, u_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
+                    acc_u += _row_dots(uc, s_ptr, u_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N,
                                        BLOCK_K)
-            if GATED:
-                y = _silu_mul(acc, acc_u, dt)
-            else:
-                if HAS_BIAS:
-                    acc += tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-                y = acc.to(dt)
-            tl.store(out_ptr + col * stride_oc + t * stride_ot + n, y, mask=nmask)
+        _gemv_out(acc, acc_u, xs_ptr, bias_ptr, out_ptr, col * stride_oc + t * stride_ot, n, nmask,
+                  col if X_SCALE == 2 else t, GATED, HAS_BIAS, X_SCALE)
 
 
 @triton.jit(do_not_specialize=["T", "col_pre", "e_pre"])
-def _qgemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, T, N, col_pre, e_pre,
+def _qgemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, T, N, col_pre, e_pre,
                   stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot,
                   K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr,
                   GATED: tl.constexpr, HAS_IDS: tl.constexpr, PRE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                  X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Without ids (a linear layer): one column, expert 0; every program loads its rows, then waits for the
     kernel in front. With ids (the MoE at one token): the first PRE_COLS * num_n programs serve columns
     col_pre.. (the folded shared expert: experts e_pre.., known without the router) and load before
     waiting as well; the others wait, read their column's expert from ids (-1: nothing to do), then load."""
     pid = tl.program_id(0)
-    if not HAS_IDS:
-        _gemv_rows(x_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, 0, 0, pid, T, N, stride_xc, stride_xt, stride_we,
-                   stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K, METHOD, EPW, GROUP, SROWS, GATED,
-                   HAS_BIAS, BLOCK_N, BLOCK_K, True, PDL)
-    else:
-        num_n = tl.cdiv(N, BLOCK_N)
-        if PRE_COLS > 0:
-            if pid < PRE_COLS * num_n:
-                blk = pid // num_n
-                _gemv_rows(x_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col_pre + blk, (e_pre + blk).to(tl.int64),
-                           pid % num_n, T, N, stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn,
-                           stride_oc, stride_ot, K, METHOD, EPW, GROUP, SROWS, GATED, HAS_BIAS, BLOCK_N, BLOCK_K,
-                           True, PDL)
-            else:
-                _gemv_routed(x_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, pid - PRE_COLS * num_n, num_n, T, N,
-                             stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot,
-                             K, METHOD, EPW, GROUP, SROWS, GATED, HAS_BIAS, BLOCK_N, BLOCK_K, PDL)
-        else:
-            _gemv_routed(x_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, pid, num_n, T, N, stride_xc, stride_xt,
-                         stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K, METHOD, EPW, GROUP,
-                         SROWS, GATED, HAS_BIAS, BLOCK_N, BLOCK_K, PDL)
-
-
-@triton.jit
-def _gemv_routed(x_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, p, num_n, T, N, stride_xc, stride_xt, stride_we,
-                 stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K: tl.constexpr, METHOD: tl.constexpr,
-                 EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr, GATED: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    col = p // num_n
-    wait_for_previous(PDL)
-    e = tl.load(ids_ptr + col).to(tl.int64)
-    if e >= 0:
-        _gemv_rows(x_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, p % num_n, T, N, stride_xc, stride_xt, stride_we,
-                   stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K, METHOD, EPW, GROUP, SROWS, GATED,
-                   HAS_BIAS, BLOCK_N, BLOCK_K, False, PDL)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pre = pid < PRE_COLS * num_n if HAS_IDS else pid >= 0
+    if pre:
+        blk = pid // num_n
+        _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col_pre + blk, (e_pre + blk).to(tl.int64),
+                   pid % num_n, T, N, stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc,
+                   stride_ot, K, METHOD, EPW, GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, True, PDL)
+    elif HAS_IDS:
+        p = pid - PRE_COLS * num_n
+        col = p // num_n
+        wait_for_previous(PDL)
+        e = tl.load(ids_ptr + col).to(tl.int64)
+        if e >= 0:
+            _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, p % num_n, T, N, stride_xc,
+                       stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K, METHOD, EPW,
+                       GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, False, PDL)
 
 
 # ------------------------------------------------------------------------------ tiled tensor-core kernel
@@ -300,17 +287,19 @@ def _qdot_step(a_rows, amask, w_rows, s_cols, k0, Kdim, acc, METHOD: tl.constexp
 
 
 @triton.jit(do_not_specialize=["M", "TK", "num_m"])
-def _qmm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, M, TK, num_m, Kdim, N,
-                stride_at, stride_we, stride_wn, stride_se, stride_sn, stride_ot,
+def _qmm_kernel(a_ptr, as_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, M, TK, num_m,
+                Kdim, N, stride_at, stride_we, stride_wn, stride_se, stride_sn, stride_ot,
                 METHOD: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr, TOPK: tl.constexpr,
-                ALIGNED: tl.constexpr, GATED: tl.constexpr, A_BY_TOKEN: tl.constexpr, OUT_BY_PAIR: tl.constexpr,
+                A_SCALED: tl.constexpr, ALIGNED: tl.constexpr, GATED: tl.constexpr, A_BY_TOKEN: tl.constexpr,
+                OUT_BY_PAIR: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
     """out = x @ dequant(W)^T by tiles. ALIGNED (the fused MoE, moe.py's slot layout): each BLOCK_M block of
     slots belongs to one expert; A_BY_TOKEN: a slot reads its token's row of x (gate/up), else the slot's
     own row (down); OUT_BY_PAIR: the result goes to the slot's (token, k) pair's row (down), else the
     slot's. Else a linear layer: rows are tokens, M of them. GATED: rows n and N + n of the weight (gate,
-    up), silu(gate) * up stored."""
+    up), silu(gate) * up stored. A_SCALED: x is fp8 with a scale per row (as_ptr, `act_quant`), multiplied
+    on fp8 weights' tiles as they are (fp8 tensor-core MMA)."""
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -347,6 +336,10 @@ def _qmm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, sorted_ptr, expert_ids_p
         acc_g = acc_g * tl.load(g_scale)
         if GATED:
             acc_u = acc_u * tl.load(u_scale)
+    if A_SCALED:
+        a_scale = tl.load(as_ptr + arow, mask=valid, other=0.0)[:, None]
+        acc_g = acc_g * a_scale
+        acc_u = acc_u * a_scale
     dt = out_ptr.dtype.element_ty
     if GATED:
         y = _silu_mul(acc_g, acc_u, dt)
@@ -356,6 +349,47 @@ def _qmm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, sorted_ptr, expert_ids_p
         y = acc_g.to(dt)
     o_ptrs = out_ptr + orow[:, None] * stride_ot + offs_n[None, :]
     tl.store(o_ptrs, y, mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _round_e4m3(v):
+    """v (fp32, |v| <= 448) rounded to the nearest fp8 e4m3 value, ties to even, in fp32: Triton's interpreter
+    truncates in its fp8 casts (and drops the carry into the exponent); compiled kernels convert in hardware."""
+    e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # subnormals: a step of 2^-9
+    step = ((e + 124) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3): 3 mantissa bits
+    return ((v / step + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: round to an integer, ties to even
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    """Row r of x: scale = max|x[r]| / 448 (1 for a zero row), q = x[r] / scale in fp8 e4m3 (round to nearest)."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.load(x_ptr + r * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    m = tl.max(amax, axis=0)
+    scale = tl.where(m > 0, m / 448.0, 1.0)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.load(x_ptr + r * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        q = tl.clamp(v / scale, -448.0, 448.0)
+        if INTERP:
+            q = _round_e4m3(q)
+        tl.store(q_ptr + r * stride_q + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=k0 + offs < K)
+    tl.store(s_ptr + r, scale)
+
+
+def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row fp8 e4m3 quantization of activations x [M, K]: (q [M, K] float8_e4m3fn, scale [M] fp32),
+    x ~= q * scale[:, None]. The weight-and-activation fp8 path (`linear` / `moe_experts` act="fp8")."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        _act_quant_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0),
+                                BLOCK_K=min(2048, triton.next_power_of_2(k)), INTERP=INTERPRET, num_warps=4)
+    return q, scale
 
 
 # ------------------------------------------------------------------------------ host side
@@ -413,10 +447,11 @@ def _gemv_shape(w: _W, k: int, use: str) -> tuple[int, int]:
 
 
 def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x_col_stride: int = 0,
-          n_pre: int = 0, col_pre: int = 0, e_pre: int = 0, t: int = 1, bias=None, pdl: bool = False):
+          n_pre: int = 0, col_pre: int = 0, e_pre: int = 0, t: int = 1, bias=None, pdl: bool = False, x_scale=None):
     """Launch `_qgemv_kernel` for `use` ("linear": t tokens, one column, expert 0; "gate_up" / "down": the MoE
     at one token, a column per entry of ids, the expert's rows against x (gate_up, the same row for every
-    column) or row col of x (down)); N output rows (gate_up: N gate and N up rows, N results)."""
+    column) or row col of x (down)); N output rows (gate_up: N gate and N up rows, N results). x_scale: x is
+    fp8, with a scale per row (`act_quant`)."""
     block_n, num_warps = _gemv_shape(w, k, use)
     block_k = min(triton.next_power_of_2(k), GEMV_CHUNK)
     if w.method in (INT4, FP8_BLOCK_SCALED):
@@ -425,11 +460,13 @@ def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x
     stride_oc, stride_ot = (out.stride(0), 0) if ids is not None else (0, out.stride(0))
     stride_xc, stride_xt = (x_col_stride, 0) if ids is not None else (0, x.stride(0))
     _qgemv_kernel[(cols * triton.cdiv(n, block_n),)](
-        x, wt, w.scale, out, bias if bias is not None else out, ids if ids is not None else out, t, n, col_pre,
-        e_pre, stride_xc, stride_xt, wt.stride(0), wt.stride(1), w.scale.stride(0), w.scale.stride(1), stride_oc,
-        stride_ot, K=k, METHOD=w.method, EPW=_WORD_VALUES.get(w.method, 1), GROUP=w.group, SROWS=w.srows,
-        GATED=use == "gate_up", HAS_IDS=ids is not None, PRE_COLS=n_pre, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, **pdl_launch(pdl))
+        x, x_scale if x_scale is not None else out, wt, w.scale, out, bias if bias is not None else out,
+        ids if ids is not None else out, t, n, col_pre, e_pre, stride_xc, stride_xt, wt.stride(0), wt.stride(1),
+        w.scale.stride(0), w.scale.stride(1), stride_oc, stride_ot, K=k, METHOD=w.method,
+        EPW=_WORD_VALUES.get(w.method, 1), GROUP=w.group, SROWS=w.srows, GATED=use == "gate_up",
+        HAS_IDS=ids is not None, PRE_COLS=n_pre, HAS_BIAS=bias is not None,
+        X_SCALE=0 if x_scale is None else 2 if x_col_stride else 1, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
+        num_warps=num_warps, **pdl_launch(pdl))
     return out
 
 
@@ -440,9 +477,12 @@ def _mma_block_k(w: _W, block_k: int) -> int:
 
 
 def _mma(a, w: _W, out, n: int, k: int, cfg: dict, *, block_m: int, align=None, topk: int = 1, gated=False,
-         a_by_token=False, out_by_pair=False, tk: int = 0, bias=None):
-    """Launch `_qmm_kernel` with a GEMM config {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}."""
+         a_by_token=False, out_by_pair=False, tk: int = 0, bias=None, a_scale=None):
+    """Launch `_qmm_kernel` with a GEMM config {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}; a_scale: a is
+    fp8 with a scale per row (`act_quant`)."""
     block_k = _mma_block_k(w, cfg["BLOCK_K"])
+    if a_scale is not None:
+        block_k = max(block_k, 32)  # fp8 MMA: K steps of 32
     if align is not None:
         sorted_ids, expert_ids, num_post = align
         num_m = expert_ids.shape[0]
@@ -450,10 +490,11 @@ def _mma(a, w: _W, out, n: int, k: int, cfg: dict, *, block_m: int, align=None, 
         sorted_ids = expert_ids = num_post = out
         num_m = triton.cdiv(a.shape[0], block_m)
     _qmm_kernel[(num_m * triton.cdiv(n, cfg["BLOCK_N"]),)](
-        a, w.qweight, w.scale, out, bias if bias is not None else out, sorted_ids, expert_ids, num_post, a.shape[0],
-        tk, num_m, k, n, a.stride(0), w.qweight.stride(0), w.qweight.stride(1), w.scale.stride(0), w.scale.stride(1),
-        out.stride(0), METHOD=w.method, GROUP=w.group, SROWS=w.srows, TOPK=topk, ALIGNED=align is not None,
-        GATED=gated, A_BY_TOKEN=a_by_token, OUT_BY_PAIR=out_by_pair, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        a, a_scale if a_scale is not None else out, w.qweight, w.scale, out, bias if bias is not None else out,
+        sorted_ids, expert_ids, num_post, a.shape[0], tk, num_m, k, n, a.stride(0), w.qweight.stride(0),
+        w.qweight.stride(1), w.scale.stride(0), w.scale.stride(1), out.stride(0), METHOD=w.method, GROUP=w.group,
+        SROWS=w.srows, TOPK=topk, A_SCALED=a_scale is not None, ALIGNED=align is not None, GATED=gated,
+        A_BY_TOKEN=a_by_token, OUT_BY_PAIR=out_by_pair, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], EVEN_K=k % block_k == 0,
         IEEE=a.dtype == torch.float32, INTERP=INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
@@ -476,10 +517,11 @@ def gemv_max_tokens(w: _W) -> int:
 
 
 def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, out_dtype=None,
-           path: str | None = None, config: tuple[int, dict] | None = None) -> torch.Tensor:
+           act: str | None = None, path: str | None = None, config: tuple[int, dict] | None = None) -> torch.Tensor:
     """x [T, K] @ dequantize(qw).T + bias, accumulated in fp32, rounded to out_dtype (default x's dtype; the head:
-    float32) (see `usable`). path "gemv" or "mma" forces a kernel (benchmarks); config: (BLOCK_M, GEMM config)
-    of the tiled one."""
+    float32) (see `usable`). act="fp8" (fp8 weights): x quantized per token first (`act_quant`; the tiled
+    kernel multiplies on the fp8 tensor cores). path "gemv" or "mma" forces a kernel (benchmarks); config:
+    (BLOCK_M, GEMM config) of the tiled one."""
     if not usable(x, qw):
         raise ValueError(f"quantized linear: x {x.dtype} {list(x.shape)} on {x.device} with the {qw.method} weight "
                          f"{list(qw.shape)} (qweight {qw.qweight.dtype} {list(qw.qweight.shape)}): not served "
@@ -494,10 +536,20 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
     out = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
     if t == 0:
         return out
+    a, a_scale = _activations(x, w, act)
     if (path or ("gemv" if t <= gemv_max_tokens(w) else "mma")) == "gemv":
-        return _gemv(x, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl_flag(x) and k <= GEMV_CHUNK)
+        return _gemv(a, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl_flag(x) and k <= GEMV_CHUNK, x_scale=a_scale)
     block_m, cfg = config or linear_config(t)
-    return _mma(x, w, out, n, k, cfg, block_m=block_m, bias=bias)
+    return _mma(a, w, out, n, k, cfg, block_m=block_m, bias=bias, a_scale=a_scale)
+
+
+def _activations(x, w: _W, act: str | None):
+    """(x, None), or with act="fp8" x quantized per row: (q, scale)."""
+    if act is None:
+        return x, None
+    if act != "fp8" or w.method not in (FP8, FP8_BLOCK_SCALED):
+        raise ValueError(f"act={act!r}: activation quantization is fp8, for fp8 weights")
+    return act_quant(x)
 
 
 # ------------------------------------------------------------------------------ the fused MoE
@@ -528,13 +580,15 @@ def _check_moe(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids):
 
 
 def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weights: torch.Tensor, ids: torch.Tensor,
-                *, unsummed: bool = False, num_appended: int = 0, config: dict | None = None) -> torch.Tensor:
+                *, unsummed: bool = False, num_appended: int = 0, config: dict | None = None,
+                act: str | None = None) -> torch.Tensor:
     """sum_k weights[t, k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, k] (-1: nothing), in x's
     dtype; the roundings where moe.py's kernels (and the oracle) have them. unsummed: each (token, k) pair's
     output [T*k, H] (rows of ids -1 undefined), for the next norm to sum (norm.expert_sum_add_rms_norm).
     num_appended: the last columns of ids are the folded shared expert (experts E - n.., every token):
     at one token their weights are loaded before waiting for the kernel in front (the router). config: the
-    tiled GEMMs' block sizes (moe_configs.py's format; default: `moe_config`)."""
+    tiled GEMMs' block sizes (moe_configs.py's format; default: `moe_config`). act="fp8" (fp8 weights): x and
+    the intermediate activations quantized per row (`act_quant`), the tiled GEMMs on the fp8 tensor cores."""
     _check_moe(x, w13, w2, weights, ids)
     t, hidden = x.shape
     topk = ids.shape[1]
@@ -548,21 +602,25 @@ def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weig
     g13, g2 = _prep(w13, "w13"), _prep(w2, "w2")
     if t == 1:  # matrix-vector products, an expert per column of ids (moe.py's ONE_TOKEN path)
         inter = torch.empty(topk, inter_size, dtype=x.dtype, device=x.device)
-        pdl = pdl_flag(x)
-        _gemv(x, g13, inter, inter_size, hidden, "gate_up", cols=topk, ids=ids, n_pre=num_appended,
-              col_pre=topk - num_appended, e_pre=e - num_appended, pdl=pdl)
+        a, a_scale = _activations(x, g13, act)
+        _gemv(a, g13, inter, inter_size, hidden, "gate_up", cols=topk, ids=ids, n_pre=num_appended,
+              col_pre=topk - num_appended, e_pre=e - num_appended, pdl=pdl_flag(x) and act is None, x_scale=a_scale)
         pair_out = torch.empty(topk, hidden, dtype=x.dtype, device=x.device)
-        _gemv(inter, g2, pair_out, hidden, inter_size, "down", cols=topk, ids=ids, x_col_stride=inter.stride(0))
+        a, a_scale = _activations(inter, g2, act)
+        _gemv(a, g2, pair_out, hidden, inter_size, "down", cols=topk, ids=ids, x_col_stride=a.stride(0),
+              x_scale=a_scale)
     else:
         cfg = config or moe_config(t, e, hidden, inter_size, topk, x.dtype, g13.method)
         bm = cfg["BLOCK_M"]
         align = moe_align(ids, e, bm)
         inter = torch.empty(align[0].shape[0], inter_size, dtype=x.dtype, device=x.device)
-        _mma(x, g13, inter, inter_size, hidden, cfg["gate_up"], block_m=bm, align=align, topk=topk, gated=True,
-             a_by_token=True, tk=t * topk)
+        a, a_scale = _activations(x, g13, act)
+        _mma(a, g13, inter, inter_size, hidden, cfg["gate_up"], block_m=bm, align=align, topk=topk, gated=True,
+             a_by_token=True, tk=t * topk, a_scale=a_scale)
         pair_out = torch.empty(t * topk, hidden, dtype=x.dtype, device=x.device)
-        _mma(inter, g2, pair_out, hidden, inter_size, cfg["down"], block_m=bm, align=align, out_by_pair=True,
-             tk=t * topk)
+        a, a_scale = _activations(inter, g2, act)
+        _mma(a, g2, pair_out, hidden, inter_size, cfg["down"], block_m=bm, align=align, out_by_pair=True,
+             tk=t * topk, a_scale=a_scale)
     if unsummed:
         return pair_out
     return combine(pair_out, weights, ids, torch.empty(t, hidden, dtype=x.dtype, device=x.device))
