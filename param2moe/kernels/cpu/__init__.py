@@ -8,6 +8,10 @@ SDPA on it: three passes over the KV). It can also store the step's new k and v 
 expert's weights streamed once for all its rows), instead of two oneDNN calls per expert plus the torch
 bookkeeping around them. `P2M_CPU_NATIVE_MOE=0` turns it off alone.
 
+`quant_linear` and `quant_moe` (quant_decode.c): a linear layer and the routed experts of a MoE layer on int8 /
+int4 weights (param2moe/quant/formats.py), dequantized in registers, the activations quantized to int8 per
+block of 128 columns (VNNI dot products). `P2M_CPU_NATIVE_MOE=0` turns quant_moe off as well.
+
 The library is compiled (`cc -O3 -march=native -fopenmp -shared -fPIC`, about 0.3 s) on the first CPU decode
 call, not at import, into a per-user cache directory ($XDG_CACHE_HOME or ~/.cache, then param2moe/) under a
 name keyed by a hash of the source, the compiler, its flags and the host CPU's features; later processes load
@@ -32,6 +36,7 @@ log = logging.getLogger("param2moe")
 
 _SRC = Path(__file__).with_name("paged_decode.c")
 _MOE_SRC = Path(__file__).with_name("moe_decode.c")
+_QUANT_SRC = Path(__file__).with_name("quant_decode.c")
 _COMMON_HEADER = Path(__file__).with_name("cpu_common.h")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -206,6 +211,98 @@ def moe_decode(x, w13, w2, weights, ids):
                              int(_state["generic"]))
     if err:
         raise RuntimeError(f"native MoE experts: {'an expert id out of range' if err == 1 else 'no memory'}")
+    return out
+
+
+def _setup_quant(lib) -> None:
+    i32, p = ctypes.c_int, ctypes.c_void_p
+    fn = lib.p2m_quant_linear
+    fn.restype = i32
+    fn.argtypes = [p, i32, i32, i32, p, p, i32, i32, i32,  # x, bf16, T, K, qweight, scale, int4, group, N
+                   p, p, i32, i32]  # bias, out, threads, generic
+    fn = lib.p2m_quant_moe
+    fn.restype = i32
+    fn.argtypes = [p, i32, p, p, p, p, i32, i32,  # x, bf16, w13 q / scale, w2 q / scale, int4, group
+                   p, p, p, i32, i32, i32, i32, i32, i32, i32]  # weights, ids, out, T, K, H, I, E, threads, generic
+
+
+def _quant_lib():
+    return _load(("quant_decode",), _QUANT_SRC, (), _setup_quant)
+
+
+_QUANT_METHODS = {"int8": 0, "int4": 1}
+_QB = 128  # quant_decode.c's activation block; int4 groups must be a multiple of it
+
+
+def _quant_ok(qw, lead: int) -> bool:
+    """qw is an int8 or int4 QuantizedWeight with `lead` leading (expert) dims the kernels take, on the CPU."""
+    if getattr(qw, "method", None) not in _QUANT_METHODS or len(qw.shape) != lead + 2:
+        return False
+    if qw.qweight.device.type != "cpu" or not (qw.qweight.is_contiguous() and qw.scale.is_contiguous()):
+        return False
+    if qw.scale.dtype != torch.float32 or qw.qweight.dtype != (torch.int8 if qw.method == "int8" else torch.uint8):
+        return False
+    if qw.method == "int4" and (not qw.group_size or qw.group_size % _QB or qw.shape[-1] % qw.group_size):
+        return False
+    return True
+
+
+def quant_linear(x, qw, bias=None):
+    """x @ W.T + bias with W the int8 / int4 QuantizedWeight qw [N, K] (see quant_decode.c for the numerics:
+    x is quantized to int8 per block of 128 columns). x [T, K] (or [..., K]) float32 or bfloat16; returns
+    [..., N] in x's dtype, or None where the native path does not take these inputs or is not there."""
+    if not enabled() or x.device.type != "cpu" or x.dtype not in _DTYPES or not _quant_ok(qw, 0):
+        return None
+    n, k = qw.shape
+    if x.shape[-1] != k or x.numel() == 0 or (bias is not None and tuple(bias.shape) != (n,)):
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    lib = _quant_lib()
+    if lib is None:
+        return None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    b = None if bias is None else bias.detach().float().contiguous()
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype)
+    err = lib.p2m_quant_linear(x2.data_ptr(), _DTYPES[x.dtype], x2.shape[0], k, qw.qweight.data_ptr(),
+                               qw.scale.data_ptr(), _QUANT_METHODS[qw.method], qw.group_size, n,
+                               None if b is None else b.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+                               int(_state["generic"]))
+    if err:
+        raise RuntimeError("native quantized linear: no memory")
+    return out.reshape(*lead, n)
+
+
+def quant_moe(x, w13, w2, weights, ids):
+    """kernels.moe.moe_experts on int8 / int4 expert weights in one native call: x [T, H] float32 or bfloat16,
+    w13 [E, 2W, H] (gate rows, then up rows) and w2 [E, H, W] QuantizedWeights of one method, weights [T, K],
+    ids [T, K] (-1: none). Returns sum_k weights[t, k] * down_e(silu(gate_e(x)) * up_e(x)) [T, H] in x's dtype,
+    or None where the native path does not take these inputs or is not there."""
+    if not moe_enabled() or x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES or ids.dim() != 2:
+        return None
+    if not (_quant_ok(w13, 1) and _quant_ok(w2, 1)) or w13.method != w2.method or w13.group_size != w2.group_size:
+        return None
+    t, h = x.shape
+    e, i2, h1 = w13.shape
+    if h1 != h or i2 % 2 or tuple(w2.shape) != (e, h, i2 // 2) or weights.shape != ids.shape or ids.shape[0] != t:
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    lib = _quant_lib()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    wts = weights if weights.dtype == torch.float32 and weights.is_contiguous() else \
+        weights.float().contiguous()
+    idx = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
+    out = torch.empty((t, h), dtype=x.dtype)
+    err = lib.p2m_quant_moe(x.data_ptr(), _DTYPES[x.dtype], w13.qweight.data_ptr(), w13.scale.data_ptr(),
+                            w2.qweight.data_ptr(), w2.scale.data_ptr(), _QUANT_METHODS[w13.method], w13.group_size,
+                            wts.data_ptr(), idx.data_ptr(), out.data_ptr(), t, ids.shape[1], h, i2 // 2, e,
+                            torch.get_num_threads(), int(_state["generic"]))
+    if err:
+        raise RuntimeError(f"native quantized MoE experts: {'an expert id out of range' if err == 1 else 'no memory'}")
     return out
 
 
