@@ -28,6 +28,15 @@ EXACT = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e
 MOE_EXACT = {torch.float32: (dict(atol=5e-3, rtol=1e-5), 1e-3), torch.bfloat16: (dict(atol=5e-2, rtol=2e-2), 8e-3)}
 
 
+@pytest.fixture(params=["simd", "no-amx", "generic"])
+def quant_path(request):
+    """The kernels' fastest code (AMX tiles from 8 activation rows where the CPU has them, AVX512-VNNI below),
+    the VNNI code alone, then the plain C code."""
+    native._state["generic"] = {"simd": False, "no-amx": 2, "generic": True}[request.param]
+    yield request.param
+    native._state["generic"] = False
+
+
 def fake_quant(x: torch.Tensor) -> torch.Tensor:
     """x (float32) as the kernel sees it: quantized to int8 per block of 128 along the last dim, dequantized."""
     *lead, k = x.shape
@@ -72,9 +81,10 @@ def moe_oracle(x, w13, w2, weights, ids, act_quant: bool) -> torch.Tensor:
     (16, 1024, 64),  # 16 tokens: four full token tiles
     (7, 256, 37),    # rows not a multiple of 4 (an edge tile), tokens not of 4
     (3, 200, 20),    # int8: K not a multiple of 128 (a short last block)
-    (40, 384, 24),   # prefill-like T
+    (40, 384, 24),   # prefill-like T: AMX on whole tiles of 16 rows and of 16 tokens, VNNI on the 8 rows left
+    (33, 256, 48),   # 33 tokens: a token tile of one
 ])
-def test_linear_matches_the_oracles(method, dtype, t, k, n, native_path):
+def test_linear_matches_the_oracles(method, dtype, t, k, n, quant_path):
     if method == "int4" and k % 128:
         pytest.skip("int4 groups of 128")
     g = torch.Generator().manual_seed(t * 100 + k + n)
@@ -89,7 +99,7 @@ def test_linear_matches_the_oracles(method, dtype, t, k, n, native_path):
     assert native.quant_linear(x[None], qw).shape == (1, t, n)  # leading dims kept
 
 
-def test_linear_groups_longer_than_128(native_path):
+def test_linear_groups_longer_than_128(quant_path):
     g = torch.Generator().manual_seed(5)
     qw = quantize(torch.randn(8, 512, generator=g), "int4", group_size=256)
     x = torch.randn(3, 512, generator=g)
@@ -111,11 +121,12 @@ def _moe_inputs(t, k, h, i, e, dtype, method, seed, none_frac=0.1):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t,k,h,i,e", [
     (1, 4, 512, 256, 16),   # the benchmark model at batch 1
-    (16, 4, 512, 256, 16),  # and at 16 sequences
+    (16, 4, 512, 256, 8),   # 16 sequences
     (9, 3, 256, 384, 6),    # I of 3 blocks: threads owning whole blocks or not
     (5, 2, 200, 100, 4),    # int8: H and I not multiples of 128 or of 16
+    (48, 4, 256, 256, 8),   # about 24 rows an expert: AMX tiles (two token tiles), some experts under 8 rows
 ])
-def test_moe_matches_the_oracles(method, dtype, t, k, h, i, e, native_path):
+def test_moe_matches_the_oracles(method, dtype, t, k, h, i, e, quant_path):
     if method == "int4" and (h % 128 or i % 128):
         pytest.skip("int4 groups of 128")
     x, w13, w2, weights, ids = _moe_inputs(t, k, h, i, e, dtype, method, seed=t + k + h + i)
@@ -142,6 +153,17 @@ def test_moe_thread_counts_agree(threads):
         torch.set_num_threads(before)
     torch.testing.assert_close(got, moe_oracle(x, w13, w2, weights, ids, act_quant=True),
                                **MOE_EXACT[torch.float32][0])
+
+
+def test_onednn_after_amx():
+    """oneDNN's bf16 matmuls (AMX tiles of their own) still right after the kernels configured and released theirs."""
+    from param2moe.kernels.matmul import linear
+
+    g = torch.Generator().manual_seed(4)
+    w, x = torch.randn(64, 512, generator=g), torch.randn(32, 512, generator=g)
+    want = linear(x.bfloat16(), w.bfloat16()).float()
+    native.quant_linear(x, quantize(w, "int8"))
+    torch.testing.assert_close(linear(x.bfloat16(), w.bfloat16()).float(), want)
 
 
 def test_moe_no_pairs_and_bad_ids():

@@ -221,7 +221,7 @@ static inline __attribute__((always_inline)) void tile_vnni(const int NC, const 
 static inline void tile(int int4, int nc, const uint8_t *w, int64_t ldw, const float *ws, int64_t ldws, int gpb,
                         const arow *a, int nb, int k, const uint8_t *pf, float acc[16], int generic) {
 #if defined(P2M_VNNI)
-    if (!generic) {
+    if (generic != 1) {
 #define P2M_CASE(N)                                                                                    \
     case N:                                                                                            \
         if (int4) tile_vnni(N, 1, w, ldw, ws, ldws, gpb, a, nb, k, pf, acc);                           \
@@ -273,6 +273,191 @@ static void rows_times(const qmat *m, int r0, int r1, const arow *a, int n, floa
     }
 }
 
+/* ---------------------------------------------------------------- AMX (Sapphire Rapids and later): 16 rows at once
+ * C[16 weight rows][16 activation rows] += A[16][64] . B[64][16] in one tile instruction (tdpbssd: signed bytes on
+ * both sides, so neither offset is needed here: int4 weights are unpacked to signed bytes). A: 16 weight rows
+ * straight from memory (int8) or unpacked per tile of rows into a buffer (int4, in the blocks' nibble order);
+ * B: the activation rows rearranged once per call into tiles (bt[j][c][i][4t + r] = row 16j + t's byte 64c + 4i
+ * + r). Per block of 128 the int32 tile is stored and added, times the block's scales, into 16 float vectors. */
+#ifndef P2M_AMX_MIN_ROWS
+#define P2M_AMX_MIN_ROWS 8 /* activation rows from which the AMX tiles are used */
+#endif
+#if defined(P2M_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && !defined(P2M_NO_AMX)
+#define P2M_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+
+typedef struct {
+    uint8_t palette, start;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tilecfg;
+
+static int amx_allowed = -1;
+
+/* Whether the kernel lets this process use the tile data (Linux asks each process to request it once). */
+static int amx_ready(void) {
+    if (amx_allowed < 0) amx_allowed = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return amx_allowed;
+}
+
+/* Tiles 0 and 5 (C), 1-4 (A, B): 16 rows of 64 bytes. Per thread; _tile_release() when done. */
+static void amx_config(void) {
+    tilecfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 6; i++) c.rows[i] = 16, c.colsb[i] = 64;
+    _tile_loadconfig(&c);
+}
+#endif
+
+/* Activation rows as AMX B tiles: bt [ntiles][kp / 64][16][64] bytes, st [ntiles][kp / QB][16] scales. */
+typedef struct {
+    int8_t *bt;
+    float *st;
+    int n, kp;
+} btiles;
+
+static int btiles_alloc(btiles *b, int n, int k) {
+    b->kp = (k + QB - 1) / QB * QB;
+    b->n = n;
+    size_t nt = (size_t)(n > 0 ? n + 15 : 16) / 16;
+    b->bt = aligned_alloc(64, nt * b->kp * 16);
+    b->st = malloc(nt * (b->kp / QB) * 16 * sizeof(float));
+    return b->bt && b->st;
+}
+
+static void btiles_free(btiles *b) {
+    free(b->bt);
+    free(b->st);
+}
+
+/* Tiles [j0, j1) of b from the quantized rows a[0..n) (rows past n: zero). */
+static void btiles_fill(btiles *b, const arow *a, int n, int j0, int j1) {
+    const int nc = b->kp / 64, nb = b->kp / QB;
+    b->n = n;
+    for (int j = j0; j < j1; j++) {
+        int8_t *bj = b->bt + (size_t)j * nc * 1024;
+        float *sj = b->st + (size_t)j * nb * 16;
+        for (int t = 0; t < 16; t++) {
+            int row = j * 16 + t;
+            for (int c = 0; c < nc; c++)
+                for (int i = 0; i < 16; i++) {
+                    int32_t v = 0;
+                    if (row < n) memcpy(&v, a[row].q + c * 64 + i * 4, 4);
+                    memcpy(bj + (size_t)c * 1024 + i * 64 + t * 4, &v, 4);
+                }
+            for (int q = 0; q < nb; q++) sj[q * 16 + t] = row < n ? a[row].s[q] : 0.0f;
+        }
+    }
+}
+
+#if defined(P2M_AMX)
+/* out[c * ldo + r] = row r of m . activation row c, for rows [r0, r1) (whole tiles of 16) and the b->n rows of b.
+ * ubuf: 16 * b->kp bytes (int4's unpacked rows). */
+static void rows_times_amx(const qmat *m, int r0, int r1, const btiles *b, int8_t *ubuf, float *out, int64_t ldo) {
+    const int nb = b->kp / QB, nc = b->kp / 64, ntt = (b->n + 15) / 16;
+    const int gpb = m->int4 ? m->group / QB : 1;
+    const int64_t ldws = m->int4 ? m->k / m->group : 1;
+    int32_t ct[256] __attribute__((aligned(64)));
+    float ot[256] __attribute__((aligned(64)));
+    const __m512i lo4 = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8);
+    for (int r = r0; r + 16 <= r1; r += 16) {
+        const int8_t *A = (const int8_t *)m->q + (int64_t)r * m->k;
+        int64_t lda = m->k;
+        if (m->int4) {
+            for (int q = 0; q < 16; q++) {
+                const uint8_t *p = m->q + (int64_t)(r + q) * (m->k / 2);
+                for (int c = 0; c < nb; c++) {
+                    __m512i v = _mm512_loadu_si512(p + c * 64);
+                    __m512i l = _mm512_sub_epi8(_mm512_and_si512(v, lo4), eight);
+                    __m512i h = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), lo4), eight);
+                    _mm512_storeu_si512(ubuf + (size_t)q * b->kp + c * QB, l);
+                    _mm512_storeu_si512(ubuf + (size_t)q * b->kp + c * QB + 64, h);
+                }
+            }
+            A = ubuf;
+            lda = b->kp;
+        }
+        const float *sw = m->s + (int64_t)r * ldws;
+        for (int j = 0; j < ntt; j++) {
+            const int8_t *bj = b->bt + (size_t)j * nc * 1024;
+            const float *sj = b->st + (size_t)j * nb * 16;
+            __m512 acc[16];
+#pragma GCC unroll 16
+            for (int q = 0; q < 16; q++) acc[q] = _mm512_setzero_ps();
+            /* two blocks at a time, into tiles 0 and 5: the second block's products run while the first's are
+             * scaled */
+            for (int c = 0; c < nb; c += 2) {
+                const int two = c + 1 < nb;
+                _tile_zero(0);
+                _tile_loadd(1, A + c * QB, lda);
+                _tile_loadd(2, bj + (size_t)(2 * c) * 1024, 64);
+                _tile_loadd(3, A + c * QB + 64, lda);
+                _tile_loadd(4, bj + (size_t)(2 * c + 1) * 1024, 64);
+                _tile_dpbssd(0, 1, 2);
+                _tile_dpbssd(0, 3, 4);
+                _tile_stored(0, ct, 64);
+                if (two) {
+                    _tile_zero(5);
+                    _tile_loadd(1, A + (c + 1) * QB, lda);
+                    _tile_loadd(2, bj + (size_t)(2 * c + 2) * 1024, 64);
+                    _tile_loadd(3, A + (c + 1) * QB + 64, lda);
+                    _tile_loadd(4, bj + (size_t)(2 * c + 3) * 1024, 64);
+                    _tile_dpbssd(5, 1, 2);
+                    _tile_dpbssd(5, 3, 4);
+                }
+                for (int h = 0; h <= two; h++) {
+                    if (h) _tile_stored(5, ct, 64);
+                    __m512 sv = _mm512_loadu_ps(sj + (c + h) * 16);
+#pragma GCC unroll 16
+                    for (int q = 0; q < 16; q++) {
+                        __m512 f = _mm512_cvtepi32_ps(_mm512_load_si512(ct + q * 16));
+                        __m512 sc = m->int4 ? _mm512_mul_ps(sv, _mm512_set1_ps(sw[q * ldws + (c + h) / gpb])) : sv;
+                        acc[q] = _mm512_fmadd_ps(f, sc, acc[q]);
+                    }
+                }
+            }
+#pragma GCC unroll 16
+            for (int q = 0; q < 16; q++)
+                _mm512_store_ps(ot + q * 16, m->int4 ? acc[q] : _mm512_mul_ps(acc[q], _mm512_set1_ps(m->s[r + q])));
+            int nt = b->n - 16 * j < 16 ? b->n - 16 * j : 16;
+            for (int t = 0; t < nt; t++)
+                for (int q = 0; q < 16; q++) out[(int64_t)(16 * j + t) * ldo + r + q] = ot[q * 16 + t];
+        }
+    }
+}
+#endif
+
+/* rows_times, through the AMX tiles b for whole tiles of 16 rows where b is given (and AMX is built in). */
+static void rows_times_b(const qmat *m, int r0, int r1, const arow *a, int n, const btiles *b, int8_t *ubuf,
+                         float *out, int64_t ldo, int generic) {
+#if defined(P2M_AMX)
+    if (b) {
+        int r16 = r0 + (r1 - r0) / 16 * 16;
+        rows_times_amx(m, r0, r16, b, ubuf, out, ldo);
+        r0 = r16;
+    }
+#else
+    (void)b;
+    (void)ubuf;
+#endif
+    rows_times(m, r0, r1, a, n, out, ldo, generic);
+}
+
+/* Whether a product with n activation rows goes through the AMX tiles (generic: 1 plain C, 2 no AMX). */
+static inline int use_amx(int n, int generic) {
+#if defined(P2M_AMX)
+    return generic == 0 && n >= P2M_AMX_MIN_ROWS && amx_ready();
+#else
+    (void)n;
+    (void)generic;
+    return 0;
+#endif
+}
+
 /* [lo, hi) of n items for thread `tid` of `nt`, in multiples of `align` (the last thread takes the rest). */
 static inline void split(int n, int align, int tid, int nt, int *lo, int *hi) {
     int blocks = (n + align - 1) / align;
@@ -320,45 +505,106 @@ static inline void qbuf_quantize(qbuf *b, int i, const float *x, int k, int int4
 int p2m_quant_linear(const void *x, int xbf16, int T, int K, const uint8_t *qw, const float *ws, int int4,
                      int group, int N, const float *bias, void *out, int nthreads, int generic) {
     qbuf xq;
+    btiles xb = {0};
+    const int amx = use_amx(T, generic) && K % QB == 0, nt = nthreads > 0 ? nthreads : 1;
     float *y = xbf16 ? malloc((size_t)(T > 0 ? T : 1) * N * sizeof(float)) : (float *)out;
-    float *tmp = xbf16 ? malloc((size_t)(nthreads > 0 ? nthreads : 1) * K * sizeof(float)) : NULL;
+    float *tmp = xbf16 ? malloc((size_t)nt * K * sizeof(float)) : NULL;
     arow *rows = malloc((size_t)(T > 0 ? T : 1) * sizeof(arow));
-    int ok = qbuf_alloc(&xq, T, K) && y && rows && (!xbf16 || tmp);
-    if (!ok) {
-        qbuf_free(&xq);
-        if (xbf16) free(y), free(tmp);
-        free(rows);
-        return 2;
-    }
-    qmat m = {qw, ws, int4, K, group};
-    int nt = nthreads > 0 ? nthreads : 1;
+    int8_t *ubuf = amx && int4 ? malloc((size_t)nt * 16 * K) : NULL;
+    int ok = qbuf_alloc(&xq, T, K) && y && rows && (!xbf16 || tmp) && (!amx || (btiles_alloc(&xb, T, K) &&
+                                                                           (!int4 || ubuf)));
+    if (ok) {
+        qmat m = {qw, ws, int4, K, group};
 #pragma omp parallel num_threads(nt) if (nt > 1 && (int64_t)T * N * K > 65536)
-    {
-        int tid = omp_get_thread_num(), nth = omp_get_num_threads(), lo, hi;
-        split(T, 1, tid, nth, &lo, &hi);
-        for (int t = lo; t < hi; t++) {
-            const float *xr = as_f32((const char *)x + (size_t)t * K * (xbf16 ? 2 : 4), xbf16, K,
-                                     tmp ? tmp + (size_t)tid * K : NULL);
-            qbuf_quantize(&xq, t, xr, K, int4);
-            rows[t] = qbuf_row(&xq, t);
-        }
-#pragma omp barrier
-        split(N, 16, tid, nth, &lo, &hi);
-        rows_times(&m, lo, hi, rows, T, y, N, generic);
-        for (int t = 0; t < T; t++) {
-            float *yr = y + (size_t)t * N;
-            if (bias)
-                for (int n = lo; n < hi; n++) yr[n] += bias[n];
-            if (xbf16) {
-                uint16_t *o = (uint16_t *)out + (size_t)t * N;
-                for (int n = lo; n < hi; n++) o[n] = f32_to_bf16(yr[n]);
+        {
+            int tid = omp_get_thread_num(), nth = omp_get_num_threads(), lo, hi;
+#if defined(P2M_AMX)
+            if (amx) amx_config();
+#endif
+            split(T, 16, tid, nth, &lo, &hi); /* whole tiles of 16 tokens: a thread fills its own B tiles */
+            for (int t = lo; t < hi; t++) {
+                const float *xr = as_f32((const char *)x + (size_t)t * K * (xbf16 ? 2 : 4), xbf16, K,
+                                         tmp ? tmp + (size_t)tid * K : NULL);
+                qbuf_quantize(&xq, t, xr, K, int4);
+                rows[t] = qbuf_row(&xq, t);
             }
+            if (amx && lo < hi) btiles_fill(&xb, rows, T, lo / 16, (hi + 15) / 16);
+#pragma omp barrier
+            split(N, 16, tid, nth, &lo, &hi);
+            rows_times_b(&m, lo, hi, rows, T, amx ? &xb : NULL, ubuf ? ubuf + (size_t)tid * 16 * K : NULL, y, N,
+                         generic);
+            for (int t = 0; t < T; t++) {
+                float *yr = y + (size_t)t * N;
+                if (bias)
+                    for (int n = lo; n < hi; n++) yr[n] += bias[n];
+                if (xbf16) {
+                    uint16_t *o = (uint16_t *)out + (size_t)t * N;
+                    for (int n = lo; n < hi; n++) o[n] = f32_to_bf16(yr[n]);
+                }
+            }
+#if defined(P2M_AMX)
+            if (amx) _tile_release();
+#endif
         }
     }
     qbuf_free(&xq);
+    if (amx) btiles_free(&xb);
     if (xbf16) free(y), free(tmp);
     free(rows);
+    free(ubuf);
+    return ok ? 0 : 2;
+}
+
+/* Pairs (token, expert) grouped by expert: counts[e]..counts[e + 1] index pair_tok / pair_w. Returns 0, 1 for an
+ * expert id >= E. */
+static int group_pairs(const int64_t *ids, const float *weights, int P, int K, int E, int *counts, int *pos,
+                       int *pair_tok, float *pair_w, int *maxn) {
+    for (int p = 0; p < P; p++) {
+        if (ids[p] >= E) return 1;
+        if (ids[p] >= 0) counts[ids[p] + 1]++;
+    }
+    *maxn = 0;
+    for (int e = 0; e < E; e++) {
+        *maxn = counts[e + 1] > *maxn ? counts[e + 1] : *maxn;
+        counts[e + 1] += counts[e];
+    }
+    memcpy(pos, counts, (size_t)E * sizeof(int));
+    for (int p = 0; p < P; p++) {
+        if (ids[p] < 0) continue;
+        int s = pos[ids[p]]++;
+        pair_tok[s] = p / K;
+        pair_w[s] = weights[p];
+    }
     return 0;
+}
+
+/* silu(gate) * up for columns [j0, j1) of n rows (gate rows g, up rows u, both of I), with moe_experts' bf16
+ * roundings when bf16. */
+static void swiglu(const float *g, const float *u, float *act, int n, int I, int j0, int j1, int bf16) {
+    for (int r = 0; r < n; r++) {
+        const float *gr = g + (size_t)r * I, *ur = u + (size_t)r * I;
+        float *ar = act + (size_t)r * I;
+        if (bf16) {
+#pragma omp simd
+            for (int j = j0; j < j1; j++) {
+                float gv = round_bf16(gr[j]), uv = round_bf16(ur[j]);
+                float sv = round_bf16(gv / (1.0f + exp_approx(-gv)));
+                ar[j] = round_bf16(sv * uv);
+            }
+        } else {
+#pragma omp simd
+            for (int j = j0; j < j1; j++) ar[j] = gr[j] / (1.0f + exp_approx(-gr[j])) * ur[j];
+        }
+    }
+}
+
+/* Quantize blocks [b0, b1) of row r of act (I columns) into a. */
+static inline void quantize_act_blocks(const float *act, int r, int I, int b0, int b1, int int4, qbuf *a) {
+    for (int b = b0; b < b1; b++) {
+        int k0 = b * QB, kn = I - k0 < QB ? I - k0 : QB;
+        quantize_row(act + (size_t)r * I + k0, kn, int4, int4 ? 8 : 128, a->q + (size_t)r * a->kp + k0,
+                     a->s + (size_t)r * a->nb + b, a->c + (size_t)r * a->nb + b);
+    }
 }
 
 /* The routed experts (see the top of the file): x [T, H] (fp32 or bf16), w13 [E, 2I, H] and w2 [E, H, I] in one
@@ -367,150 +613,129 @@ int p2m_quant_linear(const void *x, int xbf16, int T, int K, const uint8_t *qw, 
 int p2m_quant_moe(const void *x, int xbf16, const uint8_t *w13, const float *s13, const uint8_t *w2,
                   const float *s2, int int4, int group, const float *weights, const int64_t *ids, void *out, int T,
                   int K, int H, int I, int E, int nthreads, int generic) {
-    int P = T * K;
-    int *counts = calloc((size_t)E + 1, sizeof(int));
-    int *pos = malloc(((size_t)E + 1) * sizeof(int));
+    const int P = T * K, nt = nthreads > 0 ? nthreads : 1;
+    int *counts = calloc((size_t)E + 1, sizeof(int)), *pos = malloc(((size_t)E + 1) * sizeof(int));
     int *pair_tok = malloc((size_t)(P > 0 ? P : 1) * sizeof(int));
     float *pair_w = malloc((size_t)(P > 0 ? P : 1) * sizeof(float));
-    int err = !counts || !pos || !pair_tok || !pair_w ? 2 : 0;
-    for (int p = 0; p < P && !err; p++) {
-        if (ids[p] >= E) err = 1;
-        else if (ids[p] >= 0) counts[ids[p] + 1]++;
-    }
-    int maxn = 0;
-    for (int e = 0; e < E && !err; e++) {
-        maxn = counts[e + 1] > maxn ? counts[e + 1] : maxn;
-        counts[e + 1] += counts[e];
-    }
-    if (!err) {
-        memcpy(pos, counts, (size_t)E * sizeof(int));
-        for (int p = 0; p < P; p++) {
-            if (ids[p] < 0) continue;
-            int s = pos[ids[p]]++;
-            pair_tok[s] = p / K;
-            pair_w[s] = weights[p];
-        }
-    }
-    int nt = nthreads > 0 ? nthreads : 1, mn = maxn > 0 ? maxn : 1;
-    size_t th = (size_t)T * H, mi = (size_t)mn * I;
+    int maxn = 0, err = !counts || !pos || !pair_tok || !pair_w ? 2 : 0;
+    if (!err) err = group_pairs(ids, weights, P, K, E, counts, pos, pair_tok, pair_w, &maxn);
+    const int mn = maxn > 0 ? maxn : 1;
+    /* AMX for the experts with enough rows (int8: H and I whole blocks, as its A tiles read 128 bytes a block) */
+    const int amx = use_amx(maxn, generic) && H % QB == 0 && I % QB == 0;
+    const size_t th = (size_t)T * H, mi = (size_t)mn * I, kmax = (size_t)(H > I ? H : I) + QB;
     qbuf xq = {0}, aq[2] = {{0}, {0}};
+    btiles xb = {0}, ab = {0};
     float *y = NULL, *gu = NULL, *act = NULL, *dn = NULL, *tmp = NULL;
     arow *xr = NULL;
+    int8_t *ubuf = NULL;
     if (!err) {
         int ok = qbuf_alloc(&xq, T, H) && qbuf_alloc(&aq[0], mn, I) && qbuf_alloc(&aq[1], mn, I);
+        ok = ok && (!amx || (btiles_alloc(&xb, mn, H) && btiles_alloc(&ab, mn, I)));
         y = xbf16 ? malloc((th > 0 ? th : 1) * sizeof(float)) : (float *)out;
         gu = malloc(2 * mi * sizeof(float));  /* gate [n, I], up [n, I] of the current expert */
         act = malloc(mi * sizeof(float));     /* silu(gate) * up, before quantization */
         dn = malloc((size_t)mn * H * sizeof(float));
         tmp = malloc((size_t)nt * H * sizeof(float));
         xr = malloc((size_t)mn * 2 * nt * sizeof(arow)); /* per thread: the expert's x rows, its act rows */
-        if (!ok || !y || !gu || !act || !dn || !tmp || !xr) err = 2;
+        ubuf = amx && int4 ? malloc((size_t)nt * 16 * kmax) : NULL;
+        if (!ok || !y || !gu || !act || !dn || !tmp || !xr || (amx && int4 && !ubuf)) err = 2;
     }
-    if (err) {
-        free(counts); free(pos); free(pair_tok); free(pair_w);
-        qbuf_free(&xq); qbuf_free(&aq[0]); qbuf_free(&aq[1]);
-        if (xbf16) free(y);
-        free(gu); free(act); free(dn); free(tmp); free(xr);
-        return err;
-    }
-    const qmat gate0 = {w13, s13, int4, H, group}, down0 = {w2, s2, int4, I, group};
-    const int64_t w13b = int4 ? (int64_t)I * H : (int64_t)2 * I * H;  /* bytes of an expert's gate and up */
-    const int64_t w13sz = int4 ? (int64_t)2 * I * (H / group) : (int64_t)2 * I;
-    const int64_t w2b = int4 ? (int64_t)H * I / 2 : (int64_t)H * I, w2sz = int4 ? (int64_t)H * (I / group) : H;
-    const int nbi = (I + QB - 1) / QB;
+    if (!err) {
+        const qmat gate0 = {w13, s13, int4, H, group}, down0 = {w2, s2, int4, I, group};
+        const int64_t w13b = int4 ? (int64_t)I * H : (int64_t)2 * I * H; /* bytes of an expert's gate and up */
+        const int64_t w13sz = int4 ? (int64_t)2 * I * (H / group) : (int64_t)2 * I;
+        const int64_t w2b = int4 ? (int64_t)H * I / 2 : (int64_t)H * I, w2sz = int4 ? (int64_t)H * (I / group) : H;
+        const int nbi = (I + QB - 1) / QB;
 #pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        int tid = omp_get_thread_num(), nth = omp_get_num_threads(), lo, hi;
-        split(T, 1, tid, nth, &lo, &hi);
-        for (int t = lo; t < hi; t++) {
-            const float *xf = as_f32((const char *)x + (size_t)t * H * (xbf16 ? 2 : 4), xbf16, H, tmp + (size_t)tid * H);
-            qbuf_quantize(&xq, t, xf, H, int4);
-            memset(y + (size_t)t * H, 0, (size_t)H * sizeof(float));
-        }
-        /* own: each thread's gate/up columns are whole blocks of 128, which it quantizes itself */
-        const int own = nbi >= nth;
-        int jlo, jhi, hlo, hhi;
-        split(I, own ? QB : 16, tid, nth, &jlo, &jhi);
-        split(H, 16, tid, nth, &hlo, &hhi);
-        arow *xp = xr + (size_t)tid * 2 * mn, *ap = xp + mn;
+        {
+            int tid = omp_get_thread_num(), nth = omp_get_num_threads(), lo, hi;
+#if defined(P2M_AMX)
+            if (amx) amx_config();
+#endif
+            split(T, 1, tid, nth, &lo, &hi);
+            for (int t = lo; t < hi; t++) {
+                const float *xf = as_f32((const char *)x + (size_t)t * H * (xbf16 ? 2 : 4), xbf16, H,
+                                         tmp + (size_t)tid * H);
+                qbuf_quantize(&xq, t, xf, H, int4);
+                memset(y + (size_t)t * H, 0, (size_t)H * sizeof(float));
+            }
+            /* own: each thread's gate/up columns are whole blocks of 128, which it quantizes itself */
+            const int own = nbi >= nth;
+            int jlo, jhi, hlo, hhi;
+            split(I, own ? QB : 16, tid, nth, &jlo, &jhi);
+            split(H, 16, tid, nth, &hlo, &hhi);
+            arow *xp = xr + (size_t)tid * 2 * mn, *ap = xp + mn;
+            int8_t *ub = ubuf ? ubuf + (size_t)tid * 16 * kmax : NULL;
 #pragma omp barrier
-        int parity = 0;
-        for (int e = 0; e < E; e++) {
-            int s0 = counts[e], n = counts[e + 1] - s0;
-            if (n == 0) continue;
-            qbuf *a = &aq[parity];
-            parity ^= 1;
-            for (int r = 0; r < n; r++) xp[r] = qbuf_row(&xq, pair_tok[s0 + r]);
-            qmat g = gate0, u = gate0, d = down0;
-            g.q = w13 + e * w13b;
-            g.s = s13 + e * w13sz;
-            u.q = g.q + (int4 ? (int64_t)I * H / 2 : (int64_t)I * H);
-            u.s = g.s + (int4 ? (int64_t)I * (H / group) : I);
-            d.q = w2 + e * w2b;
-            d.s = s2 + e * w2sz;
-            rows_times(&g, jlo, jhi, xp, n, gu, I, generic);
-            rows_times(&u, jlo, jhi, xp, n, gu + mi, I, generic);
-            for (int r = 0; r < n; r++) {
-                const float *gr = gu + (size_t)r * I, *ur = gu + mi + (size_t)r * I;
-                float *ar = act + (size_t)r * I;
-                if (xbf16) {
-#pragma omp simd
-                    for (int j = jlo; j < jhi; j++) {
-                        float gv = round_bf16(gr[j]), uv = round_bf16(ur[j]);
-                        float sv = round_bf16(gv / (1.0f + exp_approx(-gv)));
-                        ar[j] = round_bf16(sv * uv);
-                    }
+            int parity = 0;
+            for (int e = 0; e < E; e++) {
+                int s0 = counts[e], n = counts[e + 1] - s0, tiles = (n + 15) / 16;
+                if (n == 0) continue;
+                const int ea = amx && n >= P2M_AMX_MIN_ROWS;
+                qbuf *a = &aq[parity];
+                parity ^= 1;
+                for (int r = 0; r < n; r++) xp[r] = qbuf_row(&xq, pair_tok[s0 + r]);
+                if (ea) {
+                    split(tiles, 1, tid, nth, &lo, &hi);
+                    btiles_fill(&xb, xp, n, lo, hi);
+#pragma omp barrier
+                }
+                qmat g = gate0, u = gate0, d = down0;
+                g.q = w13 + e * w13b;
+                g.s = s13 + e * w13sz;
+                u.q = g.q + (int4 ? (int64_t)I * H / 2 : (int64_t)I * H);
+                u.s = g.s + (int4 ? (int64_t)I * (H / group) : I);
+                d.q = w2 + e * w2b;
+                d.s = s2 + e * w2sz;
+                rows_times_b(&g, jlo, jhi, xp, n, ea ? &xb : NULL, ub, gu, I, generic);
+                rows_times_b(&u, jlo, jhi, xp, n, ea ? &xb : NULL, ub, gu + mi, I, generic);
+                swiglu(gu, gu + mi, act, n, I, jlo, jhi, xbf16);
+                if (own) {
+                    for (int r = 0; r < n; r++) quantize_act_blocks(act, r, I, jlo / QB, (jhi + QB - 1) / QB, int4, a);
                 } else {
-#pragma omp simd
-                    for (int j = jlo; j < jhi; j++) ar[j] = gr[j] / (1.0f + exp_approx(-gr[j])) * ur[j];
+#pragma omp barrier
+                    split(n * nbi, 1, tid, nth, &lo, &hi);
+                    for (int p = lo; p < hi; p++) quantize_act_blocks(act, p / nbi, I, p % nbi, p % nbi + 1, int4, a);
                 }
-            }
-            if (own) {
-                for (int r = 0; r < n; r++)
-                    for (int b = jlo / QB; b * QB < jhi; b++) {
-                        int k0 = b * QB, kn = I - k0 < QB ? I - k0 : QB;
-                        quantize_row(act + (size_t)r * I + k0, kn, int4, int4 ? 8 : 128,
-                                     a->q + (size_t)r * a->kp + k0, a->s + (size_t)r * a->nb + b,
-                                     a->c + (size_t)r * a->nb + b);
+#pragma omp barrier
+                for (int r = 0; r < n; r++) ap[r] = qbuf_row(a, r);
+                if (ea) {
+                    split(tiles, 1, tid, nth, &lo, &hi);
+                    btiles_fill(&ab, ap, n, lo, hi);
+#pragma omp barrier
+                }
+                rows_times_b(&d, hlo, hhi, ap, n, ea ? &ab : NULL, ub, dn, H, generic);
+                for (int r = 0; r < n; r++) {
+                    float wt = pair_w[s0 + r];
+                    float *yr = y + (size_t)pair_tok[s0 + r] * H;
+                    const float *dr = dn + (size_t)r * H;
+                    if (xbf16) {
+#pragma omp simd
+                        for (int h = hlo; h < hhi; h++) yr[h] += round_bf16(dr[h]) * wt;
+                    } else {
+#pragma omp simd
+                        for (int h = hlo; h < hhi; h++) yr[h] += dr[h] * wt;
                     }
-            } else {
-#pragma omp barrier
-                int plo, phi;
-                split(n * nbi, 1, tid, nth, &plo, &phi);
-                for (int p = plo; p < phi; p++) {
-                    int r = p / nbi, b = p % nbi, k0 = b * QB, kn = I - k0 < QB ? I - k0 : QB;
-                    quantize_row(act + (size_t)r * I + k0, kn, int4, int4 ? 8 : 128, a->q + (size_t)r * a->kp + k0,
-                                 a->s + (size_t)r * a->nb + b, a->c + (size_t)r * a->nb + b);
                 }
+                /* No barrier: the next expert writes only this thread's gate/up columns, the act buffer only in
+                 * this thread's columns (own) or after a barrier, the other quantized buffer, and the B tiles
+                 * after the barrier that follows its gate/up. */
             }
 #pragma omp barrier
-            for (int r = 0; r < n; r++) ap[r] = qbuf_row(a, r);
-            rows_times(&d, hlo, hhi, ap, n, dn, H, generic);
-            for (int r = 0; r < n; r++) {
-                float wt = pair_w[s0 + r];
-                float *yr = y + (size_t)pair_tok[s0 + r] * H;
-                const float *dr = dn + (size_t)r * H;
-                if (xbf16) {
-#pragma omp simd
-                    for (int h = hlo; h < hhi; h++) yr[h] += round_bf16(dr[h]) * wt;
-                } else {
-#pragma omp simd
-                    for (int h = hlo; h < hhi; h++) yr[h] += dr[h] * wt;
-                }
+            if (xbf16) {
+                split((int)th, 64, tid, nth, &lo, &hi);
+                uint16_t *ob = (uint16_t *)out;
+                for (int i = lo; i < hi; i++) ob[i] = f32_to_bf16(y[i]);
             }
-            /* No barrier: the next expert writes only this thread's gate/up columns, the act buffer only in
-             * this thread's columns (own) or after a barrier, and the other quantized buffer. */
-        }
-#pragma omp barrier
-        if (xbf16) {
-            split((int)th, 64, tid, nth, &lo, &hi);
-            uint16_t *ob = (uint16_t *)out;
-            for (int i = lo; i < hi; i++) ob[i] = f32_to_bf16(y[i]);
+#if defined(P2M_AMX)
+            if (amx) _tile_release();
+#endif
         }
     }
     free(counts); free(pos); free(pair_tok); free(pair_w);
     qbuf_free(&xq); qbuf_free(&aq[0]); qbuf_free(&aq[1]);
+    if (amx) btiles_free(&xb), btiles_free(&ab);
     if (xbf16) free(y);
-    free(gu); free(act); free(dn); free(tmp); free(xr);
-    return 0;
+    free(gu); free(act); free(dn); free(tmp); free(xr); free(ubuf);
+    return err;
 }
