@@ -99,6 +99,16 @@ def test_linear_matches_the_oracles(method, dtype, t, k, n, quant_path):
     assert native.quant_linear(x[None], qw).shape == (1, t, n)  # leading dims kept
 
 
+def test_linear_float32_out_of_bf16(quant_path):
+    """out_dtype=float32 (the head's logits): the sums unrounded."""
+    g = torch.Generator().manual_seed(6)
+    qw = quantize(torch.randn(40, 256, generator=g), "int4")
+    x = torch.randn(20, 256, generator=g).bfloat16()
+    got = native.quant_linear(x, qw, out_dtype=torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, fake_quant(x.float()) @ dequantize(qw).T, **EXACT[torch.float32])
+
+
 def test_linear_groups_longer_than_128(quant_path):
     g = torch.Generator().manual_seed(5)
     qw = quantize(torch.randn(8, 512, generator=g), "int4", group_size=256)

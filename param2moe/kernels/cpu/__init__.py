@@ -10,7 +10,8 @@ bookkeeping around them. `P2M_CPU_NATIVE_MOE=0` turns it off alone.
 
 `quant_linear` and `quant_moe` (quant_decode.c): a linear layer and the routed experts of a MoE layer on int8 /
 int4 weights (param2moe/quant/formats.py), dequantized in registers, the activations quantized to int8 per
-block of 128 columns (VNNI dot products). `P2M_CPU_NATIVE_MOE=0` turns quant_moe off as well.
+block of 128 columns (VNNI dot products; AMX tiles from 8 rows where the CPU has them).
+`P2M_CPU_NATIVE_MOE=0` turns quant_moe off as well.
 
 The library is compiled (`cc -O3 -march=native -fopenmp -shared -fPIC`, about 0.3 s) on the first CPU decode
 call, not at import, into a per-user cache directory ($XDG_CACHE_HOME or ~/.cache, then param2moe/) under a
@@ -218,7 +219,7 @@ def _setup_quant(lib) -> None:
     i32, p = ctypes.c_int, ctypes.c_void_p
     fn = lib.p2m_quant_linear
     fn.restype = i32
-    fn.argtypes = [p, i32, i32, i32, p, p, i32, i32, i32,  # x, bf16, T, K, qweight, scale, int4, group, N
+    fn.argtypes = [p, i32, i32, i32, i32, p, p, i32, i32, i32,  # x, bf16, out bf16, T, K, q, scale, int4, group, N
                    p, p, i32, i32]  # bias, out, threads, generic
     fn = lib.p2m_quant_moe
     fn.restype = i32
@@ -247,11 +248,15 @@ def _quant_ok(qw, lead: int) -> bool:
     return True
 
 
-def quant_linear(x, qw, bias=None):
+def quant_linear(x, qw, bias=None, out_dtype=None):
     """x @ W.T + bias with W the int8 / int4 QuantizedWeight qw [N, K] (see quant_decode.c for the numerics:
     x is quantized to int8 per block of 128 columns). x [T, K] (or [..., K]) float32 or bfloat16; returns
-    [..., N] in x's dtype, or None where the native path does not take these inputs or is not there."""
+    [..., N] in out_dtype (default x's; float32 for logits), or None where the native path does not take these
+    inputs or is not there."""
+    out_dtype = out_dtype or x.dtype
     if not enabled() or x.device.type != "cpu" or x.dtype not in _DTYPES or not _quant_ok(qw, 0):
+        return None
+    if out_dtype not in (x.dtype, torch.float32):
         return None
     n, k = qw.shape
     if x.shape[-1] != k or x.numel() == 0 or (bias is not None and tuple(bias.shape) != (n,)):
@@ -264,10 +269,10 @@ def quant_linear(x, qw, bias=None):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     b = None if bias is None else bias.detach().float().contiguous()
-    out = torch.empty((x2.shape[0], n), dtype=x.dtype)
-    err = lib.p2m_quant_linear(x2.data_ptr(), _DTYPES[x.dtype], x2.shape[0], k, qw.qweight.data_ptr(),
-                               qw.scale.data_ptr(), _QUANT_METHODS[qw.method], qw.group_size, n,
-                               None if b is None else b.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+    out = torch.empty((x2.shape[0], n), dtype=out_dtype)
+    err = lib.p2m_quant_linear(x2.data_ptr(), _DTYPES[x.dtype], _DTYPES[out_dtype], x2.shape[0], k,
+                               qw.qweight.data_ptr(), qw.scale.data_ptr(), _QUANT_METHODS[qw.method], qw.group_size,
+                               n, None if b is None else b.data_ptr(), out.data_ptr(), torch.get_num_threads(),
                                int(_state["generic"]))
     if err:
         raise RuntimeError("native quantized linear: no memory")

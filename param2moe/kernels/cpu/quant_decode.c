@@ -24,8 +24,13 @@
  * a weight tile's bytes are unpacked once for its activation rows. Elsewhere a plain C path computes the same
  * integer sums.
  *
- * Large T (prefill) runs the same tiles: each weight tile is read from memory once per thread and reused from the
- * L1 cache for every group of 4 tokens (so the weights are unpacked once for 4 tokens, never written out).
+ * From 8 activation rows on (more tokens, or an expert's rows at prefill) AMX tiles take over where the CPU has them
+ * (Sapphire Rapids on): 16 weight rows x 16 activation rows x 64 columns an instruction, signed bytes both sides
+ * (int4 unpacked per 16 rows into a small buffer), the int32 tile scaled into float accumulators per block; the
+ * rows left over (fewer than 16) go the VNNI way. Each weight tile is read from memory once per thread and reused
+ * from the cache for every group of 16 tokens: prefill never writes out dequantized weights.
+ * Measured (one core of a Xeon with AMX, shared machine, K = N = 2048, process CPU time): T = 1: int4 0.10 ms,
+ * int8 0.19, oneDNN bf16 0.39; T = 16: 0.29 / 0.25 / 0.41; T = 256: 3.1 / 2.7 / 2.2 (AMX bf16 on 2x the bytes).
  *
  * The MoE call: pairs grouped by expert (counting sort, stable, as moe_decode.c); per expert, threads split gate /
  * up by intermediate columns, the SiLU * up is computed and quantized (by the thread that computed the columns
@@ -500,14 +505,14 @@ static inline void qbuf_quantize(qbuf *b, int i, const float *x, int k, int int4
                  b->c + (size_t)i * b->nb);
 }
 
-/* out [T, N] (x's dtype) = x [T, K] (fp32 or bf16) times the weight's transpose, plus bias (fp32 [N] or NULL).
+/* out [T, N] (bf16 or fp32) = x [T, K] (fp32 or bf16) times the weight's transpose, plus bias (fp32 [N] or NULL).
  * Returns 0, or 2 for no memory. */
-int p2m_quant_linear(const void *x, int xbf16, int T, int K, const uint8_t *qw, const float *ws, int int4,
+int p2m_quant_linear(const void *x, int xbf16, int obf16, int T, int K, const uint8_t *qw, const float *ws, int int4,
                      int group, int N, const float *bias, void *out, int nthreads, int generic) {
     qbuf xq;
     btiles xb = {0};
     const int amx = use_amx(T, generic) && K % QB == 0, nt = nthreads > 0 ? nthreads : 1;
-    float *y = xbf16 ? malloc((size_t)(T > 0 ? T : 1) * N * sizeof(float)) : (float *)out;
+    float *y = obf16 ? malloc((size_t)(T > 0 ? T : 1) * N * sizeof(float)) : (float *)out;
     float *tmp = xbf16 ? malloc((size_t)nt * K * sizeof(float)) : NULL;
     arow *rows = malloc((size_t)(T > 0 ? T : 1) * sizeof(arow));
     int8_t *ubuf = amx && int4 ? malloc((size_t)nt * 16 * K) : NULL;
@@ -537,7 +542,7 @@ int p2m_quant_linear(const void *x, int xbf16, int T, int K, const uint8_t *qw, 
                 float *yr = y + (size_t)t * N;
                 if (bias)
                     for (int n = lo; n < hi; n++) yr[n] += bias[n];
-                if (xbf16) {
+                if (obf16) {
                     uint16_t *o = (uint16_t *)out + (size_t)t * N;
                     for (int n = lo; n < hi; n++) o[n] = f32_to_bf16(yr[n]);
                 }
@@ -549,7 +554,8 @@ int p2m_quant_linear(const void *x, int xbf16, int T, int K, const uint8_t *qw, 
     }
     qbuf_free(&xq);
     if (amx) btiles_free(&xb);
-    if (xbf16) free(y), free(tmp);
+    if (obf16) free(y);
+    free(tmp);
     free(rows);
     free(ubuf);
     return ok ? 0 : 2;
