@@ -43,7 +43,8 @@ def fake_quant(x: torch.Tensor) -> torch.Tensor:
     kp = -(-k // 128) * 128
     blocks = F.pad(x, (0, kp - k)).reshape(*lead, kp // 128, 128)
     amax = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # tensor / tensor: 127.0 / amax would be amax.reciprocal() * 127 (two roundings; the kernel divides once)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     return (torch.round(blocks * inv) * (amax / 127.0)).reshape(*lead, kp)[..., :k]
 
 
