@@ -25,7 +25,9 @@ and an f32 KV cache (`-fa off -ctk f32 -ctv f32`, the bindings' equivalents).
 
 agree: a float32 checkpoint of the layout (writer preset "small"; --ckpt to use another) converted to an f32 GGUF;
     the same random token ids through both engines (param2moe: prompt_logprobs; llama.cpp: all logits),
-    compared per position: the log-probability of the next token, and the top-1 token.
+    compared per position: the log-probability of the next token, and the top-1 token. Without --ckpt / --set,
+    also variants of the layout (AGREE_VARIANTS: partial RoPE, grouped routing, unnormalized and unscaled
+    routing weights, softmax scores).
 bench: cpu_bench.py's checkpoint (46.7M parameters, bf16) converted to bf16, Q8_0 and Q4_0 GGUFs; per format,
     batch-1 decode (ms a token after a --input-len prompt) and 16-sequence throughput (output tokens/s over the
     whole run, prefill included), param2moe (bf16, int8, int4: `quantization=`) beside llama.cpp (bf16, Q8_0,
@@ -215,7 +217,14 @@ def ours_logprobs(ckpt: str, tokens: list[int], dtype: str, quantization: str | 
     return {"logprob": lp, "top1": top1}
 
 
-def agree(a) -> dict:
+# Layout variants of the small checkpoint checked by default: each a feature the two engines could read
+# differently (the converter's defaults, the grouped router, the routing weights).
+AGREE_VARIANTS = ([], ["partial_rotary_factor=0.5"], ["n_group=4", "topk_group=2"], ["norm_topk_prob=false"],
+                  ["routed_scaling_factor=1.0"], ['score_function="softmax"', "moe_router_enable_expert_bias=false"])
+
+
+def agree_one(a, sets: list[str]) -> dict:
+    """One checkpoint (a.ckpt, or the small preset in float32 with `sets` applied) through both engines."""
     import random
 
     from param2moe.writer import preset_config, write_checkpoint
@@ -224,7 +233,8 @@ def agree(a) -> dict:
         ckpt = a.ckpt
         if not ckpt:
             ckpt = os.path.join(tmp, "ckpt")
-            write_checkpoint(ckpt, preset_config("small", {"torch_dtype": "float32"}), seed=0)
+            over = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in sets)}
+            write_checkpoint(ckpt, preset_config("small", {"torch_dtype": "float32", **over}), seed=0)
         with open(os.path.join(ckpt, "config.json")) as f:
             vocab = json.load(f)["vocab_size"]
         rng = random.Random(0)
@@ -234,13 +244,19 @@ def agree(a) -> dict:
         ours = ours_logprobs(ckpt, tokens, "float32")
     diffs = [abs(x - y) for x, y in zip(ours["logprob"], theirs["logprob"])]
     same = sum(x == y for x, y in zip(ours["top1"], theirs["top1"]))
-    res = {"checkpoint": a.ckpt or "writer preset small, float32, seed 0", "tokens": len(tokens),
-           "logprob_abs_diff_max": max(diffs), "logprob_abs_diff_mean": sum(diffs) / len(diffs),
+    res = {"checkpoint": a.ckpt or "writer preset small, float32, seed 0", "config_changes": sets,
+           "tokens": len(tokens), "logprob_abs_diff_max": max(diffs), "logprob_abs_diff_mean": sum(diffs) / len(diffs),
            "top1_agreement": same / len(diffs), "mean_logprob_ours": sum(ours["logprob"]) / len(diffs),
            "mean_logprob_llamacpp": sum(theirs["logprob"]) / len(diffs)}
-    print(f"float32, {len(tokens)} tokens: |logprob difference| max {res['logprob_abs_diff_max']:.2e}, mean "
-          f"{res['logprob_abs_diff_mean']:.2e}; top-1 agreement {res['top1_agreement']:.1%}")
+    print(f"float32 {' '.join(sets) or '(as written)'}, {len(tokens)} tokens: |logprob difference| max "
+          f"{res['logprob_abs_diff_max']:.2e}, mean {res['logprob_abs_diff_mean']:.2e}; top-1 agreement "
+          f"{res['top1_agreement']:.1%}", flush=True)
     return res
+
+
+def agree(a) -> list[dict]:
+    variants = [a.set] if a.set or a.ckpt else AGREE_VARIANTS
+    return [agree_one(a, sets) for sets in variants]
 
 
 # ================================================================== speed
@@ -310,6 +326,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="build: parallel compile jobs")
     ap.add_argument("--ckpt", help="agree: this checkpoint (float32) instead of a fresh small one")
     ap.add_argument("--tokens", type=int, default=96, help="agree: sequence length")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="agree: a config value of the small checkpoint (e.g. partial_rotary_factor=0.5); only this")
     ap.add_argument("--pre-tokenizer", default="gpt-2", help="the pre-tokenizer name the converter is given")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--formats", default="bf16,int8,int4")
