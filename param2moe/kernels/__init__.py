@@ -229,14 +229,21 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
     if t:
         return t.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
                                  max_query_len, max_context_len, new_kv=new_kv)
+    cpu_decode = max_query_len == 1 and _BACKEND == "auto" and q.device.type == "cpu"
+    if cpu_decode and new_kv is not None:  # the C kernel (cpu/): QK-norm, RoPE, the cache write and attention
+        k, v, slots, *norm_rope = new_kv
+        out = _cpu.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len,
+                                (k, v, slots), norm_rope)
+        if out is not None:  # None: off (P2M_CPU_NATIVE=0), no compiler, or inputs it does not take
+            return out
     kv = None
     if new_kv is not None:
         k, v, slots, q_weight, k_weight, cos, sin, eps = new_kv
         q, k = _rope.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
         kv = (k, v, slots)
-    if max_query_len == 1 and _BACKEND == "auto" and q.device.type == "cpu":  # CPU decode: the C kernel (cpu/)
+    if cpu_decode:
         out = _cpu.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, kv)
-        if out is not None:  # None: off (P2M_CPU_NATIVE=0), no compiler, or inputs it does not take
+        if out is not None:
             return out
     if kv is not None:
         _attention.write_kv_cache(kv[0], kv[1], k_cache, v_cache, kv[2])

@@ -142,6 +142,7 @@ def _setup_paged_decode(lib) -> None:
                    p, i64, p,  # block_tables, row stride, context_lens
                    p, i32, i32, i32, i32, i32, f,  # out, B, nh, nkv, D, block_size, scale
                    p, i64, i64, p, i64, i64, p,  # k_new, strides, v_new, strides, slots
+                   p, p, i32, p, p, i32, f,  # q_w, k_w, w bf16, cos, sin, half, eps
                    i32, i32]  # threads, generic
 
 
@@ -316,12 +317,17 @@ def _i32(x: torch.Tensor) -> torch.Tensor:
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float, max_context_len: int,
-                 new_kv=None):
+                 new_kv=None, norm_rope=None):
     """Single-query paged attention (see attention.paged_attention, whose decode results it reproduces):
     q [B, nh, D] (one token per sequence, in order), context_lens [B] including the new token, block_tables
-    [B, max_blocks]. new_kv = (k, v, slot_mapping): store k, v [B, nkv, D] at their slots first. Returns
-    [B, nh, D] in q's dtype, or None when these inputs are not ones the kernel takes (nothing written then)."""
+    [B, max_blocks]. new_kv = (k, v, slot_mapping): store k, v [B, nkv, D] at their slots first. norm_rope =
+    (q_weight, k_weight, cos, sin, eps) with new_kv: rope.qk_norm_rope on q and the new k first (in the same
+    call). Returns [B, nh, D] in q's dtype, or None when these inputs are not ones the kernel takes (nothing
+    written then)."""
     if not enabled() or not _usable(q, k_cache, v_cache, block_tables, context_lens, max_context_len, new_kv):
+        return None
+    nr = _norm_rope_args(q, norm_rope) if norm_rope is not None else (None, None, 0, None, None, 0, 0.0)
+    if nr is None or (norm_rope is not None and new_kv is None):
         return None
     b, nh, d = q.shape
     nblocks, bs, nkv, _ = k_cache.shape
@@ -343,11 +349,32 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float, 
         out.data_ptr(), b, nh, nkv, d, bs, float(scale),
         kn.data_ptr() if kn is not None else None, ks[0], ks[1],
         vn.data_ptr() if vn is not None else None, vs[0], vs[1],
-        slots.data_ptr() if slots is not None else None, torch.get_num_threads(),
-        int(_state["generic"]))
+        slots.data_ptr() if slots is not None else None, *(a.data_ptr() if isinstance(a, torch.Tensor) else a
+                                                            for a in nr),
+        torch.get_num_threads(), int(_state["generic"]))
     if err:
         raise RuntimeError(f"native paged decode attention: {'a block id out of range' if err == 1 else 'no memory'}")
     return out
+
+
+def _norm_rope_args(q, norm_rope):
+    """paged_decode's QK-norm / RoPE arguments (q_w, k_w, w_bf16, cos, sin, half, eps), or None where the kernel
+    does not take them."""
+    qw, kw, cos, sin, eps = norm_rope
+    d = q.shape[-1]
+    if (qw is None) != (kw is None):
+        return None
+    if qw is not None and (qw.dtype not in _DTYPES or kw.dtype != qw.dtype or qw.shape != (d,) or kw.shape != (d,)
+                           or not (qw.is_contiguous() and kw.is_contiguous())):
+        return None
+    if cos is not None:
+        if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.dim() != 2 or cos.shape != sin.shape:
+            return None
+        if cos.shape[0] != q.shape[0] or 2 * cos.shape[1] > d:
+            return None
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return (qw, kw, _DTYPES[qw.dtype] if qw is not None else 0, cos, sin, 0 if cos is None else cos.shape[1],
+            float(eps))
 
 
 def _usable(q, k_cache, v_cache, block_tables, context_lens, max_context_len, new_kv) -> bool:
