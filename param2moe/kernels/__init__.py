@@ -104,9 +104,18 @@ def mlp(x, gate_up, down, unsummed: bool = False):
     return linear(silu_and_mul(linear(x, gate_up)), down)
 
 
+def _cpu_native(x) -> bool:
+    """Whether the native CPU kernels (kernels/cpu) may take this op: a CPU tensor, backend "auto"."""
+    return _BACKEND == "auto" and x.device.type == "cpu"
+
+
 def rms_norm(x, weight, eps: float):
     t = _pick(x, "norm")
-    return t.rms_norm(x, weight, eps) if t else _norm.rms_norm(x, weight, eps)
+    if t:
+        return t.rms_norm(x, weight, eps)
+    if _cpu_native(x) and (y := _cpu.add_rms_norm(x, None, weight, eps)) is not None:
+        return y[0]
+    return _norm.rms_norm(x, weight, eps)
 
 
 class ExpertOutputs(NamedTuple):
@@ -125,7 +134,11 @@ def add_rms_norm(x, residual, weight, eps: float):
         fn = t.expert_sum_add_rms_norm if t else _norm.expert_sum_add_rms_norm
         return fn(*x, residual, weight, eps)
     t = _pick(x, "norm")
-    return t.add_rms_norm(x, residual, weight, eps) if t else _norm.add_rms_norm(x, residual, weight, eps)
+    if t:
+        return t.add_rms_norm(x, residual, weight, eps)
+    if _cpu_native(x) and (y := _cpu.add_rms_norm(x, residual, weight, eps)) is not None:
+        return y
+    return _norm.add_rms_norm(x, residual, weight, eps)
 
 
 def sum_experts(x):
@@ -177,10 +190,13 @@ def route(logits, expert_bias, top_k: int, **kw):
 
 
 def gate_route(x, gate_weight, expert_bias, top_k: int, **kw):
-    """Router logits (fp32) and routing; one launch for decode-sized CUDA batches."""
+    """Router logits (fp32) and routing; one launch for decode-sized CUDA batches, one native call on CPUs."""
     t = _pick(x, "routing")
-    fn = t.gate_route if t else _routing.gate_route
-    return fn(x, gate_weight, expert_bias, top_k, **kw)
+    if t:
+        return t.gate_route(x, gate_weight, expert_bias, top_k, **kw)
+    if _cpu_native(x) and (y := _cpu.gate_route(x, gate_weight, expert_bias, top_k, **kw)) is not None:
+        return y
+    return _routing.gate_route(x, gate_weight, expert_bias, top_k, **kw)
 
 
 def add_rms_norm_gate_route(x, residual, norm_weight, eps: float, gate_weight, expert_bias, top_k: int,
@@ -194,8 +210,12 @@ def add_rms_norm_gate_route(x, residual, norm_weight, eps: float, gate_weight, e
         return _tri("moe").add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps, gate_weight, expert_bias,
                                                            top_k, experts_w13, choice, **kw)
     t = _pick(x, "routing")
-    fn = t.add_rms_norm_gate_route if t else _routing.add_rms_norm_gate_route
-    normed, residual, weights, ids = fn(x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, **kw)
+    if t:
+        normed, residual, weights, ids = t.add_rms_norm_gate_route(x, residual, norm_weight, eps, gate_weight,
+                                                                   expert_bias, top_k, **kw)
+    else:  # the two steps (each native on CPUs where it can be)
+        normed, residual = add_rms_norm(x, residual, norm_weight, eps)
+        weights, ids = gate_route(normed, gate_weight, expert_bias, top_k, **kw)
     return (normed, residual, *(choice or (weights, ids)), None)
 
 

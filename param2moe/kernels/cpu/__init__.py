@@ -8,6 +8,9 @@ SDPA on it: three passes over the KV). It can also store the step's new k and v 
 expert's weights streamed once for all its rows), instead of two oneDNN calls per expert plus the torch
 bookkeeping around them. `P2M_CPU_NATIVE_MOE=0` turns it off alone.
 
+`add_rms_norm` and `gate_route` (decode_ops.c): the residual add + RMSNorm and the router in one call each (in
+torch 6-15 small ops of a few microseconds each, much of a batch-1 decode step on a small model).
+
 `quant_linear` and `quant_moe` (quant_decode.c): a linear layer and the routed experts of a MoE layer on int8 /
 int4 weights (param2moe/quant/formats.py), dequantized in registers, the activations quantized to int8 per
 block of 128 columns (VNNI dot products; AMX tiles from 8 rows where the CPU has them).
@@ -38,6 +41,7 @@ log = logging.getLogger("param2moe")
 _SRC = Path(__file__).with_name("paged_decode.c")
 _MOE_SRC = Path(__file__).with_name("moe_decode.c")
 _QUANT_SRC = Path(__file__).with_name("quant_decode.c")
+_OPS_SRC = Path(__file__).with_name("decode_ops.c")
 _COMMON_HEADER = Path(__file__).with_name("cpu_common.h")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -310,6 +314,85 @@ def quant_moe(x, w13, w2, weights, ids):
     if err:
         raise RuntimeError(f"native quantized MoE experts: {'an expert id out of range' if err == 1 else 'no memory'}")
     return out
+
+
+def _setup_ops(lib) -> None:
+    i32, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+    fn = lib.p2m_add_rms_norm
+    fn.restype = i32
+    fn.argtypes = [p, p, p, i32, f, p, p, i32, i32, i32, i32]  # x, res, w, w bf16, eps, normed, res out, T, H, bf16,
+    fn = lib.p2m_gate_route                                     # threads
+    fn.restype = i32
+    fn.argtypes = [p, i32, p, p, i32, i32, i32, i32,  # x, bf16, gate w, bias, T, H, E, K
+                   i32, i32, i32, i32, f, p, p, i32, i32]  # softmax, n_group, topk_group, norm, scale, w, ids, ld,
+                                                           # threads
+
+
+def _ops_lib():
+    return _load(("decode_ops",), _OPS_SRC, (), _setup_ops)
+
+
+def add_rms_norm(x, residual, weight, eps: float):
+    """(rms_norm(x + residual), x + residual) as kernels/norm.py computes them, in one call (residual None: a
+    plain norm, (normed, None)). x [T, H] float32 or bfloat16; None where the kernel does not take the inputs."""
+    if not enabled() or x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() != 2 or not x.is_contiguous():
+        return None
+    if residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape
+                                 or not residual.is_contiguous()):
+        return None
+    if weight.dtype not in _DTYPES or weight.shape != (x.shape[1],) or not weight.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    lib = _ops_lib()
+    if lib is None:
+        return None
+    normed = torch.empty_like(x)
+    res = torch.empty_like(x) if residual is not None else None
+    err = lib.p2m_add_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                               _DTYPES[weight.dtype], float(eps), normed.data_ptr(),
+                               None if res is None else res.data_ptr(), x.shape[0], x.shape[1], _DTYPES[x.dtype],
+                               torch.get_num_threads())
+    if err:
+        raise RuntimeError("native add_rms_norm: no memory")
+    return normed, res
+
+
+def gate_route(x, gate_weight, expert_bias, top_k: int, *, score_function: str = "sigmoid", n_group=None,
+               topk_group=None, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
+               num_appended: int = 0):
+    """kernels/routing.py gate_route in one call: (weights [T, K'] float32, ids [T, K'] int64), K' = top_k +
+    num_appended. None where the kernel does not take the inputs."""
+    if not enabled() or x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() != 2 or not x.is_contiguous():
+        return None
+    e, h = gate_weight.shape
+    if gate_weight.dtype != torch.float32 or not gate_weight.is_contiguous() or h != x.shape[1] or top_k > e:
+        return None
+    if expert_bias is not None and (expert_bias.dtype != torch.float32 or expert_bias.shape != (e,)
+                                    or not expert_bias.is_contiguous()):
+        return None
+    if score_function not in ("sigmoid", "softmax") or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    grouped = n_group is not None and topk_group is not None and n_group > 1
+    if grouped and (e % n_group or topk_group > n_group or top_k > topk_group * (e // n_group)):
+        return None
+    lib = _ops_lib()
+    if lib is None:
+        return None
+    t, k = x.shape[0], top_k + num_appended
+    weights = torch.empty((t, k), dtype=torch.float32)
+    ids = torch.empty((t, k), dtype=torch.int64)
+    err = lib.p2m_gate_route(x.data_ptr(), _DTYPES[x.dtype], gate_weight.data_ptr(),
+                             None if expert_bias is None else expert_bias.data_ptr(), t, h, e, top_k,
+                             int(score_function == "softmax"), n_group if grouped else 0, topk_group if grouped else 0,
+                             int(norm_topk_prob), float(routed_scaling_factor), weights.data_ptr(), ids.data_ptr(),
+                             k, torch.get_num_threads())
+    if err:
+        raise RuntimeError("native gate_route: no memory")
+    if num_appended:
+        weights[:, top_k:] = 1.0
+        ids[:, top_k:] = torch.arange(e, e + num_appended)
+    return weights, ids
 
 
 def _i32(x: torch.Tensor) -> torch.Tensor:
