@@ -6,7 +6,8 @@
     python benchmarks/llamacpp_compare.py bench [--repeats 2]   # speed: cpu_bench.py's 46.7M checkpoint
 
 build: `pip download --no-binary :all: --no-deps llama-cpp-python` into .llamacpp/ (ignored by git), cmake of its
-    vendored llama.cpp (CPU only, GGML_NATIVE=ON, Release), the tools llama-bench, llama-batched-bench,
+    vendored llama.cpp (CPU only, Release, GGML_NATIVE=ON; on CPUs with AMX the same features named one by one
+    without AMX, whose int8 path crashes here: see isa_options), the tools llama-bench, llama-batched-bench,
     llama-perplexity, llama-quantize (`-j2`: the machine's two cores; about an hour); a venv .llamacpp/venv with
     what its convert_hf_to_gguf.py needs (and llama-cpp-python's ctypes bindings, read from the sdist, for logits).
     Nothing of llama.cpp is committed.
@@ -90,7 +91,7 @@ def build(jobs: int) -> None:
         run(["tar", "xzf", tarball, "-C", WORK])
     src = sdist_dir()
     if not all(os.path.exists(os.path.join(BIN, t)) for t in TOOLS):
-        run(["cmake", "-S", src, "-B", BUILD, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DGGML_CUDA=OFF",
+        run(["cmake", "-S", src, "-B", BUILD, "-DCMAKE_BUILD_TYPE=Release", *isa_options(), "-DGGML_CUDA=OFF",
              "-DGGML_METAL=OFF", "-DGGML_VULKAN=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
              "-DLLAMA_BUILD_SERVER=OFF"], stdout=subprocess.DEVNULL)
         run(["cmake", "--build", BUILD, f"-j{jobs}", "--target", *TOOLS, "llama"], stdout=subprocess.DEVNULL)
@@ -98,6 +99,29 @@ def build(jobs: int) -> None:
         run([sys.executable, "-m", "venv", os.path.join(WORK, "venv")])
         run([VENV_PY, "-m", "pip", "install", "-q", *CONVERTER_DEPS])
     log(f"llama.cpp tools in {BIN}; converter venv {VENV_PY}")
+
+
+# x86 features ggml can be told one by one (GGML_NATIVE=OFF), by their /proc/cpuinfo names.
+_GGML_ISA = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "avx512f": "AVX512",
+             "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16",
+             "avx_vnni": "AVX_VNNI"}
+
+
+def isa_options() -> list[str]:
+    """-DGGML_NATIVE=ON, except on CPUs with AMX: there llama.cpp's AMX int8 matmul (Q4_0 / Q8_0 weights at more
+    than one token a product: prompts, batches) dies with SIGILL at a tileloadd on this machine (cause not
+    found; the machine's AMX itself works: param2moe's tiles run here), so those builds name -march=native's
+    other features one by one, AMX off."""
+    flags = set(_proc_flags())
+    if "amx_int8" not in flags:
+        return ["-DGGML_NATIVE=ON"]
+    return ["-DGGML_NATIVE=OFF", *(f"-DGGML_{v}={'ON' if k in flags else 'OFF'}" for k, v in _GGML_ISA.items()),
+            "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
+
+def _proc_flags() -> list[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
 
 
 def tool(name: str) -> str:
@@ -292,6 +316,7 @@ def ours_bench(ckpt: str, quantization: str | None, a) -> dict:
 
 
 def bench(a) -> dict:
+    os.environ["OMP_NUM_THREADS"] = str(a.threads)  # our workers (fresh processes) use as many threads as llama.cpp
     with tempfile.TemporaryDirectory(prefix="p2m-llamacpp-bench-") as tmp:
         ckpt = os.path.join(tmp, "ckpt")
         n_params = cpu_bench.write_model(ckpt, "bfloat16", seed=0)
