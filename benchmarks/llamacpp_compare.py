@@ -4,6 +4,7 @@
     python benchmarks/llamacpp_compare.py build           # once: llama.cpp from the llama-cpp-python sdist
     python benchmarks/llamacpp_compare.py agree           # float32 agreement on a small checkpoint
     python benchmarks/llamacpp_compare.py bench [--repeats 2]   # speed: cpu_bench.py's 46.7M checkpoint
+    python benchmarks/llamacpp_compare.py ppl --ckpt DIR --text FILE    # perplexity by format, both engines
 
 build: `pip download --no-binary :all: --no-deps llama-cpp-python` into .llamacpp/ (ignored by git), cmake of its
     vendored llama.cpp (CPU only, Release, GGML_NATIVE=ON; on CPUs with AMX the same features named one by one
@@ -33,6 +34,9 @@ bench: cpu_bench.py's checkpoint (46.7M parameters, bf16) converted to bf16, Q8_
     batch-1 decode (ms a token after a --input-len prompt) and 16-sequence throughput (output tokens/s over the
     whole run, prefill included), param2moe (bf16, int8, int4: `quantization=`) beside llama.cpp (bf16, Q8_0,
     Q4_0: llama-bench tg at depth --input-len, llama-batched-bench), back to back, best of --repeats.
+ppl: the checkpoint in bf16 / int8 / int4 (ours) and BF16 / Q8_0 / Q4_0 (llama.cpp): perplexity of the same token
+    windows of --text (tokenized by the checkpoint's tokenizer; token ids to both engines), and each format's
+    difference from its engine's bf16.
 Results: a table, and JSON in benchmarks/results/llamacpp_compare_<what>_<date>.json (machine, date, commit,
 commands).
 """
@@ -206,39 +210,48 @@ _LLAMA_LOGPROBS = """
 import json, sys
 import numpy as np
 import llama_cpp
-gguf, tokens, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llm = llama_cpp.Llama(gguf, n_ctx=len(tokens) + 8, n_batch=len(tokens), n_ubatch=len(tokens), logits_all=True,
-                      n_threads=threads, flash_attn=False, type_k=llama_cpp.GGML_TYPE_F32,
+gguf, seqs, threads = sys.argv[1], json.load(open(sys.argv[2])), int(sys.argv[3])
+n = max(len(t) for t in seqs)
+llm = llama_cpp.Llama(gguf, n_ctx=n + 8, n_batch=n, n_ubatch=n, logits_all=True, n_threads=threads,
+                      n_threads_batch=threads, flash_attn=False, type_k=llama_cpp.GGML_TYPE_F32,
                       type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
-llm.eval(tokens)
-s = np.asarray(llm.scores[:len(tokens) - 1], dtype=np.float64)
-lp = s - s.max(1, keepdims=True)
-lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
-nxt = np.asarray(tokens[1:])
-print(json.dumps({"logprob": lp[np.arange(len(nxt)), nxt].tolist(), "top1": s.argmax(1).tolist()}))
+out = []
+for tokens in seqs:
+    llm.reset()
+    llm.eval(tokens)
+    s = np.asarray(llm.scores[:len(tokens) - 1], dtype=np.float64)
+    lp = s - s.max(1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
+    nxt = np.asarray(tokens[1:])
+    out.append({"logprob": lp[np.arange(len(nxt)), nxt].tolist(), "top1": s.argmax(1).tolist()})
+print(json.dumps(out))
 """
 
 
-def llama_logprobs(gguf: str, tokens: list[int], threads: int) -> dict:
+def llama_logprobs(gguf: str, seqs: list[list[int]], threads: int) -> list[dict]:
+    """Per sequence: llama.cpp's log-probability of each next token, and its top-1 token (all logits kept)."""
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(sdist_dir())), "LLAMA_CPP_LIB_PATH": BIN}
-    r = subprocess.run([VENV_PY, "-c", _LLAMA_LOGPROBS, gguf, json.dumps(tokens), str(threads)], env=env,
-                       capture_output=True, text=True, check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(seqs, f)
+        f.flush()
+        r = subprocess.run([VENV_PY, "-c", _LLAMA_LOGPROBS, gguf, f.name, str(threads)], env=env,
+                           capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def ours_logprobs(ckpt: str, tokens: list[int], dtype: str, quantization: str | None = None) -> dict:
+def ours_logprobs(ckpt: str, seqs: list[list[int]], dtype: str, quantization: str | None = None) -> list[dict]:
+    """The same from param2moe (prompt_logprobs)."""
     from param2moe import LLM, SamplingParams
 
     kw = {"quantization": quantization} if quantization else {}
-    llm = LLM(ckpt, dtype=dtype, max_model_len=len(tokens) + 8, enable_prefix_caching=False, **kw)
+    llm = LLM(ckpt, dtype=dtype, max_model_len=max(len(t) for t in seqs) + 8, enable_prefix_caching=False, **kw)
     sp = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
-    out = llm.generate([{"prompt_token_ids": tokens}], sp, use_tqdm=False)[0]
-    entries = out.prompt_logprobs[1:]  # entry i: the distribution before token i
-    lp, top1 = [], []
-    for tok, entry in zip(tokens[1:], entries):
-        lp.append(float(entry[tok].logprob))
-        top1.append(next(t for t, v in entry.items() if v.rank == 1))
-    return {"logprob": lp, "top1": top1}
+    res = []
+    for tokens, out in zip(seqs, llm.generate([{"prompt_token_ids": t} for t in seqs], sp, use_tqdm=False)):
+        entries = out.prompt_logprobs[1:]  # entry i: the distribution before token i
+        res.append({"logprob": [float(e[t].logprob) for t, e in zip(tokens[1:], entries)],
+                    "top1": [next(t for t, v in e.items() if v.rank == 1) for e in entries]})
+    return res
 
 
 # Layout variants of the small checkpoint checked by default: each a feature the two engines could read
@@ -264,8 +277,8 @@ def agree_one(a, sets: list[str]) -> dict:
         rng = random.Random(0)
         tokens = [rng.randrange(25, vocab) for _ in range(a.tokens)]
         gguf = convert(ckpt, tmp, "f32", a.pre_tokenizer)
-        theirs = llama_logprobs(gguf, tokens, a.threads)
-        ours = ours_logprobs(ckpt, tokens, "float32")
+        theirs = llama_logprobs(gguf, [tokens], a.threads)[0]
+        ours = ours_logprobs(ckpt, [tokens], "float32")[0]
     diffs = [abs(x - y) for x, y in zip(ours["logprob"], theirs["logprob"])]
     same = sum(x == y for x, y in zip(ours["top1"], theirs["top1"]))
     res = {"checkpoint": a.ckpt or "writer preset small, float32, seed 0", "config_changes": sets,
@@ -281,6 +294,62 @@ def agree_one(a, sets: list[str]) -> dict:
 def agree(a) -> list[dict]:
     variants = [a.set] if a.set or a.ckpt else AGREE_VARIANTS
     return [agree_one(a, sets) for sets in variants]
+
+
+# ================================================================== perplexity
+def text_chunks(path: str, ckpt: str, ctx: int, max_tokens: int) -> list[list[int]]:
+    """The file's texts (a .jsonl of {"text": ...} lines, or plain text), tokenized with the checkpoint's
+    tokenizer, concatenated (EOS between texts) and cut into windows of ctx tokens."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(ckpt, "tokenizer.json"))
+    with open(os.path.join(ckpt, "config.json")) as f:
+        eos = json.load(f).get("eos_token_id", 3)
+    with open(path) as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()] if path.endswith(".jsonl") else [f.read()]
+    ids: list[int] = []
+    for t in texts:
+        ids += tok.encode(t).ids + [eos]
+        if len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens]
+    return [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
+
+
+def perplexity(a) -> dict:
+    """Perplexity of the same token windows in each format, both engines (every token after a window's first
+    scored; the token ids given to both, so their tokenizers play no part)."""
+    import math
+
+    chunks = text_chunks(a.text, a.ckpt, a.ctx, a.max_tokens)
+    if not chunks:
+        raise SystemExit(f"--text {a.text}: fewer than --ctx {a.ctx} tokens")
+    res: dict[str, dict] = {}
+
+    def ppl(outs):
+        lps = [x for o in outs for x in o["logprob"]]
+        return {"ppl": math.exp(-sum(lps) / len(lps)), "tokens_scored": len(lps)}
+
+    with tempfile.TemporaryDirectory(prefix="p2m-ppl-") as tmp:
+        ggufs = {"BF16": convert(a.ckpt, tmp, "bf16", a.pre_tokenizer)}
+        for _, _, q in FORMATS[1:]:
+            ggufs[q] = quantize(ggufs["BF16"], q)
+        for name, ours_q, theirs_q in FORMATS:
+            ours = res[f"param2moe {name}"] = ppl(ours_logprobs(a.ckpt, chunks, "bfloat16", ours_q))
+            theirs = res[f"llama.cpp {theirs_q}"] = ppl(llama_logprobs(ggufs[theirs_q], chunks, a.threads))
+            log(f"{name}: ours {ours['ppl']:.3f}, llama.cpp {theirs['ppl']:.3f}")
+    for engine, base in (("param2moe", "param2moe bf16"), ("llama.cpp", "llama.cpp BF16")):
+        for k, v in res.items():
+            if k.startswith(engine):
+                v["delta_vs_bf16"] = v["ppl"] - res[base]["ppl"]
+    return {"checkpoint": a.ckpt, "text": a.text, "ctx": a.ctx, "windows": len(chunks), "results": res}
+
+
+def ppl_table(res: dict) -> str:
+    lines = ["| engine, format | perplexity | delta vs its bf16 |", "|---|---|---|"]
+    for k, v in res["results"].items():
+        lines.append(f"| {k} | {v['ppl']:.3f} | {v['delta_vs_bf16']:+.3f} |")
+    return "\n".join(lines)
 
 
 # ================================================================== speed
@@ -347,9 +416,12 @@ def bench_table(res: dict) -> str:
 # ================================================================== main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["build", "agree", "bench"])
+    ap.add_argument("what", choices=["build", "agree", "bench", "ppl"])
     ap.add_argument("--jobs", type=int, default=2, help="build: parallel compile jobs")
-    ap.add_argument("--ckpt", help="agree: this checkpoint (float32) instead of a fresh small one")
+    ap.add_argument("--ckpt", help="agree: this checkpoint (float32) instead of a fresh small one; ppl: the model")
+    ap.add_argument("--text", help="ppl: a .jsonl of {\"text\": ...} lines, or a text file")
+    ap.add_argument("--ctx", type=int, default=256, help="ppl: window length in tokens")
+    ap.add_argument("--max-tokens", type=int, default=16384, help="ppl: tokens of --text used at most")
     ap.add_argument("--tokens", type=int, default=96, help="agree: sequence length")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="agree: a config value of the small checkpoint (e.g. partial_rotary_factor=0.5); only this")
@@ -367,8 +439,10 @@ def main() -> None:
     if a.what == "build":
         return build(a.jobs)
     t0 = time.time()
-    res = agree(a) if a.what == "agree" else bench(a)
-    text = bench_table(res) if a.what == "bench" else None
+    if a.what == "ppl" and not (a.ckpt and a.text):
+        raise SystemExit("ppl needs --ckpt and --text")
+    res = {"agree": agree, "bench": bench, "ppl": perplexity}[a.what](a)
+    text = {"bench": bench_table, "ppl": ppl_table}[a.what](res) if a.what != "agree" else None
     if text:
         print(text)
     now = datetime.datetime.now(datetime.timezone.utc)
