@@ -83,3 +83,39 @@ def test_dispatch_matches_the_torch_path():
     torch.testing.assert_close(n1, n2, **TOL[torch.bfloat16])
     assert torch.equal(r1, r2) and torch.equal(i1, i2)
     torch.testing.assert_close(w1, w2, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,k,n", [(1, 512, 768), (2, 96, 40), (3, 80, 13)])
+def test_dense_linear(dtype, t, k, n, native_path):
+    """cpu/moe_decode.c's tiles as a linear layer (with a bias; float32 out for the head) against F.linear in
+    float32: the same products summed in another order, one rounding at the end for bf16."""
+    g = torch.Generator().manual_seed(t * k)
+    x, w, b = (torch.randn(t, k, generator=g).to(dtype), (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype),
+               torch.randn(n, generator=g).to(dtype))
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    got = native.dense_linear(x, w, b)
+    assert got.dtype == dtype and got.shape == (t, n)
+    torch.testing.assert_close(got.float(), want, **TOL[dtype])
+    torch.testing.assert_close(native.dense_linear(x, w, out_dtype=torch.float32), want - b.float(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_small_batch_dispatch_matches_the_torch_path():
+    """kernels.linear / mlp / logits with one or two rows on the CPU (native tiles) against the backend "torch"
+    (oneDNN); more rows stay on oneDNN."""
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(96, 64, generator=g) / 8).bfloat16()
+    gate_up, down = (torch.randn(80, 64, generator=g) / 8).bfloat16(), (torch.randn(64, 40, generator=g) / 6).bfloat16()
+    for t in (1, 2, 5):
+        x = torch.randn(t, 64, generator=g).bfloat16()
+        out = []
+        for backend in ("auto", "torch"):
+            kernels.set_backend(backend)
+            try:
+                out.append((kernels.linear(x, w), kernels.mlp(x, gate_up, down), kernels.logits(x, w)))
+            finally:
+                kernels.set_backend("auto")
+        for got, want in zip(*out):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got.float(), want.float(), **TOL[torch.bfloat16])

@@ -59,11 +59,23 @@ def _pick(x, name: str):
     return _tri(name) if use_triton(x) else None
 
 
+# Rows up to which CPU linear layers (and MLPs, and the head) run the native tiles (cpu/moe_decode.c) instead of
+# oneDNN: one or two tokens, where oneDNN's ~30 us a call is most of the time; from 4 rows its AMX matmul wins.
+_NATIVE_LINEAR_UP_TO = 2
+
+
+def _cpu_small(x) -> bool:
+    return _BACKEND == "auto" and x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= _NATIVE_LINEAR_UP_TO
+
+
 def linear(x, weight, bias=None):
-    """x @ weight.T + bias. Decode-sized CUDA batches with 16-bit weights: the Triton GEMV (gemv.py)."""
+    """x @ weight.T + bias. Decode-sized CUDA batches with 16-bit weights: the Triton GEMV (gemv.py); one or
+    two rows on the CPU: the native tiles."""
     t = _pick(x, "gemv")
     if t and t.usable(x, weight, bias):
         return t.gemv(x, weight)
+    if _cpu_small(x) and isinstance(weight, torch.Tensor) and (y := _cpu.dense_linear(x, weight, bias)) is not None:
+        return y
     return _linear(x, weight, bias)
 
 
@@ -83,6 +95,8 @@ def logits(hidden, weight):
             return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
             _FP32_OUT_MM["ok"] = False
+    if _cpu_small(hidden) and (y := _cpu.dense_linear(hidden, weight, out_dtype=torch.float32)) is not None:
+        return y
     return _linear(hidden, weight).float()
 
 
@@ -101,6 +115,14 @@ def mlp(x, gate_up, down, unsummed: bool = False):
                                                                                          device=x.device))
         y = t.moe_experts(x, gate_up[None], down[None], *one, unsummed=unsummed)
         return ExpertOutputs(y, *one) if unsummed else y
+    if _cpu_small(x) and gate_up.dtype == down.dtype == x.dtype:  # the MLP as one expert of weight 1: one call
+        k1 = _ONE_PAIR.get("cpu")
+        if k1 is None:
+            k1 = _ONE_PAIR["cpu"] = (torch.ones(_NATIVE_LINEAR_UP_TO, 1), torch.zeros(_NATIVE_LINEAR_UP_TO, 1,
+                                                                                       dtype=torch.int64))
+        y = _cpu.moe_decode(x, gate_up[None], down[None], k1[0][:x.shape[0]], k1[1][:x.shape[0]])
+        if y is not None:
+            return y
     return linear(silu_and_mul(linear(x, gate_up)), down)
 
 

@@ -163,10 +163,46 @@ def _setup_moe(lib) -> None:
     fn.restype = i32
     fn.argtypes = [p, i32, p, p, i32, p, p, p,  # x, bf16, w13, w2, bf16, weights, ids, out
                    i32, i32, i32, i32, i32, i32, i32]  # T, K, H, I, E, threads, generic
+    _setup_dense(lib)
 
 
 def _moe_lib():
     return _load(("moe_decode",), _MOE_SRC, (), _setup_moe)
+
+
+def _setup_dense(lib) -> None:
+    i32, p = ctypes.c_int, ctypes.c_void_p
+    fn = lib.p2m_dense_linear
+    fn.restype = i32
+    fn.argtypes = [p, p, p, p, i32, i32, i32, i32, i32, i32, i32]  # x, w, bias, out, bf16, out bf16, T, K, N,
+    #                                                                 threads, generic
+
+
+def dense_linear(x, w, bias=None, out_dtype=None):
+    """x @ w.T + bias at decode sizes (moe_decode.c's tiles, one call; oneDNN costs ~60-80 us a call in
+    overhead): x [T, K], w [N, K], bias [N] of one dtype (float32 or bfloat16), out in it or float32. None where
+    the kernel does not take the inputs."""
+    out_dtype = out_dtype or x.dtype
+    if not enabled() or x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() != 2 or w.dtype != x.dtype:
+        return None
+    if out_dtype not in (x.dtype, torch.float32) or w.dim() != 2 or w.shape[1] != x.shape[1]:
+        return None
+    if not (x.is_contiguous() and w.is_contiguous()) or w.device.type != "cpu":
+        return None
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (w.shape[0],) or not bias.is_contiguous()):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return None
+    lib = _moe_lib()
+    if lib is None:
+        return None
+    out = torch.empty((x.shape[0], w.shape[0]), dtype=out_dtype)
+    err = lib.p2m_dense_linear(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(),
+                               out.data_ptr(), _DTYPES[x.dtype], _DTYPES[out_dtype], x.shape[0], x.shape[1],
+                               w.shape[0], torch.get_num_threads(), int(_state["generic"]))
+    if err:
+        raise RuntimeError("native dense linear: no memory")
+    return out
 
 
 def moe_enabled() -> bool:
