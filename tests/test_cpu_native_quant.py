@@ -166,6 +166,20 @@ def test_moe_thread_counts_agree(threads):
                                **MOE_EXACT[torch.float32][0])
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("t", [1, 12])
+def test_mlp_is_one_expert(method, t, quant_path):
+    """quant_mlp (the MLP as one expert of weight 1) against the oracle: down(silu(gate) * up), both
+    activations quantized as the kernel does."""
+    g = torch.Generator().manual_seed(t)
+    gate_up = quantize(torch.randn(512, 256, generator=g) / 16, method)
+    down = quantize(torch.randn(256, 256, generator=g) / 16, method)
+    x = torch.randn(t, 256, generator=g)
+    gu = fake_quant(x) @ dequantize(gate_up).T
+    want = fake_quant(F.silu(gu[:, :256]) * gu[:, 256:]) @ dequantize(down).T
+    torch.testing.assert_close(native.quant_mlp(x, gate_up, down), want, **MOE_EXACT[torch.float32][0])
+
+
 def test_onednn_after_amx():
     """oneDNN's bf16 matmuls (AMX tiles of their own) still right after the kernels configured and released theirs."""
     from param2moe.kernels.matmul import linear

@@ -11,9 +11,9 @@ bookkeeping around them. `P2M_CPU_NATIVE_MOE=0` turns it off alone.
 `add_rms_norm` and `gate_route` (decode_ops.c): the residual add + RMSNorm and the router in one call each (in
 torch 6-15 small ops of a few microseconds each, much of a batch-1 decode step on a small model).
 
-`quant_linear` and `quant_moe` (quant_decode.c): a linear layer and the routed experts of a MoE layer on int8 /
-int4 weights (param2moe/quant/formats.py), dequantized in registers, the activations quantized to int8 per
-block of 128 columns (VNNI dot products; AMX tiles from 8 rows where the CPU has them).
+`quant_linear`, `quant_moe` and `quant_mlp` (quant_decode.c): a linear layer, the routed experts of a MoE
+layer and an MLP on int8 / int4 weights (param2moe/quant/formats.py), dequantized in registers, the activations
+quantized to int8 per block of 128 columns (VNNI dot products; AMX tiles from 8 rows where the CPU has them).
 `P2M_CPU_NATIVE_MOE=0` turns quant_moe off as well.
 
 The library is compiled (`cc -O3 -march=native -fopenmp -shared -fPIC`, about 0.3 s) on the first CPU decode
@@ -429,6 +429,19 @@ def gate_route(x, gate_weight, expert_bias, top_k: int, *, score_function: str =
         weights[:, top_k:] = 1.0
         ids[:, top_k:] = torch.arange(e, e + num_appended)
     return weights, ids
+
+
+def quant_mlp(x, gate_up, down):
+    """down(silu(gate(x)) * up(x)) on int8 / int4 QuantizedWeights gate_up [2W, H] (gate rows, then up rows) and
+    down [H, W]: quant_moe with them as one expert every token takes with weight 1 (one call instead of two
+    quant_linear and the activation between). x [T, H]; None where the kernel does not take the inputs."""
+    if x.dim() != 2 or getattr(gate_up, "method", None) not in _QUANT_METHODS or len(gate_up.shape) != 2:
+        return None
+    if getattr(down, "method", None) != gate_up.method or len(down.shape) != 2:
+        return None
+    one = [type(w)(w.method, w.qweight[None], w.scale[None], (1, *w.shape), w.group_size) for w in (gate_up, down)]
+    t = x.shape[0]
+    return quant_moe(x, *one, torch.ones(t, 1), torch.zeros(t, 1, dtype=torch.int64))
 
 
 def _i32(x: torch.Tensor) -> torch.Tensor:
