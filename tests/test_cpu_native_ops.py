@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from param2moe import kernels
+from param2moe.kernels import Kernels, norm, routing
 from param2moe.kernels import cpu as native
-from param2moe.kernels import norm, routing
 
 pytestmark = pytest.mark.skipif(native._ops_lib() is None, reason="no C compiler (or the native kernels failed)")
 
@@ -71,14 +70,8 @@ def test_dispatch_matches_the_torch_path():
     g = torch.Generator().manual_seed(3)
     x, res = torch.randn(5, 128, generator=g).bfloat16(), torch.randn(5, 128, generator=g).bfloat16()
     w, gate, b = torch.rand(128, generator=g).bfloat16(), torch.randn(16, 128, generator=g), torch.rand(16)
-    out = []
-    for backend in ("auto", "torch"):
-        kernels.set_backend(backend)
-        try:
-            out.append(kernels.add_rms_norm_gate_route(x, res, w, 1e-6, gate, b, 4, n_group=4, topk_group=2,
-                                                       routed_scaling_factor=2.5))
-        finally:
-            kernels.set_backend("auto")
+    out = [kern.add_rms_norm_gate_route(x, res, w, 1e-6, gate, b, 4, n_group=4, topk_group=2,
+                                        routed_scaling_factor=2.5) for kern in (Kernels("auto"), Kernels("torch"))]
     (n1, r1, w1, i1, _), (n2, r2, w2, i2, _) = out
     torch.testing.assert_close(n1, n2, **TOL[torch.bfloat16])
     assert torch.equal(r1, r2) and torch.equal(i1, i2)
@@ -109,13 +102,7 @@ def test_small_batch_dispatch_matches_the_torch_path():
     gate_up, down = (torch.randn(80, 64, generator=g) / 8).bfloat16(), (torch.randn(64, 40, generator=g) / 6).bfloat16()
     for t in (1, 2, 5):
         x = torch.randn(t, 64, generator=g).bfloat16()
-        out = []
-        for backend in ("auto", "torch"):
-            kernels.set_backend(backend)
-            try:
-                out.append((kernels.linear(x, w), kernels.mlp(x, gate_up, down), kernels.logits(x, w)))
-            finally:
-                kernels.set_backend("auto")
+        out = [(k.linear(x, w), k.mlp(x, gate_up, down), k.logits(x, w)) for k in (Kernels("auto"), Kernels("torch"))]
         for got, want in zip(*out):
             assert got.dtype == want.dtype
             torch.testing.assert_close(got.float(), want.float(), **TOL[torch.bfloat16])

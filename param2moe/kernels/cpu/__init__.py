@@ -183,7 +183,9 @@ def dense_linear(x, w, bias=None, out_dtype=None):
     overhead): x [T, K], w [N, K], bias [N] of one dtype (float32 or bfloat16), out in it or float32. None where
     the kernel does not take the inputs."""
     out_dtype = out_dtype or x.dtype
-    if not enabled() or x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() != 2 or w.dtype != x.dtype:
+    if not isinstance(w, torch.Tensor) or not enabled() or x.device.type != "cpu" or x.dtype not in _DTYPES:
+        return None
+    if x.dim() != 2 or w.dtype != x.dtype:
         return None
     if out_dtype not in (x.dtype, torch.float32) or w.dim() != 2 or w.shape[1] != x.shape[1]:
         return None
