@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint layout (SPEC section 4) and loading.
+"""Hugging Face checkpoint layout (docs/model.md §4) and loading.
 
 `checkpoint_layout(config)` is the one map of tensor names and shapes: the loader checks files
 against it and the checkpoint writer writes it. `load_checkpoint` streams tensors from memory-mapped
@@ -212,7 +212,7 @@ def iter_checkpoint_tensors(path: str) -> Iterator[tuple[str, str, WeightsFile |
 
 
 def resolve_shared_width(cfg: Param2MoEConfig, path: str) -> Param2MoEConfig:
-    """SPEC 3.4: the checkpoint's shared-expert shape is the truth. Accept a width that matches either
+    """docs/model.md §3.4: the checkpoint's shared-expert shape is the truth. Accept a width that matches either
     rule (moe_shared_expert_intermediate_size as the total, or moe_intermediate_size * num_shared_experts)
     and record it in the config; a width that matches neither is an error naming both."""
     if not cfg.shared_expert_intermediate_size:
@@ -287,7 +287,7 @@ def _load_tensor(f: WeightsFile | QuantizedCheckpoint, name: str, layout: dict, 
 
 
 def _center_expert_bias(model) -> None:
-    # A constant added to every expert bias changes no choice (SPEC 3.4); centring keeps it small
+    # A constant added to every expert bias changes no choice (docs/model.md §3.4); centring keeps it small
     # next to the scores in fp32.
     for module in model.modules():
         bias = getattr(getattr(module, "gate", None), "expert_bias", None)

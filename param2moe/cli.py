@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--routing", choices=["uniform_random", "model"], default=None,
-                   help="expert choice (default: uniform_random with dummy weights, SPEC 7)")
+                   help="expert choice (default: uniform_random with dummy weights, docs/model.md §7)")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=cmd_bench)
 

@@ -24,7 +24,7 @@ def register() -> None:
 
     for model_type in MODEL_TYPES:
         def __init__(self, **kwargs):
-            # Our dataclass holds the one list of keys and defaults (SPEC 2); validate through it.
+            # Our dataclass holds the one list of keys and defaults (docs/model.md §2); validate through it.
             # architectures, the token ids and torch_dtype are PretrainedConfig's own: leave them to it.
             own = {"model_type", "architectures", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id",
                    "tie_word_embeddings"}

@@ -2,7 +2,7 @@
 
 `param2moe make-checkpoint OUT --preset tiny|small|param2-17b [--set key=value ...] [--seed N]`.
 The folder holds config.json, generation_config.json, safetensors weights under the Hugging Face
-names (sharded when large), tokenizer.json with Param2's special tokens (SPEC 5), tokenizer_config.json
+names (sharded when large), tokenizer.json with Param2's special tokens (docs/model.md §5), tokenizer_config.json
 with a chat template, and a short `configuration_param2moe.py` so that vLLM can read the folder.
 Same preset, settings and seed: the same weights, bit for bit.
 """
@@ -30,7 +30,7 @@ SPECIAL_TOKENS = [
 TEXT_MARKUP = {"<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
                "<tools>", "</tools>"}
 
-# Hermes-style tools, reasoning in <think>...</think> (SPEC 5), ChatML turns.
+# Hermes-style tools, reasoning in <think>...</think> (docs/model.md §5), ChatML turns.
 CHAT_TEMPLATE = """\
 {%- set sys = messages[0].content if messages and messages[0].role == 'system' else none %}
 {%- if tools %}

@@ -1,4 +1,4 @@
-"""The plain torch ops against naive per-token / per-expert loops written here from the SPEC, and the
+"""The plain torch ops against naive per-token / per-expert loops written here from docs/model.md, and the
 network's paged (KV-cached) forward against full recomputation."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from param2moe.writer import preset_config, write_checkpoint
 
 # ------------------------------------------------------------------------------------ routing
 def naive_route(logits, bias, k, score_function="sigmoid", n_group=None, topk_group=None, norm=True, scale=1.0):
-    """SPEC 3.4 for one token at a time, in Python lists: (ids, weights) per token, as dicts id -> weight."""
+    """docs/model.md §3.4 for one token at a time, in Python lists: (ids, weights) per token, as dicts id -> weight."""
     out = []
     for row in logits.double().tolist():
         e = len(row)
@@ -447,7 +447,7 @@ def test_folded_shared_experts_give_the_same_network(tmp_path):
 
 
 def test_uniform_random_routing_replaces_the_choice_after_the_router_runs(tiny_model, monkeypatch):
-    """Benchmarks' routing (SPEC 7): every MoE layer's router still runs, then random expert sets drawn
+    """Benchmarks' routing (docs/model.md §7): every MoE layer's router still runs, then random expert sets drawn
     for all layers of the step replace its choice; off again gives the router's outputs back."""
     from param2moe.model import network
 

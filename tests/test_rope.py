@@ -1,4 +1,4 @@
-"""Rotary embedding against an independent implementation written here from SPEC 3.2 and the usual
+"""Rotary embedding against an independent implementation written here from docs/model.md §3.2 and the usual
 definitions of the scaling types (the ones Hugging Face's rope utilities implement), in plain Python
 floats: the cos/sin tables, the rotation the network applies to q and k (partial rotary included),
 and relative-position invariance of the attention scores."""

@@ -30,7 +30,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 
 # ---------------------------------------------------------------------- model presets (dummy weights, the writer)
 PRESETS: dict[str, dict] = {
-    # The released Param2-17B-A2.4B (SPEC section 1).
+    # The released Param2-17B-A2.4B (docs/model.md §1).
     "param2-17b": dict(
         vocab_size=128008, hidden_size=2048, num_hidden_layers=21, num_attention_heads=32,
         num_key_value_heads=8, head_dim=64, intermediate_size=9216, moe_intermediate_size=2048,
@@ -106,7 +106,7 @@ class EngineConfig:
     preset: str | None = setting(None, "with --load-format dummy and no --model: a preset model config",
                                  choices=tuple(PRESETS))
     uniform_random_routing: bool | None = setting(
-        None, "each token takes uniformly random experts (default: on with dummy weights, SPEC 7)", cli=False)
+        None, "each token takes uniformly random experts (default: on with dummy weights, docs/model.md §7)", cli=False)
     enforce_eager: bool = setting(False, "no CUDA graphs")
     max_graph_tokens: int = setting(
         2048, "steps of up to this many tokens (prefills too) replay CUDA graphs; 0: decode steps only")

@@ -1,4 +1,4 @@
-"""MoE routing (SPEC 3.4), plain torch, for a whole batch of tokens. The oracle of the Triton version."""
+"""MoE routing (docs/model.md §3.4), plain torch, for a whole batch of tokens. The oracle of the Triton version."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def route(
 
 
 def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, **kw):
-    """The router: fp32 logits x @ gate_weight.T (x read as fp32, SPEC 3.4), then `route`."""
+    """The router: fp32 logits x @ gate_weight.T (x read as fp32, docs/model.md §3.4), then `route`."""
     return route(torch.nn.functional.linear(x.float(), gate_weight), expert_bias, top_k, **kw)
 
 

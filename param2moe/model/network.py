@@ -1,4 +1,4 @@
-"""The Param2MoE network (SPEC section 3) in plain PyTorch.
+"""The Param2MoE network (docs/model.md §3) in plain PyTorch.
 
 Tokens are flattened: every forward takes input_ids [T] and positions [T] of one or more sequences
 packed back to back, and an attention object that knows how those tokens group into sequences and
@@ -60,7 +60,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA attention with a fused QKV projection, optional QK-norm, partial RoPE (SPEC 3.2)."""
+    """GQA attention with a fused QKV projection, optional QK-norm, partial RoPE (docs/model.md §3.2)."""
 
     ops: Kernels = AUTO
 
@@ -102,7 +102,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU `down(silu(gate(x)) * up(x))` with gate and up fused in one matrix (SPEC 3.3)."""
+    """SwiGLU `down(silu(gate(x)) * up(x))` with gate and up fused in one matrix (docs/model.md §3.3)."""
 
     ops: Kernels = AUTO
 
@@ -118,7 +118,7 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Router, routed experts stacked into [E, ...] tensors, and the shared expert (SPEC 3.4)."""
+    """Router, routed experts stacked into [E, ...] tensors, and the shared expert (docs/model.md §3.4)."""
 
     ops: Kernels = AUTO
 
@@ -184,7 +184,7 @@ class MoE(nn.Module):
         residual' = a + residual. The norm runs in the router's launch (decode sizes, CUDA), and with one
         rank y comes back unsummed over each token's experts (ops.ExpertOutputs): the next norm sums it."""
         single = self.shard.tp_size == 1 and self.shard.ep_size == 1 and self.shared_experts is None
-        # Benchmarks with random weights (SPEC 7): the router still runs, as it would in a real model, but
+        # Benchmarks with random weights (docs/model.md §7): the router still runs, as it would in a real model, but
         # uniformly random experts replace its choice (Param2MoEForCausalLM.set_uniform_random_routing).
         # One rank with the shared expert folded in: at one token the experts' gate/up may start behind the
         # router (`started`).
@@ -328,7 +328,7 @@ class Param2MoEForCausalLM(nn.Module):
         return sum(m.fold_shared_experts() for m in self.modules() if isinstance(m, MoE))
 
     def set_uniform_random_routing(self, on: bool, table_rows: int = 1 << 16) -> None:
-        """Benchmarks with random weights (SPEC 7): every MoE layer's router runs, then each token takes
+        """Benchmarks with random weights (docs/model.md §7): every MoE layer's router runs, then each token takes
         a uniformly random set of experts instead of the router's choice: a random row of a table of sets
         drawn up front, for all layers of a step at once (two launches a step; drawing sets in each layer
         would add launches a real model does not have). off: the router's choice again."""

@@ -1,4 +1,4 @@
-"""MoE routing (SPEC 3.4) for a whole batch in one Triton launch. Oracle: `param2moe.kernels.routing.route`.
+"""MoE routing (docs/model.md §3.4) for a whole batch in one Triton launch. Oracle: `param2moe.kernels.routing.route`.
 
 Per token (BLOCK_T tokens a program, all E experts in registers): sigmoid or softmax scores (fp32), choice
 scores = scores + expert bias, optional grouped selection (group score = sum of its top-2 choice scores, the
