@@ -31,9 +31,11 @@ _DECODE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 
 _TOKEN_LADDER = (16, 32, 64, *range(128, 1 << 16, 128))
 
 # A graph's static inputs live in one int32 buffer, so that a step sends them in one copy.
-_DECODE_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens", "prev_index")  # `size` rows each
-_TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "prev_index")  # a row a token
-_PADDING = {"input_ids": 0, "positions": 0, "prev_index": -1}  # a padding row's; its slot_mapping: the scratch slot
+# lora_index: each row's adapter slot (-1: none; read only when LoRA slots are attached to the model).
+_DECODE_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens", "prev_index", "lora_index")  # `size` rows
+_TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "prev_index", "lora_index")  # a row a token
+# a padding row's values; its slot_mapping: the scratch slot
+_PADDING = {"input_ids": 0, "positions": 0, "prev_index": -1, "lora_index": -1}
 
 
 def _token_layout(max_tokens: int, max_seqs: int, max_blocks: int) -> tuple:
@@ -69,7 +71,7 @@ def fill_token_inputs(f: dict, host: dict, size: int, scratch_slot: int) -> int:
     past the last sequence keep stale values: no program reads them)."""
     t, b = len(host["input_ids"]), len(host["context_lens"])
     for name in _TOKEN_FIELDS:
-        f[name][:t] = host.get(name, -1)  # prev_index absent: no row waits for the previous step
+        f[name][:t] = host.get(name, -1)  # prev_index / lora_index absent: no row waits / has an adapter
         f[name][t:size] = _PADDING.get(name, scratch_slot)
     f["context_lens"][:b] = host["context_lens"]
     f["context_lens"][b:] = 0
@@ -134,7 +136,8 @@ class CudaGraphRunner:
                 max_context_len=self.max_model_len, layer_offset=runner.layer_offset)
 
             def step(attn=attn, f=f, size=size):
-                hidden = model(f["input_ids"], f["positions"], attn, prev=(f["prev_index"], self.prev_tokens))
+                hidden = model(f["input_ids"], f["positions"], attn, prev=(f["prev_index"], self.prev_tokens),
+                               lora_index=f["lora_index"])
                 logits = model.compute_logits(hidden)
                 ops.argmax(logits, out=self.prev_tokens[:size])
                 return logits
@@ -168,7 +171,7 @@ class CudaGraphRunner:
         f = self._decode_views(buf.numpy(), size)
         self._pad(f, b)
         for name in _DECODE_FIELDS:
-            f[name][:b] = host.get(name, -1)  # prev_index absent: no row waits for the previous step
+            f[name][:b] = host.get(name, -1)  # prev_index / lora_index absent: no row waits / has an adapter
         tables = host["block_tables"]
         f["block_tables"][:b, : tables.shape[1]] = tables
         self.inputs[size].copy_(buf, non_blocking=True)
@@ -206,7 +209,7 @@ class CudaGraphRunner:
 
             def step(attn=attn, size=size):
                 return model(f["input_ids"][:size], f["positions"][:size], attn,
-                             prev=(f["prev_index"][:size], self.prev_tokens))
+                             prev=(f["prev_index"][:size], self.prev_tokens), lora_index=f["lora_index"][:size])
 
             self.token_graphs[size], self.hidden[size] = self._capture(step, pool)
             pool = self.token_graphs[size].pool()

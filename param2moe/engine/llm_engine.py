@@ -32,6 +32,9 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 
 
+MAX_LORA_RANK = 64
+
+
 def bundled_model_path() -> str:
     """The small Param2-layout model that ships with the package (random weights)."""
     return os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "param2-small")
@@ -60,6 +63,10 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     enable_expert_parallel: bool = False
     async_scheduling: bool | None = None  # launch steps before reading the last tokens; None: CUDA, 1 pipeline stage
+    enable_lora: bool = False  # serve LoRA adapters (requests name theirs with a LoRARequest)
+    max_loras: int = 1  # adapters one step can mix (slots on the device)
+    max_lora_rank: int = 16  # the largest adapter rank served (each slot's rank), at most 64
+    lora_routed_experts: bool = False  # slots for adapters of the routed experts too (num_experts times the memory)
 
     def resolve(self) -> EngineConfig:
         if self.model is None and self.preset is None:
@@ -68,6 +75,9 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.uniform_random_routing is None:
             self.uniform_random_routing = self.load_format == "dummy"
+        if self.enable_lora and not (1 <= self.max_loras and 1 <= self.max_lora_rank <= MAX_LORA_RANK):
+            raise ValueError(f"max_loras={self.max_loras}, max_lora_rank={self.max_lora_rank}: need max_loras >= 1 "
+                             f"and max_lora_rank in [1, {MAX_LORA_RANK}]")
         return self
 
     @property
@@ -148,8 +158,12 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * cfg.block_size} tokens, fewer than max_model_len "
                 f"({self.max_model_len}): give it more memory or lower max_model_len")
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
-                                   cfg.token_budget)
+        self.lora = None
+        if cfg.enable_lora:
+            from ..lora.manager import LoRAManager
+
+            self.lora = LoRAManager(self.model.lora, mc, self.runner.device)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.token_budget, self.lora)
         self.eos_token_ids = _eos_token_ids(cfg.model, mc, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, decode_token)
         # Overlap host work with the GPU (see step): on CUDA, with one pipeline stage (tensor-parallel
@@ -188,12 +202,41 @@ class LLMEngine:
                     p.kill()
             torch.distributed.destroy_process_group()
 
+    # ---------------------------------------------------------------------- adapters
+    def add_lora(self, lora_request) -> bool:
+        """Register (read and check) an adapter ahead of its requests; a lora.LoRAError names what is wrong."""
+        if self.lora is None:
+            raise EngineError("lora_request: this engine was started without enable_lora")
+        self.lora.add(lora_request)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter; refused (LoRAError) while requests of it are unfinished."""
+        if self.lora is None:
+            return False
+        users = [r.request_id for r in self.requests.values() if r.lora is not None and r.lora.lora_id == lora_id]
+        if users:
+            from ..lora import LoRAError
+
+            raise LoRAError(f"adapter id {lora_id} is in use by {len(users)} unfinished request(s)")
+        return self.lora.remove(lora_id)
+
+    def list_loras(self) -> list:
+        """The registered adapters (lora.LoRAAdapter), in order of registration."""
+        return [] if self.lora is None else list(self.lora.adapters.values())
+
     # ---------------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
-                    ) -> Request:
+                    lora_request=None) -> Request:
+        """Queue a request; lora_request (a LoRARequest) runs it with that adapter, registered on first use."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise EngineError(f"request_id {request_id!r} is already in use")
+        adapter = None
+        if lora_request is not None:
+            if self.lora is None:
+                raise EngineError("lora_request: this engine was started without enable_lora")
+            adapter = self.lora.add(lora_request)
         text, ids = self._prompt_ids(prompt)
         if not ids:
             raise EngineError("prompt: empty (no tokens)")
@@ -212,7 +255,7 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise EngineError(f"prompt: {len(ids)} tokens, but the context length (max_model_len) is "
                               f"{self.max_model_len} and at least one token must be generated")
-        req = Request(request_id, text, ids, params)
+        req = Request(request_id, text, ids, params, adapter)
         for i in range(params.n):
             detok = None
             if params.detokenize and self.tokenizer is not None:

@@ -15,7 +15,11 @@ def build_runner(config, model_config, dtype, shard=None, comm=None, device=None
     model = load_model(config.model, dtype, device, shard, config=model_config,
                        dummy=config.load_format == "dummy", seed=config.seed,
                        progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage))
-    if device.type == "cuda" and config.kernels != "torch":
+    if config.enable_lora:  # before any graph capture: the graphs read the slots
+        from ..lora.slots import LoRASlots
+
+        LoRASlots(model, config.max_loras, config.max_lora_rank, config.lora_routed_experts)
+    elif device.type == "cuda" and config.kernels != "torch":
         from .. import kernels
 
         if kernels.triton_available("moe"):  # the fused MoE takes the shared expert in its launches

@@ -12,6 +12,7 @@ import torch
 from . import attention as _attention
 from . import cpu as _cpu
 from . import embedding as _embedding
+from . import lora as _lora
 from . import moe as _moe
 from . import norm as _norm
 from . import rope as _rope
@@ -199,9 +200,16 @@ def add_rms_norm_gate_route(x, residual, norm_weight, eps: float, gate_weight, e
     return (normed, residual, *(choice or (weights, ids)), None)
 
 
-def moe_experts(x, w13, w2, weights, ids, unsummed: bool = False, started=None):
+def moe_experts(x, w13, w2, weights, ids, unsummed: bool = False, started=None, lora=None):
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
-    norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result."""
+    norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result.
+    lora: a lora.ExpertLoRA, each pair's expert adapted by its token's adapter."""
+    if lora is not None:
+        t = _pick(x, "lora")
+        if t:
+            y = t.moe_experts_lora(x, w13, w2, weights, ids, lora, unsummed=unsummed)
+            return ExpertOutputs(y, weights, ids) if unsummed else y
+        return _lora.moe_experts_lora(x, w13, w2, weights, ids, lora)
     t = _pick(x, "moe")
     if t:
         y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed, started=started)
@@ -213,6 +221,19 @@ def moe_experts(x, w13, w2, weights, ids, unsummed: bool = False, started=None):
         if y is not None:
             return y
     return _moe.moe_experts_cpu(x, w13, w2, weights, ids)
+
+
+def lora_rows(index, num_buckets: int):
+    """How a batch's rows group by adapter for add_lora: index [M] int32, each row's bucket (-1: none).
+    On CUDA device tensors and no host sync (capturable); elsewhere lists read on the host."""
+    t = _pick(index, "lora")
+    return t.lora_rows(index, num_buckets) if t else _lora.rows_by_bucket(index)
+
+
+def add_lora(y, x, a, b, rows):
+    """y += each row's LoRA delta (x @ a[i].T) @ b[i].T, in place (see kernels/lora.py); rows: lora_rows(...)."""
+    t = _pick(x, "lora")
+    return t.add_lora(y, x, a, b, rows) if t else _lora.add_lora(y, x, a, b, rows)
 
 
 # (token, expert) pairs up to which CPU MoE layers run the native kernel; prefill sizes keep moe_experts_cpu
@@ -244,6 +265,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
                                       max_query_len, max_context_len)
 
 
-__all__ = ["ExpertOutputs", "add_rms_norm", "add_rms_norm_gate_route", "apply_rope", "argmax", "causal_attention",
-           "gate_route", "linear", "logits", "mlp", "moe_experts", "paged_attention", "qk_norm_rope", "rms_norm",
-           "route", "set_backend", "silu_and_mul", "sum_experts", "token_inputs", "use_triton"]
+__all__ = ["ExpertOutputs", "add_lora", "add_rms_norm", "add_rms_norm_gate_route", "apply_rope", "argmax",
+           "causal_attention", "gate_route", "linear", "logits", "lora_rows", "mlp", "moe_experts", "paged_attention",
+           "qk_norm_rope", "rms_norm", "route", "set_backend", "silu_and_mul", "sum_experts", "token_inputs",
+           "use_triton"]

@@ -1,0 +1,85 @@
+"""Batched LoRA, plain torch: each row of a batch adds the delta of its own adapter. The oracle of the
+Triton version (triton/lora.py) and the CPU path.
+
+Adapters sit in fixed slots of stacked tensors (param2moe/lora/slots.py), a module's in
+    a [NB, S, R, in] and b [NB, S, out, R]
+with NB buckets (an adapter's slot; for routed experts, slot * E + expert), S slices of the module's
+output (gate and up of a fused gate/up projection are 2; others 1), R the slot rank (smaller ranks
+zero-padded) and the adapter's scale already in b. Row m of a batch with bucket i_m >= 0 gets
+
+    y[m, j*out:(j+1)*out] += (x[m] @ a[i_m, j].T) @ b[i_m, j].T     for every slice j,
+
+rows with bucket -1 (the base model) nothing. The sum x @ a.T is taken in float32 and rounded to the
+weights' dtype before the second product (as the kernels feed it to tensor cores); y's update is
+rounded once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+def rows_by_bucket(index: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(bucket, row indices) for each bucket present in index [M] (-1 left out). Reads index on the host."""
+    index = index.long()
+    buckets = torch.unique(index).tolist()
+    return [(b, (index == b).nonzero().flatten()) for b in buckets if b >= 0]
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+             groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """y += each row's LoRA delta (see the module doc), in place; returns y. groups: rows_by_bucket(index)."""
+    n_slices, rank, out = a.shape[1], a.shape[2], b.shape[2]
+    for bucket, rows in groups:
+        xs = x.index_select(0, rows).float()
+        u = (xs @ a[bucket].reshape(n_slices * rank, -1).float().t()).to(a.dtype).float()
+        u = u.view(-1, n_slices, rank)
+        delta = torch.cat([u[:, j] @ b[bucket, j].float().t() for j in range(n_slices)], dim=1)
+        cols = y[:, : n_slices * out]
+        cols.index_copy_(0, rows, (cols.index_select(0, rows).float() + delta).to(y.dtype))
+    return y
+
+
+class ExpertLoRA(NamedTuple):
+    """LoRA on a MoE layer's routed experts: buckets slot * E + expert (E = the layer's experts)."""
+
+    a13: torch.Tensor  # [slots * E, 2, R, H]: gate and up
+    b13: torch.Tensor  # [slots * E, 2, I, R]
+    a2: torch.Tensor  # [slots * E, 1, R, I]
+    b2: torch.Tensor  # [slots * E, 1, H, R]
+    token_slots: torch.Tensor  # [T] int32: each token's adapter slot, -1 for none
+
+
+def pair_buckets(lora: ExpertLoRA, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Each (token, k) pair's bucket [T*K] int32: its token's slot * E + its expert, -1 where either is none."""
+    k = ids.shape[1]
+    slot = lora.token_slots.long().repeat_interleave(k)
+    flat = ids.reshape(-1).long()
+    return torch.where((slot >= 0) & (flat >= 0), slot * num_experts + flat, -1).to(torch.int32)
+
+
+def moe_experts_lora(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                     ids: torch.Tensor, lora: ExpertLoRA) -> torch.Tensor:
+    """kernels.moe.moe_experts with each pair's expert adapted by its token's adapter: the delta of gate and
+    up added before the activation, that of down after it; then the weighted sum over each token's pairs."""
+    t, k = ids.shape
+    flat = ids.reshape(-1)
+    groups = rows_by_bucket(pair_buckets(lora, ids, w13.shape[0]))
+    xs = x.repeat_interleave(k, dim=0)
+    gate_up = x.new_zeros(t * k, w13.shape[1])
+    for e in torch.unique(flat[flat >= 0]).tolist():
+        rows = (flat == e).nonzero().flatten()
+        gate_up[rows] = F.linear(xs[rows], w13[e])
+    gate_up = add_lora(gate_up, xs, lora.a13, lora.b13, groups)
+    g, u = gate_up.chunk(2, dim=-1)
+    act = F.silu(g) * u
+    out = x.new_zeros(t * k, w2.shape[1])
+    for e in torch.unique(flat[flat >= 0]).tolist():
+        rows = (flat == e).nonzero().flatten()
+        out[rows] = F.linear(act[rows], w2[e])
+    out = add_lora(out, act, lora.a2, lora.b2, groups)
+    w = torch.where(flat >= 0, weights.reshape(-1).float(), 0.0)
+    return (out.float() * w[:, None]).view(t, k, -1).sum(1).to(x.dtype)
