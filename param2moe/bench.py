@@ -70,9 +70,7 @@ def decode_step_bytes(engine: LLMEngine, batch: int, context: int) -> float:
 
 
 def _engine(args, **overrides) -> LLMEngine:
-    from .cli import engine_config
-
-    cfg: EngineConfig = engine_config(args)
+    cfg = EngineConfig.from_cli_args(args)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     if args.routing is not None:

@@ -10,16 +10,14 @@ from .parsers import ReasoningParser
 _DIM, _RESET = "\033[2m", "\033[0m"
 
 
-def run_chat(args) -> int:
-    from .cli import engine_config, sampling_params
+def run_chat(llm, params, system: str | None = None) -> int:
+    """Chat with `llm` until an empty line or end of input; params: each reply's sampling."""
     from .engine import OutputKind
-    from .llm import LLM
 
-    llm = LLM.from_config(engine_config(args))
     engine, tok = llm.llm_engine, llm.get_tokenizer()
-    params = dataclasses.replace(sampling_params(args, llm), output_kind=OutputKind.DELTA)
+    params = dataclasses.replace(params, output_kind=OutputKind.DELTA)
     color = sys.stdout.isatty()
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages = [{"role": "system", "content": system}] if system else []
     print("param2moe chat. Empty line or Ctrl-D to quit; /reset to clear the conversation.", file=sys.stderr)
     turn = 0
     while True:
@@ -31,7 +29,7 @@ def run_chat(args) -> int:
         if not user.strip():
             return 0
         if user.strip() == "/reset":
-            messages = messages[:1] if args.system else []
+            messages = messages[:1] if system else []
             continue
         messages.append({"role": "user", "content": user})
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True)

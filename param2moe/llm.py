@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import os
 from collections.abc import Sequence
 
 from .engine import EngineConfig, LLMEngine, OutputKind, RequestOutput, SamplingParams
+from .engine.config import sampling_defaults
 
 
 class LLM:
-    """An engine for offline batches. `model` is a checkpoint directory (default: the bundled small model)."""
+    """An engine for offline batches. `model` is a checkpoint folder or a Hugging Face Hub id (default: the
+    bundled small model); every other keyword is an EngineConfig field (the command line's engine options),
+    e.g. `LLM(model, dtype="float32", max_num_seqs=64, tensor_parallel_size=2)`.
 
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 kv_cache_memory: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
-                 block_size: int = 16, gpu_memory_utilization: float = 0.9, load_format: str = "auto",
-                 **engine_options):
-        config = EngineConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len,
-                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                              kv_cache_memory=kv_cache_memory, enable_prefix_caching=enable_prefix_caching,
-                              seed=seed, block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
-                              load_format=load_format, **engine_options)
-        self.llm_engine = LLMEngine(config)
+    `shutdown()` (or leaving a `with LLM(...) as llm:` block) stops the engine's worker processes and frees its
+    memory; a dropped LLM does the same when it is garbage-collected."""
+
+    def __init__(self, model: str | None = None, **engine_options):
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(engine_options) - known)
+        if unknown:
+            raise TypeError(f"LLM() got unknown engine option(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(known))}")
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **engine_options))
         self._ids = itertools.count()
 
     @classmethod
@@ -34,19 +34,22 @@ class LLM:
         llm._ids = itertools.count()
         return llm
 
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes and free its model, KV cache and CUDA graphs (idempotent)."""
+        self.llm_engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The checkpoint's generation_config.json sampling defaults, as vLLM applies them."""
-        path = self.llm_engine.config.model
-        file = os.path.join(path, "generation_config.json") if path else ""
-        if not os.path.exists(file):
-            return SamplingParams()
-        with open(file) as f:
-            gen = json.load(f)
-        keys = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty"}
-        return SamplingParams(**{k: v for k, v in gen.items() if k in keys})
+        return SamplingParams(**sampling_defaults(self.llm_engine.generation_config))
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:

@@ -16,43 +16,7 @@ import torch
 
 from .checkpoint import checkpoint_layout
 from .config import Param2MoEConfig
-
-PRESETS: dict[str, dict] = {
-    # The released Param2-17B-A2.4B (SPEC section 1).
-    "param2-17b": dict(
-        vocab_size=128008, hidden_size=2048, num_hidden_layers=21, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, intermediate_size=9216, moe_intermediate_size=2048,
-        num_experts=64, num_experts_per_tok=6, num_shared_experts=2, moe_shared_expert_intermediate_size=4096,
-        first_k_dense_replace=1, n_group=1, topk_group=1, score_function="sigmoid", routed_scaling_factor=2.5,
-        norm_topk_prob=True, moe_router_enable_expert_bias=True, router_dtype="fp32", use_qk_norm=True,
-        use_qkv_bias=False, use_bias=False, tie_word_embeddings=True, rope_theta=1e6,
-        partial_rotary_factor=1.0, rope_scaling=None, max_position_embeddings=4096, rms_norm_eps=1e-6,
-        num_nextn_predict_layers=0, torch_dtype="bfloat16"),
-    # Param2's layout scaled far down (2.4 MB in bf16): the model that ships with the package.
-    "bundled": dict(
-        vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=32, intermediate_size=384, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4,
-        num_shared_experts=2, moe_shared_expert_intermediate_size=64, first_k_dense_replace=1,
-        n_group=1, topk_group=1, score_function="sigmoid", routed_scaling_factor=2.5, norm_topk_prob=True,
-        moe_router_enable_expert_bias=True, router_dtype="fp32", use_qk_norm=True, tie_word_embeddings=True,
-        rope_theta=1e6, max_position_embeddings=4096, rms_norm_eps=1e-6, torch_dtype="bfloat16"),
-    # Param2's layout scaled down, larger (tests and benchmarks).
-    "small": dict(
-        vocab_size=2048, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-        head_dim=32, intermediate_size=768, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4,
-        num_shared_experts=2, moe_shared_expert_intermediate_size=256, first_k_dense_replace=1,
-        n_group=1, topk_group=1, score_function="sigmoid", routed_scaling_factor=2.5, norm_topk_prob=True,
-        moe_router_enable_expert_bias=True, router_dtype="fp32", use_qk_norm=True, tie_word_embeddings=True,
-        rope_theta=1e6, max_position_embeddings=4096, rms_norm_eps=1e-6, torch_dtype="bfloat16"),
-    # For tests: a few layers, float32.
-    "tiny": dict(
-        vocab_size=512, hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=32, intermediate_size=256, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
-        num_shared_experts=1, moe_shared_expert_intermediate_size=64, first_k_dense_replace=1,
-        score_function="sigmoid", routed_scaling_factor=1.0, norm_topk_prob=True,
-        moe_router_enable_expert_bias=True, router_dtype="fp32", use_qk_norm=True, tie_word_embeddings=True,
-        rope_theta=1e6, max_position_embeddings=2048, rms_norm_eps=1e-6, torch_dtype="float32"),
-}
+from .engine.config import PRESETS, preset_config  # noqa: F401  (the writer's presets)
 
 SPECIAL_TOKENS = [
     "<<|PAD|>>", "<<|UNK|>>", "<<|BOS|>>", "<<|EOS|>>",
@@ -160,13 +124,6 @@ def build_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
     return tok
-
-
-def preset_config(preset: str, overrides: dict | None = None) -> Param2MoEConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    raw = {"model_type": "param2moe", "architectures": ["Param2MoEForCausalLM"], **PRESETS[preset], **(overrides or {})}
-    return Param2MoEConfig.from_dict(raw)
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -1,3 +1,3 @@
-from .parallel import ParallelConfig, PlanComm, init_rank, start_local_workers
+from .parallel import LocalWorkers, PlanComm, exit_with_parent, init_rank
 
-__all__ = ["ParallelConfig", "PlanComm", "init_rank", "start_local_workers"]
+__all__ = ["LocalWorkers", "PlanComm", "exit_with_parent", "init_rank"]

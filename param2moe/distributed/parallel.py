@@ -6,60 +6,24 @@ is on the last stage, which holds the logits. NCCL carries tensors between GPUs 
 CPU processes; the driver's step plans (small numpy arrays) always go over a gloo group.
 
 Launch: one machine, `param2moe serve/generate --tensor-parallel-size N` starts the other ranks
-itself (`start_local_workers`) and watches them: a worker that dies takes the driver down with a
+itself (`LocalWorkers`) and watches them: a worker that dies takes the driver down with a
 message. Several machines: start every process with torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT); rank 0 serves, the others run the worker loop.
+MASTER_ADDR, MASTER_PORT); rank 0 serves, the others run the worker loop (engine/worker.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..model.shard import Shard
-
-
-@dataclass
-class ParallelConfig:
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    enable_expert_parallel: bool = False
-
-    @property
-    def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
-
-    def validate(self, cfg) -> None:
-        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
-        if tp < 1 or pp < 1:
-            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
-        rules = [(cfg.num_attention_heads % tp == 0, f"num_attention_heads ({cfg.num_attention_heads})"),
-                 (cfg.num_kv_heads % tp == 0 or tp % cfg.num_kv_heads == 0,
-                  f"num_key_value_heads ({cfg.num_kv_heads}) (or be a multiple of it)"),
-                 (cfg.intermediate_size % tp == 0, f"intermediate_size ({cfg.intermediate_size})"),
-                 (cfg.shared_expert_intermediate_size % tp == 0,
-                  f"the shared-expert width ({cfg.shared_expert_intermediate_size})")]
-        if cfg.is_moe:
-            if self.enable_expert_parallel:
-                rules.append((cfg.num_experts % tp == 0, f"num_experts ({cfg.num_experts})"))
-            else:
-                width = cfg.moe_intermediate_size
-                rules.append((width % tp == 0, f"moe_intermediate_size ({width})"))
-        for ok, what in rules:
-            if not ok:
-                raise ValueError(f"tensor_parallel_size={tp} must divide {what}")
-        if pp > cfg.num_hidden_layers:
-            raise ValueError(f"pipeline_parallel_size={pp} exceeds num_hidden_layers ({cfg.num_hidden_layers})")
 
 
 class PlanComm:
@@ -82,8 +46,9 @@ class PlanComm:
         return int(t)
 
 
-def init_rank(rank: int, parallel: ParallelConfig, device_type: str) -> tuple[Shard, PlanComm, torch.device]:
-    """Join the process group (MASTER_ADDR/MASTER_PORT from the environment) and build this rank's shard."""
+def init_rank(rank: int, parallel, device_type: str) -> tuple[Shard, PlanComm, torch.device]:
+    """Join the process group (MASTER_ADDR/MASTER_PORT from the environment) and build this rank's shard.
+    parallel: the engine's ParallelConfig (tensor_parallel_size, pipeline_parallel_size, enable_expert_parallel)."""
     tp, pp, world = parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.world_size
     if device_type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -114,49 +79,78 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_local_workers(engine_config, parallel: ParallelConfig) -> list[subprocess.Popen]:
-    """Start ranks 1..world-1 on this machine and watch them; the caller becomes rank 0.
+class LocalWorkers:
+    """Ranks 1..world_size-1 on this machine, started as `python -m MODULE RANK ARGS...`, and a thread that
+    watches them: a worker that dies while the engine runs takes the driver down with a message (a
+    collective would otherwise wait for it forever). The caller becomes rank 0.
 
-    Workers are fresh interpreters (`python -m param2moe.distributed`), so the caller's
-    script needs no `if __name__ == "__main__"` guard, as multiprocessing's spawn would."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(_free_port())  # fresh: an engine started after another must not reuse it
-    _stopping.clear()
-    config_json = json.dumps(dataclasses.asdict(engine_config))
-    procs = []
-    for rank in range(1, parallel.world_size):
-        cmd = [sys.executable, "-m", "param2moe.distributed", str(rank), config_json]
-        procs.append(subprocess.Popen(cmd, env={**os.environ, "PARAM2MOE_WORKER_RANK": str(rank)}))
-    threading.Thread(target=_watch, args=(procs,), daemon=True, name="param2moe-worker-watch").start()
-    return procs
+    Workers are fresh interpreters, so the caller's script needs no `if __name__ == "__main__"` guard,
+    as multiprocessing's spawn would; each exits when the driver's process is gone (`exit_with_parent`)."""
 
+    def __init__(self, world_size: int, module: str, *args: str):
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())  # fresh: an engine started after another must not reuse it
+        self._stopping = threading.Event()  # set by stop(): workers exiting then is expected
+        env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        self.procs = [subprocess.Popen([sys.executable, "-m", module, str(rank), *args],
+                                       env={**env, "PARAM2MOE_WORKER_RANK": str(rank)})
+                      for rank in range(1, world_size)]
+        threading.Thread(target=self._watch, daemon=True, name="param2moe-worker-watch").start()
 
-_stopping = threading.Event()  # set by the driver's shutdown: workers exiting then is expected
+    def first_dead(self) -> tuple[int, int] | None:
+        """(rank, exit code) of a worker that has exited, or None."""
+        for rank, p in enumerate(self.procs, 1):
+            if p.poll() is not None:
+                return rank, p.returncode
+        return None
 
+    def stop_watching(self) -> None:
+        self._stopping.set()
 
-def stop_watching() -> None:
-    _stopping.set()
+    def wait(self, timeout: float = 10.0) -> None:
+        """Wait for every worker to exit (after the driver told them to stop); kill those that do not."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
+    def kill(self) -> None:
+        self._stopping.set()
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
 
-def _watch(procs: list[subprocess.Popen]) -> None:
-    while not _stopping.is_set():
-        for rank, p in enumerate(procs, 1):
-            code = p.poll()
-            if code is not None and code != 0 and not _stopping.is_set():
-                print(f"param2moe: worker rank {rank} died (exit code {code}); shutting down", file=sys.stderr,
-                      flush=True)
-                for q in procs:
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            dead = self.first_dead()
+            if dead is not None and dead[1] != 0 and not self._stopping.is_set():
+                print(f"param2moe: worker rank {dead[0]} died (exit code {dead[1]}); shutting down",
+                      file=sys.stderr, flush=True)
+                for q in self.procs:
                     if q.poll() is None:
                         q.kill()
                 os._exit(1)
-        time.sleep(0.2)
+            time.sleep(0.2)
 
 
-def main(argv: list[str]) -> None:
-    """A worker rank started by start_local_workers (or by torchrun with RANK set)."""
-    from ..engine.llm_engine import EngineConfig
-    from ..engine.worker import worker_loop
+PARENT_ENV = "PARAM2MOE_DRIVER_PID"
 
-    rank, config = int(argv[0]), EngineConfig(**json.loads(argv[1]))
-    worker_loop(rank, config, config.parallel)
 
+def exit_with_parent() -> None:
+    """In a worker started by LocalWorkers: exit as soon as the driver's process is gone (killed, crashed),
+    rather than wait in a collective for a peer that will never come."""
+    parent = int(os.environ.get(PARENT_ENV, "0"))
+    if not parent:
+        return
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="param2moe-parent-watch").start()

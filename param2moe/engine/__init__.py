@@ -1,4 +1,5 @@
-from .llm_engine import EngineConfig, EngineError, LLMEngine
+from .config import EngineConfig
+from .llm_engine import EngineError, LLMEngine
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import OutputKind, SamplingParams
 

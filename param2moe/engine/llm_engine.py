@@ -6,118 +6,40 @@ asyncio front end (async_engine.py) drives it from a worker thread for the serve
 
 from __future__ import annotations
 
-import atexit
+import functools
 import itertools
-import json
 import os
-import subprocess
 import time
-from dataclasses import dataclass
+import weakref
 
 import torch
 
-from .. import kernels
 from ..config import Param2MoEConfig
+from ..kernels import Kernels
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
+from .config import EngineConfig, generation_eos_ids, read_generation_config, resolve_dtype
 from .detokenizer import IncrementalDetokenizer, find_stop
 from .outputs import CompletionOutput, RequestOutput, logprob_entries
 from .sampler import Sampler
 from .sampling_params import OutputKind, SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
-from .sequence import PENDING, Request, Sequence
+from .sequence import Request, Sequence
 from .worker import build_runner
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 
-
-MAX_LORA_RANK = 64
-
-
-def bundled_model_path() -> str:
-    """The small Param2-layout model that ships with the package (random weights)."""
-    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "param2-small")
-
-
-@dataclass
-class EngineConfig:
-    model: str | None = None  # checkpoint directory; None: the bundled small model
-    dtype: str = "auto"  # auto: the checkpoint's torch_dtype
-    device: str = "auto"  # auto: cuda if available, else cpu
-    max_model_len: int | None = None  # None: max_position_embeddings
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes of KV cache; None: 2 GiB on CPU, a share of free memory on GPU
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    load_format: str = "auto"  # "dummy": random weights from config.json (or a preset), no weight files
-    preset: str | None = None  # with load_format dummy and no model: a writer preset (e.g. param2-17b)
-    uniform_random_routing: bool | None = None  # None: on with dummy weights (SPEC 7)
-    enforce_eager: bool = False  # no CUDA graphs
-    max_graph_tokens: int = 2048  # steps of up to this many tokens (prefills too) replay CUDA graphs; 0: decodes only
-    kernels: str = "auto"  # "torch": the plain torch ops even on a GPU (benchmark baseline)
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    enable_expert_parallel: bool = False
-    async_scheduling: bool | None = None  # launch steps before reading the last tokens; None: CUDA, 1 pipeline stage
-    enable_lora: bool = False  # serve LoRA adapters (requests name theirs with a LoRARequest)
-    max_loras: int = 1  # adapters one step can mix (slots on the device)
-    max_lora_rank: int = 16  # the largest adapter rank served (each slot's rank), at most 64
-    lora_routed_experts: bool = False  # slots for adapters of the routed experts too (num_experts times the memory)
-
-    def resolve(self) -> EngineConfig:
-        if self.model is None and self.preset is None:
-            self.model = bundled_model_path()
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.uniform_random_routing is None:
-            self.uniform_random_routing = self.load_format == "dummy"
-        if self.enable_lora and not (1 <= self.max_loras and 1 <= self.max_lora_rank <= MAX_LORA_RANK):
-            raise ValueError(f"max_loras={self.max_loras}, max_lora_rank={self.max_lora_rank}: need max_loras >= 1 "
-                             f"and max_lora_rank in [1, {MAX_LORA_RANK}]")
-        return self
-
-    @property
-    def token_budget(self) -> int:
-        """The most tokens a step takes (a step holds at least one token a running sequence)."""
-        return max(self.max_num_batched_tokens, self.max_num_seqs)
-
-    def model_config(self) -> Param2MoEConfig:
-        if self.model is not None:
-            return Param2MoEConfig.from_pretrained(self.model)
-        from ..writer import preset_config
-
-        return preset_config(self.preset)
-
-    @property
-    def parallel(self):
-        from ..distributed import ParallelConfig
-
-        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.enable_expert_parallel)
-
-
-def resolve_dtype(config: EngineConfig, model_config: Param2MoEConfig) -> torch.dtype:
-    name = model_config.torch_dtype if config.dtype == "auto" else config.dtype
-    if name not in _DTYPES:
-        raise ValueError(f"dtype={name!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def _eos_token_ids(path: str | None, mc: Param2MoEConfig, tokenizer) -> list[int]:
+def _eos_token_ids(mc: Param2MoEConfig, generation_config: dict, tokenizer) -> list[int]:
     """End-of-sequence ids: config.json's, and generation_config.json's (which, as vLLM reads it, may
     add the end-of-turn token); the tokenizer's when neither has one."""
     ids = list(mc.eos_token_ids)
-    gen_file = os.path.join(path, "generation_config.json") if path else ""
-    if os.path.exists(gen_file):
-        with open(gen_file) as f:
-            gen = json.load(f).get("eos_token_id")
-        ids += [i for i in (gen if isinstance(gen, list) else [gen]) if isinstance(i, int) and i not in ids]
+    ids += [i for i in generation_eos_ids(generation_config) if i not in ids]
     if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def _decode_one(tokenizer, token: int) -> str:
+    return tokenizer.decode([token], skip_special_tokens=False)
 
 
 class EngineError(ValueError):
@@ -127,9 +49,8 @@ class EngineError(ValueError):
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         cfg = self.config = config.resolve()
-        self.comm, self.workers = None, []
         torch.manual_seed(cfg.seed)
-        kernels.set_backend(cfg.kernels)
+        self.kernels = Kernels(cfg.kernels)  # the backend of the model's hot ops, the sampler's and the graphs'
         if str(cfg.device).startswith("cpu"):
             from .cpu_setup import configure_cpu_allocator
 
@@ -138,20 +59,34 @@ class LLMEngine:
         self.dtype = resolve_dtype(cfg, mc)
         has_tokenizer = cfg.model is not None and os.path.exists(os.path.join(cfg.model, "tokenizer.json"))
         self.tokenizer = Tokenizer(cfg.model) if has_tokenizer else None
-        decode_token = (lambda i: self.tokenizer.decode([i], skip_special_tokens=False)) if self.tokenizer else None
         parallel = cfg.parallel
         parallel.validate(mc)
-        shard = comm = device = None
+        self.ranks = self.comm = None
+        self._closed = False
         if parallel.world_size > 1:
-            from ..distributed import init_rank, start_local_workers
+            from .ranks import DriverRanks
 
-            if "RANK" not in os.environ:  # one machine: start the other ranks here; torchrun starts its own
-                self.workers = start_local_workers(cfg, parallel)
-            atexit.register(self.shutdown)
-            device_type = "cuda" if str(cfg.device).startswith("cuda") else "cpu"
-            shard, comm, device = init_rank(0, parallel, device_type)
-        self.comm = comm
-        self.model, self.runner, num_blocks = build_runner(cfg, mc, self.dtype, shard, comm, device)
+            self.ranks = DriverRanks(cfg, parallel)
+            # stops the other ranks when the engine is collected, or at exit; holds no reference to the engine
+            self._finalizer = weakref.finalize(self, self.ranks.stop)
+            self.comm = self.ranks.comm
+        try:
+            self._build(cfg, mc, parallel)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _build(self, cfg: EngineConfig, mc: Param2MoEConfig, parallel) -> None:
+        ranks = self.ranks
+        shard, device = (ranks.shard, ranks.device) if ranks else (None, None)
+        self.generation_config = read_generation_config(cfg.model)
+        self.eos_token_ids = _eos_token_ids(mc, self.generation_config, self.tokenizer)
+        decode_token = functools.partial(_decode_one, self.tokenizer) if self.tokenizer else None
+        self.sampler = Sampler(self.eos_token_ids, decode_token, self.kernels)
+        self.model, self.runner, num_blocks = build_runner(cfg, mc, self.dtype, self.sampler, shard, self.comm,
+                                                           device)
+        if ranks:
+            ranks.runner = self.runner
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
         if num_blocks * cfg.block_size < self.max_model_len:
             raise EngineError(
@@ -164,8 +99,6 @@ class LLMEngine:
 
             self.lora = LoRAManager(self.model.lora, mc, self.runner.device)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.token_budget, self.lora)
-        self.eos_token_ids = _eos_token_ids(cfg.model, mc, self.tokenizer)
-        self.sampler = Sampler(self.eos_token_ids, decode_token)
         # Overlap host work with the GPU (see step): on CUDA, with one pipeline stage (tensor-parallel
         # ranks get the sampled ids from the driver; a first stage would need them from the last).
         on = cfg.async_scheduling
@@ -176,31 +109,17 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
 
-    def _raise_if_a_worker_died(self, error: Exception) -> None:
-        """A collective that fails because a peer is gone: say which worker died, not gloo's words."""
-        deadline = time.monotonic() + 2.0
-        while self.workers and time.monotonic() < deadline:
-            for rank, p in enumerate(self.workers, 1):
-                if p.poll() is not None:
-                    raise RuntimeError(f"worker rank {rank} died (exit code {p.returncode}); the engine "
-                                       "cannot go on") from error
-            time.sleep(0.05)
-
     def shutdown(self) -> None:
-        """Stop the worker ranks (if any)."""
-        if self.comm is not None:
-            from ..distributed.parallel import stop_watching
-
-            stop_watching()
-            self.comm.broadcast_plan(None)
+        """Stop the other ranks (if any) and let go of the model, its KV cache and CUDA graphs. Idempotent;
+        the engine takes no requests after it. Also runs when a parallel engine is garbage-collected."""
+        self._closed = True
+        if self.ranks is not None:
+            self._finalizer()  # ranks.stop, once
             self.comm = None
-            self.runner.release_cuda_graphs()
-            for p in self.workers:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            torch.distributed.destroy_process_group()
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.release_cuda_graphs()
+        self.runner = self.model = None
 
     # ---------------------------------------------------------------------- adapters
     def add_lora(self, lora_request) -> bool:
@@ -230,13 +149,10 @@ class LLMEngine:
                     lora_request=None) -> Request:
         """Queue a request; lora_request (a LoRARequest) runs it with that adapter, registered on first use."""
         params = params or SamplingParams()
+        if self._closed:
+            raise EngineError("the engine is shut down")
         if request_id in self.requests:
             raise EngineError(f"request_id {request_id!r} is already in use")
-        adapter = None
-        if lora_request is not None:
-            if self.lora is None:
-                raise EngineError("lora_request: this engine was started without enable_lora")
-            adapter = self.lora.add(lora_request)
         text, ids = self._prompt_ids(prompt)
         if not ids:
             raise EngineError("prompt: empty (no tokens)")
@@ -255,6 +171,11 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise EngineError(f"prompt: {len(ids)} tokens, but the context length (max_model_len) is "
                               f"{self.max_model_len} and at least one token must be generated")
+        adapter = None
+        if lora_request is not None:
+            if self.lora is None:
+                raise EngineError("lora_request: this engine was started without enable_lora")
+            adapter = self.lora.add(lora_request)
         req = Request(request_id, text, ids, params, adapter)
         for i in range(params.n):
             detok = None
@@ -295,9 +216,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and launch one step. With overlap (CUDA, one pipeline stage) the tokens of the step
         before are read only after this one is queued: the host's bookkeeping (detokenizing, stop
-        checks, outputs, the next plan) runs while the GPU computes. Those sequences carry a PENDING
-        last token meanwhile; their next inputs are taken from the sampled ids on the device, and a
-        sequence that turns out finished has its extra row dropped."""
+        checks, outputs, the next plan) runs while the GPU computes. Those sequences count a pending
+        token meanwhile; their next inputs are taken from the sampled ids on the device, and a sequence
+        that turns out finished has its extra row dropped."""
+        if self._closed:
+            raise EngineError("the engine is shut down")
         batch = self.scheduler.schedule()
         touched: set[str] = set()
         if self._pending is not None and (not batch.seqs or any(s.params.has_penalties for s in batch.seqs)):
@@ -310,10 +233,11 @@ class LLMEngine:
         try:
             out = self.runner.execute(batch, *((prev.sampled, prev.rows()) if prev else ()))
         except RuntimeError as e:
-            self._raise_if_a_worker_died(e)
+            if self.ranks is not None:
+                self.ranks.raise_if_a_worker_died(e)
             raise
         sampled = [batch.seqs[b] for b in out.sampled_rows]
-        pending = self.sampler.sample(out.sample_logits, sampled, out.argmax) if sampled else None
+        pending = self.sampler.sample(out.sample_logits, sampled, out.greedy_ids) if sampled else None
         if prev is not None:
             touched |= self._resolve()
         self.stats["steps"] += 1
@@ -327,11 +251,11 @@ class LLMEngine:
             self.block_manager.commit_full_blocks(seq)
             if b in out.prompt_logits:
                 seq.prompt_logprobs.extend(self._prompt_logprobs(seq, *out.prompt_logits[b]))
-        outputs = self._collect_outputs(touched) if self.overlap else None  # before new tokens are PENDING
+        outputs = self._collect_outputs(touched) if self.overlap else None  # before new tokens are pending
         if pending is not None and any(not seq.is_finished for seq in sampled):
             for seq in sampled:
                 if not seq.is_finished:
-                    seq.token_ids.append(PENDING)
+                    seq.num_pending_tokens += 1
             self._pending = pending
         if self.overlap:
             return outputs
@@ -346,9 +270,9 @@ class LLMEngine:
         now = time.monotonic()
         touched = set()
         for row, seq in enumerate(pending.seqs):
-            if seq.is_finished or seq.token_ids[-1] != PENDING:
+            if seq.is_finished or not seq.num_pending_tokens:
                 continue  # finished (or aborted) before its token was read
-            seq.token_ids.pop()
+            seq.num_pending_tokens -= 1
             self._append_token(seq, result.token_ids[row], result.logprobs[row], result.sampled_logprob[row])
             req = seq.request
             req.first_token_time = req.first_token_time or now

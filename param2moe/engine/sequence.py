@@ -9,10 +9,6 @@ from .detokenizer import IncrementalDetokenizer
 from .outputs import Logprob
 from .sampling_params import SamplingParams
 
-# The last token of a sequence while it is still on the device: the engine launches the next step
-# before reading the tokens of the one before (see LLMEngine.step); never in a finished sequence.
-PENDING = -1
-
 
 class SeqStatus(Enum):
     WAITING = auto()
@@ -24,7 +20,10 @@ class Sequence:
     def __init__(self, seq_id: int, request: Request, index: int, detokenizer: IncrementalDetokenizer | None):
         self.seq_id, self.request, self.index = seq_id, request, index
         self.params = request.params
-        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.token_ids: list[int] = list(request.prompt_token_ids)  # the tokens the host has read
+        # Sampled on the device, not read yet: the engine launches the next step before reading the tokens of
+        # the one before (LLMEngine.step); that step takes them from the device. 0 or 1; 0 once finished.
+        self.num_pending_tokens = 0
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed_tokens = 0  # tokens whose keys and values are in the cache
         self.num_cached_tokens = 0  # of those, found in the prefix cache when first scheduled
@@ -47,14 +46,16 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens the sequence holds, a pending one included."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
+        """The generated tokens the host has read."""
         return self.token_ids[self.num_prompt_tokens:]
 
     @property

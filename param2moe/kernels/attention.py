@@ -29,6 +29,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
                    slot_mapping: torch.Tensor) -> None:
     """Store the new tokens' k and v [T, NKV, D] at their slots. (Padding rows of a batch point at a
     scratch slot the engine never hands out, so every row is written and shapes stay fixed.)"""
+    slot_mapping = slot_mapping.long()  # (int32 in the CUDA graphs' buffers)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 

@@ -9,7 +9,7 @@ The network fuses and stacks what the checkpoint keeps apart, so an adapter's mo
   routed_experts on: they take E times the memory of the rest).
 A slot holds each module's A zero-padded to the slot rank and B times the adapter's scale; what an
 adapter does not target stays zero. Each step the model hands its tokens' slots (`begin`); the hooks
-then add every row's delta through `kernels.add_lora` (Triton on CUDA, plain torch elsewhere).
+then add every row's delta through `Kernels.add_lora` (Triton on CUDA, plain torch elsewhere).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from .. import kernels as ops
+from ..kernels import AUTO, Kernels
 from ..kernels.lora import ExpertLoRA
 from .adapter import LoRAAdapter
 
@@ -55,7 +55,7 @@ class LinearHook:
         rows = self.slots.rows
         if rows is None:
             return y
-        return ops.add_lora(y, x, self.weights.a, self.weights.b, rows)
+        return self.slots.ops.add_lora(y, x, self.weights.a, self.weights.b, rows)
 
 
 class ExpertsHook:
@@ -76,6 +76,7 @@ class LoRASlots:
         self.weights: dict[str, SlotWeights] = {}
         self.num_experts: dict[str, int] = {}  # key of expert stacks -> experts per slot
         self.token_slots = self.rows = None
+        self.ops: Kernels = AUTO  # the model's backend, handed over each step
         self._attach(model)
         model.lora = self
 
@@ -119,9 +120,10 @@ class LoRASlots:
                 mlp.lora_experts = ExpertsHook(self, gu, dn)
 
     # ------------------------------------------------------------------ per step
-    def begin(self, token_slots: torch.Tensor | None) -> None:
-        """The step's tokens' slots [T] int32 (-1: the base model); None: no adapter in the step."""
-        self.token_slots = token_slots
+    def begin(self, token_slots: torch.Tensor | None, ops: Kernels = AUTO) -> None:
+        """The step's tokens' slots [T] int32 (-1: the base model; None: no adapter in the step), and the
+        kernels the model runs on."""
+        self.token_slots, self.ops = token_slots, ops
         self.rows = None if token_slots is None else ops.lora_rows(token_slots, self.max_loras)
 
     # ------------------------------------------------------------------ slot contents

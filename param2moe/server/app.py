@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..engine import SamplingParams
 from ..engine.async_engine import AsyncLLMEngine, EngineDeadError
+from ..engine.config import sampling_defaults
 from ..parsers import prompt_ends_in_reasoning
 from .metrics import ServerMetrics
 from .protocol import (
@@ -54,7 +55,6 @@ from .serving import (
 
 log = logging.getLogger("param2moe.server")
 
-_GEN_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt"}
 _OPEN_PATHS = {"/health", "/metrics", "/version", "/ping"}
 _SEED_LIMIT = 1 << 62
@@ -73,18 +73,9 @@ class ServerOptions:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
-def generation_defaults(model_dir: str | None) -> dict:
+def generation_defaults(gen: dict) -> dict:
     """Sampling defaults from the checkpoint's generation_config.json (vLLM's `--generation-config auto`)."""
-    file = os.path.join(model_dir, "generation_config.json") if model_dir else ""
-    if not file or not os.path.exists(file):
-        return {}
-    try:
-        with open(file) as f:
-            gen = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        log.warning("could not read %s; no sampling defaults from it", file)
-        return {}
-    out = {k: gen[k] for k in _GEN_CONFIG_KEYS if gen.get(k) is not None}
+    out = sampling_defaults(gen)
     if isinstance(gen.get("max_new_tokens"), int):
         out["max_new_tokens"] = gen["max_new_tokens"]
     return out
@@ -102,7 +93,7 @@ class ServerState:
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.model_config.vocab_size
         self.max_num_seqs = engine.config.max_num_seqs
-        self.defaults = generation_defaults(model_dir)
+        self.defaults = generation_defaults(engine.generation_config)
         self.metrics = ServerMetrics(async_engine, self.model_name)
         self.token_text = TokenText(self.tokenizer)
         self.created = now()
@@ -648,13 +639,12 @@ def build_app(async_engine: AsyncLLMEngine, options: ServerOptions | None = None
 
 # ----------------------------------------------------------------------------------------- running
 def run_server(args) -> int:
-    from ..cli import engine_config
-    from ..engine import LLMEngine
+    from ..engine import EngineConfig, LLMEngine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ServerOptions.from_args(args)
     t0 = time.perf_counter()
-    engine = LLMEngine(engine_config(args))
+    engine = LLMEngine(EngineConfig.from_cli_args(args))
     async_engine = AsyncLLMEngine(engine)
     app = build_app(async_engine, options)
     st = app.state.server
