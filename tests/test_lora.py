@@ -240,5 +240,5 @@ def test_requests_and_registry_errors(adapters, base, lora_llm):
     engine.abort("busy")
     assert engine.remove_lora(60) and not engine.remove_lora(60)
     assert all(a.lora_id != 60 for a in engine.list_loras())
-    with pytest.raises(ValueError, match=r"max_lora_rank in \[1, 64\]"):
+    with pytest.raises(ValueError, match=r"max_lora_rank=128: must be in \[1, 64\]"):
         LLM(base, enable_lora=True, max_lora_rank=128, **ENGINE)
