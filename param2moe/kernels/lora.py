@@ -55,8 +55,8 @@ class ExpertLoRA(NamedTuple):
 
 def pair_buckets(lora: ExpertLoRA, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Each (token, k) pair's bucket [T*K] int32: its token's slot * E + its expert, -1 where either is none."""
-    k = ids.shape[1]
-    slot = lora.token_slots.long().repeat_interleave(k)
+    t, k = ids.shape
+    slot = lora.token_slots.long()[:, None].expand(t, k).reshape(-1)  # (no host sync: CUDA graphs)
     flat = ids.reshape(-1).long()
     return torch.where((slot >= 0) & (flat >= 0), slot * num_experts + flat, -1).to(torch.int32)
 

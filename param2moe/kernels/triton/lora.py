@@ -159,7 +159,7 @@ def moe_experts_lora(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weigh
     down added to each pair's output before the combine."""
     t, k = ids.shape
     rows = lora_rows(pair_buckets(lora, ids, w13.shape[0]), lora.a13.shape[0])
-    xs = x.repeat_interleave(k, dim=0)
+    xs = x[:, None].expand(t, k, x.shape[1]).reshape(t * k, x.shape[1])  # each pair's token row
     delta = add_lora(torch.zeros(t * k, w13.shape[1], dtype=torch.float32, device=x.device), xs, lora.a13,
                      lora.b13, rows)
 
