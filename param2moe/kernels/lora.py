@@ -11,7 +11,8 @@ zero-padded) and the adapter's scale already in b. Row m of a batch with bucket 
 
 rows with bucket -1 (the base model) nothing. The sum x @ a.T is taken in float32 and rounded to the
 weights' dtype before the second product (as the kernels feed it to tensor cores); y's update is
-rounded once.
+rounded once. Decode-sized batches gather each row's A and B (batched products: a few ops whatever the
+adapters); larger ones run a pair of matmuls per adapter over its rows.
 """
 
 from __future__ import annotations
@@ -22,24 +23,48 @@ import torch
 import torch.nn.functional as F
 
 
-def rows_by_bucket(index: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(bucket, row indices) for each bucket present in index [M] (-1 left out). Reads index on the host."""
+class RowGroups(NamedTuple):
+    """A batch's rows by adapter, read on the host: the rows with one (in bucket order) and their buckets,
+    and the same as (bucket, rows) groups."""
+
+    rows: torch.Tensor  # [m] int64
+    buckets: torch.Tensor  # [m] int64
+    groups: list[tuple[int, torch.Tensor]]
+
+
+def rows_by_bucket(index: torch.Tensor) -> RowGroups:
+    """The rows of index [M] (each row's bucket, -1: none) grouped by bucket."""
     index = index.long()
-    buckets = torch.unique(index).tolist()
-    return [(b, (index == b).nonzero().flatten()) for b in buckets if b >= 0]
+    buckets = [b for b in torch.unique(index).tolist() if b >= 0]
+    groups = [(b, (index == b).nonzero().flatten()) for b in buckets]
+    rows = torch.cat([r for _, r in groups]) if groups else index.new_zeros(0)
+    return RowGroups(rows, index[rows], groups)
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-             groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-    """y += each row's LoRA delta (see the module doc), in place; returns y. groups: rows_by_bucket(index)."""
+# Up to this many bytes of gathered weights, add_lora gathers each row's A and B and runs two batched
+# products (a fixed handful of ops, decode steps); past it, one pair of matmuls per adapter (prefill).
+_GATHER_BYTES = 32 << 20
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowGroups) -> torch.Tensor:
+    """y += each row's LoRA delta (see the module doc), in place; returns y. rows: rows_by_bucket(index)."""
+    m = rows.rows.numel()
+    if m == 0:
+        return y
     n_slices, rank, out = a.shape[1], a.shape[2], b.shape[2]
-    for bucket, rows in groups:
-        xs = x.index_select(0, rows).float()
+    cols = y[:, : n_slices * out]
+    if m * n_slices * rank * (a.shape[3] + out) * 4 <= _GATHER_BYTES:
+        xs = x.index_select(0, rows.rows).float()
+        u = (a[rows.buckets].reshape(m, n_slices * rank, -1).float() @ xs[:, :, None]).to(a.dtype).float()
+        delta = (b[rows.buckets].float() @ u.view(m, n_slices, rank, 1)).reshape(m, n_slices * out)
+        cols.index_copy_(0, rows.rows, (cols.index_select(0, rows.rows).float() + delta).to(y.dtype))
+        return y
+    for bucket, r in rows.groups:
+        xs = x.index_select(0, r).float()
         u = (xs @ a[bucket].reshape(n_slices * rank, -1).float().t()).to(a.dtype).float()
         u = u.view(-1, n_slices, rank)
         delta = torch.cat([u[:, j] @ b[bucket, j].float().t() for j in range(n_slices)], dim=1)
-        cols = y[:, : n_slices * out]
-        cols.index_copy_(0, rows, (cols.index_select(0, rows).float() + delta).to(y.dtype))
+        cols.index_copy_(0, r, (cols.index_select(0, r).float() + delta).to(y.dtype))
     return y
 
 
