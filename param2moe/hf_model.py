@@ -37,9 +37,8 @@ _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
 
 def engine_config(config) -> Param2MoEConfig:
     """Our dataclass (one source of the keys, defaults and derived values) from a transformers config."""
-    known = set(Param2MoEConfig.__dataclass_fields__)
-    return Param2MoEConfig.from_dict({k: v for k, v in config.to_dict().items() if k in known and v is not None
-                                      or k in ("num_experts", "n_group", "topk_group")})
+    known = set(Param2MoEConfig.__dataclass_fields__) | {"rope_parameters"}
+    return Param2MoEConfig.from_dict({k: v for k, v in config.to_dict().items() if k in known})
 
 
 class RMSNorm(nn.Module):

@@ -68,6 +68,21 @@ def test_agrees_with_the_engine(base, engine_out):
         assert gen[0, len(ids):].tolist() == out.outputs[0].token_ids
 
 
+def test_agrees_with_the_engine_on_another_layout(tmp_path):
+    """Biases, an untied head, grouped softmax routing, partial YaRN RoPE, no QK-norm."""
+    cfg = preset_config("tiny", {"num_hidden_layers": 3, "use_qkv_bias": True, "use_bias": True,
+                                 "tie_word_embeddings": False, "n_group": 2, "topk_group": 1, "use_qk_norm": False,
+                                 "score_function": "softmax", "partial_rotary_factor": 0.5,
+                                 "rope_scaling": {"rope_type": "yarn", "factor": 2.0,
+                                                  "original_max_position_embeddings": 1024}})
+    write_checkpoint(str(tmp_path), cfg, seed=2, head_std=0.2)
+    out = LLM(str(tmp_path), **ENGINE).generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0]
+    model = load(str(tmp_path))
+    torch.testing.assert_close(prompt_logprobs(model, PROMPTS[0]), engine_prompt_logprobs(out), rtol=0, atol=TOL)
+    gen = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=6, do_sample=False)
+    assert gen[0, len(PROMPTS[0]):].tolist() == out.outputs[0].token_ids
+
+
 def test_batched_generate_with_left_padding(base, engine_out):
     model = load(base)
     width = max(map(len, PROMPTS))
