@@ -136,3 +136,51 @@ def test_moe_experts_lora_matches_oracle(dtype, t):
 
     base = ref_moe.moe_experts(x, w13, w2, weights, ids)
     assert ((want - base).double().norm() / base.double().norm()) > 0.1  # the adapters change the result
+
+
+@pytest.mark.slow  # ~20 s under the interpreter
+def test_engine_with_the_triton_lora_kernels(tmp_path):
+    """The network's LoRA hooks on the Triton kernels (CPU tensors, the interpreter; the rest of the network
+    plain torch): a batch mixing adapters of every kind and the base model gives what the torch kernels give."""
+    tri = _tri()
+    from param2moe import LLM, LoRARequest, SamplingParams
+    from param2moe.kernels import Kernels
+    from param2moe.lora.files import KINDS, random_adapter
+    from param2moe.writer import preset_config, write_checkpoint
+
+    calls = {"rows": 0, "moe": 0}
+
+    class TritonLoRA(Kernels):
+        def lora_rows(self, index, num_buckets):
+            calls["rows"] += 1
+            return tri.lora_rows(index, num_buckets)
+
+        def add_lora(self, y, x, a, b, rows):
+            return tri.add_lora(y, x, a, b, rows)
+
+        def moe_experts(self, x, w13, w2, weights, ids, unsummed=False, started=None, lora=None):
+            if lora is None:
+                return super().moe_experts(x, w13, w2, weights, ids, unsummed, started)
+            calls["moe"] += 1
+            return tri.moe_experts_lora(x, w13, w2, weights, ids, lora)
+
+    cfg = preset_config("tiny", {"num_hidden_layers": 2})
+    write_checkpoint(str(tmp_path / "base"), cfg, seed=5, head_std=0.2)
+    loras = [None]
+    for i, kinds in enumerate((["qkv", "dense_mlp"], list(KINDS)), 1):
+        random_adapter(str(tmp_path / f"a{i}"), cfg, kinds, r=8, seed=i)
+        loras.append(LoRARequest(f"a{i}", i, str(tmp_path / f"a{i}")))
+    prompts = [[30 + (i * 37 + j) % 400 for i in range(12 + 3 * j)] for j in range(3)]
+    sp = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0)
+    outs = []
+    for kernels in (None, TritonLoRA("auto")):
+        with LLM(str(tmp_path / "base"), enable_lora=True, max_loras=2, max_lora_rank=8, lora_routed_experts=True,
+                 max_model_len=128, kv_cache_memory=4 << 20) as llm:
+            if kernels is not None:
+                llm.llm_engine.model.use_kernels(kernels)
+            outs.append(llm.generate(prompts, sp, use_tqdm=False, lora_request=loras))
+    assert calls["rows"] > 0 and calls["moe"] > 0
+    for want, got in zip(*outs):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for g, w, t in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:], got.prompt_token_ids[1:]):
+            assert abs(g[t].logprob - w[t].logprob) < 1e-4
