@@ -15,7 +15,9 @@
 3. vllm: the same with vLLM (the kit of ../shared/vllm-gpu unpacked at /tmp/site, model folder /tmp/p2m17,
    both made by `.peer/vllm_gpu_run.sh`), same adapter folders, uniform routing, each engine in its own
    process; step time = (t(136 out) - t(8 out)) / 128, as the kit's bench measures it.
-Prints a table and writes lora_bench.json to --out (default $OUT, else benchmarks/results/lora_bench).
+Prints a table and writes lora_bench.json to --out (default $OUT, else benchmarks/results/lora_bench), with
+the sections earlier calls ran on the same machine (kept in /tmp/lora_bench/results.json), so that the
+sections may run in separate calls on one warm machine and still be reported side by side.
 """
 
 from __future__ import annotations
@@ -142,9 +144,7 @@ def _measure(engine, adapters, seed: int) -> dict:
 
 
 def ours(res: dict, preset: str, folders: list[str], targets: list[str]) -> None:
-    import gc
 
-    import torch
 
     from param2moe import LoRARequest
     from param2moe.engine import EngineConfig, LLMEngine
@@ -157,8 +157,7 @@ def ours(res: dict, preset: str, folders: list[str], targets: list[str]) -> None
     log("ours, no LoRA:", out["rows"]["no LoRA"])
     engine.shutdown()
     del engine
-    gc.collect()
-    torch.cuda.empty_cache()
+    _release()
     t = time.perf_counter()
     engine = LLMEngine(EngineConfig(**base, enable_lora=True, max_loras=max(COUNTS), max_lora_rank=RANK))
     out["lora_engine_start_s"] = time.perf_counter() - t
@@ -234,6 +233,16 @@ def vllm(res: dict, folders: list[str], timeout: int) -> None:
         log("vLLM:", got["rows"])
 
 
+def _release() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------------------------- report
 def report(res: dict) -> None:
     ours_rows, v_rows = res.get("ours", {}).get("rows", {}), res.get("vllm", {}).get("rows", {})
@@ -277,6 +286,11 @@ def main() -> int:
     res = {"date": time.strftime("%F"), "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "machine": machine_facts(device),
            "batch": BATCH, "prompt_len": PROMPT_LEN, "output_len": OUT_LEN, "rank": RANK}
+    # Sections run by earlier calls on this (warm) machine: kept, so that a call of one section still
+    # reports the others beside it (each section records its own time).
+    earlier = os.path.join(WORK, "results.json")
+    if os.path.exists(earlier):
+        res = {**json.load(open(earlier)), **res}
     sections, targets = a.sections.split(","), a.targets.split(",")
     steps = [("correctness", lambda: correctness(res))]
     if "ours" in sections or "vllm" in sections:
@@ -292,8 +306,12 @@ def main() -> int:
 
                 res[f"{name}_error"] = traceback.format_exc()
                 log(f"{name} failed: {e!r}")
-            with open(os.path.join(a.out, "lora_bench.json"), "w") as f:
-                json.dump(res, f, indent=1)
+            _release()  # the next section (vLLM's processes) needs the GPU memory this process cached
+            if isinstance(res.get(name), dict):
+                res[name]["measured_at"] = time.strftime("%F %T")
+            for path in (os.path.join(a.out, "lora_bench.json"), earlier):
+                with open(path, "w") as f:
+                    json.dump(res, f, indent=1)
     report(res)
     return 0 if res.get("correctness", {}).get("pass", True) else 1
 
