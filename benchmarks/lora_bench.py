@@ -144,8 +144,6 @@ def _measure(engine, adapters, seed: int) -> dict:
 
 
 def ours(res: dict, preset: str, folders: list[str], targets: list[str]) -> None:
-
-
     from param2moe import LoRARequest
     from param2moe.engine import EngineConfig, LLMEngine
 
