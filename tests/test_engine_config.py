@@ -111,3 +111,13 @@ def test_kernel_backend_belongs_to_each_engine(tmp_path, monkeypatch):
         assert not calls
         auto.generate([[5, 6, 7]], params, use_tqdm=False)
         assert calls  # decode steps asked the native kernel (it may decline: no compiler)
+
+
+def test_model_name(tmp_path):
+    folder = EngineConfig(model=str(tmp_path / "Param2-17B"))
+    (tmp_path / "Param2-17B").mkdir()
+    assert folder.resolve().model_name == "Param2-17B"
+    hub = EngineConfig(model="org/name")
+    hub.model_id, hub.model = "org/name", str(tmp_path / "snapshots" / "0123abc")  # what resolve() leaves
+    assert hub.model_name == "org/name"
+    assert EngineConfig(preset="tiny", load_format="dummy").resolve().model_name == "tiny"

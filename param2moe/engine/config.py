@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Param2MoEConfig
+from ..quant.plan import OPTIONS as QUANT_OPTIONS
 
 log = logging.getLogger("param2moe")
 
@@ -128,6 +129,10 @@ class EngineConfig:
     lora_routed_experts: bool = setting(
         False, "with --enable-lora: slots for adapters of the routed experts too (num_experts times the memory "
                "of the other modules' slots)")
+    quantization: str | None = setting(
+        None, "weights quantized while they load (default: as the checkpoint is): int8 per channel, int4 groups of "
+              "128, fp8 per channel, fp8-block 128x128 blocks", choices=QUANT_OPTIONS, aliases=("-q",))
+    quantize_head: bool = setting(False, "with quantization: the output head too (default: high precision)")
 
     def resolve(self) -> EngineConfig:
         """Check the settings and fill in what `auto`/None stand for (the model's folder, the device)."""
@@ -140,6 +145,7 @@ class EngineConfig:
         elif self.model is not None:
             from ..hub import resolve_model
 
+            self.model_id = getattr(self, "model_id", None) or self.model  # as given (served under this name)
             self.model = resolve_model(self.model, self.revision)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,6 +157,14 @@ class EngineConfig:
         if self.enable_lora and not 1 <= self.max_lora_rank <= MAX_LORA_RANK:
             raise EngineConfigError(f"max_lora_rank={self.max_lora_rank}: must be in [1, {MAX_LORA_RANK}]")
         return self
+
+    @property
+    def model_name(self) -> str:
+        """What the model is called: a Hub id as given (not its cache folder), a folder's name, or the preset."""
+        given = getattr(self, "model_id", None)
+        if given and not os.path.isdir(given):
+            return given
+        return os.path.basename(os.path.normpath(self.model)) if self.model else (self.preset or "model")
 
     @property
     def token_budget(self) -> int:
@@ -290,6 +304,13 @@ def read_generation_config(model_dir: str | None) -> dict:
 def sampling_defaults(gen: dict) -> dict:
     """The sampling fields generation_config.json sets, as vLLM applies them (`--generation-config auto`)."""
     return {k: gen[k] for k in SAMPLING_KEYS if gen.get(k) is not None}
+
+
+def default_max_tokens(gen: dict) -> int | None:
+    """generation_config.json's max_new_tokens: a reply's length when the request sets none (else the rest
+    of the context), as vLLM applies it."""
+    n = gen.get("max_new_tokens")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def generation_eos_ids(gen: dict) -> list[int]:

@@ -20,7 +20,8 @@ def build_runner(config, model_config, dtype, sampler: Sampler, shard=None, comm
     device = device or torch.device(config.device)
     model = load_model(config.model, dtype, device, shard, config=model_config,
                        dummy=config.load_format == "dummy", seed=config.seed,
-                       progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage), kernels=kernels)
+                       progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage), kernels=kernels,
+                       quantization=config.quantization, quantize_head=config.quantize_head)
     if config.enable_lora:  # before any graph capture: the graphs read the slots
         from ..lora.slots import LoRASlots
 

@@ -73,6 +73,8 @@ class ExpertsHook:
 class LoRASlots:
     def __init__(self, model, max_loras: int, max_rank: int, routed_experts: bool = False):
         self.max_loras, self.max_rank, self.routed_experts = max_loras, max_rank, routed_experts
+        # the activations' dtype (weights may be quantized: their shapes are the logical ones)
+        self.dtype, self.device = model.dtype, model.model.norm.weight.device
         self.weights: dict[str, SlotWeights] = {}
         self.num_experts: dict[str, int] = {}  # key of expert stacks -> experts per slot
         self.token_slots = self.rows = None
@@ -80,8 +82,8 @@ class LoRASlots:
         self._attach(model)
         model.lora = self
 
-    def _new(self, key: str, slices: int, in_f: int, out_f: int, like: torch.Tensor, experts: int = 0):
-        w = SlotWeights(self.max_loras * max(experts, 1), slices, self.max_rank, in_f, out_f, like.dtype, like.device)
+    def _new(self, key: str, slices: int, in_f: int, out_f: int, experts: int = 0):
+        w = SlotWeights(self.max_loras * max(experts, 1), slices, self.max_rank, in_f, out_f, self.dtype, self.device)
         self.weights[key] = w
         if experts:
             self.num_experts[key] = experts
@@ -89,8 +91,8 @@ class LoRASlots:
 
     def _mlp_hooks(self, prefix: str, mlp) -> None:
         width, hidden = mlp.down_proj.shape[1], mlp.down_proj.shape[0]
-        mlp.lora_gate_up = LinearHook(self, self._new(f"{prefix}.gate_up", 2, hidden, width, mlp.down_proj))
-        mlp.lora_down = LinearHook(self, self._new(f"{prefix}.down", 1, width, hidden, mlp.down_proj))
+        mlp.lora_gate_up = LinearHook(self, self._new(f"{prefix}.gate_up", 2, hidden, width))
+        mlp.lora_down = LinearHook(self, self._new(f"{prefix}.down", 1, width, hidden))
 
     def _attach(self, model) -> None:
         shard = model.shard
@@ -102,7 +104,7 @@ class LoRASlots:
             att = layer.attention
             for name in ("query_key_value", "dense"):
                 w = getattr(att, name).weight
-                hook = LinearHook(self, self._new(f"{p}.attention.{name}", 1, w.shape[1], w.shape[0], w))
+                hook = LinearHook(self, self._new(f"{p}.attention.{name}", 1, w.shape[1], w.shape[0]))
                 setattr(att, "lora_qkv" if name == "query_key_value" else "lora_dense", hook)
             mlp = layer.mlp
             if not hasattr(mlp, "w13"):
@@ -114,9 +116,12 @@ class LoRASlots:
             if mlp.shared_experts is not None:
                 self._mlp_hooks(f"{p}.mlp.shared_experts", mlp.shared_experts)
             if self.routed_experts:
+                if not isinstance(mlp.w13, torch.Tensor):
+                    raise ValueError("lora_routed_experts: adapters of quantized routed experts are not served "
+                                     "(quantize without them, or serve adapters of the other modules)")
                 e, two_i, hidden = mlp.w13.shape
-                gu = self._new(f"{p}.mlp.experts.gate_up", 2, hidden, two_i // 2, mlp.w13, experts=e)
-                dn = self._new(f"{p}.mlp.experts.down", 1, two_i // 2, hidden, mlp.w13, experts=e)
+                gu = self._new(f"{p}.mlp.experts.gate_up", 2, hidden, two_i // 2, experts=e)
+                dn = self._new(f"{p}.mlp.experts.down", 1, two_i // 2, hidden, experts=e)
                 mlp.lora_experts = ExpertsHook(self, gu, dn)
 
     # ------------------------------------------------------------------ per step
