@@ -20,7 +20,7 @@ import torch
 
 from ..kernels import AUTO, Kernels
 from ..kernels.lora import ExpertLoRA
-from .adapter import LoRAAdapter
+from .adapter import LoRAAdapter, LoRAError
 
 _NAME = re.compile(r"^(?P<prefix>model\.layers\.\d+\.(?:attention|mlp(?:\.shared_experts|\.experts)?))\."
                    r"(?:(?P<expert>\d+)\.)?(?P<leaf>\w+)$")
@@ -97,7 +97,7 @@ class LoRASlots:
     def _attach(self, model) -> None:
         shard = model.shard
         if shard.tp_size > 1 or shard.pp_size > 1:
-            raise ValueError("enable_lora: LoRA runs on one rank only (tensor_parallel_size and "
+            raise LoRAError("enable_lora: LoRA runs on one rank only (tensor_parallel_size and "
                              "pipeline_parallel_size 1)")
         for i, layer in model.model.layers.items():
             p = f"model.layers.{i}"
@@ -111,13 +111,13 @@ class LoRASlots:
                 self._mlp_hooks(f"{p}.mlp", mlp)
                 continue
             if mlp.num_folded_shared:
-                raise ValueError("enable_lora: the shared experts are folded into the routed experts; attach "
+                raise LoRAError("enable_lora: the shared experts are folded into the routed experts; attach "
                                  "LoRA slots before fold_shared_experts (the engine does not fold with LoRA)")
             if mlp.shared_experts is not None:
                 self._mlp_hooks(f"{p}.mlp.shared_experts", mlp.shared_experts)
             if self.routed_experts:
                 if not isinstance(mlp.w13, torch.Tensor):
-                    raise ValueError("lora_routed_experts: adapters of quantized routed experts are not served "
+                    raise LoRAError("lora_routed_experts: adapters of quantized routed experts are not served "
                                      "(quantize without them, or serve adapters of the other modules)")
                 e, two_i, hidden = mlp.w13.shape
                 gu = self._new(f"{p}.mlp.experts.gate_up", 2, hidden, two_i // 2, experts=e)
