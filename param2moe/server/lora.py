@@ -9,6 +9,7 @@ import itertools
 import json
 
 from ..lora import LoRAError, LoRARequest
+from ..lora.adapter import read_adapter_config
 from .protocol import RequestError
 
 
@@ -32,6 +33,23 @@ def parse_lora_modules(specs: list[str] | None) -> list[tuple[str, str]]:
     return out
 
 
+def check_lora_modules(specs: list[str] | None, enable_lora: bool) -> list[tuple[str, str]]:
+    """--lora-modules as (name, path) pairs, each folder's adapter_config.json read: what can be checked before
+    the model loads (LoRAError otherwise; the tensors are checked against the model once it is loaded)."""
+    try:
+        adapters = parse_lora_modules(specs)
+    except ValueError as e:
+        raise LoRAError(str(e)) from None
+    if adapters and not enable_lora:
+        raise LoRAError("--lora-modules: needs --enable-lora")
+    names = [name for name, _ in adapters]
+    if len(set(names)) < len(names):
+        raise LoRAError(f"--lora-modules: a name given twice ({', '.join(names)})")
+    for _, path in adapters:
+        read_adapter_config(path)
+    return adapters
+
+
 class ServedAdapters:
     def __init__(self, async_engine, base_name: str):
         self.async_engine, self.base_name = async_engine, base_name
@@ -52,8 +70,11 @@ class ServedAdapters:
         return LoRARequest(name, next(self._ids), path)
 
     def register(self, name: str, path: str) -> None:
-        """At start, before the engine runs (--lora-modules): read and check it now, errors as raised."""
-        request = self._new(name, path)
+        """At start, before the engine runs (--lora-modules): read and check it now (LoRAError)."""
+        try:
+            request = self._new(name, path)
+        except RequestError as e:
+            raise LoRAError(f"--lora-modules {name}={path}: {e.message}") from None
         self.async_engine.engine.add_lora(request)
         self.requests[name] = request
 
