@@ -242,3 +242,17 @@ def test_requests_and_registry_errors(adapters, base, lora_llm):
     assert all(a.lora_id != 60 for a in engine.list_loras())
     with pytest.raises(ValueError, match=r"max_lora_rank=128: must be in \[1, 64\]"):
         LLM(base, enable_lora=True, max_lora_rank=128, **ENGINE)
+
+
+def test_adapter_over_a_quantized_base(adapters, base):
+    """int8 weights: the adapter's delta is added to the quantized projections' outputs, so the result is the
+    merged model's within the quantization's error (far closer than the quantized base alone); adapters of
+    quantized routed experts are refused at start."""
+    folder, merged = adapters("dense_mlp", ("dense_mlp",), r=8, seed=list(KINDS).index("dense_mlp"))
+    want = _llm(merged).generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0]
+    llm = _llm(base, quantization="int8", enable_lora=True, max_lora_rank=8)
+    got = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, lora_request=LoRARequest("q", 70, folder))[0]
+    plain = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0]
+    assert max_prompt_diff(got, want) < 0.1 * max_prompt_diff(plain, want)
+    with pytest.raises(LoRAError, match="adapters of quantized routed experts are not served"):
+        LLM(base, quantization="int8", enable_lora=True, lora_routed_experts=True, **ENGINE)
