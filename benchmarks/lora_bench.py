@@ -12,9 +12,10 @@
    prompt tokens decoding 64 tokens, 16 random adapters of rank 16 (--targets); the median decode step
    (wall, host included) and one replay of its CUDA graph (GPU time alone) for 0, 1, 4 and 16 distinct
    adapters in the batch, on an engine with --enable-lora (max_loras 16), against the engine without it.
-3. vllm: the same with vLLM (the kit of ../shared/vllm-gpu unpacked at /tmp/site, model folder /tmp/p2m17,
-   both made by `.peer/vllm_gpu_run.sh`), same adapter folders, uniform routing, each engine in its own
-   process; step time = (t(136 out) - t(8 out)) / 128, as the kit's bench measures it.
+3. vllm: the same with vLLM 0.26 (the kit of ../shared/vllm-gpu: its parts .peer/whl/p* unpacked to /tmp/site,
+   the model folder /tmp/p2m17 from .peer/vllm_gpu_model.py; done here when missing, or by --prepare-vllm),
+   same adapter folders, uniform routing, each engine in its own process; step time = (t(136 out) -
+   t(8 out)) / 128, as the kit's bench measures it.
 Prints a table and writes lora_bench.json to --out (default $OUT, else benchmarks/results/lora_bench), with
 the sections earlier calls ran on the same machine (kept in /tmp/lora_bench/results.json), so that the
 sections may run in separate calls on one warm machine and still be reported side by side.
@@ -204,13 +205,39 @@ def vllm_worker(spec: dict) -> dict:
     return {"vllm": vllm.__version__, "rows": rows}
 
 
+def prepare_vllm_kit() -> str | None:
+    """Unpack the vLLM kit's parts (.peer/whl/p*, carried to the device as its README says) into /tmp/site and
+    write the model folder /tmp/p2m17, unless there already; None when done, else what is missing."""
+    import glob
+
+    if not os.path.exists("/tmp/site/.kit_complete"):
+        parts = sorted(glob.glob(os.path.join(ROOT, ".peer/whl/p*/vllm_site.tar.xz.part*")))
+        if not parts:
+            return "no vLLM kit: /tmp/site is not unpacked and .peer/whl/p*/ holds no parts"
+        log(f"unpacking the vLLM kit ({len(parts)} parts)")
+        with open("/tmp/vllm_site.tar.xz", "wb") as out:
+            for part in parts:
+                out.write(open(part, "rb").read())
+        os.makedirs("/tmp/site", exist_ok=True)
+        if subprocess.run(["tar", "-xJf", "/tmp/vllm_site.tar.xz", "-C", "/tmp/site"]).returncode:
+            return "unpacking the vLLM kit failed (parts incomplete?)"
+        os.remove("/tmp/vllm_site.tar.xz")
+        open("/tmp/site/.kit_complete", "w").close()
+    if not os.path.isdir("/tmp/p2m17"):
+        writer = os.path.join(ROOT, ".peer/vllm_gpu_model.py")
+        if subprocess.run([sys.executable, writer, "/tmp/p2m17"]).returncode:
+            return f"writing /tmp/p2m17 with {writer} failed"
+    return None
+
+
 def vllm(res: dict, folders: list[str], timeout: int) -> None:
     out = res["vllm"] = {"rows": {}}
     env = dict(os.environ, PYTHONPATH="/tmp/site", VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
                VLLM_NO_USAGE_STATS="1", VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1")
-    if not os.path.exists("/tmp/site/.kit_complete") or not os.path.isdir("/tmp/p2m17"):
-        out["error"] = "the vLLM kit is not unpacked (/tmp/site) or /tmp/p2m17 is missing: run .peer/vllm_gpu_run.sh"
-        log(out["error"])
+    missing = prepare_vllm_kit()
+    if missing:
+        out["error"] = missing
+        log(missing)
         return
     for lora, counts in ((False, [0]), (True, list(COUNTS))):
         spec = {"model": "/tmp/p2m17", "lora": lora, "counts": counts, "folders": folders}
@@ -268,6 +295,7 @@ def main() -> int:
     ap.add_argument("--preset", default="param2-17b", help="model shapes of the timed sections (vLLM: param2-17b)")
     ap.add_argument("--vllm-timeout", type=int, default=240, help="seconds for each vLLM engine's process")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks/results/lora_bench"))
+    ap.add_argument("--prepare-vllm", action="store_true", help="unpack the vLLM kit now (for a later --sections vllm)")
     ap.add_argument("--vllm-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.vllm_worker:
@@ -290,6 +318,8 @@ def main() -> int:
     if os.path.exists(earlier):
         res = {**json.load(open(earlier)), **res}
     sections, targets = a.sections.split(","), a.targets.split(",")
+    if a.prepare_vllm:
+        log("vLLM kit:", prepare_vllm_kit() or "ready")
     steps = [("correctness", lambda: correctness(res))]
     if "ours" in sections or "vllm" in sections:
         folders = bench_adapters(a.preset, targets)
