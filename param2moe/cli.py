@@ -273,9 +273,10 @@ def _known_errors() -> tuple:
     from .engine import EngineError
     from .engine.config import EngineConfigError
     from .hub import ModelNotFoundError
+    from .lora import LoRAError
     from .weights_file import WeightsFileError
 
-    return (CliError, CheckpointError, ConfigError, EngineError, EngineConfigError, ModelNotFoundError,
+    return (CliError, CheckpointError, ConfigError, EngineError, EngineConfigError, LoRAError, ModelNotFoundError,
             WeightsFileError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 

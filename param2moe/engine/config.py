@@ -74,6 +74,9 @@ def preset_config(preset: str, overrides: dict | None = None) -> Param2MoEConfig
     return Param2MoEConfig.from_dict(raw)
 
 
+MAX_LORA_RANK = 64  # the largest LoRA rank a slot takes
+
+
 class EngineConfigError(ValueError):
     """A setting the engine cannot take; the message names it and says why."""
 
@@ -120,6 +123,12 @@ class EngineConfig:
     async_scheduling: bool | None = setting(
         None, "launch each step before reading the previous step's tokens (default: on CUDA with one "
               "pipeline stage)")
+    enable_lora: bool = setting(False, "serve LoRA adapters (PEFT folders; requests name theirs)")
+    max_loras: int = setting(1, "with --enable-lora: adapters one step can mix (slots on the device)")
+    max_lora_rank: int = setting(16, f"with --enable-lora: the largest adapter rank served, at most {MAX_LORA_RANK}")
+    lora_routed_experts: bool = setting(
+        False, "with --enable-lora: slots for adapters of the routed experts too (num_experts times the memory "
+               "of the other modules' slots)")
     quantization: str | None = setting(
         None, "weights quantized while they load (default: as the checkpoint is): int8 per channel, int4 groups of "
               "128, fp8 per channel, fp8-block 128x128 blocks", choices=QUANT_OPTIONS, aliases=("-q",))
@@ -143,6 +152,10 @@ class EngineConfig:
         _check_device(self.device)
         if self.uniform_random_routing is None:
             self.uniform_random_routing = self.load_format == "dummy"
+        if self.enable_lora and self.max_loras < 1:
+            raise EngineConfigError(f"max_loras={self.max_loras}: must be at least 1")
+        if self.enable_lora and not 1 <= self.max_lora_rank <= MAX_LORA_RANK:
+            raise EngineConfigError(f"max_lora_rank={self.max_lora_rank}: must be in [1, {MAX_LORA_RANK}]")
         return self
 
     @property

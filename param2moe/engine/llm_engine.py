@@ -93,7 +93,12 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * cfg.block_size} tokens, fewer than max_model_len "
                 f"({self.max_model_len}): give it more memory or lower max_model_len")
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.token_budget)
+        self.lora = None
+        if cfg.enable_lora:
+            from ..lora.manager import LoRAManager
+
+            self.lora = LoRAManager(self.model.lora, mc, self.runner.device)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.token_budget, self.lora)
         # Overlap host work with the GPU (see step): on CUDA, with one pipeline stage (tensor-parallel
         # ranks get the sampled ids from the driver; a first stage would need them from the last).
         on = cfg.async_scheduling
@@ -116,9 +121,33 @@ class LLMEngine:
             runner.release_cuda_graphs()
         self.runner = self.model = None
 
+    # ---------------------------------------------------------------------- adapters
+    def add_lora(self, lora_request) -> bool:
+        """Register (read and check) an adapter ahead of its requests; a lora.LoRAError names what is wrong."""
+        if self.lora is None:
+            raise EngineError("lora_request: this engine was started without enable_lora")
+        self.lora.add(lora_request)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter; refused (LoRAError) while requests of it are unfinished."""
+        if self.lora is None:
+            return False
+        users = [r.request_id for r in self.requests.values() if r.lora is not None and r.lora.lora_id == lora_id]
+        if users:
+            from ..lora import LoRAError
+
+            raise LoRAError(f"adapter id {lora_id} is in use by {len(users)} unfinished request(s)")
+        return self.lora.remove(lora_id)
+
+    def list_loras(self) -> list:
+        """The registered adapters (lora.LoRAAdapter), in order of registration."""
+        return [] if self.lora is None else list(self.lora.adapters.values())
+
     # ---------------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
-                    ) -> Request:
+                    lora_request=None) -> Request:
+        """Queue a request; lora_request (a LoRARequest) runs it with that adapter, registered on first use."""
         params = params or SamplingParams()
         if self._closed:
             raise EngineError("the engine is shut down")
@@ -142,7 +171,12 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise EngineError(f"prompt: {len(ids)} tokens, but the context length (max_model_len) is "
                               f"{self.max_model_len} and at least one token must be generated")
-        req = Request(request_id, text, ids, params)
+        adapter = None
+        if lora_request is not None:
+            if self.lora is None:
+                raise EngineError("lora_request: this engine was started without enable_lora")
+            adapter = self.lora.add(lora_request)
+        req = Request(request_id, text, ids, params, adapter)
         for i in range(params.n):
             detok = None
             if params.detokenize and self.tokenizer is not None:

@@ -31,7 +31,8 @@ def to_device(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tenso
 @dataclass
 class MicroBatch:
     arrays: dict[str, np.ndarray]  # input_ids, positions, slot_mapping, block_tables, context_lens, query_start_loc
-    # (and prev_index: per input row, the row of the previous step's sampled ids it takes, or -1)
+    # (and prev_index: per input row, the row of the previous step's sampled ids it takes, or -1; lora_index:
+    # each row's adapter slot or -1, present when some row has an adapter)
     logit_rows: list[int]  # rows (tokens) whose next-token logits are sampled
     prompt_ranges: list[tuple[int, int]] = field(default_factory=list)  # row ranges whose logits give prompt logprobs
     use_graph: bool = False  # a pure decode step: replayed from a decode graph
@@ -108,6 +109,9 @@ class ModelRunner:
         slots = tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
         arrays = dict(input_ids=np.asarray(ids, dtype=np.int64), positions=positions, slot_mapping=slots,
                       block_tables=tables, context_lens=(starts + n).astype(np.int32), query_start_loc=q_start)
+        lora_slots = [seq.lora_slot for seq in seqs]
+        if max(lora_slots) >= 0:  # absent: no row has an adapter (graphs then read -1)
+            arrays["lora_index"] = np.repeat(np.asarray(lora_slots, dtype=np.int32), n)
         if pending:
             prev_index = np.full(len(ids), -1, dtype=np.int64)
             rows, src = zip(*pending)
@@ -159,13 +163,14 @@ class ModelRunner:
                           greedy_ids)
 
     # ------------------------------------------------------------------ every rank
-    def _attention(self, arrays: dict) -> tuple[PagedAttention, torch.Tensor, torch.Tensor, tuple | None]:
+    def _attention(self, arrays: dict) -> tuple[PagedAttention, torch.Tensor, torch.Tensor, tuple | None,
+                                               torch.Tensor | None]:
         t = {k: to_device(v, self.device) for k, v in arrays.items()}
         attn = self.kv.attention(t["slot_mapping"], t["block_tables"], t["context_lens"], t["query_start_loc"],
                                  max_query_len=int(np.diff(arrays["query_start_loc"]).max()),
                                  max_context_len=int(arrays["context_lens"].max()), ops=self.model.ops)
         prev = (t["prev_index"], self.prev_tokens) if "prev_index" in t else None
-        return attn, t["input_ids"], t["positions"], prev
+        return attn, t["input_ids"], t["positions"], prev, t.get("lora_index")
 
     @torch.inference_mode()
     def run_plan(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]:
@@ -187,13 +192,14 @@ class ModelRunner:
             if mb.token_graph:  # single stage: the final hidden state comes out of the graph
                 out = self.graphs.run_tokens(mb.arrays, mb.token_graph, self.prev_tokens)
             else:
-                attn, input_ids, positions, prev = self._attention(mb.arrays)
+                attn, input_ids, positions, prev, lora_index = self._attention(mb.arrays)
                 if shard.is_first_stage:
-                    out = model(input_ids, positions, attn, prev=prev)
+                    out = model(input_ids, positions, attn, prev=prev, lora_index=lora_index)
                 else:
                     hidden, residual = shard.recv_from_prev_stage(mb.num_tokens, model.config.hidden_size,
                                                                   model.dtype, self.device)
-                    out = model(input_ids, positions, attn, hidden=hidden, residual=residual)
+                    out = model(input_ids, positions, attn, hidden=hidden, residual=residual,
+                                lora_index=lora_index)
             if not shard.is_last_stage:
                 sends.extend(shard.send_to_next_stage(*out))
                 continue

@@ -22,7 +22,11 @@ def build_runner(config, model_config, dtype, sampler: Sampler, shard=None, comm
                        dummy=config.load_format == "dummy", seed=config.seed,
                        progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage), kernels=kernels,
                        quantization=config.quantization, quantize_head=config.quantize_head)
-    if device.type == "cuda" and kernels.native and triton_available("moe"):
+    if config.enable_lora:  # before any graph capture: the graphs read the slots
+        from ..lora.slots import LoRASlots
+
+        LoRASlots(model, config.max_loras, config.max_lora_rank, config.lora_routed_experts)
+    elif device.type == "cuda" and kernels.native and triton_available("moe"):
         model.fold_shared_experts()  # the fused MoE takes the shared expert in its launches
     model.set_uniform_random_routing(bool(config.uniform_random_routing))
     max_model_len = config.max_model_len or model_config.max_position_embeddings

@@ -84,10 +84,13 @@ class Attention(nn.Module):
             self.key_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
         else:
             self.query_layernorm = self.key_layernorm = None
+        self.lora_qkv = self.lora_dense = None  # LoRA hooks (param2moe/lora/slots.py): y = hook.add(x, y)
 
     def forward(self, x, cos, sin, attn) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
         qkv = self.ops.linear(x, self.query_key_value.weight, self.query_key_value.bias)
+        if self.lora_qkv is not None:
+            qkv = self.lora_qkv.add(x, qkv)
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q, k, v = q.reshape(t, self.num_heads, d), k.reshape(t, self.num_kv_heads, d), v.reshape(t, -1, d)
         # QK-norm (when the checkpoint has it) and RoPE run inside the attention (with the KV-cache write,
@@ -98,7 +101,11 @@ class Attention(nn.Module):
         o = attn.attend(self.layer_idx, q, k, v, self.scale, norm_rope)
         # Each rank holds a slice of the heads: partial sums, reduced; the bias is added by one rank.
         bias = self.dense.bias if self.shard.tp_rank == 0 else None
-        return self.shard.all_reduce(self.ops.linear(o.reshape(t, -1), self.dense.weight, bias))
+        o = o.reshape(t, -1)
+        y = self.ops.linear(o, self.dense.weight, bias)
+        if self.lora_dense is not None:
+            y = self.lora_dense.add(o, y)
+        return self.shard.all_reduce(y)
 
 
 class MLP(nn.Module):
@@ -111,10 +118,15 @@ class MLP(nn.Module):
         # gate rows, then up rows
         self.gate_up_proj = _matrix(quant, [prefix + "gate_proj", prefix + "up_proj"], 2 * width, hidden, dtype=dtype)
         self.down_proj = _matrix(quant, [prefix + "down_proj"], hidden, width, dtype=dtype)
+        self.lora_gate_up = self.lora_down = None  # LoRA hooks (param2moe/lora/slots.py)
 
     def forward(self, x: torch.Tensor, unsummed: bool = False) -> torch.Tensor:
         """The partial output of this rank's slice of the width (reduced by the caller); unsummed: see ops.mlp."""
-        return self.ops.mlp(x, self.gate_up_proj, self.down_proj, unsummed=unsummed)
+        if self.lora_gate_up is None:
+            return self.ops.mlp(x, self.gate_up_proj, self.down_proj, unsummed=unsummed)
+        gate_up = self.lora_gate_up.add(x, self.ops.linear(x, self.gate_up_proj))
+        act = self.ops.silu_and_mul(gate_up)
+        return self.lora_down.add(act, self.ops.linear(act, self.down_proj))
 
 
 class MoE(nn.Module):
@@ -142,6 +154,7 @@ class MoE(nn.Module):
             if shared else None
         self.random_choice = None  # (weights, ids) replacing the router's choice this step (benchmarks)
         self.num_folded_shared = 0  # shared-expert pieces appended to w13/w2 (fold_shared_experts)
+        self.lora_experts = None  # LoRA on the routed experts (param2moe/lora/slots.py)
 
     def fold_shared_experts(self) -> bool:
         """Append the shared expert to the stacked routed experts, cut into pieces of an expert's width
@@ -195,7 +208,8 @@ class MoE(nn.Module):
         if self.shard.ep_size > 1:  # experts held by other ranks contribute nothing here
             local = (ids >= self.expert_start) & (ids < self.expert_end)
             ids = torch.where(local, ids - self.expert_start, -1)
-        y = self.ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single, started=started)
+        lora = None if self.lora_experts is None else self.lora_experts.for_step()
+        y = self.ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single, started=started, lora=lora)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return (y if single else self.shard.all_reduce(y)), residual
@@ -278,6 +292,7 @@ class Param2MoEForCausalLM(nn.Module):
                                           dtype=dtype)
         self.rope_cos = self.rope_sin = None
         self.random_routing = None  # (weights, table of expert sets): set_uniform_random_routing
+        self.lora = None  # adapter slots (param2moe/lora/slots.py), when LoRA is enabled
         if kernels is not None:
             self.use_kernels(kernels)
 
@@ -296,11 +311,15 @@ class Param2MoEForCausalLM(nn.Module):
         self.rope_cos, self.rope_sin = rope_cos_sin(self.config, max_positions, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
-                hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None, prev=None):
+                hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None, prev=None,
+                lora_index: torch.Tensor | None = None):
         """Run this rank's layers. The first pipeline stage embeds input_ids (prev = (prev_index,
         prev_tokens): rows with prev_index >= 0 take their id from the previous step's sampled ids, still
-        on the device); later stages take the hidden state and residual of the stage before. Returns the
+        on the device); later stages take the hidden state and residual of the stage before. lora_index
+        [T] int32: each token's adapter slot (-1: none), when LoRA slots are attached. Returns the
         final normed hidden state on the last stage, else (hidden, residual) for the next stage."""
+        if self.lora is not None:
+            self.lora.begin(lora_index, self.ops)
         if self.rope_cos is None:  # the engine sizes the table for max_model_len up front
             self.init_rope(max(self.config.max_position_embeddings, int(positions.max()) + 1))
         shard = self.shard

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..engine import SamplingParams
+from ..lora import LoRARequest
 from ..parsers import prompt_ends_in_reasoning
 from .chat_input import ChatInput, chat_input, render_chat
 from .protocol import (
@@ -31,6 +32,7 @@ class EngineJob:
     token_ids: list[int]
     params: SamplingParams
     request_id: str
+    lora_request: LoRARequest | None = None  # the adapter the request names as its model
 
     @property
     def engine_input(self) -> dict:
@@ -60,10 +62,12 @@ def sampling_params(st: ServerState, req: SamplingFields, *, num_prompt: int, fi
         raise RequestError(msg, param) from None
 
 
-def _check_common(st: ServerState, req: SamplingFields) -> None:
-    st.check_model(req.model)
+def _check_common(st: ServerState, req: SamplingFields) -> tuple[LoRARequest | None, str]:
+    """(the adapter the request names as its model, or None, and the model name its replies carry)."""
+    lora = st.resolve_model(req.model)
     st.check_accepting()
     check_stream_fields(req)
+    return lora, lora.lora_name if lora else st.model_name
 
 
 async def encode_chat(st: ServerState, chat: ChatInput, add_special_tokens: bool) -> tuple[str, list[int]]:
@@ -78,7 +82,7 @@ async def encode_chat(st: ServerState, chat: ChatInput, add_special_tokens: bool
 
 async def prepare_chat(st: ServerState, req: ChatCompletionRequest, request_id: str
                        ) -> tuple[ChatContext, list[EngineJob]]:
-    _check_common(st, req)
+    lora, model_name = _check_common(st, req)
     if req.response_format is not None and req.response_format.type != "text":
         raise RequestError("response_format: structured output (json_object, json_schema) is not supported",
                            "response_format")
@@ -94,13 +98,13 @@ async def prepare_chat(st: ServerState, req: ChatCompletionRequest, request_id: 
     params = sampling_params(st, req, num_prompt=len(ids), field="messages", requested_max_tokens=requested,
                              logprobs=top, extra_stop_ids=st.chat_stop_ids)
     opts = req.stream_options
-    ctx = ChatContext(request_id, st.model_name, now(), n=params.n, num_prompt_tokens=len(ids),
+    ctx = ChatContext(request_id, model_name, now(), n=params.n, num_prompt_tokens=len(ids),
                       start_in_reasoning=prompt_ends_in_reasoning(text), parse_tools=chat.parse_tools,
                       top_logprobs=top, include_usage=bool(opts and opts.include_usage),
                       continuous_usage=bool(opts and opts.continuous_usage_stats),
                       hidden_stop_ids=frozenset(st.chat_stop_ids), token_text=st.token_text,
                       prompt_logprobs=req.prompt_logprobs is not None)
-    return ctx, [EngineJob(text, ids, params, request_id)]
+    return ctx, [EngineJob(text, ids, params, request_id, lora)]
 
 
 async def completion_prompts(st: ServerState, req: CompletionRequest) -> list[CompletionPrompt]:
@@ -132,7 +136,7 @@ async def completion_prompts(st: ServerState, req: CompletionRequest) -> list[Co
 
 async def prepare_completion(st: ServerState, req: CompletionRequest, request_id: str
                              ) -> tuple[CompletionContext, list[EngineJob]]:
-    _check_common(st, req)
+    lora, model_name = _check_common(st, req)
     if req.suffix:
         raise RequestError("suffix: not supported", "suffix")
     prompts = await completion_prompts(st, req)
@@ -143,9 +147,9 @@ async def prepare_completion(st: ServerState, req: CompletionRequest, request_id
     for k, p in enumerate(prompts):
         params = sampling_params(st, req, num_prompt=len(p.token_ids), field="prompt",
                                  requested_max_tokens=req.max_tokens, logprobs=req.logprobs)
-        jobs.append(EngineJob(p.text, p.token_ids, params, f"{request_id}-{k}"))
+        jobs.append(EngineJob(p.text, p.token_ids, params, f"{request_id}-{k}", lora))
     opts = req.stream_options
-    ctx = CompletionContext(request_id, st.model_name, now(), prompts, n=jobs[0].params.n, logprobs=req.logprobs,
+    ctx = CompletionContext(request_id, model_name, now(), prompts, n=jobs[0].params.n, logprobs=req.logprobs,
                             echo=bool(req.echo), include_usage=bool(opts and opts.include_usage),
                             continuous_usage=bool(opts and opts.continuous_usage_stats), token_text=st.token_text,
                             prompt_logprobs=want_prompt_logprobs)

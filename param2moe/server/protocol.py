@@ -236,6 +236,18 @@ class DetokenizeRequest(RequestBody):
     tokens: list[int]
 
 
+class LoadLoRAAdapterRequest(RequestBody):
+    """vLLM's /v1/load_lora_adapter: the adapter's name (its model id from then on) and its PEFT folder."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(RequestBody):
+    lora_name: str
+    lora_int_id: int | None = Field(None, description="accepted (vLLM sends it), not needed: names are unique")
+
+
 # ---------------------------------------------------------------------------------- sampling fields
 def parse_logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
     if not bias:
