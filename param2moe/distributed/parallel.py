@@ -48,7 +48,8 @@ class PlanComm:
 
 def init_rank(rank: int, parallel, device_type: str) -> tuple[Shard, PlanComm, torch.device]:
     """Join the process group (MASTER_ADDR/MASTER_PORT from the environment) and build this rank's shard.
-    parallel: the engine's ParallelConfig (tensor_parallel_size, pipeline_parallel_size, enable_expert_parallel)."""
+    parallel: the engine's ParallelConfig (tensor_parallel_size, pipeline_parallel_size, enable_expert_parallel,
+    enable_eplb, num_redundant_experts)."""
     tp, pp, world = parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.world_size
     if device_type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -69,7 +70,8 @@ def init_rank(rank: int, parallel, device_type: str) -> tuple[Shard, PlanComm, t
     shard = Shard(tp_rank=rank % tp, tp_size=tp, expert_parallel=parallel.enable_expert_parallel,
                   pp_rank=stage, pp_size=pp, tp_group=tp_group,
                   prev_stage_rank=rank + tp if stage > 0 else None,
-                  next_stage_rank=rank - tp if stage < pp - 1 else None)
+                  next_stage_rank=rank - tp if stage < pp - 1 else None,
+                  num_redundant_experts=parallel.num_redundant_experts if parallel.enable_eplb else 0)
     return shard, PlanComm(cpu_group), device
 
 

@@ -7,6 +7,7 @@ import torch
 
 from ..checkpoint import load_model
 from ..kernels import Kernels, triton_available
+from ..model.shard import Shard
 from .config import EngineConfig, resolve_dtype
 from .kv_cache import kv_bytes_per_token
 from .model_runner import ModelRunner
@@ -18,6 +19,8 @@ def build_runner(config, model_config, dtype, sampler: Sampler, shard=None, comm
     kernels are the sampler's; the decode graphs capture its greedy choice."""
     kernels = sampler.kernels
     device = device or torch.device(config.device)
+    if shard is None and config.enable_eplb:  # one rank: its slots include the redundant experts
+        shard = Shard(num_redundant_experts=config.num_redundant_experts)
     model = load_model(config.model, dtype, device, shard, config=model_config,
                        dummy=config.load_format == "dummy", seed=config.seed,
                        progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage), kernels=kernels)
@@ -40,6 +43,10 @@ def build_runner(config, model_config, dtype, sampler: Sampler, shard=None, comm
     runner = ModelRunner(model, num_blocks, config.block_size, device, max_model_len,
                          comm=comm if comm is not None and torch.distributed.get_rank() == 0 else None,
                          num_microbatches=pp)
+    if config.enable_eplb:  # its maps and counters exist before the graphs capture them
+        from ..eplb import ExpertBalancer
+
+        runner.eplb = ExpertBalancer(model, config, runner.kv.scratch_slot, dummy_weights=config.load_format == "dummy")
     if device.type == "cuda" and not config.enforce_eager and kernels.native and pp == 1:
         runner.enable_cuda_graphs(config.max_num_seqs, max_model_len, min(config.max_graph_tokens, config.token_budget),
                                   sampler.greedy)
