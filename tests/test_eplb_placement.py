@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from param2moe.eplb.placement import (balanced_packing, imbalance, initial_placement, keep_slots,
-                                      logical_to_physical, rebalance, replicate)
+from param2moe.eplb import placement as pl
 from param2moe.eplb.transfer import move_experts, plan_moves
 from param2moe.kernels.routing import map_experts
 
@@ -20,35 +19,35 @@ def _skewed(num_experts: int, seed: int) -> np.ndarray:
 def test_every_expert_placed_and_ranks_equal(num_logical, num_physical, num_ranks):
     for seed in range(5):
         load = _skewed(num_logical, seed)
-        p = rebalance(load, num_physical, num_ranks)
+        p = pl.rebalance(load, num_physical, num_ranks)
         assert p.shape == (num_physical,)
         counts = np.bincount(p, minlength=num_logical)
         assert counts.min() >= 1 and counts.sum() == num_physical  # every logical expert has a replica
         per_rank = num_physical // num_ranks
         assert all(len(p[r * per_rank:(r + 1) * per_rank]) == per_rank for r in range(num_ranks))
-        assert imbalance(load, p, num_ranks) <= imbalance(load, initial_placement(num_logical, num_physical),
+        assert pl.imbalance(load, p, num_ranks) <= pl.imbalance(load, pl.initial_placement(num_logical, num_physical),
                                                           num_ranks) + 1e-9
 
 
 def test_hot_experts_replicated_first():
-    assert replicate(np.array([100, 60, 1, 1]), 6).tolist() == [2, 2, 1, 1]  # 100, then 60 (> 100/2)
-    assert replicate(np.array([100, 40, 1, 1]), 6).tolist() == [3, 1, 1, 1]  # 100/2 = 50 still beats 40
+    assert pl.replicate(np.array([100, 60, 1, 1]), 6).tolist() == [2, 2, 1, 1]  # 100, then 60 (> 100/2)
+    assert pl.replicate(np.array([100, 40, 1, 1]), 6).tolist() == [3, 1, 1, 1]  # 100/2 = 50 still beats 40
     load = np.array([5, 900, 7, 3, 320, 2, 4, 6])
-    counts = np.bincount(rebalance(load, 11, 1), minlength=8)
+    counts = np.bincount(pl.rebalance(load, 11, 1), minlength=8)
     assert counts.tolist() == [1, 3, 1, 1, 2, 1, 1, 1]  # the extra three: 900, 900/2 = 450 > 320, then 320 > 900/3
 
 
 def test_deterministic_with_ties():
     load = np.array([10, 10, 10, 10, 5, 5, 5, 5])
-    a = rebalance(load, 12, 4)
-    assert np.array_equal(a, rebalance(load.copy(), 12, 4))
+    a = pl.rebalance(load, 12, 4)
+    assert np.array_equal(a, pl.rebalance(load.copy(), 12, 4))
     assert np.bincount(a, minlength=8)[:4].tolist() == [2, 2, 2, 2]  # ties: the lower index first
-    assert balanced_packing(np.ones(6), 3).tolist() == [0, 1, 2, 0, 1, 2]
+    assert pl.balanced_packing(np.ones(6), 3).tolist() == [0, 1, 2, 0, 1, 2]
 
 
 def test_balanced_packing_balances():
     w = np.array([9.0, 8, 7, 6, 5, 4, 3, 2])
-    packs = balanced_packing(w, 2)
+    packs = pl.balanced_packing(w, 2)
     assert np.bincount(packs).tolist() == [4, 4]
     assert abs(w[packs == 0].sum() - w[packs == 1].sum()) <= 2
 
@@ -56,19 +55,19 @@ def test_balanced_packing_balances():
 def test_hierarchical_keeps_groups_on_nodes():
     """Two nodes of two ranks, four groups of four experts: each node's slots hold whole groups."""
     load = _skewed(16, 3)
-    p = rebalance(load, 20, num_ranks=4, num_groups=4, num_nodes=2)
+    p = pl.rebalance(load, 20, num_ranks=4, num_groups=4, num_nodes=2)
     assert np.bincount(p, minlength=16).min() >= 1
     for node in range(2):
         groups = set((p[node * 10:(node + 1) * 10] // 4).tolist())
         assert len(groups) == 2  # two whole groups a node
-    flat = rebalance(load, 20, num_ranks=4, num_groups=3, num_nodes=2)  # groups do not split over nodes: global
-    assert np.array_equal(flat, rebalance(load, 20, num_ranks=4))
+    flat = pl.rebalance(load, 20, num_ranks=4, num_groups=3, num_nodes=2)  # groups do not split over nodes: global
+    assert np.array_equal(flat, pl.rebalance(load, 20, num_ranks=4))
 
 
 def test_keep_slots_keeps_what_is_in_place():
     old = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 1])
     new = np.array([2, 1, 2, 5, 4, 0, 3, 7, 6, 1])
-    kept = keep_slots(old, new, 2)
+    kept = pl.keep_slots(old, new, 2)
     for r in range(2):
         assert sorted(kept[r * 5:(r + 1) * 5].tolist()) == sorted(new[r * 5:(r + 1) * 5].tolist())
     assert kept[1] == 1 and kept[2] == 2 and kept[4] == 4  # rank 0 still wants 1, 2, 4: they stay
@@ -91,11 +90,11 @@ def test_moves_turn_old_into_new():
 
 
 def test_logical_to_physical_table():
-    table, counts = logical_to_physical(np.array([2, 0, 1, 2, 0, 2]), 3, 4)
+    table, counts = pl.logical_to_physical(np.array([2, 0, 1, 2, 0, 2]), 3, 4)
     assert counts.tolist() == [2, 1, 3]
     assert table.tolist() == [[1, 4, -1, -1], [2, -1, -1, -1], [0, 3, 5, -1]]
     with pytest.raises(ValueError, match="without a replica"):
-        logical_to_physical(np.array([0, 0, 1]), 3, 3)
+        pl.logical_to_physical(np.array([0, 0, 1]), 3, 3)
 
 
 def test_map_experts_spreads_counts_and_localises():

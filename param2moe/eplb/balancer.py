@@ -114,8 +114,9 @@ class ExpertBalancer:
         with torch.inference_mode():
             for moe, o, n in zip(self.moes, old, new):
                 moved += move_experts(expert_tensors(moe), o, n, self.rank, self.num_ranks, self.group)
-        lo, hi = self.rank * (self.num_physical // self.num_ranks), (self.rank + 1) * (self.num_physical // self.num_ranks)
-        self.model.update_physical_experts_metadata([p[lo:hi].tolist() for p in new])
+        per_rank = self.num_physical // self.num_ranks
+        self.model.update_physical_experts_metadata([p[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+                                                     for p in new])
         return moved
 
     # ------------------------------------------------------------------ statistics
