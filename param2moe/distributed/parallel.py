@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.shard import Shard
+from .watch import start_peer_watch
 
 
 class PlanComm:
@@ -60,6 +61,8 @@ def init_rank(rank: int, parallel, device_type: str) -> tuple[Shard, PlanComm, t
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
                                 device_id=device if device_type == "cuda" else None)
+    if "RANK" in os.environ and world > 1:  # torchrun (several machines): the ranks watch each other
+        start_peer_watch(rank, world)
     cpu_group = dist.new_group(backend="gloo") if device_type == "cuda" else dist.group.WORLD
     tp_group = None
     for block in range(pp):  # every rank creates every group, in the same order

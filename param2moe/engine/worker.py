@@ -3,6 +3,9 @@ on every rank), build the model runner; workers then follow the driver's plans u
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
 from ..checkpoint import load_model
@@ -64,7 +67,7 @@ def worker_main(argv: list[str]) -> None:
 
 def worker_loop(rank: int, config: EngineConfig, parallel) -> None:
     """A non-driver rank: build its part, then run each plan the driver broadcasts (None: stop)."""
-    from ..distributed import init_rank
+    from ..distributed import init_rank, stop_peer_watch
 
     device_type = "cuda" if str(config.device).startswith("cuda") else "cpu"
     shard, comm, device = init_rank(rank, parallel, device_type)
@@ -73,9 +76,18 @@ def worker_loop(rank: int, config: EngineConfig, parallel) -> None:
     _, runner, _ = build_runner(config, model_config, resolve_dtype(config, model_config), sampler, shard, comm,
                                 device)
     while True:
-        plan = comm.receive_plan()
-        if plan is None:
-            break
-        runner.run_plan(plan)
+        try:
+            plan = comm.receive_plan()
+            if plan is None:
+                break
+            runner.run_plan(plan)
+        except RuntimeError as e:
+            if "RANK" not in os.environ:  # started by the driver: it is watched (distributed.LocalWorkers)
+                raise
+            # torchrun: most likely a collective whose peer is gone; one line, not a traceback
+            print(f"param2moe: rank {rank}: a step failed, the driver's node or process died? ({e}); shutting down",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+    stop_peer_watch()
     runner.release_cuda_graphs()
     torch.distributed.destroy_process_group()
