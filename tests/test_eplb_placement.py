@@ -75,6 +75,18 @@ def test_keep_slots_keeps_what_is_in_place():
     assert kept[6] == 6 and kept[7] == 7 and kept[8] == 0 and kept[9] == 1
 
 
+def test_update_moves_few_experts():
+    """Ranks get the packs they mostly hold already; an unchanged load moves nothing."""
+    old = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 1])
+    swapped = np.concatenate([old[5:], old[:5]])
+    assert np.array_equal(pl.match_ranks(old, swapped, 2, 2), old)
+    load = _skewed(8, 1)
+    once = pl.update(old, load, 2)
+    assert np.array_equal(pl.update(once, load, 2), once)  # nothing to move
+    assert sorted(once.tolist()) == sorted(pl.rebalance(load, 10, 2).tolist())
+    assert pl.imbalance(load, once, 2) == pytest.approx(pl.imbalance(load, pl.rebalance(load, 10, 2), 2))
+
+
 def test_moves_turn_old_into_new():
     """One rank (no communication): each slot's rows end up holding its new expert's weights."""
     old = np.array([0, 1, 2, 3, -1, -1])

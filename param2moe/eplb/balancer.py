@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .maps import ExpertMaps
-from .placement import imbalance, initial_placement, keep_slots, rank_loads, rebalance
+from .placement import imbalance, initial_placement, rank_loads, update
 from .transfer import expert_tensors, move_experts
 
 log = logging.getLogger("param2moe")
@@ -96,8 +96,7 @@ class ExpertBalancer:
         if self.group is not None:  # the driver's counts decide (every rank counts the same tokens anyway)
             dist.broadcast(tokens, src=dist.get_global_rank(self.group, 0), group=self.group)
         tokens = tokens.cpu().numpy()
-        new = np.stack([keep_slots(old, rebalance(t, self.num_physical, self.num_ranks, self.num_groups,
-                                                  self.num_nodes), self.num_ranks)
+        new = np.stack([update(old, t, self.num_ranks, self.num_groups, self.num_nodes)
                         for t, old in zip(tokens, self.placement)])
         before = np.mean([imbalance(t, p, self.num_ranks) for t, p in zip(tokens, self.placement)])
         moved = self._move(self.placement, new)

@@ -83,6 +83,39 @@ def rebalance(load: np.ndarray, num_physical: int, num_ranks: int, num_groups: i
     return np.concatenate(parts)
 
 
+def update(old: np.ndarray, load: np.ndarray, num_ranks: int, num_groups: int = 1, num_nodes: int = 1) -> np.ndarray:
+    """The next placement of a layer now in placement `old`: `rebalance` for the load, then, among equally
+    balanced layouts, the one that moves the fewest experts (`match_ranks`, `keep_slots`)."""
+    new = rebalance(load, len(old), num_ranks, num_groups, num_nodes)
+    nodes = num_nodes if num_ranks % num_nodes == 0 else 1
+    return keep_slots(old, match_ranks(old, new, num_ranks, num_ranks // nodes), num_ranks)
+
+
+def match_ranks(old: np.ndarray, new: np.ndarray, num_ranks: int, ranks_per_node: int) -> np.ndarray:
+    """`new` with its ranks' sets of experts handed to the ranks (of the same node) that already hold most of
+    them: the packing numbers its packs arbitrarily."""
+    per_rank = len(new) // num_ranks
+    blocks = [new[r * per_rank:(r + 1) * per_rank] for r in range(num_ranks)]
+    out = np.empty_like(new)
+    for first in range(0, num_ranks, ranks_per_node):
+        ranks = range(first, first + ranks_per_node)
+        overlap = {(a, b): _common(blocks[a], old[b * per_rank:(b + 1) * per_rank]) for a in ranks for b in ranks}
+        free_packs, free_ranks = set(ranks), set(ranks)
+        for (a, b), _ in sorted(overlap.items(), key=lambda kv: (-kv[1], kv[0])):  # most in common first
+            if a in free_packs and b in free_ranks:
+                out[b * per_rank:(b + 1) * per_rank] = blocks[a]
+                free_packs.discard(a)
+                free_ranks.discard(b)
+    return out
+
+
+def _common(a: np.ndarray, b: np.ndarray) -> int:
+    """Size of the multiset intersection."""
+    ca, cb = np.unique(a, return_counts=True), np.unique(b, return_counts=True)
+    both = dict(zip(*ca))
+    return int(sum(min(both.get(e, 0), n) for e, n in zip(*cb)))
+
+
 def keep_slots(old: np.ndarray, new: np.ndarray, num_ranks: int) -> np.ndarray:
     """`new` with each rank's experts reordered among that rank's slots so that an expert the rank already
     holds stays in its slot (fewer weights to move); which experts a rank holds is unchanged."""
