@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Expert load balancing (EPLB) on one GPU: correctness, then the decode step's cost with it off and on.
 
-    python benchmarks/eplb_bench.py [--batch 1 64] [--redundant 0 8] [--rounds 3]
+    python benchmarks/eplb_bench.py [--batch 1 64] [--redundant 0 8] [--rounds 2]
 
 1. Correctness (a small float32 checkpoint whose routers favour a few experts, written here): greedy tokens
    and logprobs of one GPU with CUDA graphs and EPLB on (2 redundant experts, a rearrangement every 4 steps,
@@ -85,7 +85,7 @@ def set_eplb(engine: LLMEngine, balancer, on: bool) -> None:
 
 
 def cost(redundant: int, batches: list[int], rounds: int) -> list[dict]:
-    engine = LLMEngine(EngineConfig(preset="param2-17b", load_format="dummy", max_model_len=2048,
+    engine = LLMEngine(EngineConfig(preset="param2-17b", load_format="dummy", max_model_len=2048, max_graph_tokens=0,
                                     max_num_seqs=max(batches), enable_eplb=True, num_redundant_experts=redundant,
                                     eplb_step_interval=1 << 30))
     balancer = engine.eplb
@@ -132,7 +132,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--redundant", type=int, nargs="+", default=[0, 8])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", "benchmarks/results/eplb")
     os.makedirs(out_dir, exist_ok=True)

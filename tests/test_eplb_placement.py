@@ -101,6 +101,21 @@ def test_moves_turn_old_into_new():
         plan_moves(old, np.array([5, 1, 2, 3, 0, 0]), 1)
 
 
+def test_quantized_experts_move_with_their_scales():
+    """A quantized stack (codes and scales) moves as a whole: each slot dequantizes to its new expert."""
+    from types import SimpleNamespace
+
+    from param2moe.eplb.transfer import expert_tensors
+    from param2moe.quant.formats import dequantize, quantize
+
+    w = torch.randn(4, 6, 8)
+    moe = SimpleNamespace(w13=quantize(w, "int8"), w2=torch.arange(4.0)[:, None, None].repeat(1, 2, 3))
+    assert len(expert_tensors(moe)) == 3  # codes, scales, w2
+    move_experts(expert_tensors(moe), np.array([0, 1, 2, 3]), np.array([2, 1, 3, 2]), rank=0, num_ranks=1)
+    want = dequantize(quantize(w, "int8"))[[2, 1, 3, 2]]
+    assert torch.equal(dequantize(moe.w13), want) and moe.w2[:, 0, 0].tolist() == [2.0, 1.0, 3.0, 2.0]
+
+
 def test_logical_to_physical_table():
     table, counts = pl.logical_to_physical(np.array([2, 0, 1, 2, 0, 2]), 3, 4)
     assert counts.tolist() == [2, 1, 3]
