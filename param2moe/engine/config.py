@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Param2MoEConfig
+from ..quant.plan import OPTIONS as QUANT_OPTIONS
 
 log = logging.getLogger("param2moe")
 
@@ -125,6 +126,10 @@ class EngineConfig:
     async_scheduling: bool | None = setting(
         None, "launch each step before reading the previous step's tokens (default: on CUDA with one "
               "pipeline stage)")
+    quantization: str | None = setting(
+        None, "weights quantized while they load (default: as the checkpoint is): int8 per channel, int4 groups of "
+              "128, fp8 per channel, fp8-block 128x128 blocks", choices=QUANT_OPTIONS, aliases=("-q",))
+    quantize_head: bool = setting(False, "with quantization: the output head too (default: high precision)")
 
     def resolve(self) -> EngineConfig:
         """Check the settings and fill in what `auto`/None stand for (the model's folder, the device)."""
@@ -317,6 +322,13 @@ def read_generation_config(model_dir: str | None) -> dict:
 def sampling_defaults(gen: dict) -> dict:
     """The sampling fields generation_config.json sets, as vLLM applies them (`--generation-config auto`)."""
     return {k: gen[k] for k in SAMPLING_KEYS if gen.get(k) is not None}
+
+
+def default_max_tokens(gen: dict) -> int | None:
+    """generation_config.json's max_new_tokens: a reply's length when the request sets none (else the rest
+    of the context), as vLLM applies it."""
+    n = gen.get("max_new_tokens")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def generation_eos_ids(gen: dict) -> list[int]:

@@ -26,7 +26,8 @@ def build_runner(config, model_config, dtype, sampler: Sampler, shard=None, comm
         shard = Shard(num_redundant_experts=config.num_redundant_experts)
     model = load_model(config.model, dtype, device, shard, config=model_config,
                        dummy=config.load_format == "dummy", seed=config.seed,
-                       progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage), kernels=kernels)
+                       progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage), kernels=kernels,
+                       quantization=config.quantization, quantize_head=config.quantize_head)
     if device.type == "cuda" and kernels.native and triton_available("moe"):
         model.fold_shared_experts()  # the fused MoE takes the shared expert in its launches
     model.set_uniform_random_routing(bool(config.uniform_random_routing))

@@ -6,6 +6,9 @@ where their keys and values live (see `attention.py`). Module names follow the H
 checkpoint so that the name map in `checkpoint.py` stays short; what differs is fused for speed:
 gate and up projections in one matrix, routed experts stacked per layer ([E, ...] tensors).
 
+Quantization: a `QuantPlan` (quant/plan.py) says which weight matrices are held as QuantizedWeights (the
+kernels' linear, mlp, moe_experts and logits take either); the router, norms and embeddings never are.
+
 Tensor parallelism: a `Shard` tells each module which slice of heads, widths, experts and vocabulary
 this rank holds, and where the partial sums are reduced. With one rank every reduction is a no-op.
 """
@@ -20,12 +23,26 @@ from ..config import Param2MoEConfig
 from ..kernels import AUTO, Kernels
 from ..kernels.embedding import resolve_ids
 from ..kernels.routing import append_experts
+from ..quant import layout as qlayout
+from ..quant.formats import QuantFormatError
 from .rope import rope_cos_sin
 from .shard import Shard
 
 
 def _param(*shape, dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+def _matrix(quant, modules: list[str], *shape, dtype):
+    """A weight matrix (or stack of them): a QuantizedWeight where the plan quantizes the checkpoint modules
+    it is loaded from, else a parameter of the model's dtype."""
+    if quant is not None and quant.quantizes(modules):
+        return quant.empty(shape, modules[0])
+    return _param(*shape, dtype=dtype)
+
+
+def _as_param(w):
+    return nn.Parameter(w, requires_grad=False) if isinstance(w, torch.Tensor) else w
 
 
 class RMSNorm(nn.Module):
@@ -47,19 +64,20 @@ class Attention(nn.Module):
 
     ops: Kernels = AUTO
 
-    def __init__(self, cfg: Param2MoEConfig, layer_idx: int, shard: Shard, dtype):
+    def __init__(self, cfg: Param2MoEConfig, layer_idx: int, shard: Shard, dtype, quant=None):
         super().__init__()
         self.layer_idx, self.shard = layer_idx, shard
         d, h = cfg.head_size, cfg.hidden_size
         self.num_heads = cfg.num_attention_heads // shard.tp_size
         self.num_kv_heads = shard.local_kv_heads(cfg.num_kv_heads)
         self.head_dim, self.scale = d, d**-0.5
+        p = f"model.layers.{layer_idx}.attention."
         self.query_key_value = nn.Module()
-        self.query_key_value.weight = _param((self.num_heads + 2 * self.num_kv_heads) * d, h, dtype=dtype)
-        self.query_key_value.bias = _param(self.query_key_value.weight.shape[0], dtype=dtype) \
-            if cfg.use_qkv_bias else None
+        qkv_rows = (self.num_heads + 2 * self.num_kv_heads) * d
+        self.query_key_value.weight = _matrix(quant, [p + "query_key_value"], qkv_rows, h, dtype=dtype)
+        self.query_key_value.bias = _param(qkv_rows, dtype=dtype) if cfg.use_qkv_bias else None
         self.dense = nn.Module()
-        self.dense.weight = _param(h, self.num_heads * d, dtype=dtype)
+        self.dense.weight = _matrix(quant, [p + "dense"], h, self.num_heads * d, dtype=dtype)
         self.dense.bias = _param(h, dtype=dtype) if cfg.use_bias else None
         if cfg.use_qk_norm:
             self.query_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
@@ -88,10 +106,11 @@ class MLP(nn.Module):
 
     ops: Kernels = AUTO
 
-    def __init__(self, hidden: int, width: int, dtype):
+    def __init__(self, hidden: int, width: int, dtype, quant=None, prefix: str = ""):
         super().__init__()
-        self.gate_up_proj = _param(2 * width, hidden, dtype=dtype)  # gate rows, then up rows
-        self.down_proj = _param(hidden, width, dtype=dtype)
+        # gate rows, then up rows
+        self.gate_up_proj = _matrix(quant, [prefix + "gate_proj", prefix + "up_proj"], 2 * width, hidden, dtype=dtype)
+        self.down_proj = _matrix(quant, [prefix + "down_proj"], hidden, width, dtype=dtype)
 
     def forward(self, x: torch.Tensor, unsummed: bool = False) -> torch.Tensor:
         """The partial output of this rank's slice of the width (reduced by the caller); unsummed: see ops.mlp."""
@@ -103,7 +122,7 @@ class MoE(nn.Module):
 
     ops: Kernels = AUTO
 
-    def __init__(self, cfg: Param2MoEConfig, shard: Shard, dtype):
+    def __init__(self, cfg: Param2MoEConfig, shard: Shard, dtype, quant=None, prefix: str = ""):
         super().__init__()
         self.cfg, self.shard = cfg, shard
         e, h = cfg.num_experts, cfg.hidden_size
@@ -117,10 +136,13 @@ class MoE(nn.Module):
         self.gate.weight = _param(e, h, dtype=torch.float32)
         self.gate.expert_bias = _param(e, dtype=torch.float32) if cfg.moe_router_enable_expert_bias else None
         n_local = self.expert_end - self.expert_start
-        self.w13 = _param(n_local, 2 * width, h, dtype=dtype)
-        self.w2 = _param(n_local, h, width, dtype=dtype)
+        experts = [f"{prefix}experts.{j}." for j in self.slot_experts]
+        self.w13 = _matrix(quant, [e + p for e in experts for p in ("gate_proj", "up_proj")], n_local, 2 * width, h,
+                           dtype=dtype)
+        self.w2 = _matrix(quant, [e + "down_proj" for e in experts], n_local, h, width, dtype=dtype)
         shared = cfg.shared_expert_intermediate_size
-        self.shared_experts = MLP(h, shared // shard.tp_size, dtype) if shared else None
+        self.shared_experts = MLP(h, shared // shard.tp_size, dtype, quant, prefix + "shared_experts.") \
+            if shared else None
         self.random_choice = None  # (weights, ids) replacing the router's choice this step (benchmarks)
         self.num_folded_shared = 0  # shared-expert pieces appended to w13/w2 (fold_shared_experts)
 
@@ -129,16 +151,23 @@ class MoE(nn.Module):
         (SwiGLU works channel by channel, so the pieces' outputs sum to the whole), each taken by every
         token with weight 1: the fused MoE kernel then does the shared expert in the same launches
         instead of four more (Param2: 2 pieces of 2048 beside 64 experts of 2048). One rank's slices
-        with TP; not with EP (the shared expert is not partitioned by expert)."""
+        with TP; not with EP (the shared expert is not partitioned by expert). Quantized weights fold alike
+        (their codes and scales move with the rows), where the pieces fall on the scales' boundaries and
+        the shared expert is held as the routed experts are."""
         s, width = self.shared_experts, self.w2.shape[2]
         if s is None or self.shard.ep_size > 1 or s.down_proj.shape[1] % width:
             return False
-        n, h = s.down_proj.shape[1] // width, self.w2.shape[1]
-        gate, up = s.gate_up_proj.chunk(2, dim=0)
-        w13 = torch.cat([gate.reshape(n, width, h), up.reshape(n, width, h)], dim=1)
-        w2 = s.down_proj.reshape(h, n, width).transpose(0, 1)
-        self.w13 = nn.Parameter(torch.cat([self.w13, w13]), requires_grad=False)
-        self.w2 = nn.Parameter(torch.cat([self.w2, w2]), requires_grad=False)
+        n, total = s.down_proj.shape[1] // width, s.down_proj.shape[1]
+        gate_up, down = s.gate_up_proj, s.down_proj
+        cut = [slice(i * width, (i + 1) * width) for i in range(n)]
+        try:
+            w13 = qlayout.stack([qlayout.cat([gate_up[c], gate_up[total + c.start:total + c.stop]], dim=-2)
+                                 for c in cut])
+            w2 = qlayout.stack([down[:, c] for c in cut])
+            w13, w2 = qlayout.cat([self.w13, w13], dim=0), qlayout.cat([self.w2, w2], dim=0)
+        except QuantFormatError:  # held differently, or pieces that cut through the scales' blocks
+            return False
+        self.w13, self.w2 = _as_param(w13), _as_param(w2)
         self.shared_experts, self.num_folded_shared = None, n
         return True
 
@@ -179,16 +208,17 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Param2MoEConfig, layer_idx: int, shard: Shard, dtype):
+    def __init__(self, cfg: Param2MoEConfig, layer_idx: int, shard: Shard, dtype, quant=None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attention = Attention(cfg, layer_idx, shard, dtype)
+        self.attention = Attention(cfg, layer_idx, shard, dtype, quant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        p = f"model.layers.{layer_idx}.mlp."
         if cfg.is_dense_layer(layer_idx):
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size // shard.tp_size, dtype)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size // shard.tp_size, dtype, quant, p)
             self.reduce_mlp = shard.all_reduce if shard.tp_size > 1 else None
         else:
-            self.mlp = MoE(cfg, shard, dtype)  # reduces its own sum
+            self.mlp = MoE(cfg, shard, dtype, quant, p)  # reduces its own sum
 
     def forward(self, h, residual, cos, sin, attn):
         """Pre-norm block with the residual carried separately: returns (mlp_out, residual); mlp_out may come
@@ -207,7 +237,7 @@ class DecoderLayer(nn.Module):
 
 
 class Param2MoEModel(nn.Module):
-    def __init__(self, cfg: Param2MoEConfig, shard: Shard, dtype):
+    def __init__(self, cfg: Param2MoEConfig, shard: Shard, dtype, quant=None):
         super().__init__()
         self.shard = shard
         self.vocab_start, self.vocab_end = shard.local_vocab(cfg.vocab_size)
@@ -219,7 +249,7 @@ class Param2MoEModel(nn.Module):
             self.word_embeddings.weight = None
         first, last = shard.local_layers(cfg.num_hidden_layers)
         self.layer_range = range(first, last)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, shard, dtype) for i in self.layer_range})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, shard, dtype, quant) for i in self.layer_range})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -232,22 +262,26 @@ class Param2MoEModel(nn.Module):
 
 class Param2MoEForCausalLM(nn.Module):
     """The whole network. Build on the meta device, then materialise and load (see checkpoint.py). `kernels`:
-    the backend its hot ops run on (the engine's; default: Triton on CUDA, native C on CPU where they apply)."""
+    the backend its hot ops run on (the engine's; default: Triton on CUDA, native C on CPU where they apply);
+    `quant`: a QuantPlan (which weights are quantized, and how) or None."""
 
     ops: Kernels = AUTO
 
     def __init__(self, cfg: Param2MoEConfig, dtype=torch.bfloat16, shard: Shard | None = None,
-                 kernels: Kernels | None = None):
+                 kernels: Kernels | None = None, quant=None):
         super().__init__()
-        self.config, self.dtype = cfg, dtype
+        self.config, self.dtype, self.quant = cfg, dtype, quant
         self.shard = shard or Shard()
-        self.model = Param2MoEModel(cfg, self.shard, dtype)
-        if cfg.tie_word_embeddings or not self.shard.is_last_stage:
+        self.model = Param2MoEModel(cfg, self.shard, dtype, quant)
+        # A tied head is the embedding matrix, unless the head is quantized: then a quantized copy of it.
+        quant_head = quant is not None and quant.quantizes(["lm_head"])
+        if not self.shard.is_last_stage or (cfg.tie_word_embeddings and not quant_head):
             self.lm_head = None
         else:
             self.lm_head = nn.Module()
             m = self.model
-            self.lm_head.weight = _param(m.vocab_end - m.vocab_start, cfg.hidden_size, dtype=dtype)
+            self.lm_head.weight = _matrix(quant, ["lm_head"], m.vocab_end - m.vocab_start, cfg.hidden_size,
+                                          dtype=dtype)
         self.rope_cos = self.rope_sin = None
         self.random_routing = None  # (weights, table of expert sets): set_uniform_random_routing
         self.expert_maps = None  # expert load balancing: set_eplb_state
