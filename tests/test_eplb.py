@@ -101,11 +101,12 @@ def test_default_model_ep2_with_eplb_matches_one_process():
              eplb_step_interval=4, **EP2) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
         load = llm.expert_load()
+        k = llm.llm_engine.model_config.num_experts_per_tok
     _assert_same(prompts, ref, outs)
     assert load.rearrangements >= 2
-    assert load.tokens.sum(1).tolist() == [load.tokens.sum(1)[0]] * len(load.layers)  # every layer counts alike
-    k = 4  # the bundled model's experts per token; prompt tokens + one per generated token but the last
-    assert load.tokens.sum(1)[0] == k * (sum(map(len, prompts)) + 2 * (params.max_tokens - 1))
+    # every layer counts each computed token's k experts: the prompts, then a token a step but the last
+    assert load.tokens.sum(1).tolist() == [k * (sum(map(len, prompts)) + 2 * (params.max_tokens - 1))] * len(
+        load.layers)
 
 
 def test_eplb_settings_are_checked(skewed):
