@@ -143,9 +143,9 @@ def _layer_targets(model, i: int) -> dict[str, Target]:
     if moe.gate.expert_bias is not None:
         t[p + "mlp.gate.expert_bias"] = Target([(moe.gate.expert_bias, ())])
     width_rank = 0 if shard.expert_parallel else shard.tp_rank
-    for j in range(moe.expert_start, moe.expert_end):
-        t.update(_swiglu_targets(f"{p}mlp.experts.{j}.", moe.w13[j - moe.expert_start],
-                                 moe.w2[j - moe.expert_start], width_rank))
+    for slot, j in enumerate(moe.slot_experts):  # a replicated expert (eplb) fills each of its slots
+        for name, target in _swiglu_targets(f"{p}mlp.experts.{j}.", moe.w13[slot], moe.w2[slot], width_rank).items():
+            t.setdefault(name, Target([])).parts.extend(target.parts)
     if moe.shared_experts is not None:
         s = moe.shared_experts
         t.update(_swiglu_targets(p + "mlp.shared_experts.", s.gate_up_proj, s.down_proj, shard.tp_rank))

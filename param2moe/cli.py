@@ -270,6 +270,7 @@ def _known_errors() -> tuple:
     Anything else is a bug and keeps its traceback."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .distributed import RankLostError
     from .engine import EngineError
     from .engine.config import EngineConfigError
     from .hub import ModelNotFoundError
@@ -277,7 +278,7 @@ def _known_errors() -> tuple:
     from .weights_file import WeightsFileError
 
     return (CliError, CheckpointError, ConfigError, EngineError, EngineConfigError, LoRAError, ModelNotFoundError,
-            WeightsFileError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+            RankLostError, WeightsFileError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,12 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def expert_load(self):
+        """Expert load balancing's statistics (needs enable_eplb): an eplb.ExpertLoad with `tokens` [MoE layers,
+        experts] routed over the window, `placement` [MoE layers, physical slots], `rank_load` and `imbalance`
+        (busiest rank's load over the mean, per layer)."""
+        return self.llm_engine.expert_load()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """The checkpoint's generation_config.json sampling defaults, as vLLM applies them."""
         return SamplingParams(**sampling_defaults(self.llm_engine.generation_config))

@@ -120,6 +120,12 @@ class EngineConfig:
     pipeline_parallel_size: int = setting(1, "pipeline stages splitting the layers", aliases=("-pp",))
     enable_expert_parallel: bool = setting(
         False, "split the routed experts over the tensor-parallel ranks instead of their width")
+    enable_eplb: bool = setting(
+        False, "expert load balancing: count each expert's tokens, replicate the busiest, rearrange the experts "
+               "over the ranks every --eplb-step-interval steps (with --enable-expert-parallel, or one rank)")
+    num_redundant_experts: int = setting(0, "with --enable-eplb: extra expert slots holding replicas of busy experts")
+    eplb_window_size: int = setting(1000, "with --enable-eplb: steps of expert load the placement is computed from")
+    eplb_step_interval: int = setting(3000, "with --enable-eplb: steps between rearrangements of the experts")
     async_scheduling: bool | None = setting(
         None, "launch each step before reading the previous step's tokens (default: on CUDA with one "
               "pipeline stage)")
@@ -150,12 +156,17 @@ class EngineConfig:
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         _check_device(self.device)
+        for name in ("eplb_window_size", "eplb_step_interval"):
+            if getattr(self, name) < 1:
+                raise EngineConfigError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.uniform_random_routing is None:
             self.uniform_random_routing = self.load_format == "dummy"
         if self.enable_lora and self.max_loras < 1:
             raise EngineConfigError(f"max_loras={self.max_loras}: must be at least 1")
         if self.enable_lora and not 1 <= self.max_lora_rank <= MAX_LORA_RANK:
             raise EngineConfigError(f"max_lora_rank={self.max_lora_rank}: must be in [1, {MAX_LORA_RANK}]")
+        if self.enable_lora and self.enable_eplb:  # adapters' expert slots are logical; EPLB routes to physical ones
+            raise EngineConfigError("enable_lora with enable_eplb: not supported together")
         return self
 
     @property
@@ -176,7 +187,8 @@ class EngineConfig:
 
     @property
     def parallel(self) -> ParallelConfig:
-        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.enable_expert_parallel)
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.enable_expert_parallel,
+                              self.enable_eplb, self.num_redundant_experts)
 
     # ------------------------------------------------------------------ worker processes
     def to_json(self) -> str:
@@ -252,6 +264,8 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    enable_eplb: bool = False
+    num_redundant_experts: int = 0
 
     @property
     def world_size(self) -> int:
@@ -268,7 +282,7 @@ class ParallelConfig:
                  (cfg.shared_expert_intermediate_size % tp == 0,
                   f"the shared-expert width ({cfg.shared_expert_intermediate_size})")]
         if cfg.is_moe:
-            if self.enable_expert_parallel:
+            if self.enable_expert_parallel and not self.enable_eplb:  # with EPLB: the physical experts (below)
                 rules.append((cfg.num_experts % tp == 0, f"num_experts ({cfg.num_experts})"))
             else:
                 width = cfg.moe_intermediate_size
@@ -278,6 +292,25 @@ class ParallelConfig:
                 raise EngineConfigError(f"tensor_parallel_size={tp} must divide {what}")
         if pp > cfg.num_hidden_layers:
             raise EngineConfigError(f"pipeline_parallel_size={pp} exceeds num_hidden_layers ({cfg.num_hidden_layers})")
+        self._validate_eplb(cfg)
+
+    def _validate_eplb(self, cfg: Param2MoEConfig) -> None:
+        tp, extra = self.tensor_parallel_size, self.num_redundant_experts
+        if not self.enable_eplb:
+            if extra:
+                raise EngineConfigError(f"num_redundant_experts={extra} needs enable_eplb")
+            return
+        rules = [(cfg.is_moe, "a MoE model (this one has no routed experts)"),
+                 (extra >= 0, f"num_redundant_experts >= 0 (got {extra})"),
+                 (self.pipeline_parallel_size == 1, "one pipeline stage"),
+                 (tp == 1 or self.enable_expert_parallel,
+                  "enable_expert_parallel with tensor_parallel_size > 1 (without it every rank holds every expert)"),
+                 (not cfg.is_moe or (cfg.num_experts + extra) % tp == 0,
+                  f"num_experts + num_redundant_experts ({cfg.num_experts} + {extra}) divisible by "
+                  f"tensor_parallel_size ({tp})")]
+        for ok, what in rules:
+            if not ok:
+                raise EngineConfigError(f"enable_eplb needs {what}")
 
 
 # ---------------------------------------------------------------------- the checkpoint's generation_config.json

@@ -144,6 +144,19 @@ class LLMEngine:
         """The registered adapters (lora.LoRAAdapter), in order of registration."""
         return [] if self.lora is None else list(self.lora.adapters.values())
 
+    # ---------------------------------------------------------------------- expert load balancing
+    @property
+    def eplb(self):
+        """The driver's eplb.ExpertBalancer (None without enable_eplb)."""
+        return self.runner.eplb if self.runner is not None else None
+
+    def expert_load(self):
+        """eplb.ExpertLoad: tokens per logical expert per MoE layer over the window, the placement, each layer's
+        imbalance (needs enable_eplb). Reads the device (a sync): call it between steps."""
+        if self.eplb is None:
+            raise EngineError("expert load statistics need enable_eplb=True")
+        return self.eplb.expert_load()
+
     # ---------------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
                     lora_request=None) -> Request:

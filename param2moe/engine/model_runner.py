@@ -47,6 +47,7 @@ class MicroBatch:
 class StepPlan:
     microbatches: list[MicroBatch]
     num_prev_tokens: int = 0  # > 0: inputs wait for the previous step's sampled ids (sent by the driver)
+    rearrange_experts: bool = False  # expert load balancing: every rank rearranges its experts before the step
 
 
 @dataclass
@@ -67,6 +68,7 @@ class ModelRunner:
         self.kv = KVCache(model, num_blocks, block_size, self.device)
         self.graphs = None  # CudaGraphRunner, set by enable_cuda_graphs()
         self.prev_tokens = None  # the previous step's sampled ids (device), for inputs still pending
+        self.eplb = None  # eplb.ExpertBalancer with expert load balancing (set before graphs are captured)
 
     def enable_cuda_graphs(self, max_batch_size: int, max_model_len: int, max_tokens: int, greedy) -> None:
         """greedy(logits, out): the sampler's greedy choice, which the decode graphs run on their logits."""
@@ -156,6 +158,7 @@ class ModelRunner:
         needs_prev = any("prev_index" in mb.arrays for mb in plan.microbatches)
         self.prev_tokens = prev_tokens if needs_prev else None
         plan.num_prev_tokens = prev_tokens.numel() if needs_prev else 0
+        plan.rearrange_experts = self.eplb is not None and self.eplb.due()
         if self.comm is not None:
             self.comm.broadcast_plan(plan)
         logits, prompt_logits, greedy_ids = self.run_plan(plan)
@@ -178,6 +181,8 @@ class ModelRunner:
         logits of each prompt-logprob range, their greedy ids when a decode graph made them); elsewhere
         (None, [], None)."""
         shard, model = self.model.shard, self.model
+        if plan.rearrange_experts:  # between steps: queued behind the previous one, before this one reads weights
+            self.eplb.rearrange()
         if plan.num_prev_tokens and shard.tp_size > 1:  # the driver's sampled ids, to every rank
             if self.comm is None:  # a worker
                 self.prev_tokens = torch.empty(plan.num_prev_tokens, dtype=torch.long, device=self.device)
@@ -208,6 +213,8 @@ class ModelRunner:
             prompt_logits.extend(model.compute_logits(out[a:b]) for a, b in mb.prompt_ranges)
         for work in sends:
             work.wait()
+        if self.eplb is not None:
+            self.eplb.end_step()
         if not shard.is_last_stage:
             return None, [], None
         if len(logits) > 1:

@@ -243,6 +243,14 @@ class Kernels:
             weights, ids = self.gate_route(normed, gate_weight, expert_bias, top_k, **kw)
         return (normed, residual, *(choice or (weights, ids)), None)
 
+    def map_experts(self, ids, table, counts, num_physical: int, load=None, slots=None, padding_slot: int = -1,
+                    local=None):
+        """Logical expert ids -> physical replicas (expert load balancing), each pair's expert counted into load:
+        see routing.map_experts. One launch on CUDA."""
+        t = self._pick(ids, "routing")
+        fn = t.map_experts if t else _routing.map_experts
+        return fn(ids, table, counts, num_physical, load, slots, padding_slot, local)
+
     def moe_experts(self, x, w13, w2, weights, ids, unsummed: bool = False, started=None, lora=None):
         """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
         norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result.
@@ -324,11 +332,13 @@ qk_norm_rope = AUTO.qk_norm_rope
 route = AUTO.route
 gate_route = AUTO.gate_route
 add_rms_norm_gate_route = AUTO.add_rms_norm_gate_route
+map_experts = AUTO.map_experts
 moe_experts = AUTO.moe_experts
 paged_attention = AUTO.paged_attention
 
 
 __all__ = [
     "AUTO", "BACKENDS", "ExpertOutputs", "Kernels", "add_rms_norm", "add_rms_norm_gate_route", "apply_rope",
-    "argmax", "causal_attention", "gate_route", "linear", "logits", "mlp", "moe_experts", "paged_attention",
-    "qk_norm_rope", "rms_norm", "route", "silu_and_mul", "sum_experts", "token_inputs", "triton_available"]
+    "argmax", "causal_attention", "gate_route", "linear", "logits", "map_experts", "mlp", "moe_experts",
+    "paged_attention", "qk_norm_rope", "rms_norm", "route", "silu_and_mul", "sum_experts", "token_inputs",
+    "triton_available"]

@@ -138,14 +138,17 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg, self.shard = cfg, shard
         e, h = cfg.num_experts, cfg.hidden_size
-        self.expert_start, self.expert_end = shard.local_experts(e)
+        self.expert_start, self.expert_end = shard.local_experts(e)  # physical slots (eplb: replicas too)
+        # the logical expert in each of this rank's slots: the checkpoint's experts.{j} that fills it
+        self.slot_experts = [p % e for p in range(self.expert_start, self.expert_end)]
+        self.expert_map = None  # expert load balancing (param2moe/eplb): logical ids -> this rank's slots
         width = shard.local_expert_width(cfg.moe_intermediate_size)
         # Routing runs in fp32 whatever the checkpoint stores (router_dtype fp32).
         self.gate = nn.Module()
         self.gate.weight = _param(e, h, dtype=torch.float32)
         self.gate.expert_bias = _param(e, dtype=torch.float32) if cfg.moe_router_enable_expert_bias else None
         n_local = self.expert_end - self.expert_start
-        experts = [f"{prefix}experts.{j}." for j in range(self.expert_start, self.expert_end)]
+        experts = [f"{prefix}experts.{j}." for j in self.slot_experts]
         self.w13 = _matrix(quant, [e + p for e in experts for p in ("gate_proj", "up_proj")], n_local, 2 * width, h,
                            dtype=dtype)
         self.w2 = _matrix(quant, [e + "down_proj" for e in experts], n_local, h, width, dtype=dtype)
@@ -201,11 +204,14 @@ class MoE(nn.Module):
         # uniformly random experts replace its choice (Param2MoEForCausalLM.set_uniform_random_routing).
         # One rank with the shared expert folded in: at one token the experts' gate/up may start behind the
         # router (`started`).
+        # (Not with EPLB: the experts started behind the router would read its logical ids.)
+        early = single and self.num_folded_shared and self.expert_map is None
         x, residual, weights, ids, started = self.ops.add_rms_norm_gate_route(
             a, residual, norm.weight, norm.eps, self.gate.weight, self.gate.expert_bias, self.cfg.num_experts_per_tok,
-            experts_w13=self.w13 if single and self.num_folded_shared else None, choice=self.random_choice,
-            **self._routing_options())
-        if self.shard.ep_size > 1:  # experts held by other ranks contribute nothing here
+            experts_w13=self.w13 if early else None, choice=self.random_choice, **self._routing_options())
+        if self.expert_map is not None:  # each token's experts to one replica each; counts the load
+            ids = self.expert_map(self.ops, ids)
+        elif self.shard.ep_size > 1:  # experts held by other ranks contribute nothing here
             local = (ids >= self.expert_start) & (ids < self.expert_end)
             ids = torch.where(local, ids - self.expert_start, -1)
         lora = None if self.lora_experts is None else self.lora_experts.for_step()
@@ -293,6 +299,7 @@ class Param2MoEForCausalLM(nn.Module):
         self.rope_cos = self.rope_sin = None
         self.random_routing = None  # (weights, table of expert sets): set_uniform_random_routing
         self.lora = None  # adapter slots (param2moe/lora/slots.py), when LoRA is enabled
+        self.expert_maps = None  # expert load balancing: set_eplb_state
         if kernels is not None:
             self.use_kernels(kernels)
 
@@ -331,6 +338,8 @@ class Param2MoEForCausalLM(nn.Module):
             h = self.model.embed(resolve_ids(input_ids, prev)) if shard.is_first_stage else hidden
         if self.random_routing is not None:
             self._draw_random_experts(positions.shape[0], positions.device)
+        if self.expert_maps is not None:  # padding rows (their KV slot) are not counted in the experts' load
+            self.expert_maps.begin_step(getattr(attn, "slot_mapping", None))
         for layer in self.model.layers.values():
             h, residual = layer(h, residual, cos, sin, attn)
         if not shard.is_last_stage:
@@ -345,6 +354,39 @@ class Param2MoEForCausalLM(nn.Module):
     def fold_shared_experts(self) -> int:
         """See MoE.fold_shared_experts; returns how many layers were folded."""
         return sum(m.fold_shared_experts() for m in self.modules() if isinstance(m, MoE))
+
+    # ------------------------------------------------------------------ experts (vLLM's MixtureOfExperts names)
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @property
+    def num_logical_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def num_redundant_experts(self) -> int:
+        return self.shard.num_redundant_experts
+
+    @property
+    def num_physical_experts(self) -> int:
+        return self.num_logical_experts + self.num_redundant_experts
+
+    @property
+    def num_local_physical_experts(self) -> int:
+        return self.num_physical_experts // self.shard.ep_size
+
+    def set_eplb_state(self, maps) -> None:
+        """Route through expert load balancing: maps (param2moe/eplb ExpertMaps) gives each MoE layer its
+        logical-to-physical map and load counter (maps.layer(i)), and is told each step's KV slots."""
+        self.expert_maps = maps
+        for i, moe in enumerate(self.moe_layers):
+            moe.expert_map = maps.layer(i)
+
+    def update_physical_experts_metadata(self, slot_experts: list[list[int]]) -> None:
+        """After a rearrangement: the logical expert in each of this rank's slots, a list per MoE layer."""
+        for moe, experts in zip(self.moe_layers, slot_experts):
+            moe.slot_experts = list(experts)
 
     def set_uniform_random_routing(self, on: bool, table_rows: int = 1 << 16) -> None:
         """Benchmarks with random weights (docs/model.md §7): every MoE layer's router runs, then each token takes
