@@ -268,11 +268,13 @@ def write_sample(heldout: str, path: str, max_bytes: int) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="corpus/demo", help="where train.jsonl, heldout.jsonl, manifest.json go")
-    p.add_argument("--debs", default=None, help="where the .deb files are downloaded and unpacked (default: OUT/debs)")
+    p.add_argument("--debs", default=None,
+                   help="where the .deb files are downloaded and unpacked (default: debs/ beside OUT, so that OUT "
+                        "holds only the corpus)")
     p.add_argument("--sample", default=None, help="also write a small held-out text file here")
     p.add_argument("--sample-bytes", type=int, default=64_000)
     args = p.parse_args()
-    build(args.out, args.debs or os.path.join(args.out, "debs"))
+    build(args.out, args.debs or os.path.join(os.path.dirname(os.path.abspath(args.out)), "debs"))
     if args.sample:
         n = write_sample(os.path.join(args.out, "heldout.jsonl"), args.sample, args.sample_bytes)
         print(f"held-out sample: {n} bytes -> {args.sample}")

@@ -89,8 +89,7 @@ class MoE(nn.Module):
         # concatenation, where each slice's would be a zero tensor of the whole size.
         rows = x[order // k].split(sizes)
         outs = [_swiglu(r, w13, w2) for r, w13, w2, m in zip(rows, self.w13.unbind(0), self.w2.unbind(0), sizes) if m]
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
+        inverse = order.argsort()
         pair_out = torch.cat(outs)[inverse].view(n, k, h)  # back in (token, k) order: gathers, no atomics
         y = (pair_out.float() * weights[..., None]).sum(1).to(x.dtype)
         return y + _swiglu(x, self.shared_w13, self.shared_w2)
