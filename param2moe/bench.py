@@ -191,7 +191,7 @@ def run_bench(args) -> int:
     start_s = time.perf_counter() - t0
     dev = engine.config.device
     bandwidth = copy_bandwidth(dev)
-    result = {"mode": args.mode, "model": args.model or args.preset or "bundled", "dtype": str(engine.dtype),
+    result = {"mode": args.mode, "model": args.model or engine.config.model_name, "dtype": str(engine.dtype),
               "quantization": getattr(engine.model.quant, "option", None),
               "uniform_random_routing": bool(engine.config.uniform_random_routing), "engine_start_s": start_s,
               "copy_bandwidth_GBps": bandwidth / 1e9, "machine": machine_facts(dev), "date": time.strftime("%F"),

@@ -12,7 +12,7 @@ from .engine.config import sampling_defaults
 
 class LLM:
     """An engine for offline batches. `model` is a checkpoint folder or a Hugging Face Hub id (default: the
-    bundled small model); every other keyword is an EngineConfig field (the command line's engine options),
+    bundled demo model, param2-demo); every other keyword is an EngineConfig field (the command line's engine options),
     e.g. `LLM(model, dtype="float32", max_num_seqs=64, tensor_parallel_size=2)`.
 
     `shutdown()` (or leaving a `with LLM(...) as llm:` block) stops the engine's worker processes and frees its

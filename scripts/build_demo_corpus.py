@@ -272,7 +272,7 @@ def main() -> None:
                    help="where the .deb files are downloaded and unpacked (default: debs/ beside OUT, so that OUT "
                         "holds only the corpus)")
     p.add_argument("--sample", default=None, help="also write a small held-out text file here")
-    p.add_argument("--sample-bytes", type=int, default=64_000)
+    p.add_argument("--sample-bytes", type=int, default=32_000)
     args = p.parse_args()
     build(args.out, args.debs or os.path.join(os.path.dirname(os.path.abspath(args.out)), "debs"))
     if args.sample:

@@ -103,7 +103,7 @@ special tokens at ids 0-24 and its chat template, so chat, reasoning and tool-ca
 {s['steps']} steps of {s['batch']} windows of {s['seq_len']} tokens ({result['train_tokens']:,} training tokens,
 {s['steps'] * s['batch'] * s['seq_len'] / result['train_tokens']:.1f} epochs), AdamW (lr {s['lr']}, betas 0.9/0.95,
 weight decay {s['weight_decay']}, warm-up then cosine to a tenth), dropout {s['dropout']}, gradient clipping 1.0,
-seed {result['seed']}, on {result['device_name']} ({result['threads']} CPU threads, torch {result['torch']}):
+seed {result['seed']}, on {result['device_name']} ({result['threads']} CPU thread(s), torch {result['torch']}):
 {result['train_seconds']:.0f} s. Expert biases get no gradient: after every step each MoE layer's bias moves by
 the aux-loss-free rule of DeepSeek-V3 / BailingMoeV2, bias_i += {s['bias_update_rate']} * sign(mean load - load_i).
 

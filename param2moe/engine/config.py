@@ -40,7 +40,7 @@ PRESETS: dict[str, dict] = {
         use_qkv_bias=False, use_bias=False, tie_word_embeddings=True, rope_theta=1e6,
         partial_rotary_factor=1.0, rope_scaling=None, max_position_embeddings=4096, rms_norm_eps=1e-6,
         num_nextn_predict_layers=0, torch_dtype="bfloat16"),
-    # Param2's layout scaled far down (2.4 MB in bf16): the model that ships with the package.
+    # Param2's layout scaled far down (2.4 MB in bf16), random weights: the packaged model before the trained demo.
     "bundled": dict(
         vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=32, intermediate_size=384, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4,
@@ -90,7 +90,7 @@ def setting(default, help: str, *, choices: tuple | None = None, aliases: tuple 
 @dataclass
 class EngineConfig:
     model: str | None = setting(
-        None, "checkpoint directory or Hugging Face Hub id (default: the bundled small model)")
+        None, "checkpoint directory or Hugging Face Hub id (default: the bundled demo model, param2-demo)")
     revision: str | None = setting(None, "with a Hub id: the branch, tag or commit to fetch (default: main)")
     dtype: str = setting("auto", "weights and activations; auto: the checkpoint's torch_dtype",
                          choices=("auto", *DTYPES))
@@ -147,7 +147,7 @@ class EngineConfig:
             if choices and value is not None and value not in choices:
                 raise EngineConfigError(f"{f.name}={value!r}: expected one of {', '.join(map(str, choices))}")
         if self.model is None and self.preset is None:
-            self.model = bundled_model_path()
+            self.model = default_model_path()
         elif self.model is not None:
             from ..hub import resolve_model
 
@@ -246,9 +246,11 @@ def _check_device(name: str) -> None:
             raise EngineConfigError(f"device={name!r}: there are {torch.cuda.device_count()} GPU(s)")
 
 
-def bundled_model_path() -> str:
-    """The small Param2-layout model that ships with the package (random weights)."""
-    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "param2-small")
+def default_model_path() -> str:
+    """The model of `LLM()`, `generate`, `chat` and `serve` without a model: the small trained Param2MoE demo
+    model that ships with the package (scripts/train_demo_model.py; its README.md is the model card). The
+    server names it by this folder's name."""
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "param2-demo")
 
 
 def resolve_dtype(config: EngineConfig, model_config: Param2MoEConfig) -> torch.dtype:
