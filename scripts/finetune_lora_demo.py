@@ -3,7 +3,7 @@
 
     python scripts/finetune_lora_demo.py [--model DIR] [--out ADAPTER_DIR] [--steps 30] [--routed-experts]
 
-The model (default: the bundled demo model, random weights) is loaded with the transformers class
+The model (default: the bundled demo model, param2-demo) is loaded with the transformers class
 `param2moe.hf_model.Param2MoEForCausalLM` in float32; PEFT adds rank-8 adapters to modules the engine
 serves adapters for, by their checkpoint names: attention's query_key_value and dense, and gate_proj /
 up_proj / down_proj of the dense layer and the shared experts (with --routed-experts, of every routed
@@ -77,10 +77,10 @@ def serve(model_dir: str, out: str, routed: bool) -> None:
 
 
 def main() -> None:
-    from param2moe.engine.config import bundled_model_path
+    from param2moe.engine.config import default_model_path
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=bundled_model_path(), help="checkpoint folder (default: the bundled model)")
+    ap.add_argument("--model", default=default_model_path(), help="checkpoint folder (default: the bundled demo model)")
     ap.add_argument("--out", default="lora-demo-adapter", help="where the adapter is saved")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rank", type=int, default=8)

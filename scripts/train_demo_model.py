@@ -50,10 +50,11 @@ ARCH = dict(
     torch_dtype="bfloat16", num_shared_experts=2, n_group=4, topk_group=2, num_experts_per_tok=4)
 
 PRESETS = {
-    # ~14M parameters (28 MB in bf16), ~6M active a token. Head counts split over 2 ranks (TP).
+    # ~14M parameters (28 MB in bf16), ~6.5M active a token. Head counts split over 2 ranks (TP); every width a
+    # multiple of 128, so that every quantization format fits (int4 groups, fp8 blocks).
     "gpu": dict(model=dict(vocab_size=8192, hidden_size=256, num_hidden_layers=7, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=64, intermediate_size=768, num_experts=32,
-                           moe_intermediate_size=64, moe_shared_expert_intermediate_size=128),
+                           num_key_value_heads=2, head_dim=64, intermediate_size=768, num_experts=16,
+                           moe_intermediate_size=128, moe_shared_expert_intermediate_size=128),
                 train=dict(steps=2000, batch=32, seq_len=512, lr=2e-3, dropout=0.1, eval_every=250)),
     # ~3.6M parameters for one CPU core (~20 minutes at ~1,000 tokens/s). Head counts split over 2 ranks (TP).
     "cpu": dict(model=dict(vocab_size=4096, hidden_size=192, num_hidden_layers=4, num_attention_heads=4,
