@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime
+from functools import lru_cache
 
 
 class Tokenizer:
@@ -51,6 +52,17 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 
+    @property
+    def is_byte_level(self) -> bool:
+        """Whether tokens are byte-level BPE pieces (GPT-2's alphabet, see byte_decoder), as Param2's are."""
+        from tokenizers import decoders
+
+        return isinstance(self._tok.decoder, decoders.ByteLevel)
+
+    def added_tokens(self) -> dict[int, tuple[str, bool]]:
+        """id -> (content, special) of the tokens added to the vocabulary (control tokens and markup)."""
+        return {i: (t.content, t.special) for i, t in self._tok.get_added_tokens_decoder().items()}
+
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.chat_template:
@@ -75,3 +87,17 @@ def _token_text(token) -> str | None:
     if isinstance(token, dict):  # {"content": "...", ...} in older tokenizer configs
         return token.get("content")
     return token
+
+
+@lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable char that stands for each byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}

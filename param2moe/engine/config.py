@@ -115,6 +115,9 @@ class EngineConfig:
     async_scheduling: bool | None = setting(
         None, "launch each step before reading the previous step's tokens (default: on CUDA with one "
               "pipeline stage)")
+    grammar_compile_timeout: float = setting(
+        30.0, "seconds a structured output's grammar may take to compile (a request whose grammar takes longer "
+              "fails alone)")
 
     def resolve(self) -> EngineConfig:
         """Check the settings and fill in what `auto`/None stand for (the model's folder, the device)."""

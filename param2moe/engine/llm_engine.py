@@ -16,6 +16,7 @@ import torch
 
 from .. import kernels
 from ..config import Param2MoEConfig
+from ..structured.manager import StructuredOutputs
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig, generation_eos_ids, read_generation_config, resolve_dtype
@@ -93,6 +94,8 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(mc, self.generation_config, self.tokenizer)
         decode_token = functools.partial(_decode_one, self.tokenizer) if self.tokenizer else None
         self.sampler = Sampler(self.eos_token_ids, decode_token)
+        self.structured = StructuredOutputs(self.tokenizer, mc.vocab_size, self.eos_token_ids,
+                                            cfg.grammar_compile_timeout)
         # Overlap host work with the GPU (see step): on CUDA, with one pipeline stage (tensor-parallel
         # ranks get the sampled ids from the driver; a first stage would need them from the last).
         on = cfg.async_scheduling
@@ -141,12 +144,15 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise EngineError(f"prompt: {len(ids)} tokens, but the context length (max_model_len) is "
                               f"{self.max_model_len} and at least one token must be generated")
+        grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
         req = Request(request_id, text, ids, params)
         for i in range(params.n):
             detok = None
             if params.detokenize and self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             seq = Sequence(next(self._seq_ids), req, i, detok)
+            if grammar is not None:
+                self.structured.start(seq, grammar)
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -202,8 +208,13 @@ class LLMEngine:
                 self.ranks.raise_if_a_worker_died(e)
             raise
         sampled = [batch.seqs[b] for b in out.sampled_rows]
-        pending = self.sampler.sample(out.sample_logits, sampled, out.argmax) if sampled else None
-        if prev is not None:
+        pending = None
+        if sampled:
+            if prev is not None and any(seq.grammar is not None for seq in sampled):
+                touched |= self._resolve()  # a grammar's mask needs the tokens so far (the GPU runs the step)
+            bitmask = self.structured.bitmask(sampled, out.sample_logits.device)
+            pending = self.sampler.sample(out.sample_logits, sampled, out.argmax, bitmask)
+        if self._pending is not None:
             touched |= self._resolve()
         self.stats["steps"] += 1
         for b, seq in enumerate(batch.seqs):
@@ -265,6 +276,8 @@ class LLMEngine:
                 return self._finish(seq, "stop", None)
             if token in p.stop_token_ids:
                 return self._finish(seq, "stop", token)
+        if seq.grammar is not None and (end := self.structured.advance(seq, token)):
+            return self._finish(seq, end, None)  # the grammar ended (on a stop token) or refused the token
         seq.text += new_text
         if p.stop_strings and new_text and n_out >= p.min_tokens:
             hit = find_stop(seq.text, len(new_text), p.stop_strings)
