@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property
 
 
 class Tokenizer:
@@ -46,22 +47,52 @@ class Tokenizer:
         ids = [i for i in ids if 0 <= i < self.vocab_size]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def added_tokens(self) -> dict[int, tuple[str, bool]]:
+        """id -> (content, special) of the tokens added to the vocabulary (control tokens and markup)."""
+        return {i: (t.content, t.special) for i, t in self._tok.get_added_tokens_decoder().items()}
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 
-    @property
-    def is_byte_level(self) -> bool:
-        """Whether tokens are byte-level BPE pieces (GPT-2's alphabet, see byte_decoder), as Param2's are."""
-        from tokenizers import decoders
+    def token_bytes(self, i: int) -> list[int] | None:
+        """The bytes a token stands for (a byte-level piece may hold part of a UTF-8 character), or None
+        where this tokenizer's pieces do not map to bytes one to one."""
+        piece = self._tok.id_to_token(i)
+        if piece is None:
+            return None
+        m = _BYTE_FALLBACK.fullmatch(piece)
+        if m:
+            return [int(m.group(1), 16)]
+        alphabet = self._byte_alphabet
+        if alphabet is None or not all(ch in alphabet for ch in piece):
+            return None
+        return [alphabet[ch] for ch in piece]
 
-        return isinstance(self._tok.decoder, decoders.ByteLevel)
+    @cached_property
+    def _byte_alphabet(self) -> dict[str, int] | None:
+        """char -> byte of a byte-level tokenizer (GPT-2's alphabet), read from the tokenizers library's own
+        byte-level pre-tokenizer; None for other tokenizers."""
+        from tokenizers import decoders, pre_tokenizers
 
-    def added_tokens(self) -> dict[int, tuple[str, bool]]:
-        """id -> (content, special) of the tokens added to the vocabulary (control tokens and markup)."""
-        return {i: (t.content, t.special) for i, t in self._tok.get_added_tokens_decoder().items()}
+        if not isinstance(self._tok.decoder, decoders.ByteLevel):
+            return None
+        level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        out: dict[str, int] = {}
+        # Characters whose UTF-8 encodings hold every byte that valid UTF-8 has (all but C0, C1, F5-FF).
+        probes = ([chr(c) for c in range(0x80)] + [chr(0x80 + k) for k in range(0x40)]
+                  + [chr((lead & 0x1F) << 6) for lead in range(0xC2, 0xE0)]
+                  + [chr(max((lead & 0x0F) << 12, 0x800)) for lead in range(0xE0, 0xF0)]
+                  + [chr(max((lead & 0x07) << 18, 0x10000)) for lead in range(0xF0, 0xF5)])
+        for probe in probes:
+            mapped = "".join(p for p, _ in level.pre_tokenize_str(probe))
+            raw = probe.encode("utf-8")
+            if len(mapped) != len(raw):
+                return None
+            out.update(zip(mapped, raw))
+        return out
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True, **kwargs) -> str:
@@ -83,21 +114,10 @@ class Tokenizer:
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
 
 
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
 def _token_text(token) -> str | None:
     if isinstance(token, dict):  # {"content": "...", ...} in older tokenizer configs
         return token.get("content")
     return token
-
-
-@lru_cache(maxsize=1)
-def byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: the printable char that stands for each byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}

@@ -15,9 +15,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ..parsers import ReasoningParser, split_reasoning
-from ..tokenizer import byte_decoder
 from .protocol import error_body
 from .tool_parser import ToolCallParser, extract_tool_calls
 
@@ -36,6 +36,20 @@ def sse(obj) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable char that stands for each byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 class TokenText:
@@ -58,7 +72,7 @@ class TokenText:
         """The token's own bytes (a byte-level piece may hold part of a UTF-8 character)."""
         if token_id not in self._bytes:
             piece = self.tok.id_to_token(token_id) if self.tok else None
-            dec = byte_decoder()
+            dec = _byte_decoder()
             if piece is not None and all(ch in dec for ch in piece):
                 self._bytes[token_id] = [dec[ch] for ch in piece]
             else:

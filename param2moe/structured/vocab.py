@@ -11,10 +11,10 @@ Three kinds of ids besides ordinary byte-level pieces:
 
 from __future__ import annotations
 
-from ..tokenizer import Tokenizer, byte_decoder
+from ..tokenizer import Tokenizer
 from .params import StructuredOutputError
 
-MARKUP_BYTES = b"\xff"  # never part of UTF-8
+MARKUP_BYTES = b"\xff"  # never part of UTF-8: no text rule takes it
 
 
 def is_markup(content: str) -> bool:
@@ -23,10 +23,6 @@ def is_markup(content: str) -> bool:
 
 def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
     """Bytes of ids 0..vocab_size-1 (vocab_size: the width of the model's logits)."""
-    if not tokenizer.is_byte_level:
-        raise StructuredOutputError("structured_outputs: needs a byte-level BPE tokenizer (as Param2's); this "
-                                    "checkpoint's tokenizer.json has another decoder")
-    dec = byte_decoder()
     added = tokenizer.added_tokens()
     out = []
     for i in range(vocab_size):
@@ -34,8 +30,12 @@ def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
             content, special = added[i]
             out.append(b"" if special else MARKUP_BYTES if is_markup(content) else content.encode())
             continue
-        piece = tokenizer.id_to_token(i)
-        out.append(b"" if piece is None else bytes(dec[c] for c in piece if c in dec))
+        raw = tokenizer.token_bytes(i)
+        # None: no id here, or a piece of bytes that no UTF-8 text holds (C0, C1, F5-FF)
+        out.append(b"" if tokenizer.id_to_token(i) is None else MARKUP_BYTES if raw is None else bytes(raw))
+    if all(b in (b"", MARKUP_BYTES) for b in out):
+        raise StructuredOutputError("structured_outputs: needs a tokenizer whose tokens map to bytes (byte-level "
+                                    "BPE, as Param2's)")
     return out
 
 
