@@ -52,6 +52,7 @@ from .serving import (
     completion_stream,
     now,
 )
+from .structured import structured_outputs
 
 log = logging.getLogger("param2moe.server")
 
@@ -155,8 +156,10 @@ class ServerState:
         if bad is not None:
             raise RequestError(f"{field}: token id {bad} is outside the vocabulary [0, {self.vocab_size})", field)
 
-    def sampling_params(self, req, *, logprobs: int | None, max_tokens: int, extra_stop_ids=()) -> SamplingParams:
+    def sampling_params(self, req, *, logprobs: int | None, max_tokens: int, extra_stop_ids=(),
+                        structured_outputs=None) -> SamplingParams:
         f = to_sampling_fields(req, self.defaults, self.vocab_size, logprobs=logprobs, max_tokens=max_tokens)
+        f["structured_outputs"] = structured_outputs
         if f["n"] is not None and isinstance(f["n"], int) and f["n"] > self.max_num_seqs:
             raise RequestError(f"n={f['n']}: at most {self.max_num_seqs} (--max-num-seqs)", "n")
         if f["seed"] is not None and not -_SEED_LIMIT <= f["seed"] < _SEED_LIMIT:
@@ -526,9 +529,6 @@ def build_app(async_engine: AsyncLLMEngine, options: ServerOptions | None = None
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         st.check_model(req.model)
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise RequestError("response_format: structured output (json_object, json_schema) is not supported",
-                               "response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs: needs logprobs=true", "top_logprobs")
         tools, parse_tools = check_tools(req.tools, req.tool_choice)
@@ -539,7 +539,9 @@ def build_app(async_engine: AsyncLLMEngine, options: ServerOptions | None = None
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = st.max_tokens(requested, len(ids), "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        params = st.sampling_params(req, logprobs=top, max_tokens=max_tokens, extra_stop_ids=st.chat_stop_ids)
+        so = await structured_outputs(st, req, prompt=text, tools=tools if parse_tools else None)
+        params = st.sampling_params(req, logprobs=top, max_tokens=max_tokens, extra_stop_ids=st.chat_stop_ids,
+                                    structured_outputs=so)
         st.admit(params.n)
         rid = st.request_id("chatcmpl")
         opts = req.stream_options
@@ -600,9 +602,10 @@ def build_app(async_engine: AsyncLLMEngine, options: ServerOptions | None = None
         if req.logprobs is not None and req.echo and req.prompt_logprobs is None:
             req.prompt_logprobs = req.logprobs
         params_list = []
+        so = await structured_outputs(st, req)
         for p in prompts:
             mt = max_tokens if max_tokens is not None else st.max_tokens(None, len(p.token_ids), "prompt")
-            params_list.append(st.sampling_params(req, logprobs=req.logprobs, max_tokens=mt))
+            params_list.append(st.sampling_params(req, logprobs=req.logprobs, max_tokens=mt, structured_outputs=so))
         n = params_list[0].n
         total = n * len(prompts)
         st.admit(total)

@@ -50,6 +50,8 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None  # text, json_object, json_schema (server/structured.py)
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: json, regex, choice, grammar, ...
 
 
 class CompletionRequest(SamplingFields):
@@ -68,7 +70,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = True
-    response_format: dict[str, Any] | None = None
     # vLLM's extras
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
