@@ -84,6 +84,7 @@ async def structured_outputs(st, req, *, prompt: str | None = None, tools: list[
     if field is None:
         return None
     param = "tools" if forced else field
+    named = param  # what an error message names: the field, and for structured_outputs its kind
     st.need_tokenizer()
     try:
         mode = reasoning_mode(prompt) if prompt is not None else "disabled"
@@ -93,10 +94,10 @@ async def structured_outputs(st, req, *, prompt: str | None = None, tools: list[
             so = with_reasoning(tool_calls_format(tools, parallel, markup), mode, markup)
         else:
             so = StructuredOutputsParams(**fields)
+            named = f"{field}.{so.kind}" if field == "structured_outputs" else field
             if mode != "disabled":
                 so = with_reasoning(as_format(so), mode, markup_ids(st.tokenizer))
         await asyncio.get_running_loop().run_in_executor(None, st.engine.structured.compile, so)
     except (StructuredOutputError, TypeError) as e:
-        message = str(e) if param == "structured_outputs" else f"{param}: {_reason(e)}"
-        raise RequestError(message, param) from None
+        raise RequestError(f"{named}: {_reason(e)}", param) from None
     return so
