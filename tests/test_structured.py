@@ -271,3 +271,29 @@ def test_tensor_parallel_masks_on_the_driver(checkpoint, llm):
         outs = [o.outputs[0] for o in tp.generate(["p", "q"], params, use_tqdm=False)]
     assert [c.token_ids for c in outs] == [c.token_ids for c in reference]
     assert_person(outs[0].text)
+
+
+def test_a_model_that_follows_the_format_passes_unchanged(tmp_path):
+    # A scripted model (tests/scripted_checkpoint.py) that thinks, then calls a tool in Param2's format: the
+    # tool-call grammar, with the optional reasoning in front, lets its greedy tokens through one for one.
+    from scripted_checkpoint import write_scripted_checkpoint
+
+    from param2moe.structured.formats import reasoning_mode, tool_calls_format, with_reasoning
+    from param2moe.structured.vocab import markup_ids
+
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    chain = ["<think>", "I should look up", " the weather.", "</think>", "<tool_call>", call, "</tool_call>",
+             "<<|EOS|>>"]
+    write_scripted_checkpoint(str(tmp_path), {"tool": chain}, {"tool": "\n"})
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    with LLM(str(tmp_path), kv_cache_memory=1 << 22) as llm:
+        tok = llm.get_tokenizer()
+        prompt = tok.apply_chat_template([{"role": "user", "content": "Weather in Paris?"}], tools=tools)
+        markup = markup_ids(tok)
+        so = with_reasoning(tool_calls_format(tools, False, markup), reasoning_mode(prompt), markup)
+        assert reasoning_mode(prompt) == "auto"
+        free, forced = (llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, structured_outputs=s),
+                                     use_tqdm=False)[0].outputs[0] for s in (None, so))
+    assert forced.token_ids == free.token_ids and forced.finish_reason == "stop"
+    assert forced.text == "".join(chain[:-1])
