@@ -13,6 +13,9 @@ constrained ones rarely end sooner). A step's time is the wall time of `LLMEngin
 sequences decode (the first steps, prefills, are left out; so are steps after any request has finished).
 The runs alternate free/json twice and the report takes each mode's better median.
 
+On the GPU machine (no network, no xgrammar): carry its wheels and run benchmarks/structured_gpu.sh, which
+puts them on the path first (see there).
+
 Correctness in the same run: 64 requests constrained by a bounded schema (no whitespace) run to their end,
 and every output must parse as JSON and match the schema; no constrained token may be refused.
 Prints a table; writes JSON to $OUT/structured_bench.json (default benchmarks/results/).
@@ -95,10 +98,10 @@ def synthetic_tokenizer(vocab_size: int, out_dir: str) -> None:
         json.dump({"bos_token": "<<|BOS|>>", "eos_token": "<<|EOS|>>", "add_bos_token": False}, f)
 
 
-def model_folder(preset: str, out_dir: str) -> str:
+def model_folder(preset: str, out_dir: str, vocab_size: int | None = None) -> str:
     from param2moe.writer import preset_config, write_tokenizer
 
-    config = preset_config(preset)
+    config = preset_config(preset, {"vocab_size": vocab_size} if vocab_size else None)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config.to_dict(), f)
     if config.vocab_size > 30000:  # the writer's trained tokenizer has a few hundred pieces: far too few
@@ -202,6 +205,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default=None, help="default: param2-17b on CUDA, small on CPU")
+    ap.add_argument("--vocab-size", type=int, default=None, help="instead of the preset's (e.g. 128008 on CPU)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
@@ -216,8 +220,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        engine = LLMEngine(EngineConfig(model=model_folder(a.preset, tmp), load_format="dummy", dtype=a.dtype,
-                                        max_num_seqs=a.batch, max_model_len=a.input_len + a.output_len + 64))
+        folder = model_folder(a.preset, tmp, a.vocab_size)
+        engine = LLMEngine(EngineConfig(model=folder, load_format="dummy", dtype=a.dtype, max_num_seqs=a.batch,
+                                        max_model_len=a.input_len + a.output_len + 64))
         t1 = time.perf_counter()
         engine.structured.compile(StructuredOutputsParams(json=ORDER))  # xgrammar's import, vocabulary, compile
         setup = {"engine_s": t1 - t0, "grammar_first_compile_s": time.perf_counter() - t1}
