@@ -49,7 +49,7 @@ def main() -> None:
                 setattr(module, attr, value)
             runner.graphs = None
             torch.cuda.synchronize()
-            runner.enable_cuda_graphs(engine.config.max_num_seqs, 4096)
+            runner.enable_cuda_graphs(engine.config.max_num_seqs, 4096, 0, engine.sampler.greedy)
             for b in args.batch:
                 row = bench_latency(engine, b, 128, 128)
                 row.update(variant=name, round=r, floor_s=row["floor_bytes"] / bw)

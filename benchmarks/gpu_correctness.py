@@ -53,12 +53,14 @@ def linear_other_order(x, w, bias=None, *, index=None):
 
 
 def run_other_order(path: str, prompt_ids, device: str = "cuda"):
-    saved = kernels.linear, kernels_moe.linear
-    kernels.linear = kernels_moe.linear = linear_other_order
+    # every engine's Kernels (the layers' projections and MLPs) and the torch MoE's own matmuls
+    saved = kernels.Kernels.linear, kernels_moe.linear
+    kernels.Kernels.linear = lambda self, x, w, bias=None: linear_other_order(x, w, bias)
+    kernels_moe.linear = linear_other_order
     try:
         return run(path, prompt_ids, device=device, dtype="bfloat16", kernels="torch", enforce_eager=True)
     finally:
-        kernels.linear, kernels_moe.linear = saved
+        kernels.Kernels.linear, kernels_moe.linear = saved
 
 
 def greedy_same(a, b) -> int:

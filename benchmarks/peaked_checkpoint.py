@@ -54,21 +54,18 @@ def corpus_prompts(corpus: torch.Tensor, n: int, min_len: int = 8, max_len: int 
 
 
 class _TrainingKernels:
-    """Plain torch kernels (differentiable) and no oneDNN packing while training; restored after."""
+    """No oneDNN packing while training (its packed weight copies would go stale); restored after. The model
+    itself is built on the plain torch kernels (differentiable): load_model(kernels=Kernels("torch"))."""
 
     def __enter__(self):
-        import param2moe.kernels as kernels
         from param2moe.kernels import matmul
 
-        self.backend, self.onednn = kernels._BACKEND, matmul._state["enabled"]
-        kernels.set_backend("torch")
+        self.onednn = matmul._state["enabled"]
         matmul.set_onednn(False)
 
     def __exit__(self, *exc):
-        import param2moe.kernels as kernels
         from param2moe.kernels import matmul
 
-        kernels.set_backend(self.backend)
         matmul.set_onednn(self.onednn)
 
 
@@ -129,6 +126,7 @@ def make_peaked_checkpoint(path: str, device: str = "cpu", steps: int = 200, see
     Returns what happened: the corpus, loss and accuracy at the start and the end, seconds, and the
     number of tokens routed to each expert of each MoE layer (forward over the corpus, after training)."""
     from param2moe.checkpoint import load_model
+    from param2moe.kernels import Kernels
     from param2moe.model.attention import CausalAttention
     from param2moe.writer import write_checkpoint
 
@@ -141,14 +139,14 @@ def make_peaked_checkpoint(path: str, device: str = "cpu", steps: int = 200, see
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)  # (warns where an op has no such version)
     with _TrainingKernels():
-        model = load_model(path, dtype=torch.float32, device=device, progress=False)
+        model = load_model(path, dtype=torch.float32, device=device, progress=False, kernels=Kernels("torch"))
         params = []
         for name, p in model.named_parameters():
             if not name.endswith("expert_bias"):
                 params.append(p.requires_grad_(True))
         ids = corpus.reshape(-1).to(device)
         pos = torch.arange(seq_len, device=device).repeat(n_seq)
-        attn = CausalAttention([seq_len] * n_seq)
+        attn = CausalAttention([seq_len] * n_seq, ops=model.ops)
         last = torch.arange(n_seq * seq_len, device=device) % seq_len == seq_len - 1
         inputs, targets = ~last, corpus[:, 1:].reshape(-1).to(device)
         opt = torch.optim.Adam(params, lr=lr)

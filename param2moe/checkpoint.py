@@ -2,8 +2,8 @@
 
 `checkpoint_layout(config)` is the one map of tensor names and shapes: the loader checks files
 against it and the checkpoint writer writes it. `load_checkpoint` streams tensors from memory-mapped
-safetensors files into the model's (possibly fused, stacked or sharded) parameters, one tensor at a
-time, so peak memory stays near the size of the weights.
+safetensors files (weights_file.py) into the model's (possibly fused, stacked or sharded) parameters, one
+tensor at a time, giving back each tensor's pages once copied, so peak memory stays near the size of the weights.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Param2MoEConfig
+from .weights_file import WeightsFile
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -174,14 +175,12 @@ def _is_mtp(name: str, cfg: Param2MoEConfig) -> bool:
     return m is not None and int(m.group(1)) >= cfg.num_hidden_layers
 
 
-def iter_checkpoint_tensors(path: str) -> Iterator[tuple[str, str, object]]:
-    """(file, name, safetensors slice) for every tensor of every file, memory-mapped, nothing read yet."""
-    from safetensors import safe_open
-
+def iter_checkpoint_tensors(path: str) -> Iterator[tuple[str, str, WeightsFile]]:
+    """(file, name, the open file) for every tensor of every file, memory-mapped, nothing read yet."""
     for file in weight_files(path):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield file, name, f.get_slice(name)
+        with WeightsFile(file) as f:
+            for name in f.names():
+                yield file, name, f
 
 
 def resolve_shared_width(cfg: Param2MoEConfig, path: str) -> Param2MoEConfig:
@@ -190,12 +189,14 @@ def resolve_shared_width(cfg: Param2MoEConfig, path: str) -> Param2MoEConfig:
     and record it in the config; a width that matches neither is an error naming both."""
     if not cfg.shared_expert_intermediate_size:
         return cfg
-    layer = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_dense_layer(i))
+    layer = next((i for i in range(cfg.num_hidden_layers) if not cfg.is_dense_layer(i)), None)
+    if layer is None:  # dense layers only: no shared expert to look at
+        return cfg
     name = f"model.layers.{layer}.mlp.shared_experts.gate_proj.weight"
-    for file, tensor_name, tensor_slice in iter_checkpoint_tensors(path):
+    for file, tensor_name, f in iter_checkpoint_tensors(path):
         if tensor_name != name:
             continue
-        width = tensor_slice.get_shape()[0]
+        width = f.shape(name)[0]
         rules = {"moe_shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size,
                  "moe_intermediate_size * num_shared_experts": cfg.moe_intermediate_size * cfg.num_shared_experts}
         if width == cfg.shared_expert_intermediate_size:
@@ -210,7 +211,9 @@ def resolve_shared_width(cfg: Param2MoEConfig, path: str) -> Param2MoEConfig:
 
 
 def load_checkpoint(model, path: str, progress: bool = True) -> None:
-    """Fill the model's parameters from the checkpoint at `path`, checking every name and shape."""
+    """Fill the model's parameters from the checkpoint at `path`, checking every name and shape. Each tensor
+    goes from the memory-mapped file straight into its parameters (no copy of a file, nor of a tensor, in
+    between), and its pages of the mapping are released once copied."""
     from tqdm import tqdm
 
     cfg = model.config
@@ -218,28 +221,15 @@ def load_checkpoint(model, path: str, progress: bool = True) -> None:
     targets = load_targets(model)
     found: set[str] = set()
     files = weight_files(path)
-    bar = tqdm(total=len(layout), desc="Loading weights", unit="tensor", disable=not progress)
-    for file, name, tensor_slice in iter_checkpoint_tensors(path):
-        if _is_mtp(name, cfg) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-            continue  # multi-token-prediction layers and a redundant tied head are not used
-        where = os.path.basename(file)
-        if name not in layout:
-            raise CheckpointError(f"unexpected tensor {name!r} in {where}: not part of this config's model")
-        shape = tuple(tensor_slice.get_shape())
-        if shape != layout[name]:
-            raise CheckpointError(
-                f"tensor {name!r} in {where} has shape {list(shape)}, expected {list(layout[name])}")
-        if name in found:
-            raise CheckpointError(f"tensor {name!r} appears twice (again in {where})")
-        found.add(name)
-        bar.update(1)
-        target = targets.get(name)
-        if target is None:  # held by another rank or pipeline stage
-            continue
-        for dest, index in target.parts:
-            src = tensor_slice[index] if index else tensor_slice[:]
-            dest.copy_(src)
-    bar.close()
+    total = sum(os.path.getsize(f) for f in files)
+    with tqdm(total=total, desc="Loading weights", unit="B", unit_scale=True, disable=not progress) as bar:
+        for file in files:
+            bar.set_postfix_str(os.path.basename(file), refresh=False)
+            with WeightsFile(file) as f:
+                for name in f.names():
+                    _load_tensor(f, name, layout, targets, found, cfg)
+                    bar.update(f.nbytes(name))
+            bar.update(os.path.getsize(file) - sum(f.nbytes(name) for name in f.names()))  # its header
     missing = [n for n in layout if n not in found]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -247,6 +237,27 @@ def load_checkpoint(model, path: str, progress: bool = True) -> None:
             f"{len(missing)} tensor(s) missing from {', '.join(os.path.basename(f) for f in files)}: "
             f"{', '.join(missing[:5])}{more}")
     _center_expert_bias(model)
+
+
+def _load_tensor(f: WeightsFile, name: str, layout: dict, targets: dict, found: set, cfg: Param2MoEConfig) -> None:
+    if _is_mtp(name, cfg) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+        return  # multi-token-prediction layers and a redundant tied head are not used
+    where = os.path.basename(f.path)
+    if name not in layout:
+        raise CheckpointError(f"unexpected tensor {name!r} in {where}: not part of this config's model")
+    shape = f.shape(name)
+    if shape != layout[name]:
+        raise CheckpointError(f"tensor {name!r} in {where} has shape {list(shape)}, expected {list(layout[name])}")
+    if name in found:
+        raise CheckpointError(f"tensor {name!r} appears twice (again in {where})")
+    found.add(name)
+    target = targets.get(name)
+    if target is None:  # held by another rank or pipeline stage
+        return
+    src = f.tensor(name)
+    for dest, index in target.parts:
+        dest.copy_(src[index] if index else src)
+    f.release(name)
 
 
 def _center_expert_bias(model) -> None:
@@ -287,15 +298,16 @@ def _materialize(model: torch.nn.Module, device) -> None:
 
 
 def load_model(path: str | None, dtype=torch.bfloat16, device="cpu", shard=None, *, config=None,
-               dummy: bool = False, seed: int = 0, progress: bool = True):
-    """Build the network on `device` and fill it from the checkpoint at `path` (or randomly, `dummy`)."""
+               dummy: bool = False, seed: int = 0, progress: bool = True, kernels=None):
+    """Build the network on `device` and fill it from the checkpoint at `path` (or randomly, `dummy`);
+    kernels: the backend of its hot ops (param2moe.kernels.Kernels; default: "auto")."""
     from .model import Param2MoEForCausalLM
 
     cfg = config or Param2MoEConfig.from_pretrained(path)
     if not dummy:
         cfg = resolve_shared_width(cfg, path)
     with torch.device("meta"):
-        model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard)
+        model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard, kernels=kernels)
     _materialize(model, device)
     with torch.no_grad():
         if dummy:

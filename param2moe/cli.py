@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import json
+import os
+import socket
 import sys
+from dataclasses import dataclass
 
 from .engine.config import EngineConfig
 
@@ -23,8 +28,6 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None
 
 
 def sampling_params(args, llm):
-    import dataclasses
-
     base = llm.get_default_sampling_params()
     overrides = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
                  if getattr(args, k) is not None}
@@ -37,48 +40,97 @@ def sampling_params(args, llm):
 def cmd_generate(args) -> int:
     from .llm import LLM
 
-    llm = LLM.from_config(EngineConfig.from_cli_args(args))
-    params = sampling_params(args, llm)
-    if args.prompts_file:
-        prompts = _read_prompts(args.prompts_file)
+    # Everything that can be wrong with the command is checked before the model loads.
+    if args.prompt is None and args.prompts_file is None:
+        raise CliError("give --prompt TEXT or --prompts-file FILE", usage=True)
+    lines = read_prompts_file(args.prompts_file) if args.prompts_file else [PromptLine(args.prompt)]
+    sink = _open_output(args.output)
+    try:
+        llm = LLM.from_config(EngineConfig.from_cli_args(args))
+        params = sampling_params(args, llm)
+        prompts = [line.text for line in lines]
         if args.chat:
-            tok = llm.get_tokenizer()
-            prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-        outs = llm.generate(prompts, params, use_tqdm=True)
-        sink = open(args.output, "w") if args.output else sys.stdout
+            prompts = [_chat_prompt(llm, p) for p in prompts]
+        per_line = [line.sampling(params) for line in lines]
+        outs = llm.generate(prompts, per_line, use_tqdm=args.prompts_file is not None)
         for prompt, out in zip(prompts, outs):
             c = out.outputs[0]
-            sink.write(json.dumps({"prompt": prompt, "text": c.text, "token_ids": c.token_ids,
-                                   "finish_reason": c.finish_reason}, ensure_ascii=False) + "\n")
-        if args.output:
+            if args.prompts_file or args.output:
+                text = prompt["prompt"] if isinstance(prompt, dict) else prompt
+                sink.write(json.dumps({"prompt": text, "text": c.text, "token_ids": c.token_ids,
+                                       "finish_reason": c.finish_reason}, ensure_ascii=False) + "\n")
+            else:
+                sink.write(c.text + "\n")
+    finally:
+        if sink is not sys.stdout:
             sink.close()
-        return 0
-    if args.prompt is None:
-        print("error: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
-        return 2
-    if args.chat:
-        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
-    else:
-        out = llm.generate(args.prompt, params, use_tqdm=False)[0]
-    print(out.outputs[0].text)
     return 0
 
 
-def _read_prompts(path: str) -> list[str]:
+def _chat_prompt(llm, text: str) -> dict:
+    """The text as a user message in the chat template (as LLM.chat renders it)."""
+    tok = llm.get_tokenizer()
+    if tok is None:
+        raise CliError("--chat needs the model's tokenizer (tokenizer.json), and this model has none")
+    rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return {"prompt": rendered, "prompt_token_ids": tok.encode(rendered, add_special_tokens=False)}
+
+
+@dataclass
+class PromptLine:
+    text: str
+    max_tokens: int | None = None  # a JSONL line's own limit
+
+    def sampling(self, params):
+        return params if self.max_tokens is None else dataclasses.replace(params, max_tokens=self.max_tokens)
+
+
+_LINE_FIELDS = ("prompt", "max_tokens")
+
+
+def read_prompts_file(path: str) -> list[PromptLine]:
+    """One prompt a line, or a JSON object a line with "prompt" and, optionally, "max_tokens"; blank lines
+    skipped."""
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise CliError(f"--prompts-file {path}: {e.strerror or e}") from None
     prompts = []
-    with open(path) as f:
+    with f:
         for n, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if not line.strip():
                 continue
-            if line.lstrip().startswith("{"):
-                try:
-                    prompts.append(json.loads(line)["prompt"])
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise SystemExit(f"{path}:{n}: expected a JSON object with a \"prompt\" field ({e})") from None
-            else:
-                prompts.append(line)
+            if not line.lstrip().startswith("{"):
+                prompts.append(PromptLine(line))
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CliError(f"{path}:{n}: not valid JSON ({e})") from None
+            unknown = sorted(set(obj) - set(_LINE_FIELDS))
+            if unknown:
+                raise CliError(f"{path}:{n}: unknown field(s) {', '.join(unknown)} (a line takes "
+                               f"{', '.join(_LINE_FIELDS)})")
+            if not isinstance(obj.get("prompt"), str):
+                raise CliError(f"{path}:{n}: expected a JSON object with a string \"prompt\" field")
+            max_tokens = obj.get("max_tokens")
+            if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                           or max_tokens < 1):
+                raise CliError(f"{path}:{n}: max_tokens must be a positive integer, got {max_tokens!r}")
+            prompts.append(PromptLine(obj["prompt"], max_tokens))
+    if not prompts:
+        raise CliError(f"--prompts-file {path}: no prompts in it")
     return prompts
+
+
+def _open_output(path: str | None):
+    if path is None:
+        return sys.stdout
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise CliError(f"--output {path}: {e.strerror or e}") from None
 
 
 def cmd_chat(args) -> int:
@@ -86,13 +138,32 @@ def cmd_chat(args) -> int:
     from .llm import LLM
 
     llm = LLM.from_config(EngineConfig.from_cli_args(args))
+    if llm.get_tokenizer() is None:
+        raise CliError("chat needs the model's tokenizer (tokenizer.json), and this model has none")
     return run_chat(llm, sampling_params(args, llm), args.system)
 
 
 def cmd_serve(args) -> int:
+    check_port_free(args.host, args.port)  # before the model loads, and before "serving on ..."
     from .server.app import run_server
 
     return run_server(args)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind the address as the server will (SO_REUSEADDR, as uvicorn sets it), then let it go."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise CliError(f"--host {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            why = "the address is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise CliError(f"cannot serve on {host}:{port}: {why}") from None
 
 
 def cmd_bench(args) -> int:
@@ -117,9 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text for one prompt or a file of prompts")
     EngineConfig.add_cli_args(p)
     add_sampling_args(p)
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--prompts-file", default=None, help="one prompt a line, or JSONL with a \"prompt\" field")
-    p.add_argument("--output", default=None, help="JSONL results (default: stdout)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", default=None)
+    source.add_argument("--prompts-file", default=None,
+                        help="one prompt a line, or JSONL: {\"prompt\": ..., \"max_tokens\": N (optional)}")
+    p.add_argument("--output", default=None, help="JSONL results (default: stdout; one --prompt: its text)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     p.set_defaults(func=cmd_generate)
 
@@ -162,9 +235,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _follow_rank_zero(args) -> int:
+    """A rank other than 0 started by torchrun (several machines): build this rank's part of the engine and
+    run the step plans rank 0 sends, until it stops."""
+    from .engine.worker import worker_loop
+
+    config = EngineConfig.from_cli_args(args).resolve()
+    worker_loop(int(os.environ["RANK"]), config, config.parallel)
+    return 0
+
+
+class CliError(Exception):
+    """A problem with the command as given: printed as one line, no traceback."""
+
+    def __init__(self, message: str, usage: bool = False):
+        super().__init__(message)
+        self.exit_code = 2 if usage else 1
+
+
+def _known_errors() -> tuple:
+    """What a user's input can cause (a missing or bad folder, file, setting or request): reported in one line.
+    Anything else is a bug and keeps its traceback."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .engine import EngineError
+    from .engine.config import EngineConfigError
+    from .hub import ModelNotFoundError
+    from .weights_file import WeightsFileError
+
+    return (CliError, CheckpointError, ConfigError, EngineError, EngineConfigError, ModelNotFoundError,
+            WeightsFileError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if hasattr(args, "tensor_parallel_size") and int(os.environ.get("RANK", "0")) > 0:
+            return _follow_rank_zero(args)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except _known_errors() as e:
+        if os.environ.get("PARAM2MOE_TRACEBACK"):
+            raise
+        print(f"param2moe {args.command}: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,34 @@ def test_generation_config_reader(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="param2moe"):
         assert read_generation_config(str(tmp_path)) == {}
     assert "generation_config.json" in caplog.text
+
+
+def test_kernel_backend_belongs_to_each_engine(tmp_path, monkeypatch):
+    """Two engines in one process, "auto" and "torch": each runs its own backend (the CPU decode runs the
+    native attention kernel under "auto" only), whichever was made last."""
+    from param2moe import SamplingParams
+    from param2moe.kernels import cpu as native
+    from param2moe.writer import preset_config, write_checkpoint
+
+    write_checkpoint(str(tmp_path), preset_config("tiny", {"num_hidden_layers": 1}), seed=1)
+    calls = []
+    real = native.paged_decode
+    monkeypatch.setattr(native, "paged_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    with LLM(str(tmp_path), kernels="auto", kv_cache_memory=1 << 22) as auto, \
+            LLM(str(tmp_path), kernels="torch", kv_cache_memory=1 << 22) as plain:
+        assert auto.llm_engine.model.ops.backend == "auto" and plain.llm_engine.model.ops.backend == "torch"
+        plain.generate([[5, 6, 7]], params, use_tqdm=False)
+        assert not calls
+        auto.generate([[5, 6, 7]], params, use_tqdm=False)
+        assert calls  # decode steps asked the native kernel (it may decline: no compiler)
+
+
+def test_model_name(tmp_path):
+    folder = EngineConfig(model=str(tmp_path / "Param2-17B"))
+    (tmp_path / "Param2-17B").mkdir()
+    assert folder.resolve().model_name == "Param2-17B"
+    hub = EngineConfig(model="org/name")
+    hub.model_id, hub.model = "org/name", str(tmp_path / "snapshots" / "0123abc")  # what resolve() leaves
+    assert hub.model_name == "org/name"
+    assert EngineConfig(preset="tiny", load_format="dummy").resolve().model_name == "tiny"

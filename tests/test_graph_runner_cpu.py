@@ -57,7 +57,8 @@ def _with_graphs(llm, max_tokens: int, monkeypatch) -> dict:
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     engine = llm.llm_engine
     runner = engine.runner
-    runner.graphs = EagerGraphs(runner, engine.config.max_num_seqs, engine.max_model_len, max_tokens)
+    runner.graphs = EagerGraphs(runner.model, runner.kv, engine.sampler.greedy, engine.config.max_num_seqs,
+                                engine.max_model_len, max_tokens)
     counts = {"decode": 0, "tokens": 0}
     graphs = runner.graphs
     run, run_tokens = graphs.run, graphs.run_tokens

@@ -452,8 +452,9 @@ def test_uniform_random_routing_replaces_the_choice_after_the_router_runs(tiny_m
     from param2moe.model import network
 
     calls = []
-    real_route = network.ops.add_rms_norm_gate_route
-    monkeypatch.setattr(network.ops, "add_rms_norm_gate_route", lambda *a, **k: calls.append(1) or real_route(*a, **k))
+    kernels = tiny_model.model.layers["1"].mlp.ops  # the model's backend
+    real_route = kernels.add_rms_norm_gate_route
+    monkeypatch.setattr(kernels, "add_rms_norm_gate_route", lambda *a, **k: calls.append(1) or real_route(*a, **k))
     ids, pos = torch.arange(40, 70), torch.arange(30)
     with torch.no_grad():
         ref = tiny_model(ids, pos, CausalAttention([30]))

@@ -69,3 +69,18 @@ def test_bad_parallel_sizes_are_named(checkpoint):
         LLM(checkpoint, tensor_parallel_size=3)
     with pytest.raises(ValueError, match="pipeline_parallel_size=9 exceeds num_hidden_layers"):
         LLM(checkpoint, pipeline_parallel_size=9)
+
+
+def test_torchrun_ranks_follow_rank_zero(checkpoint):
+    """Started by torchrun (as on several machines): rank 0 runs the command, rank 1 follows its plans; the
+    tokens are one process's."""
+    import os
+
+    argv = ["-m", "param2moe.cli", "generate", "--model", checkpoint, "--prompt", "The river", "--max-tokens", "6",
+            "--temperature", "0", "--ignore-eos", "--device", "cpu", "--kv-cache-memory", str(1 << 24)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *argv, "-tp", "2"],
+                         capture_output=True, text=True, timeout=180, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.strip() == one.stdout.strip() and one.stdout.strip()

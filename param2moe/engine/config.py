@@ -68,9 +68,13 @@ PRESETS: dict[str, dict] = {
 
 def preset_config(preset: str, overrides: dict | None = None) -> Param2MoEConfig:
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        raise EngineConfigError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     raw = {"model_type": "param2moe", "architectures": ["Param2MoEForCausalLM"], **PRESETS[preset], **(overrides or {})}
     return Param2MoEConfig.from_dict(raw)
+
+
+class EngineConfigError(ValueError):
+    """A setting the engine cannot take; the message names it and says why."""
 
 
 def setting(default, help: str, *, choices: tuple | None = None, aliases: tuple = (), cli: bool = True):
@@ -124,18 +128,28 @@ class EngineConfig:
         for f in dataclasses.fields(self):
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices and value is not None and value not in choices:
-                raise ValueError(f"{f.name}={value!r}: expected one of {', '.join(map(str, choices))}")
+                raise EngineConfigError(f"{f.name}={value!r}: expected one of {', '.join(map(str, choices))}")
         if self.model is None and self.preset is None:
             self.model = bundled_model_path()
         elif self.model is not None:
             from ..hub import resolve_model
 
+            self.model_id = getattr(self, "model_id", None) or self.model  # as given (served under this name)
             self.model = resolve_model(self.model, self.revision)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        _check_device(self.device)
         if self.uniform_random_routing is None:
             self.uniform_random_routing = self.load_format == "dummy"
         return self
+
+    @property
+    def model_name(self) -> str:
+        """What the model is called: a Hub id as given (not its cache folder), a folder's name, or the preset."""
+        given = getattr(self, "model_id", None)
+        if given and not os.path.isdir(given):
+            return given
+        return os.path.basename(os.path.normpath(self.model)) if self.model else (self.preset or "model")
 
     @property
     def token_budget(self) -> int:
@@ -190,6 +204,21 @@ def _help(f: dataclasses.Field) -> str:
     return f.metadata["help"].replace("%", "%%") + ("" if "default" in f.metadata["help"] else default)
 
 
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise EngineConfigError(f"device={name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise EngineConfigError(f"device={name!r}: CUDA is not available ({why})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EngineConfigError(f"device={name!r}: there are {torch.cuda.device_count()} GPU(s)")
+
+
 def bundled_model_path() -> str:
     """The small Param2-layout model that ships with the package (random weights)."""
     return os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "param2-small")
@@ -198,7 +227,7 @@ def bundled_model_path() -> str:
 def resolve_dtype(config: EngineConfig, model_config: Param2MoEConfig) -> torch.dtype:
     name = model_config.torch_dtype if config.dtype == "auto" else config.dtype
     if name not in DTYPES:
-        raise ValueError(f"dtype={name!r}: expected one of {', '.join(DTYPES)}")
+        raise EngineConfigError(f"dtype={name!r}: expected one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -216,7 +245,7 @@ class ParallelConfig:
     def validate(self, cfg: Param2MoEConfig) -> None:
         tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
         if tp < 1 or pp < 1:
-            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
+            raise EngineConfigError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
         rules = [(cfg.num_attention_heads % tp == 0, f"num_attention_heads ({cfg.num_attention_heads})"),
                  (cfg.num_kv_heads % tp == 0 or tp % cfg.num_kv_heads == 0,
                   f"num_key_value_heads ({cfg.num_kv_heads}) (or be a multiple of it)"),
@@ -231,9 +260,9 @@ class ParallelConfig:
                 rules.append((width % tp == 0, f"moe_intermediate_size ({width})"))
         for ok, what in rules:
             if not ok:
-                raise ValueError(f"tensor_parallel_size={tp} must divide {what}")
+                raise EngineConfigError(f"tensor_parallel_size={tp} must divide {what}")
         if pp > cfg.num_hidden_layers:
-            raise ValueError(f"pipeline_parallel_size={pp} exceeds num_hidden_layers ({cfg.num_hidden_layers})")
+            raise EngineConfigError(f"pipeline_parallel_size={pp} exceeds num_hidden_layers ({cfg.num_hidden_layers})")
 
 
 # ---------------------------------------------------------------------- the checkpoint's generation_config.json

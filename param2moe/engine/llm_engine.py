@@ -14,8 +14,8 @@ import weakref
 
 import torch
 
-from .. import kernels
 from ..config import Param2MoEConfig
+from ..kernels import Kernels
 from ..structured.manager import StructuredOutputs
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
@@ -51,7 +51,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         cfg = self.config = config.resolve()
         torch.manual_seed(cfg.seed)
-        kernels.set_backend(cfg.kernels)
+        self.kernels = Kernels(cfg.kernels)  # the backend of the model's hot ops, the sampler's and the graphs'
         if str(cfg.device).startswith("cpu"):
             from .cpu_setup import configure_cpu_allocator
 
@@ -80,7 +80,12 @@ class LLMEngine:
     def _build(self, cfg: EngineConfig, mc: Param2MoEConfig, parallel) -> None:
         ranks = self.ranks
         shard, device = (ranks.shard, ranks.device) if ranks else (None, None)
-        self.model, self.runner, num_blocks = build_runner(cfg, mc, self.dtype, shard, self.comm, device)
+        self.generation_config = read_generation_config(cfg.model)
+        self.eos_token_ids = _eos_token_ids(mc, self.generation_config, self.tokenizer)
+        decode_token = functools.partial(_decode_one, self.tokenizer) if self.tokenizer else None
+        self.sampler = Sampler(self.eos_token_ids, decode_token, self.kernels)
+        self.model, self.runner, num_blocks = build_runner(cfg, mc, self.dtype, self.sampler, shard, self.comm,
+                                                           device)
         if ranks:
             ranks.runner = self.runner
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
@@ -90,10 +95,6 @@ class LLMEngine:
                 f"({self.max_model_len}): give it more memory or lower max_model_len")
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.token_budget)
-        self.generation_config = read_generation_config(cfg.model)
-        self.eos_token_ids = _eos_token_ids(mc, self.generation_config, self.tokenizer)
-        decode_token = functools.partial(_decode_one, self.tokenizer) if self.tokenizer else None
-        self.sampler = Sampler(self.eos_token_ids, decode_token)
         self.structured = StructuredOutputs(self.tokenizer, mc.vocab_size, self.eos_token_ids,
                                             cfg.grammar_compile_timeout)
         # Overlap host work with the GPU (see step): on CUDA, with one pipeline stage (tensor-parallel
@@ -213,7 +214,7 @@ class LLMEngine:
             if prev is not None and any(seq.grammar is not None for seq in sampled):
                 touched |= self._resolve()  # a grammar's mask needs the tokens so far (the GPU runs the step)
             bitmask = self.structured.bitmask(sampled, out.sample_logits.device)
-            pending = self.sampler.sample(out.sample_logits, sampled, out.argmax, bitmask)
+            pending = self.sampler.sample(out.sample_logits, sampled, out.greedy_ids, bitmask)
         if self._pending is not None:
             touched |= self._resolve()
         self.stats["steps"] += 1

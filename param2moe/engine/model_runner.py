@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..model.attention import PagedAttention
+from .kv_cache import KVCache
 from .scheduler import ScheduledBatch
 
 
@@ -25,13 +26,6 @@ def to_device(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tenso
     (cached) pinned memory."""
     t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-def kv_bytes_per_token(model) -> int:
-    """Bytes of key and value cache one token takes on this rank (all its layers)."""
-    layer = next(iter(model.model.layers.values())).attention
-    elem = torch.empty((), dtype=model.dtype).element_size()
-    return len(model.model.layers) * 2 * layer.num_kv_heads * layer.head_dim * elem
 
 
 @dataclass
@@ -59,7 +53,7 @@ class StepOutput:
     sample_logits: torch.Tensor | None  # [S, V] float32, one row per sampled sequence
     sampled_rows: list[int]  # which entries of the batch were sampled, in the order of the rows
     prompt_logits: dict[int, tuple[int, torch.Tensor]]  # batch entry -> (first position, logits of its range)
-    argmax: torch.Tensor | None = None  # each sampled row's argmax, when the decode graph computed it
+    greedy_ids: torch.Tensor | None = None  # each sampled row's greedy choice, when the decode graph made it
 
 
 class ModelRunner:
@@ -69,22 +63,15 @@ class ModelRunner:
         self.comm = comm  # broadcasts plans to the other ranks (distributed/), or None
         self.num_microbatches = num_microbatches
         model.init_rope(max(max_model_len, model.config.max_position_embeddings))
-        layer = next(iter(model.model.layers.values())).attention
-        # One block more than the block manager hands out: its slots take the writes of padding rows.
-        self.scratch_slot = num_blocks * block_size
-        shape = (num_blocks + 1, block_size, layer.num_kv_heads, layer.head_dim)
-        n = len(model.model.layers)
-        # Not zeroed (seconds for gigabytes): attention never reads a slot before it is written.
-        self.k_caches = [torch.empty(shape, dtype=model.dtype, device=self.device) for _ in range(n)]
-        self.v_caches = [torch.empty(shape, dtype=model.dtype, device=self.device) for _ in range(n)]
-        self.layer_offset = model.model.layer_range.start
+        self.kv = KVCache(model, num_blocks, block_size, self.device)
         self.graphs = None  # CudaGraphRunner, set by enable_cuda_graphs()
         self.prev_tokens = None  # the previous step's sampled ids (device), for inputs still pending
 
-    def enable_cuda_graphs(self, max_batch_size: int, max_model_len: int, max_tokens: int = 0) -> None:
+    def enable_cuda_graphs(self, max_batch_size: int, max_model_len: int, max_tokens: int, greedy) -> None:
+        """greedy(logits, out): the sampler's greedy choice, which the decode graphs run on their logits."""
         from .cuda_graphs import CudaGraphRunner
 
-        self.graphs = CudaGraphRunner(self, max_batch_size, max_model_len, max_tokens)
+        self.graphs = CudaGraphRunner(self.model, self.kv, greedy, max_batch_size, max_model_len, max_tokens)
 
     def release_cuda_graphs(self) -> None:
         """Free the captured graphs. Before destroying a process group: NCCL cannot tear down a communicator
@@ -167,24 +154,23 @@ class ModelRunner:
         plan.num_prev_tokens = prev_tokens.numel() if needs_prev else 0
         if self.comm is not None:
             self.comm.broadcast_plan(plan)
-        logits, prompt_logits, argmax = self.run_plan(plan)
-        return StepOutput(logits, sampled, {b: (first, lg) for (b, first), lg in zip(prompt, prompt_logits)}, argmax)
+        logits, prompt_logits, greedy_ids = self.run_plan(plan)
+        return StepOutput(logits, sampled, {b: (first, lg) for (b, first), lg in zip(prompt, prompt_logits)},
+                          greedy_ids)
 
     # ------------------------------------------------------------------ every rank
     def _attention(self, arrays: dict) -> tuple[PagedAttention, torch.Tensor, torch.Tensor, tuple | None]:
         t = {k: to_device(v, self.device) for k, v in arrays.items()}
-        attn = PagedAttention(
-            self.k_caches, self.v_caches, slot_mapping=t["slot_mapping"], block_tables=t["block_tables"],
-            context_lens=t["context_lens"], query_start_loc=t["query_start_loc"],
-            max_query_len=int(np.diff(arrays["query_start_loc"]).max()),
-            max_context_len=int(arrays["context_lens"].max()), layer_offset=self.layer_offset)
+        attn = self.kv.attention(t["slot_mapping"], t["block_tables"], t["context_lens"], t["query_start_loc"],
+                                 max_query_len=int(np.diff(arrays["query_start_loc"]).max()),
+                                 max_context_len=int(arrays["context_lens"].max()), ops=self.model.ops)
         prev = (t["prev_index"], self.prev_tokens) if "prev_index" in t else None
         return attn, t["input_ids"], t["positions"], prev
 
     @torch.inference_mode()
     def run_plan(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]:
         """Run this rank's layers over the plan. On the last stage: (logits of the sampled rows, the
-        logits of each prompt-logprob range, their argmax when a decode graph computed it); elsewhere
+        logits of each prompt-logprob range, their greedy ids when a decode graph made them); elsewhere
         (None, [], None)."""
         shard, model = self.model.shard, self.model
         if plan.num_prev_tokens and shard.tp_size > 1:  # the driver's sampled ids, to every rank
@@ -192,10 +178,10 @@ class ModelRunner:
                 self.prev_tokens = torch.empty(plan.num_prev_tokens, dtype=torch.long, device=self.device)
             shard.broadcast_from_driver(self.prev_tokens)
         logits, prompt_logits, sends = [], [], []
-        argmax = None
+        greedy_ids = None
         for mb in plan.microbatches:
-            if mb.use_graph:  # single stage, decode only: logits (and argmax) of every row come out of the graph
-                lg, argmax = self.graphs.run(mb.arrays, self.prev_tokens)
+            if mb.use_graph:  # single stage, decode only: logits (and greedy ids) of every row come out of the graph
+                lg, greedy_ids = self.graphs.run(mb.arrays, self.prev_tokens)
                 logits.append(lg)
                 continue
             if mb.token_graph:  # single stage: the final hidden state comes out of the graph
@@ -220,7 +206,7 @@ class ModelRunner:
             return None, [], None
         if len(logits) > 1:
             return torch.cat(logits), prompt_logits, None
-        return (logits[0] if logits else None), prompt_logits, argmax
+        return (logits[0] if logits else None), prompt_logits, greedy_ids
 
 
 def _split(counts: list[int], parts: int) -> list[int]:

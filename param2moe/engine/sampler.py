@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels as ops
+from ..kernels import AUTO, Kernels
 from ..structured.bitmask import apply_token_bitmask
 from .model_runner import to_device
 from .outputs import Logprob, entries_from_stats, logprob_stats
@@ -91,30 +91,36 @@ def _holds_back_eos(seq: Sequence) -> bool:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: list[int], decode_token=None):
+    def __init__(self, eos_token_ids: list[int], decode_token=None, kernels: Kernels = AUTO):
         self.eos_token_ids = eos_token_ids
         self.decode_token = decode_token  # id -> text, for Logprob.decoded_token
+        self.kernels = kernels
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         return self.sample(logits, seqs).resolve()
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tensor | None = None,
+    def greedy(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row's most likely token (ties: the lowest id) [B] int64, into out when given: the choice of
+        greedy rows. The decode graphs capture it on their logits; sample() takes their result as greedy_ids."""
+        return self.kernels.argmax(logits, out)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None,
                bitmask: torch.Tensor | None = None) -> PendingSample:
         """Queue the draw of one token per row; nothing here waits for the device (penalties and grammars
         read the sequences' tokens, so the engine resolves earlier steps before sampling a batch that has
-        them). argmax: the rows' argmax of these logits when already computed (the decode graph's);
-        bitmask: the grammars' packed token masks, one row per sequence (structured/manager.py)."""
+        them). greedy_ids: greedy(logits), when already computed (by the decode graph); bitmask: the
+        grammars' packed token masks, one row per sequence (structured/manager.py)."""
         dev, v = logits.device, logits.shape[1]
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
         if bitmask is not None:
-            logits, argmax = apply_token_bitmask(logits, bitmask), None
+            logits, greedy_ids = apply_token_bitmask(logits, bitmask), None
         if any(_changes_logits(s) for s in seqs):
             logits = self._apply_bias_and_penalties(logits.clone(), seqs)
-            argmax = None
+            greedy_ids = None
 
         params = [s.params for s in seqs]
-        sampled = ops.argmax(logits) if argmax is None else argmax
+        sampled = self.greedy(logits) if greedy_ids is None else greedy_ids
         if not all(p.greedy for p in params):  # decided on the host: no device read
             greedy = _on(dev, [p.greedy for p in params])
             temp = _on(dev, [max(p.temperature, 1e-5) for p in params], torch.float32)

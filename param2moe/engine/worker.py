@@ -6,21 +6,23 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint import load_model
+from ..kernels import Kernels, triton_available
 from .config import EngineConfig, resolve_dtype
-from .model_runner import ModelRunner, kv_bytes_per_token
+from .kv_cache import kv_bytes_per_token
+from .model_runner import ModelRunner
+from .sampler import Sampler
 
 
-def build_runner(config, model_config, dtype, shard=None, comm=None, device=None):
-    """Returns (model, runner, num_blocks). Collective when comm is given: every rank calls it."""
+def build_runner(config, model_config, dtype, sampler: Sampler, shard=None, comm=None, device=None):
+    """Returns (model, runner, num_blocks). Collective when comm is given: every rank calls it. The model's
+    kernels are the sampler's; the decode graphs capture its greedy choice."""
+    kernels = sampler.kernels
     device = device or torch.device(config.device)
     model = load_model(config.model, dtype, device, shard, config=model_config,
                        dummy=config.load_format == "dummy", seed=config.seed,
-                       progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage))
-    if device.type == "cuda" and config.kernels != "torch":
-        from .. import kernels
-
-        if kernels.triton_available("moe"):  # the fused MoE takes the shared expert in its launches
-            model.fold_shared_experts()
+                       progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage), kernels=kernels)
+    if device.type == "cuda" and kernels.native and triton_available("moe"):
+        model.fold_shared_experts()  # the fused MoE takes the shared expert in its launches
     model.set_uniform_random_routing(bool(config.uniform_random_routing))
     max_model_len = config.max_model_len or model_config.max_position_embeddings
     per_block = kv_bytes_per_token(model) * config.block_size
@@ -38,8 +40,9 @@ def build_runner(config, model_config, dtype, shard=None, comm=None, device=None
     runner = ModelRunner(model, num_blocks, config.block_size, device, max_model_len,
                          comm=comm if comm is not None and torch.distributed.get_rank() == 0 else None,
                          num_microbatches=pp)
-    if device.type == "cuda" and not config.enforce_eager and config.kernels != "torch" and pp == 1:
-        runner.enable_cuda_graphs(config.max_num_seqs, max_model_len, min(config.max_graph_tokens, config.token_budget))
+    if device.type == "cuda" and not config.enforce_eager and kernels.native and pp == 1:
+        runner.enable_cuda_graphs(config.max_num_seqs, max_model_len, min(config.max_graph_tokens, config.token_budget),
+                                  sampler.greedy)
     return model, runner, num_blocks
 
 
@@ -54,14 +57,14 @@ def worker_main(argv: list[str]) -> None:
 
 def worker_loop(rank: int, config: EngineConfig, parallel) -> None:
     """A non-driver rank: build its part, then run each plan the driver broadcasts (None: stop)."""
-    from .. import kernels
     from ..distributed import init_rank
 
-    kernels.set_backend(config.kernels)
     device_type = "cuda" if str(config.device).startswith("cuda") else "cpu"
     shard, comm, device = init_rank(rank, parallel, device_type)
     model_config = config.model_config()
-    _, runner, _ = build_runner(config, model_config, resolve_dtype(config, model_config), shard, comm, device)
+    sampler = Sampler([], kernels=Kernels(config.kernels))  # a worker samples nothing: its graphs' greedy ids
+    _, runner, _ = build_runner(config, model_config, resolve_dtype(config, model_config), sampler, shard, comm,
+                                device)
     while True:
         plan = comm.receive_plan()
         if plan is None:

@@ -1,5 +1,5 @@
 """The network's hot operations. Each has a plain torch version (the test oracle, and the CPU path)
-and, on CUDA devices, a Triton version; these functions pick one by the tensors' device.
+and, on CUDA devices, a Triton version; a `Kernels` object (one backend) picks one by the tensors' device.
 Nothing GPU-only is imported until a CUDA tensor arrives."""
 
 from __future__ import annotations
@@ -20,22 +20,6 @@ from .attention import causal_attention
 from .matmul import linear as _linear
 from .moe import silu_and_mul
 
-_BACKEND = "auto"
-
-
-def set_backend(name: str) -> None:
-    """"auto": Triton kernels for CUDA tensors, plain torch otherwise; "torch": plain torch everywhere
-    (the baseline of the benchmarks)."""
-    global _BACKEND
-    if name not in ("auto", "torch"):
-        raise ValueError(f"kernels={name!r}: expected 'auto' or 'torch'")
-    _BACKEND = name
-
-
-def use_triton(x) -> bool:
-    return _BACKEND == "auto" and x.is_cuda
-
-# ------------------------------------------------------------------ dispatch to the Triton kernels
 _TRITON: dict = {}
 
 
@@ -55,60 +39,6 @@ def triton_available(name: str) -> bool:
     return _tri(name) is not None
 
 
-def _pick(x, name: str):
-    return _tri(name) if use_triton(x) else None
-
-
-def linear(x, weight, bias=None):
-    """x @ weight.T + bias. Decode-sized CUDA batches with 16-bit weights: the Triton GEMV (gemv.py)."""
-    t = _pick(x, "gemv")
-    if t and t.usable(x, weight, bias):
-        return t.gemv(x, weight)
-    return _linear(x, weight, bias)
-
-
-_FP32_OUT_MM = {"ok": True}
-
-
-def logits(hidden, weight):
-    """hidden @ weight.T in float32: the head (rounding logits to bf16 would turn near-ties into exact ties,
-    steps of 1/16 at magnitude 8, and greedy choices would flip on rounding noise). Decode-sized CUDA batches
-    with a 16-bit head: the Triton GEMV streaming the weight; else a CUDA matmul writing its float32
-    accumulator (torch.mm out_dtype), or the matmul in the activation dtype, upcast."""
-    t = _pick(hidden, "gemv")
-    if t and t.streams(hidden, weight):
-        return t.gemv(hidden, weight, out_dtype=torch.float32, block_n=t.STREAM_BLOCK_N)
-    if hidden.is_cuda and hidden.dtype != torch.float32 and _FP32_OUT_MM["ok"]:
-        try:
-            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            _FP32_OUT_MM["ok"] = False
-    return _linear(hidden, weight).float()
-
-
-_ONE_PAIR: dict = {}
-
-
-def mlp(x, gate_up, down, unsummed: bool = False):
-    """down(silu(gate(x)) * up(x)), gate and up rows stacked in gate_up. One token on CUDA: the fused MoE's
-    one-token GEMVs, the MLP as one expert of weight 1 (unsummed: as ExpertOutputs, which the next norm
-    sums in its launch; elsewhere the result as always)."""
-    t = _pick(x, "moe")
-    if t and x.shape[0] == 1 and x.dtype == gate_up.dtype == down.dtype:
-        one = _ONE_PAIR.get(x.device)
-        if one is None:  # made on the first (eager) call, before any graph capture
-            one = _ONE_PAIR[x.device] = (torch.ones(1, 1, device=x.device), torch.zeros(1, 1, dtype=torch.long,
-                                                                                         device=x.device))
-        y = t.moe_experts(x, gate_up[None], down[None], *one, unsummed=unsummed)
-        return ExpertOutputs(y, *one) if unsummed else y
-    return linear(silu_and_mul(linear(x, gate_up)), down)
-
-
-def rms_norm(x, weight, eps: float):
-    t = _pick(x, "norm")
-    return t.rms_norm(x, weight, eps) if t else _norm.rms_norm(x, weight, eps)
-
-
 class ExpertOutputs(NamedTuple):
     """A MoE layer's output not yet summed over each token's experts: `add_rms_norm` (the next layer's
     input norm, or the final norm) sums it in its own launch, one launch fewer a layer on CUDA."""
@@ -118,132 +48,210 @@ class ExpertOutputs(NamedTuple):
     ids: torch.Tensor  # [T, K]; -1: no expert
 
 
-def add_rms_norm(x, residual, weight, eps: float):
-    """(rms_norm(x + residual), x + residual); x may be ExpertOutputs."""
-    if isinstance(x, ExpertOutputs):
-        t = _pick(residual, "norm")
-        fn = t.expert_sum_add_rms_norm if t else _norm.expert_sum_add_rms_norm
-        return fn(*x, residual, weight, eps)
-    t = _pick(x, "norm")
-    return t.add_rms_norm(x, residual, weight, eps) if t else _norm.add_rms_norm(x, residual, weight, eps)
-
-
-def sum_experts(x):
-    """A tensor for x (ExpertOutputs summed; a tensor as it is)."""
-    if not isinstance(x, ExpertOutputs):
-        return x
-    t = _pick(x.pair_out, "moe")
-    if t:
-        out = torch.empty(x.ids.shape[0], x.pair_out.shape[1], dtype=x.pair_out.dtype, device=x.pair_out.device)
-        return t.combine(x.pair_out, x.weights, x.ids, out)
-    return _norm.expert_sum(*x)
-
-
-def token_inputs(embedding, cos_table, sin_table, input_ids, positions, prev=None):
-    """(embedding rows [T, H], RoPE cos [T, R], sin [T, R]) of the step's tokens at their positions; prev =
-    (prev_index, prev_tokens): rows with prev_index >= 0 take their id from the previous step's sampled ids
-    (still on the device). One launch on CUDA."""
-    t = _pick(embedding, "embedding")
-    fn = t.token_inputs if t else _embedding.token_inputs
-    return fn(embedding, cos_table, sin_table, input_ids, positions, prev)
-
-
-def argmax(logits, out=None):
-    """Each row's index of its largest value [B] int64 (greedy sampling; ties: the lowest index), into out
-    when given."""
-    t = _pick(logits, "sampling")
-    if t:
-        return t.argmax(logits, out)
-    ids = logits.argmax(-1)
-    return ids if out is None else out.copy_(ids)
-
-
-def apply_rope(x, cos, sin):
-    t = _pick(x, "norm")
-    return t.apply_rope(x, cos, sin) if t else _rope.apply_rope(x, cos, sin)
-
-
-def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps: float, kv_write=None):
-    """Per-head RMSNorm of q and k (none when the weights are None), then RoPE, and with kv_write =
-    (v, k_cache, v_cache, slot_mapping) the KV-cache write: one launch on CUDA."""
-    t = _pick(q, "norm")
-    fn = t.qk_norm_rope if t else _rope.qk_norm_rope
-    return fn(q, k, q_weight, k_weight, cos, sin, eps, kv_write)
-
-
-def route(logits, expert_bias, top_k: int, **kw):
-    t = _pick(logits, "routing")
-    return t.route(logits, expert_bias, top_k, **kw) if t else _routing.route(logits, expert_bias, top_k, **kw)
-
-
-def gate_route(x, gate_weight, expert_bias, top_k: int, **kw):
-    """Router logits (fp32) and routing; one launch for decode-sized CUDA batches."""
-    t = _pick(x, "routing")
-    fn = t.gate_route if t else _routing.gate_route
-    return fn(x, gate_weight, expert_bias, top_k, **kw)
-
-
-def add_rms_norm_gate_route(x, residual, norm_weight, eps: float, gate_weight, expert_bias, top_k: int,
-                            experts_w13=None, choice=None, **kw):
-    """(normed, residual', weights, ids, started): add_rms_norm, then the router on the normed rows (one
-    launch for decode-sized CUDA batches). choice: (weights, ids) returned instead of the router's (the
-    benchmarks' uniform routing; the router still runs). experts_w13: the stacked experts with the shared
-    expert folded in (kw num_appended): on Hopper at one token their gate/up GEMM is launched behind the
-    router, `started` (else None), for moe_experts to go on from."""
-    if experts_w13 is not None and use_triton(x):
-        return _tri("moe").add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps, gate_weight, expert_bias,
-                                                           top_k, experts_w13, choice, **kw)
-    t = _pick(x, "routing")
-    fn = t.add_rms_norm_gate_route if t else _routing.add_rms_norm_gate_route
-    normed, residual, weights, ids = fn(x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, **kw)
-    return (normed, residual, *(choice or (weights, ids)), None)
-
-
-def moe_experts(x, w13, w2, weights, ids, unsummed: bool = False, started=None):
-    """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
-    norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result."""
-    t = _pick(x, "moe")
-    if t:
-        y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed, started=started)
-        return ExpertOutputs(y, weights, ids) if unsummed else y
-    if x.device.type != "cpu":
-        return _moe.moe_experts(x, w13, w2, weights, ids)
-    if ids.numel() <= _NATIVE_MOE_UP_TO and _BACKEND == "auto":  # decode steps: the native kernel, one call
-        y = _cpu.moe_decode(x, w13, w2, weights, ids)
-        if y is not None:
-            return y
-    return _moe.moe_experts_cpu(x, w13, w2, weights, ids)
-
-
+_FP32_OUT_MM = {"ok": True}  # whether torch.mm takes out_dtype here
+_ONE_PAIR: dict = {}  # device -> (weight 1, expert 0) of a dense MLP run as one expert
 # (token, expert) pairs up to which CPU MoE layers run the native kernel; prefill sizes keep moe_experts_cpu
 # (oneDNN matmuls per expert).
 _NATIVE_MOE_UP_TO = 1024
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale: float,
-                    max_query_len: int, max_context_len: int, new_kv=None):
-    """Attention over the paged cache. new_kv = (k, v, slot_mapping, q_weight, k_weight, cos, sin, eps): q
-    and k arrive as projected; QK-norm + RoPE run first and the new k, v go to the cache at slot_mapping
-    (on CUDA inside the attention's launch at decode with a split walk, else one launch before it)."""
-    t = _pick(q, "attention")
-    if t:
-        return t.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
-                                 max_query_len, max_context_len, new_kv=new_kv)
-    kv = None
-    if new_kv is not None:
-        k, v, slots, q_weight, k_weight, cos, sin, eps = new_kv
-        q, k = _rope.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
-        kv = (k, v, slots)
-    if max_query_len == 1 and _BACKEND == "auto" and q.device.type == "cpu":  # CPU decode: the C kernel (cpu/)
-        out = _cpu.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, kv)
-        if out is not None:  # None: off (P2M_CPU_NATIVE=0), no compiler, or inputs it does not take
-            return out
-    if kv is not None:
-        _attention.write_kv_cache(kv[0], kv[1], k_cache, v_cache, kv[2])
-    return _attention.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
-                                      max_query_len, max_context_len)
+BACKENDS = ("auto", "torch")
 
 
-__all__ = ["ExpertOutputs", "add_rms_norm", "add_rms_norm_gate_route", "apply_rope", "argmax", "causal_attention",
-           "gate_route", "linear", "logits", "mlp", "moe_experts", "paged_attention", "qk_norm_rope", "rms_norm",
-           "route", "set_backend", "silu_and_mul", "sum_experts", "token_inputs", "use_triton"]
+class Kernels:
+    """The hot ops of one backend. "auto": Triton kernels for CUDA tensors, the native C kernels for CPU decodes,
+    plain torch otherwise; "torch": plain torch everywhere (the benchmarks' baseline, and differentiable). The
+    engine makes one and hands it to the model, the sampler and the CUDA graphs; the module-level functions
+    below are those of "auto" (tests, the reference forward)."""
+
+    def __init__(self, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"kernels={backend!r}: expected one of {', '.join(BACKENDS)}")
+        self.backend = backend
+        self.native = backend == "auto"  # the Triton and native CPU kernels may run
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.backend!r})"
+
+    def use_triton(self, x) -> bool:
+        return self.native and x.is_cuda
+
+    def _pick(self, x, name: str):
+        return _tri(name) if self.native and x.is_cuda else None
+
+    causal_attention = staticmethod(causal_attention)
+    silu_and_mul = staticmethod(silu_and_mul)
+
+    def linear(self, x, weight, bias=None):
+        """x @ weight.T + bias. Decode-sized CUDA batches with 16-bit weights: the Triton GEMV (gemv.py)."""
+        t = self._pick(x, "gemv")
+        if t and t.usable(x, weight, bias):
+            return t.gemv(x, weight)
+        return _linear(x, weight, bias)
+
+    def logits(self, hidden, weight):
+        """hidden @ weight.T in float32: the head (rounding logits to bf16 would turn near-ties into exact ties,
+        steps of 1/16 at magnitude 8, and greedy choices would flip on rounding noise). Decode-sized CUDA batches
+        with a 16-bit head: the Triton GEMV streaming the weight; else a CUDA matmul writing its float32
+        accumulator (torch.mm out_dtype), or the matmul in the activation dtype, upcast."""
+        t = self._pick(hidden, "gemv")
+        if t and t.streams(hidden, weight):
+            return t.gemv(hidden, weight, out_dtype=torch.float32, block_n=t.STREAM_BLOCK_N)
+        if hidden.is_cuda and hidden.dtype != torch.float32 and _FP32_OUT_MM["ok"]:
+            try:
+                return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):
+                _FP32_OUT_MM["ok"] = False
+        return _linear(hidden, weight).float()
+
+    def mlp(self, x, gate_up, down, unsummed: bool = False):
+        """down(silu(gate(x)) * up(x)), gate and up rows stacked in gate_up. One token on CUDA: the fused MoE's
+        one-token GEMVs, the MLP as one expert of weight 1 (unsummed: as ExpertOutputs, which the next norm
+        sums in its launch; elsewhere the result as always)."""
+        t = self._pick(x, "moe")
+        if t and x.shape[0] == 1 and x.dtype == gate_up.dtype == down.dtype:
+            one = _ONE_PAIR.get(x.device)
+            if one is None:  # made on the first (eager) call, before any graph capture
+                one = _ONE_PAIR[x.device] = (torch.ones(1, 1, device=x.device), torch.zeros(1, 1, dtype=torch.long,
+                                                                                             device=x.device))
+            y = t.moe_experts(x, gate_up[None], down[None], *one, unsummed=unsummed)
+            return ExpertOutputs(y, *one) if unsummed else y
+        return self.linear(silu_and_mul(self.linear(x, gate_up)), down)
+
+    def rms_norm(self, x, weight, eps: float):
+        t = self._pick(x, "norm")
+        return t.rms_norm(x, weight, eps) if t else _norm.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps: float):
+        """(rms_norm(x + residual), x + residual); x may be ExpertOutputs."""
+        if isinstance(x, ExpertOutputs):
+            t = self._pick(residual, "norm")
+            fn = t.expert_sum_add_rms_norm if t else _norm.expert_sum_add_rms_norm
+            return fn(*x, residual, weight, eps)
+        t = self._pick(x, "norm")
+        return t.add_rms_norm(x, residual, weight, eps) if t else _norm.add_rms_norm(x, residual, weight, eps)
+
+    def sum_experts(self, x):
+        """A tensor for x (ExpertOutputs summed; a tensor as it is)."""
+        if not isinstance(x, ExpertOutputs):
+            return x
+        t = self._pick(x.pair_out, "moe")
+        if t:
+            out = torch.empty(x.ids.shape[0], x.pair_out.shape[1], dtype=x.pair_out.dtype, device=x.pair_out.device)
+            return t.combine(x.pair_out, x.weights, x.ids, out)
+        return _norm.expert_sum(*x)
+
+    def token_inputs(self, embedding, cos_table, sin_table, input_ids, positions, prev=None):
+        """(embedding rows [T, H], RoPE cos [T, R], sin [T, R]) of the step's tokens at their positions; prev =
+        (prev_index, prev_tokens): rows with prev_index >= 0 take their id from the previous step's sampled ids
+        (still on the device). One launch on CUDA."""
+        t = self._pick(embedding, "embedding")
+        fn = t.token_inputs if t else _embedding.token_inputs
+        return fn(embedding, cos_table, sin_table, input_ids, positions, prev)
+
+    def argmax(self, logits, out=None):
+        """Each row's index of its largest value [B] int64 (greedy sampling; ties: the lowest index), into out
+        when given."""
+        t = self._pick(logits, "sampling")
+        if t:
+            return t.argmax(logits, out)
+        ids = logits.argmax(-1)
+        return ids if out is None else out.copy_(ids)
+
+    def apply_rope(self, x, cos, sin):
+        t = self._pick(x, "norm")
+        return t.apply_rope(x, cos, sin) if t else _rope.apply_rope(x, cos, sin)
+
+    def qk_norm_rope(self, q, k, q_weight, k_weight, cos, sin, eps: float, kv_write=None):
+        """Per-head RMSNorm of q and k (none when the weights are None), then RoPE, and with kv_write =
+        (v, k_cache, v_cache, slot_mapping) the KV-cache write: one launch on CUDA."""
+        t = self._pick(q, "norm")
+        fn = t.qk_norm_rope if t else _rope.qk_norm_rope
+        return fn(q, k, q_weight, k_weight, cos, sin, eps, kv_write)
+
+    def route(self, logits, expert_bias, top_k: int, **kw):
+        t = self._pick(logits, "routing")
+        return t.route(logits, expert_bias, top_k, **kw) if t else _routing.route(logits, expert_bias, top_k, **kw)
+
+    def gate_route(self, x, gate_weight, expert_bias, top_k: int, **kw):
+        """Router logits (fp32) and routing; one launch for decode-sized CUDA batches."""
+        t = self._pick(x, "routing")
+        fn = t.gate_route if t else _routing.gate_route
+        return fn(x, gate_weight, expert_bias, top_k, **kw)
+
+    def add_rms_norm_gate_route(self, x, residual, norm_weight, eps: float, gate_weight, expert_bias, top_k: int,
+                                experts_w13=None, choice=None, **kw):
+        """(normed, residual', weights, ids, started): add_rms_norm, then the router on the normed rows (one
+        launch for decode-sized CUDA batches). choice: (weights, ids) returned instead of the router's (the
+        benchmarks' uniform routing; the router still runs). experts_w13: the stacked experts with the shared
+        expert folded in (kw num_appended): on Hopper at one token their gate/up GEMM is launched behind the
+        router, `started` (else None), for moe_experts to go on from."""
+        if experts_w13 is not None and self.use_triton(x):
+            return _tri("moe").add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps, gate_weight, expert_bias,
+                                                               top_k, experts_w13, choice, **kw)
+        t = self._pick(x, "routing")
+        fn = t.add_rms_norm_gate_route if t else _routing.add_rms_norm_gate_route
+        normed, residual, weights, ids = fn(x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, **kw)
+        return (normed, residual, *(choice or (weights, ids)), None)
+
+    def moe_experts(self, x, w13, w2, weights, ids, unsummed: bool = False, started=None):
+        """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
+        norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result."""
+        t = self._pick(x, "moe")
+        if t:
+            y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed, started=started)
+            return ExpertOutputs(y, weights, ids) if unsummed else y
+        if x.device.type != "cpu":
+            return _moe.moe_experts(x, w13, w2, weights, ids)
+        if ids.numel() <= _NATIVE_MOE_UP_TO and self.native:  # decode steps: the native kernel, one call
+            y = _cpu.moe_decode(x, w13, w2, weights, ids)
+            if y is not None:
+                return y
+        return _moe.moe_experts_cpu(x, w13, w2, weights, ids)
+
+    def paged_attention(self, q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale: float,
+                        max_query_len: int, max_context_len: int, new_kv=None):
+        """Attention over the paged cache. new_kv = (k, v, slot_mapping, q_weight, k_weight, cos, sin, eps): q
+        and k arrive as projected; QK-norm + RoPE run first and the new k, v go to the cache at slot_mapping
+        (on CUDA inside the attention's launch at decode with a split walk, else one launch before it)."""
+        t = self._pick(q, "attention")
+        if t:
+            return t.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
+                                     max_query_len, max_context_len, new_kv=new_kv)
+        kv = None
+        if new_kv is not None:
+            k, v, slots, q_weight, k_weight, cos, sin, eps = new_kv
+            q, k = _rope.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
+            kv = (k, v, slots)
+        if max_query_len == 1 and self.native and q.device.type == "cpu":  # CPU decode: the C kernel (cpu/)
+            out = _cpu.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, kv)
+            if out is not None:  # None: off (P2M_CPU_NATIVE=0), no compiler, or inputs it does not take
+                return out
+        if kv is not None:
+            _attention.write_kv_cache(kv[0], kv[1], k_cache, v_cache, kv[2])
+        return _attention.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
+                                          max_query_len, max_context_len)
+
+
+AUTO = Kernels("auto")
+linear = AUTO.linear
+logits = AUTO.logits
+mlp = AUTO.mlp
+rms_norm = AUTO.rms_norm
+add_rms_norm = AUTO.add_rms_norm
+sum_experts = AUTO.sum_experts
+token_inputs = AUTO.token_inputs
+argmax = AUTO.argmax
+apply_rope = AUTO.apply_rope
+qk_norm_rope = AUTO.qk_norm_rope
+route = AUTO.route
+gate_route = AUTO.gate_route
+add_rms_norm_gate_route = AUTO.add_rms_norm_gate_route
+moe_experts = AUTO.moe_experts
+paged_attention = AUTO.paged_attention
+
+
+__all__ = [
+    "AUTO", "BACKENDS", "ExpertOutputs", "Kernels", "add_rms_norm", "add_rms_norm_gate_route", "apply_rope",
+    "argmax", "causal_attention", "gate_route", "linear", "logits", "mlp", "moe_experts", "paged_attention",
+    "qk_norm_rope", "rms_norm", "route", "silu_and_mul", "sum_experts", "token_inputs", "triton_available"]

@@ -14,18 +14,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import kernels as ops
+from ..kernels import AUTO, Kernels
 
 
 class CausalAttention:
-    def __init__(self, seq_lens: list[int]):
+    def __init__(self, seq_lens: list[int], ops: Kernels = AUTO):
+        self.ops = ops
         self.cu_seqlens = [0]
         for n in seq_lens:
             self.cu_seqlens.append(self.cu_seqlens[-1] + n)
 
     def attend(self, layer: int, q, k, v, scale: float, norm_rope) -> torch.Tensor:
-        q, k = ops.qk_norm_rope(q, k, *norm_rope)
-        return ops.causal_attention(q, k, v, self.cu_seqlens, scale)
+        q, k = self.ops.qk_norm_rope(q, k, *norm_rope)
+        return self.ops.causal_attention(q, k, v, self.cu_seqlens, scale)
 
 
 @dataclass
@@ -41,11 +42,12 @@ class PagedAttention:
     max_query_len: int  # host-side maxima, so kernels need no device-to-host read
     max_context_len: int
     layer_offset: int = 0  # first layer of this pipeline stage (caches are indexed from it)
+    ops: Kernels = AUTO  # the engine's kernel backend
 
     def attend(self, layer: int, q, k, v, scale: float, norm_rope) -> torch.Tensor:
-        """norm_rope = (q_weight, k_weight, cos, sin, eps) as ops.qk_norm_rope takes them; the new k and v
+        """norm_rope = (q_weight, k_weight, cos, sin, eps) as Kernels.qk_norm_rope takes them; the new k and v
         are stored at slot_mapping before any query reads the cache."""
         i = layer - self.layer_offset
-        return ops.paged_attention(q, self.k_caches[i], self.v_caches[i], self.block_tables, self.context_lens,
+        return self.ops.paged_attention(q, self.k_caches[i], self.v_caches[i], self.block_tables, self.context_lens,
                                    self.query_start_loc, scale, self.max_query_len, self.max_context_len,
                                    new_kv=(k, v, self.slot_mapping, *norm_rope))

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels as ops
 from ..config import Param2MoEConfig
+from ..kernels import AUTO, Kernels
 from ..kernels.embedding import resolve_ids
 from ..kernels.routing import append_experts
 from .rope import rope_cos_sin
@@ -29,6 +29,8 @@ def _param(*shape, dtype) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
+    ops: Kernels = AUTO  # the engine's backend: Param2MoEForCausalLM.use_kernels
+
     def __init__(self, size: int, eps: float, dtype):
         super().__init__()
         self.weight = _param(size, dtype=dtype)
@@ -36,12 +38,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps)
-        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
     """GQA attention with a fused QKV projection, optional QK-norm, partial RoPE (SPEC 3.2)."""
+
+    ops: Kernels = AUTO
 
     def __init__(self, cfg: Param2MoEConfig, layer_idx: int, shard: Shard, dtype):
         super().__init__()
@@ -65,7 +69,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
-        qkv = ops.linear(x, self.query_key_value.weight, self.query_key_value.bias)
+        qkv = self.ops.linear(x, self.query_key_value.weight, self.query_key_value.bias)
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q, k, v = q.reshape(t, self.num_heads, d), k.reshape(t, self.num_kv_heads, d), v.reshape(t, -1, d)
         # QK-norm (when the checkpoint has it) and RoPE run inside the attention (with the KV-cache write,
@@ -76,11 +80,13 @@ class Attention(nn.Module):
         o = attn.attend(self.layer_idx, q, k, v, self.scale, norm_rope)
         # Each rank holds a slice of the heads: partial sums, reduced; the bias is added by one rank.
         bias = self.dense.bias if self.shard.tp_rank == 0 else None
-        return self.shard.all_reduce(ops.linear(o.reshape(t, -1), self.dense.weight, bias))
+        return self.shard.all_reduce(self.ops.linear(o.reshape(t, -1), self.dense.weight, bias))
 
 
 class MLP(nn.Module):
     """SwiGLU `down(silu(gate(x)) * up(x))` with gate and up fused in one matrix (SPEC 3.3)."""
+
+    ops: Kernels = AUTO
 
     def __init__(self, hidden: int, width: int, dtype):
         super().__init__()
@@ -89,11 +95,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, unsummed: bool = False) -> torch.Tensor:
         """The partial output of this rank's slice of the width (reduced by the caller); unsummed: see ops.mlp."""
-        return ops.mlp(x, self.gate_up_proj, self.down_proj, unsummed=unsummed)
+        return self.ops.mlp(x, self.gate_up_proj, self.down_proj, unsummed=unsummed)
 
 
 class MoE(nn.Module):
     """Router, routed experts stacked into [E, ...] tensors, and the shared expert (SPEC 3.4)."""
+
+    ops: Kernels = AUTO
 
     def __init__(self, cfg: Param2MoEConfig, shard: Shard, dtype):
         super().__init__()
@@ -139,7 +147,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor):
         """The router's (weights, ids) for normed rows x, the folded shared expert's pieces appended."""
-        return ops.gate_route(x, self.gate.weight, self.gate.expert_bias, self.cfg.num_experts_per_tok,
+        return self.ops.gate_route(x, self.gate.weight, self.gate.expert_bias, self.cfg.num_experts_per_tok,
                               **self._routing_options())
 
     def forward(self, a: torch.Tensor, residual: torch.Tensor, norm: RMSNorm):
@@ -151,14 +159,14 @@ class MoE(nn.Module):
         # uniformly random experts replace its choice (Param2MoEForCausalLM.set_uniform_random_routing).
         # One rank with the shared expert folded in: at one token the experts' gate/up may start behind the
         # router (`started`).
-        x, residual, weights, ids, started = ops.add_rms_norm_gate_route(
+        x, residual, weights, ids, started = self.ops.add_rms_norm_gate_route(
             a, residual, norm.weight, norm.eps, self.gate.weight, self.gate.expert_bias, self.cfg.num_experts_per_tok,
             experts_w13=self.w13 if single and self.num_folded_shared else None, choice=self.random_choice,
             **self._routing_options())
         if self.shard.ep_size > 1:  # experts held by other ranks contribute nothing here
             local = (ids >= self.expert_start) & (ids < self.expert_end)
             ids = torch.where(local, ids - self.expert_start, -1)
-        y = ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single, started=started)
+        y = self.ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single, started=started)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return (y if single else self.shard.all_reduce(y)), residual
@@ -217,9 +225,13 @@ class Param2MoEModel(nn.Module):
 
 
 class Param2MoEForCausalLM(nn.Module):
-    """The whole network. Build on the meta device, then materialise and load (see checkpoint.py)."""
+    """The whole network. Build on the meta device, then materialise and load (see checkpoint.py). `kernels`:
+    the backend its hot ops run on (the engine's; default: Triton on CUDA, native C on CPU where they apply)."""
 
-    def __init__(self, cfg: Param2MoEConfig, dtype=torch.bfloat16, shard: Shard | None = None):
+    ops: Kernels = AUTO
+
+    def __init__(self, cfg: Param2MoEConfig, dtype=torch.bfloat16, shard: Shard | None = None,
+                 kernels: Kernels | None = None):
         super().__init__()
         self.config, self.dtype = cfg, dtype
         self.shard = shard or Shard()
@@ -232,6 +244,14 @@ class Param2MoEForCausalLM(nn.Module):
             self.lm_head.weight = _param(m.vocab_end - m.vocab_start, cfg.hidden_size, dtype=dtype)
         self.rope_cos = self.rope_sin = None
         self.random_routing = None  # (weights, table of expert sets): set_uniform_random_routing
+        if kernels is not None:
+            self.use_kernels(kernels)
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        """Run every layer's hot ops on this backend."""
+        for module in self.modules():
+            if isinstance(module, (Param2MoEForCausalLM, RMSNorm, Attention, MLP, MoE)):
+                module.ops = kernels
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -251,7 +271,7 @@ class Param2MoEForCausalLM(nn.Module):
             self.init_rope(max(self.config.max_position_embeddings, int(positions.max()) + 1))
         shard = self.shard
         if shard.is_first_stage and shard.tp_size == 1:  # ids, embedding and RoPE rows: one launch on CUDA
-            h, cos, sin = ops.token_inputs(self.model.word_embeddings.weight, self.rope_cos, self.rope_sin,
+            h, cos, sin = self.ops.token_inputs(self.model.word_embeddings.weight, self.rope_cos, self.rope_sin,
                                            input_ids, positions, prev)
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
@@ -261,12 +281,12 @@ class Param2MoEForCausalLM(nn.Module):
         for layer in self.model.layers.values():
             h, residual = layer(h, residual, cos, sin, attn)
         if not shard.is_last_stage:
-            return ops.sum_experts(h), residual
+            return self.ops.sum_experts(h), residual
         return self.model.norm(h, residual)[0] if residual is not None else self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab_size] in float32 (gathered over the ranks' vocabulary slices)."""
-        logits = ops.logits(hidden, self.head_weight)
+        logits = self.ops.logits(hidden, self.head_weight)
         return self.shard.all_gather_vocab(logits, self.config.vocab_size)
 
     def fold_shared_experts(self) -> int:

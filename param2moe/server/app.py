@@ -12,7 +12,6 @@ import contextlib
 import hmac
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -88,8 +87,7 @@ class ServerState:
         self.async_engine, self.engine, self.options = async_engine, engine, options
         self.tokenizer = engine.tokenizer
         model_dir = engine.config.model
-        default_name = os.path.basename(os.path.normpath(model_dir)) if model_dir else (engine.config.preset or "model")
-        self.model_name = options.served_model_name or default_name
+        self.model_name = options.served_model_name or engine.config.model_name
         self.model_root = model_dir or ""
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.model_config.vocab_size
