@@ -1,12 +1,13 @@
 """The vocabulary as the grammar engine sees it: each token id's bytes in decoded text.
 
-Three kinds of ids besides ordinary byte-level pieces:
+Besides ordinary byte-level pieces:
 - special tokens (BOS, EOS, <|im_end|>, reserved) and ids past the tokenizer's vocabulary (the model's
   padded rows) get no bytes: the grammar never allows them, except the stop tokens that end it;
 - markup tokens (SPEC 5: <think>, </think>, <tool_call>, ... added tokens that decoded text keeps) get a
   byte that no UTF-8 text contains, so that no JSON string, regex or text rule can take them (a
   "<think>" inside a JSON answer would split it for the reasoning parser); a grammar places them by
-  token id (xgrammar's {"type": "token"}), as the tool-call format does (tool_calls.py).
+  token id (xgrammar's {"type": "token"}), as the tool-call format does (formats.py). Pieces of bytes
+  that UTF-8 never holds (C0, C1, F5-FF), which the tokenizer does not map, get that byte too.
 """
 
 from __future__ import annotations
