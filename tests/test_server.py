@@ -391,7 +391,7 @@ def test_invalid_values_400(main, extra, fragment, param):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "text"),
     ({"top_logprobs": 3}, "logprobs"),
     ({"logprobs": True, "top_logprobs": 30}, "logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
 ])

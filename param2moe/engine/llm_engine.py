@@ -16,6 +16,7 @@ import torch
 
 from ..config import Param2MoEConfig
 from ..kernels import Kernels
+from ..structured.manager import StructuredOutputs
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig, generation_eos_ids, read_generation_config, resolve_dtype
@@ -99,6 +100,8 @@ class LLMEngine:
 
             self.lora = LoRAManager(self.model.lora, mc, self.runner.device)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.token_budget, self.lora)
+        self.structured = StructuredOutputs(self.tokenizer, mc.vocab_size, self.eos_token_ids,
+                                            cfg.grammar_compile_timeout)
         # Overlap host work with the GPU (see step): on CUDA, with one pipeline stage (tensor-parallel
         # ranks get the sampled ids from the driver; a first stage would need them from the last).
         on = cfg.async_scheduling
@@ -189,12 +192,15 @@ class LLMEngine:
             if self.lora is None:
                 raise EngineError("lora_request: this engine was started without enable_lora")
             adapter = self.lora.add(lora_request)
+        grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
         req = Request(request_id, text, ids, params, adapter)
         for i in range(params.n):
             detok = None
             if params.detokenize and self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             seq = Sequence(next(self._seq_ids), req, i, detok)
+            if grammar is not None:
+                self.structured.start(seq, grammar)
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -250,8 +256,13 @@ class LLMEngine:
                 self.ranks.raise_if_a_worker_died(e)
             raise
         sampled = [batch.seqs[b] for b in out.sampled_rows]
-        pending = self.sampler.sample(out.sample_logits, sampled, out.greedy_ids) if sampled else None
-        if prev is not None:
+        pending = None
+        if sampled:
+            if prev is not None and any(seq.grammar is not None for seq in sampled):
+                touched |= self._resolve()  # a grammar's mask needs the tokens so far (the GPU runs the step)
+            bitmask = self.structured.bitmask(sampled, out.sample_logits.device)
+            pending = self.sampler.sample(out.sample_logits, sampled, out.greedy_ids, bitmask)
+        if self._pending is not None:
             touched |= self._resolve()
         self.stats["steps"] += 1
         for b, seq in enumerate(batch.seqs):
@@ -313,6 +324,8 @@ class LLMEngine:
                 return self._finish(seq, "stop", None)
             if token in p.stop_token_ids:
                 return self._finish(seq, "stop", token)
+        if seq.grammar is not None and (end := self.structured.advance(seq, token)):
+            return self._finish(seq, end, None)  # the grammar ended (on a stop token) or refused the token
         seq.text += new_text
         if p.stop_strings and new_text and n_out >= p.min_tokens:
             hit = find_stop(seq.text, len(new_text), p.stop_strings)

@@ -33,6 +33,7 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.seed = None if self.params.seed is None else self.params.seed + index
         self.generator = None  # a torch.Generator, made by the sampler on the model's device
+        self.grammar = None  # the grammar matcher of a constrained output (structured/manager.py)
         self.logprobs: list[dict[int, Logprob]] | None = [] if self.params.logprobs is not None else None
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if self.params.prompt_logprobs is not None else None)

@@ -20,6 +20,7 @@ from .protocol import (
 )
 from .serving import ChatContext, CompletionContext, CompletionPrompt, now
 from .state import ServerState
+from .structured import structured_outputs
 
 _SEED_LIMIT = 1 << 62
 
@@ -40,11 +41,13 @@ class EngineJob:
 
 
 def sampling_params(st: ServerState, req: SamplingFields, *, num_prompt: int, field: str,
-                    requested_max_tokens: int | None, logprobs: int | None, extra_stop_ids=()) -> SamplingParams:
+                    requested_max_tokens: int | None, logprobs: int | None, extra_stop_ids=(),
+                    structured=None) -> SamplingParams:
     """The SamplingParams of one prompt of a request: its fields over the model's defaults, within the
-    server's limits."""
+    server's limits; structured: the request's compiled constraint (server/structured.py), or None."""
     max_tokens = st.max_tokens(requested_max_tokens, num_prompt, field)
     f = to_sampling_fields(req, st.defaults, st.vocab_size, logprobs=logprobs, max_tokens=max_tokens)
+    f["structured_outputs"] = structured
     if f["n"] > st.max_num_seqs:
         raise RequestError(f"n={f['n']}: at most {st.max_num_seqs} (--max-num-seqs)", "n")
     if f["seed"] is not None and not -_SEED_LIMIT <= f["seed"] < _SEED_LIMIT:
@@ -83,9 +86,6 @@ async def encode_chat(st: ServerState, chat: ChatInput, add_special_tokens: bool
 async def prepare_chat(st: ServerState, req: ChatCompletionRequest, request_id: str
                        ) -> tuple[ChatContext, list[EngineJob]]:
     lora, model_name = _check_common(st, req)
-    if req.response_format is not None and req.response_format.type != "text":
-        raise RequestError("response_format: structured output (json_object, json_schema) is not supported",
-                           "response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise RequestError("top_logprobs: needs logprobs=true", "top_logprobs")
     st.need_tokenizer()
@@ -95,8 +95,9 @@ async def prepare_chat(st: ServerState, req: ChatCompletionRequest, request_id: 
     st.check_prompt(ids, "messages")
     top = (req.top_logprobs or 0) if req.logprobs else None
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    so = await structured_outputs(st, req, prompt=text, tools=chat.tools if chat.parse_tools else None)
     params = sampling_params(st, req, num_prompt=len(ids), field="messages", requested_max_tokens=requested,
-                             logprobs=top, extra_stop_ids=st.chat_stop_ids)
+                             logprobs=top, extra_stop_ids=st.chat_stop_ids, structured=so)
     opts = req.stream_options
     ctx = ChatContext(request_id, model_name, now(), n=params.n, num_prompt_tokens=len(ids),
                       start_in_reasoning=prompt_ends_in_reasoning(text), parse_tools=chat.parse_tools,
@@ -143,10 +144,11 @@ async def prepare_completion(st: ServerState, req: CompletionRequest, request_id
     want_prompt_logprobs = req.prompt_logprobs is not None
     if req.logprobs is not None and req.echo and req.prompt_logprobs is None:
         req = req.model_copy(update={"prompt_logprobs": req.logprobs})  # echo shows the prompt's logprobs
+    so = await structured_outputs(st, req)
     jobs = []
     for k, p in enumerate(prompts):
         params = sampling_params(st, req, num_prompt=len(p.token_ids), field="prompt",
-                                 requested_max_tokens=req.max_tokens, logprobs=req.logprobs)
+                                 requested_max_tokens=req.max_tokens, logprobs=req.logprobs, structured=so)
         jobs.append(EngineJob(p.text, p.token_ids, params, f"{request_id}-{k}", lora))
     opts = req.stream_options
     ctx = CompletionContext(request_id, model_name, now(), prompts, n=jobs[0].params.n, logprobs=req.logprobs,
