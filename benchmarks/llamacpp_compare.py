@@ -434,10 +434,15 @@ def main() -> None:
     ap.add_argument("--latency-output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--wait-idle", type=float, default=60)
+    ap.add_argument("--nice", type=int, default=0,
+                    help="scheduling priority change for this run and every process it starts, both engines alike "
+                         "(negative: ahead of the machine's other jobs; needs root)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/llamacpp_compare_<what>_<date>.json)")
     a = ap.parse_args()
     if a.what == "build":
         return build(a.jobs)
+    if a.nice:
+        os.nice(a.nice)
     t0 = time.time()
     if a.what == "ppl" and not (a.ckpt and a.text):
         raise SystemExit("ppl needs --ckpt and --text")
@@ -449,7 +454,7 @@ def main() -> None:
     doc = {"date": now.isoformat(timespec="seconds"), "git_commit": cpu_bench._sh(["git", "-C", ROOT, "rev-parse",
                                                                                    "HEAD"]),
            "command": " ".join([os.path.relpath(sys.executable), *sys.argv]), "machine": cpu_bench.machine(),
-           "llama_cpp_source": os.path.relpath(sdist_dir(), ROOT), "threads": a.threads,
+           "llama_cpp_source": os.path.relpath(sdist_dir(), ROOT), "threads": a.threads, "nice": a.nice,
            "elapsed_s": round(time.time() - t0, 1), "results": res, "table": text}
     out = a.out or os.path.join(ROOT, "benchmarks", "results", f"llamacpp_compare_{a.what}_{now:%Y-%m-%d}.json")
     with open(out, "w") as f:
