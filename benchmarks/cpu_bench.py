@@ -65,7 +65,7 @@ class _Ours:
         from param2moe import LLM, SamplingParams
 
         self.SamplingParams = SamplingParams
-        kw = {"quantization": a.quantization} if a.quantization else {}
+        kw = {"quantization": a.quantization, "quantize_head": a.quantize_head} if a.quantization else {}
         self.llm = LLM(a.ckpt, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                        max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=a.kv_gib << 30,
                        enable_prefix_caching=False, seed=0, **kw)
@@ -216,6 +216,8 @@ def run_worker(engine: str, python: str, a, ckpt: str) -> dict:
         vocab=MODEL["vocab_size"]).items()]
     if getattr(a, "quantization", None):
         args.append(f"--quantization={a.quantization}")
+        if getattr(a, "quantize_head", False):
+            args.append("--quantize-head")
     idle_before = wait_until_idle(a.wait_idle) if a.wait_idle else None
     load_before = loadavg()
     busy0, total0 = _cpu_jiffies()
@@ -286,6 +288,7 @@ def main() -> None:
     ap.add_argument("--wait-idle", type=float, default=120,
                     help="before each engine, wait up to this many seconds for idle CPUs (0: don't)")
     ap.add_argument("--quantization", help="param2moe's weights: int8 or int4 (vLLM runs unquantized)")
+    ap.add_argument("--quantize-head", action="store_true", help="with --quantization: the output head too")
     ap.add_argument("--ckpt", help="use this checkpoint (of the one --dtype) instead of writing one")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/cpu_bench_<date>.json)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

@@ -397,7 +397,8 @@ def ours_bench(ckpt: str, quantization: str | None, a) -> dict:
     args = argparse.Namespace(
         dtype="bfloat16", max_model_len=1024, max_num_seqs=a.num_seqs, max_num_batched_tokens=2048, kv_gib=1,
         num_requests=a.num_seqs, input_len=a.input_len, output_len=a.output_len,
-        latency_output_len=a.latency_output_len, wait_idle=a.wait_idle, quantization=quantization)
+        latency_output_len=a.latency_output_len, wait_idle=a.wait_idle, quantization=quantization,
+        quantize_head=a.quantize_head)
     res = cpu_bench.run_worker("param2moe", sys.executable, args, ckpt)
     lat, thr = res["latency"], res["throughput"]
     return {"tpot_ms": lat["tpot_ms"], "throughput_output_tok_s": thr["output_tok_s"], "ttft_ms": lat["ttft_ms"],
@@ -453,6 +454,9 @@ def main() -> None:
     ap.add_argument("--pre-tokenizer", default="gpt-2", help="the pre-tokenizer name the converter is given")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--formats", default="bf16,int8,int4")
+    ap.add_argument("--quantize-head", action="store_true",
+                    help="bench: param2moe's head quantized too (llama-quantize makes it Q8_0 / Q6_K; ours stays bf16 "
+                         "without this)")
     ap.add_argument("--num-seqs", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
