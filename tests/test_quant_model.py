@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from cases import preset_checkpoint
 from safetensors.torch import load_file, save_file
 
 from param2moe import LLM, SamplingParams
@@ -22,7 +23,7 @@ from param2moe.quant import QuantizedWeight, dequantize, quantize
 from param2moe.quant.formats import QuantFormatError
 from param2moe.quant.loading import quantized_weights
 from param2moe.quant.plan import OPTIONS, QuantPlan, quantizable
-from param2moe.writer import preset_config, write_checkpoint
+from param2moe.writer import preset_config
 
 # Widths that every option can cut: 128-row blocks for the qkv parts, whole int4 groups per TP rank.
 CONFIG = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512,
@@ -33,9 +34,7 @@ PARAMS = SamplingParams(temperature=0, max_tokens=8, logprobs=1, prompt_logprobs
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("quant")
-    write_checkpoint(str(path), preset_config("tiny", CONFIG), seed=3)
-    return str(path)
+    return preset_checkpoint(tmp_path_factory, "quant", CONFIG, seed=3)
 
 
 def _run(path, **kw):
