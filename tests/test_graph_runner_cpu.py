@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import preset_checkpoint
 
 from param2moe import LLM, SamplingParams
 from param2moe.engine import cuda_graphs
 from param2moe.kernels import attention as torch_attention
-from param2moe.writer import preset_config, write_checkpoint
 
 
 class _Replay:
@@ -47,9 +47,7 @@ class EagerGraphs(cuda_graphs.CudaGraphRunner):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("graphs_cpu")
-    write_checkpoint(str(path), preset_config("tiny", {"num_hidden_layers": 2, "vocab_size": 512}), seed=3)
-    return str(path)
+    return preset_checkpoint(tmp_path_factory, "graphs_cpu", {"num_hidden_layers": 2, "vocab_size": 512}, seed=3)
 
 
 def _with_graphs(llm, max_tokens: int, monkeypatch) -> dict:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from cases import ROUTE_CASES
 
 from param2moe.checkpoint import load_model
 from param2moe.kernels import (
@@ -62,19 +63,6 @@ def assert_same_routing(got, want):
         assert set(g) == set(w), f"token {t}: experts {sorted(g)} != {sorted(w)}"
         for i in w:
             assert g[i] == pytest.approx(w[i], rel=1e-5, abs=1e-6), f"token {t} expert {i}"
-
-
-ROUTE_CASES = {
-    "sigmoid": dict(score_function="sigmoid"),
-    "softmax": dict(score_function="softmax"),
-    "no-norm": dict(norm_topk_prob=False),
-    "scaled": dict(routed_scaling_factor=2.5),
-    "no-norm-scaled-softmax": dict(score_function="softmax", norm_topk_prob=False, routed_scaling_factor=1.5),
-    "grouped": dict(n_group=4, topk_group=2),
-    "grouped-softmax-scaled": dict(score_function="softmax", n_group=8, topk_group=3, routed_scaling_factor=2.5),
-    "grouped-one-per-group": dict(n_group=16, topk_group=5),
-    "one-group": dict(n_group=1, topk_group=1, routed_scaling_factor=2.5),
-}
 
 
 @pytest.mark.parametrize("name", list(ROUTE_CASES))

@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from cases import preset_checkpoint
 from safetensors.torch import load_file, save_file
 
 from param2moe import LLM, SamplingParams
@@ -24,7 +25,7 @@ from param2moe.quant import QuantizedWeight, dequantize, quantize
 from param2moe.quant.formats import QuantFormatError
 from param2moe.quant.loading import quantized_weights
 from param2moe.quant.plan import OPTIONS, QuantPlan, quantizable
-from param2moe.writer import preset_config, write_checkpoint
+from param2moe.writer import preset_config
 
 HELDOUT = os.path.join(os.path.dirname(__file__), "data", "demo_heldout.txt")
 
@@ -37,9 +38,7 @@ PARAMS = SamplingParams(temperature=0, max_tokens=8, logprobs=1, prompt_logprobs
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("quant")
-    write_checkpoint(str(path), preset_config("tiny", CONFIG), seed=3)
-    return str(path)
+    return preset_checkpoint(tmp_path_factory, "quant", CONFIG, seed=3)
 
 
 def _run(path, **kw):

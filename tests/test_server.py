@@ -19,6 +19,7 @@ import time
 import httpx
 import openai
 import pytest
+from cases import ANSWER_CHAIN, ENTRIES, TOOL_CALL_CHAIN, TOOL_JSON, USER
 from openai import AsyncOpenAI, OpenAI
 from scripted_checkpoint import write_scripted_checkpoint
 from server_harness import KEY, Server, assert_error, post
@@ -26,19 +27,15 @@ from server_harness import KEY, Server, assert_error, post
 from param2moe.writer import preset_config, write_checkpoint
 
 MAX_LEN = 512
-TOOL_JSON = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 CHAINS = {
     # after "<|im_start|>assistant\n": think, then call the tool
-    "tool": ["<think>", "I should look up", " the weather.", "</think>", "<tool_call>", TOOL_JSON, "</tool_call>",
-             "<<|EOS|>>"],
+    "tool": ["<think>", "I should look up", " the weather.", "</think>", *TOOL_CALL_CHAIN],
     # after an assistant message "<answer>" continued: a plain answer
-    "answer": ["The weather", " in Paris is sunny.", "<<|EOS|>>"],
+    "answer": ANSWER_CHAIN,
 }
-ENTRIES = {"tool": "\n", "answer": "<answer>"}
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
