@@ -99,7 +99,6 @@ def test_graph_steps_with_adapters_equal_eager_on_cpu(checkpoint, tmp_path, monk
     two adapters and the base model, with one slot too few, gives the eager engine's tokens and logprobs."""
     from param2moe import LoRARequest
     from param2moe.lora.files import random_adapter
-    from param2moe.writer import preset_config
 
     cfg = preset_config("tiny", {"num_hidden_layers": 2, "vocab_size": 512})
     loras = [None]
