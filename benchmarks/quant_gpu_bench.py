@@ -48,7 +48,7 @@ ap.add_argument("--dry", action="store_true")
 ap.add_argument("--warm", default=None, help="i/n: compile-only worker for jobs i::n")
 ap.add_argument("--nwarm", type=int, default=8)
 ap.add_argument("--ntest", type=int, default=3)
-ap.add_argument("--budget", type=float, default=270.0, help="seconds of timings before sweeps are cut")
+ap.add_argument("--budget", type=float, default=240.0, help="seconds from the start after which sweeps are cut")
 ap.add_argument("--methods", default="int8,int4,fp8,fp8-block")
 ARGS = ap.parse_args()
 if ARGS.dry:
