@@ -37,7 +37,12 @@ class Tokenizer:
         self._template = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # The `tokenizers` library holds the GIL throughout `encode` but not `encode_batch`: long texts go
+        # through the latter so that other threads (a server's event loop) run meanwhile.
+        if len(text) > _LONG_TEXT:
+            ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id, *ids]
         return ids
@@ -45,11 +50,9 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         # Ids past the tokenizer's vocabulary (padding rows of the embedding) decode to nothing.
         ids = [i for i in ids if 0 <= i < self.vocab_size]
+        if len(ids) > _LONG_TEXT // 4:  # as in encode
+            return self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def added_tokens(self) -> dict[int, tuple[str, bool]]:
-        """id -> (content, special) of the tokens added to the vocabulary (control tokens and markup)."""
-        return {i: (t.content, t.special) for i, t in self._tok.get_added_tokens_decoder().items()}
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -94,6 +97,23 @@ class Tokenizer:
             out.update(zip(mapped, raw))
         return out
 
+    @cached_property
+    def end_of_turn_id(self) -> int | None:
+        """The special token the chat template closes an assistant turn with (Param2's `<|im_end|>`), found
+        by rendering one; None without a template or where the turn does not end in a special token."""
+        mark = "p2m-end-of-turn-probe"
+        try:
+            text = self.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                                            add_generation_prompt=False)
+        except Exception:  # no template, or one that refuses this conversation
+            return None
+        at = text.rfind(mark)
+        if at < 0:
+            return None
+        ids = self._tok.encode(text[at + len(mark):], add_special_tokens=False).ids
+        special = self._tok.get_added_tokens_decoder()
+        return ids[0] if ids and ids[0] in special and special[ids[0]].special else None
+
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.chat_template:
@@ -114,6 +134,7 @@ class Tokenizer:
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
 
 
+_LONG_TEXT = 16 << 10  # characters
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 

@@ -13,6 +13,8 @@ import torch
 from param2moe import kernels
 from param2moe.kernels import cpu as native
 from param2moe.kernels.attention import paged_attention, write_kv_cache
+from param2moe.kernels.norm import rms_norm
+from param2moe.kernels.rope import qk_norm_rope
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason="no C compiler (or the native CPU kernels failed to build)")
@@ -134,7 +136,43 @@ def test_dispatch_uses_native_and_matches():
             native.set_enabled(None)
     (o_nat, k_nat, v_nat), (o_ref, k_ref, v_ref) = results
     torch.testing.assert_close(o_nat, o_ref, **TOL[torch.float32])
-    assert torch.equal(k_nat.nan_to_num(), k_ref.nan_to_num()) and torch.equal(v_nat.nan_to_num(), v_ref.nan_to_num())
+    # k: normed and rotated in C (the same operations, another summation order in the norm)
+    torch.testing.assert_close(k_nat.nan_to_num(), k_ref.nan_to_num(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(v_nat.nan_to_num(), v_ref.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm, rot", [(True, 32), (True, 16), (False, 32), (True, 0)])
+def test_fused_norm_rope(dtype, norm, rot, native_path):
+    """norm_rope: QK-norm (or none) and RoPE over all of the head (32 = D / 2), part of it (partial RoPE) or
+    none, in the kernel, against rope.qk_norm_rope + write_kv_cache + the torch attention. bf16: both round the
+    normed and the rotated values; a value near a rounding boundary may land an ulp apart."""
+    bs, nkv, nh, d = 16, 2, 8, 64
+    ctxs = [1, 16, 33, 70]
+    q, kc, vc, table, lens = _inputs(ctxs, nh, nkv, d, bs, dtype, seed=13)
+    b = len(ctxs)
+    pos = lens.long() - 1
+    slots = table.long().gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+    g = torch.Generator().manual_seed(8)
+    k, v = torch.randn(b, nkv, d, generator=g).to(dtype), torch.randn(b, nkv, d, generator=g).to(dtype)
+    qw = (torch.rand(d, generator=g) + 0.5).to(dtype) if norm else None
+    kw = (torch.rand(d, generator=g) + 0.5).to(dtype) if norm else None
+    ang = pos[:, None].float() * torch.rand(rot, generator=g)
+    cos, sin = (ang.cos(), ang.sin()) if rot else (None, None)
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = native.paged_decode(q, kc, vc, table, lens, 0.125, int(lens.max()), new_kv=(k, v, slots),
+                              norm_rope=(qw, kw, cos, sin, 1e-6))
+    assert out is not None
+    if rot:
+        q2, k2 = qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)
+    elif norm:
+        q2, k2 = rms_norm(q, qw, 1e-6), rms_norm(k, kw, 1e-6)
+    else:
+        q2, k2 = q, k
+    write_kv_cache(k2, v, kc2, vc2, slots)
+    tol = TOL[dtype] if dtype == torch.bfloat16 else dict(atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(kc.nan_to_num(), kc2.nan_to_num(), **tol)
+    torch.testing.assert_close(out, _oracle(q2, kc2, vc2, table, lens, 0.125), **TOL[dtype])
 
 
 def test_off_by_environment_falls_back(monkeypatch):
@@ -166,8 +204,60 @@ def test_no_compiler_falls_back(failing_compiler):
 def test_builds_into_the_cache_dir(fresh_native):
     """A fresh cache directory: the library is compiled there (no temporary files left) and loads."""
     assert native.available(2, 32)
-    files = [p.name for p in fresh_native.iterdir()]
-    assert len(files) == 1 and files[0].startswith("paged_decode-") and files[0].endswith(".so")
+    files = sorted(p.name for p in fresh_native.iterdir())
+    assert len(files) == 2 and files[0].startswith("paged_decode-") and files[0].endswith(".so")
+    assert files[1] == files[0] + ".sha256"  # its hash, checked before a later process loads it
+
+
+def _reload(native_cache):
+    """A new process's view: nothing loaded; returns the library path the next load would use."""
+    native._state["libs"] = {}
+    assert native.available(2, 32)
+    return next(p for p in native_cache.iterdir() if p.suffix == ".so")
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_cached_library_is_verified_before_loading(fresh_native, caplog):
+    """A library in the cache that is not the one recorded at its build (changed bytes, a record for
+    another source key, or no record) is built again, never loaded as it is."""
+    lib = _reload(fresh_native)
+    record = lib.with_name(lib.name + ".sha256")
+    digest, key = record.read_text().split()
+    assert digest == native._digest(lib)
+
+    def replace(path, data: bytes) -> None:  # a new file: the loaded one stays mapped as it was
+        tmp = path.with_name("tmp")
+        tmp.write_bytes(data)
+        tmp.chmod(0o700)
+        tmp.replace(path)
+
+    for tamper in (lambda: replace(lib, lib.read_bytes() + b"\0"),
+                   lambda: record.write_text(f"{digest} {'0' * 64}\n"),
+                   lambda: record.unlink()):
+        tamper()
+        assert not native._verified(lib, key)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="param2moe"):
+            assert _reload(fresh_native) == lib
+        assert "building it again" in caplog.text
+        assert native._verified(lib, key)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="param2moe"):
+        _reload(fresh_native)  # verified: loaded without a rebuild
+    assert "building it again" not in caplog.text
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_cache_dir_others_may_write_is_not_used(fresh_native, caplog, monkeypatch):
+    fresh_native.mkdir(parents=True)
+    fresh_native.chmod(0o777)
+    native._state["private_dir"] = None
+    with caplog.at_level("WARNING", logger="param2moe"):
+        assert native.available(2, 32)
+    assert "not private" in caplog.text and list(fresh_native.iterdir()) == []
+    private = native._state.pop("private_dir")
+    assert (private.stat().st_mode & 0o077) == 0 and any(p.suffix == ".so" for p in private.iterdir())
+    shutil.rmtree(private)
 
 
 def test_declines_what_it_does_not_take():

@@ -94,7 +94,12 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * cfg.block_size} tokens, fewer than max_model_len "
                 f"({self.max_model_len}): give it more memory or lower max_model_len")
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.token_budget)
+        self.lora = None
+        if cfg.enable_lora:
+            from ..lora.manager import LoRAManager
+
+            self.lora = LoRAManager(self.model.lora, mc, self.runner.device)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.token_budget, self.lora)
         self.structured = StructuredOutputs(self.tokenizer, mc.vocab_size, self.eos_token_ids,
                                             cfg.grammar_compile_timeout)
         # Overlap host work with the GPU (see step): on CUDA, with one pipeline stage (tensor-parallel
@@ -119,9 +124,46 @@ class LLMEngine:
             runner.release_cuda_graphs()
         self.runner = self.model = None
 
+    # ---------------------------------------------------------------------- adapters
+    def add_lora(self, lora_request) -> bool:
+        """Register (read and check) an adapter ahead of its requests; a lora.LoRAError names what is wrong."""
+        if self.lora is None:
+            raise EngineError("lora_request: this engine was started without enable_lora")
+        self.lora.add(lora_request)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter; refused (LoRAError) while requests of it are unfinished."""
+        if self.lora is None:
+            return False
+        users = [r.request_id for r in self.requests.values() if r.lora is not None and r.lora.lora_id == lora_id]
+        if users:
+            from ..lora import LoRAError
+
+            raise LoRAError(f"adapter id {lora_id} is in use by {len(users)} unfinished request(s)")
+        return self.lora.remove(lora_id)
+
+    def list_loras(self) -> list:
+        """The registered adapters (lora.LoRAAdapter), in order of registration."""
+        return [] if self.lora is None else list(self.lora.adapters.values())
+
+    # ---------------------------------------------------------------------- expert load balancing
+    @property
+    def eplb(self):
+        """The driver's eplb.ExpertBalancer (None without enable_eplb)."""
+        return self.runner.eplb if self.runner is not None else None
+
+    def expert_load(self):
+        """eplb.ExpertLoad: tokens per logical expert per MoE layer over the window, the placement, each layer's
+        imbalance (needs enable_eplb). Reads the device (a sync): call it between steps."""
+        if self.eplb is None:
+            raise EngineError("expert load statistics need enable_eplb=True")
+        return self.eplb.expert_load()
+
     # ---------------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
-                    ) -> Request:
+                    lora_request=None) -> Request:
+        """Queue a request; lora_request (a LoRARequest) runs it with that adapter, registered on first use."""
         params = params or SamplingParams()
         if self._closed:
             raise EngineError("the engine is shut down")
@@ -145,8 +187,13 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise EngineError(f"prompt: {len(ids)} tokens, but the context length (max_model_len) is "
                               f"{self.max_model_len} and at least one token must be generated")
+        adapter = None
+        if lora_request is not None:
+            if self.lora is None:
+                raise EngineError("lora_request: this engine was started without enable_lora")
+            adapter = self.lora.add(lora_request)
         grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
-        req = Request(request_id, text, ids, params)
+        req = Request(request_id, text, ids, params, adapter)
         for i in range(params.n):
             detok = None
             if params.detokenize and self.tokenizer is not None:

@@ -1,6 +1,7 @@
 """The network's hot operations. Each has a plain torch version (the test oracle, and the CPU path)
 and, on CUDA devices, a Triton version; a `Kernels` object (one backend) picks one by the tensors' device.
-Nothing GPU-only is imported until a CUDA tensor arrives."""
+Nothing GPU-only is imported until a CUDA tensor arrives. A quantized weight (quant.QuantizedWeight) goes
+to quant/ops.py, which picks its kernels the same way."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from typing import NamedTuple
 
 import torch
 
+from ..quant import ops as _quant
+from ..quant.formats import QuantizedWeight
 from . import attention as _attention
 from . import cpu as _cpu
 from . import embedding as _embedding
+from . import lora as _lora
 from . import moe as _moe
 from . import norm as _norm
 from . import rope as _rope
@@ -53,6 +57,9 @@ _ONE_PAIR: dict = {}  # device -> (weight 1, expert 0) of a dense MLP run as one
 # (token, expert) pairs up to which CPU MoE layers run the native kernel; prefill sizes keep moe_experts_cpu
 # (oneDNN matmuls per expert).
 _NATIVE_MOE_UP_TO = 1024
+# Rows up to which CPU linear layers (and MLPs, and the head) run the native tiles (cpu/moe_decode.c) instead of
+# oneDNN: one or two tokens, where oneDNN's ~30 us a call is most of the time; from 4 rows its AMX matmul wins.
+_NATIVE_LINEAR_UP_TO = 2
 
 
 BACKENDS = ("auto", "torch")
@@ -79,14 +86,26 @@ class Kernels:
     def _pick(self, x, name: str):
         return _tri(name) if self.native and x.is_cuda else None
 
+    def _cpu(self, x) -> bool:
+        """Whether the native CPU kernels (kernels/cpu) may take this op: a CPU tensor, backend "auto"."""
+        return self.native and x.device.type == "cpu"
+
+    def _cpu_small(self, x) -> bool:
+        return self._cpu(x) and x.dim() == 2 and x.shape[0] <= _NATIVE_LINEAR_UP_TO
+
     causal_attention = staticmethod(causal_attention)
     silu_and_mul = staticmethod(silu_and_mul)
 
     def linear(self, x, weight, bias=None):
-        """x @ weight.T + bias. Decode-sized CUDA batches with 16-bit weights: the Triton GEMV (gemv.py)."""
+        """x @ weight.T + bias. Decode-sized CUDA batches with 16-bit weights: the Triton GEMV (gemv.py); one or
+        two rows on the CPU: the native tiles."""
+        if isinstance(weight, QuantizedWeight):
+            return _quant.linear(x, weight, bias, native=self.native)
         t = self._pick(x, "gemv")
         if t and t.usable(x, weight, bias):
             return t.gemv(x, weight)
+        if self._cpu_small(x) and (y := _cpu.dense_linear(x, weight, bias)) is not None:
+            return y
         return _linear(x, weight, bias)
 
     def logits(self, hidden, weight):
@@ -94,6 +113,8 @@ class Kernels:
         steps of 1/16 at magnitude 8, and greedy choices would flip on rounding noise). Decode-sized CUDA batches
         with a 16-bit head: the Triton GEMV streaming the weight; else a CUDA matmul writing its float32
         accumulator (torch.mm out_dtype), or the matmul in the activation dtype, upcast."""
+        if isinstance(weight, QuantizedWeight):
+            return _quant.logits(hidden, weight, native=self.native)
         t = self._pick(hidden, "gemv")
         if t and t.streams(hidden, weight):
             return t.gemv(hidden, weight, out_dtype=torch.float32, block_n=t.STREAM_BLOCK_N)
@@ -102,12 +123,16 @@ class Kernels:
                 return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
             except (TypeError, RuntimeError, NotImplementedError):
                 _FP32_OUT_MM["ok"] = False
+        if self._cpu_small(hidden) and (y := _cpu.dense_linear(hidden, weight, out_dtype=torch.float32)) is not None:
+            return y
         return _linear(hidden, weight).float()
 
     def mlp(self, x, gate_up, down, unsummed: bool = False):
         """down(silu(gate(x)) * up(x)), gate and up rows stacked in gate_up. One token on CUDA: the fused MoE's
         one-token GEMVs, the MLP as one expert of weight 1 (unsummed: as ExpertOutputs, which the next norm
         sums in its launch; elsewhere the result as always)."""
+        if isinstance(gate_up, QuantizedWeight):
+            return _quant.mlp(x, gate_up, down, native=self.native)
         t = self._pick(x, "moe")
         if t and x.shape[0] == 1 and x.dtype == gate_up.dtype == down.dtype:
             one = _ONE_PAIR.get(x.device)
@@ -116,11 +141,24 @@ class Kernels:
                                                                                              device=x.device))
             y = t.moe_experts(x, gate_up[None], down[None], *one, unsummed=unsummed)
             return ExpertOutputs(y, *one) if unsummed else y
+        if self._cpu_small(x) and isinstance(gate_up, torch.Tensor) and x.dtype == gate_up.dtype == down.dtype:
+            # the MLP as one expert of weight 1: one call
+            one = _ONE_PAIR.get("cpu")
+            if one is None:
+                n = _NATIVE_LINEAR_UP_TO
+                one = _ONE_PAIR["cpu"] = (torch.ones(n, 1), torch.zeros(n, 1, dtype=torch.int64))
+            y = _cpu.moe_decode(x, gate_up[None], down[None], one[0][:x.shape[0]], one[1][:x.shape[0]])
+            if y is not None:
+                return y
         return self.linear(silu_and_mul(self.linear(x, gate_up)), down)
 
     def rms_norm(self, x, weight, eps: float):
         t = self._pick(x, "norm")
-        return t.rms_norm(x, weight, eps) if t else _norm.rms_norm(x, weight, eps)
+        if t:
+            return t.rms_norm(x, weight, eps)
+        if self._cpu(x) and (y := _cpu.add_rms_norm(x, None, weight, eps)) is not None:
+            return y[0]
+        return _norm.rms_norm(x, weight, eps)
 
     def add_rms_norm(self, x, residual, weight, eps: float):
         """(rms_norm(x + residual), x + residual); x may be ExpertOutputs."""
@@ -129,7 +167,11 @@ class Kernels:
             fn = t.expert_sum_add_rms_norm if t else _norm.expert_sum_add_rms_norm
             return fn(*x, residual, weight, eps)
         t = self._pick(x, "norm")
-        return t.add_rms_norm(x, residual, weight, eps) if t else _norm.add_rms_norm(x, residual, weight, eps)
+        if t:
+            return t.add_rms_norm(x, residual, weight, eps)
+        if self._cpu(x) and (y := _cpu.add_rms_norm(x, residual, weight, eps)) is not None:
+            return y
+        return _norm.add_rms_norm(x, residual, weight, eps)
 
     def sum_experts(self, x):
         """A tensor for x (ExpertOutputs summed; a tensor as it is)."""
@@ -174,10 +216,13 @@ class Kernels:
         return t.route(logits, expert_bias, top_k, **kw) if t else _routing.route(logits, expert_bias, top_k, **kw)
 
     def gate_route(self, x, gate_weight, expert_bias, top_k: int, **kw):
-        """Router logits (fp32) and routing; one launch for decode-sized CUDA batches."""
+        """Router logits (fp32) and routing; one launch for decode-sized CUDA batches, one native call on CPUs."""
         t = self._pick(x, "routing")
-        fn = t.gate_route if t else _routing.gate_route
-        return fn(x, gate_weight, expert_bias, top_k, **kw)
+        if t:
+            return t.gate_route(x, gate_weight, expert_bias, top_k, **kw)
+        if self._cpu(x) and (y := _cpu.gate_route(x, gate_weight, expert_bias, top_k, **kw)) is not None:
+            return y
+        return _routing.gate_route(x, gate_weight, expert_bias, top_k, **kw)
 
     def add_rms_norm_gate_route(self, x, residual, norm_weight, eps: float, gate_weight, expert_bias, top_k: int,
                                 experts_w13=None, choice=None, **kw):
@@ -186,17 +231,39 @@ class Kernels:
         benchmarks' uniform routing; the router still runs). experts_w13: the stacked experts with the shared
         expert folded in (kw num_appended): on Hopper at one token their gate/up GEMM is launched behind the
         router, `started` (else None), for moe_experts to go on from."""
-        if experts_w13 is not None and self.use_triton(x):
+        if isinstance(experts_w13, torch.Tensor) and self.use_triton(x):  # (not for quantized experts)
             return _tri("moe").add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps, gate_weight, expert_bias,
                                                                top_k, experts_w13, choice, **kw)
         t = self._pick(x, "routing")
-        fn = t.add_rms_norm_gate_route if t else _routing.add_rms_norm_gate_route
-        normed, residual, weights, ids = fn(x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, **kw)
+        if t:
+            normed, residual, weights, ids = t.add_rms_norm_gate_route(x, residual, norm_weight, eps, gate_weight,
+                                                                       expert_bias, top_k, **kw)
+        else:  # the two steps (each native on CPUs where it can be)
+            normed, residual = self.add_rms_norm(x, residual, norm_weight, eps)
+            weights, ids = self.gate_route(normed, gate_weight, expert_bias, top_k, **kw)
         return (normed, residual, *(choice or (weights, ids)), None)
 
-    def moe_experts(self, x, w13, w2, weights, ids, unsummed: bool = False, started=None):
+    def map_experts(self, ids, table, counts, num_physical: int, load=None, slots=None, padding_slot: int = -1,
+                    local=None):
+        """Logical expert ids -> physical replicas (expert load balancing), each pair's expert counted into load:
+        see routing.map_experts. One launch on CUDA."""
+        t = self._pick(ids, "routing")
+        fn = t.map_experts if t else _routing.map_experts
+        return fn(ids, table, counts, num_physical, load, slots, padding_slot, local)
+
+    def moe_experts(self, x, w13, w2, weights, ids, unsummed: bool = False, started=None, lora=None):
         """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
-        norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result."""
+        norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result.
+        lora: a lora.ExpertLoRA, each pair's expert adapted by its token's adapter (never over quantized
+        experts: LoRASlots refuses their slots)."""
+        if lora is not None:
+            t = self._pick(x, "lora")
+            if t:
+                y = t.moe_experts_lora(x, w13, w2, weights, ids, lora, unsummed=unsummed)
+                return ExpertOutputs(y, weights, ids) if unsummed else y
+            return _lora.moe_experts_lora(x, w13, w2, weights, ids, lora)
+        if isinstance(w13, QuantizedWeight):  # the sum
+            return _quant.moe_experts(x, w13, w2, weights, ids, native=self.native)
         t = self._pick(x, "moe")
         if t:
             y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed, started=started)
@@ -209,6 +276,17 @@ class Kernels:
                 return y
         return _moe.moe_experts_cpu(x, w13, w2, weights, ids)
 
+    def lora_rows(self, index, num_buckets: int):
+        """How a batch's rows group by adapter for add_lora: index [M] int32, each row's bucket (-1: none).
+        On CUDA device tensors and no host sync (capturable); elsewhere lists read on the host."""
+        t = self._pick(index, "lora")
+        return t.lora_rows(index, num_buckets) if t else _lora.rows_by_bucket(index)
+
+    def add_lora(self, y, x, a, b, rows):
+        """y += each row's LoRA delta (x @ a[i].T) @ b[i].T, in place (kernels/lora.py); rows: lora_rows(...)."""
+        t = self._pick(x, "lora")
+        return t.add_lora(y, x, a, b, rows) if t else _lora.add_lora(y, x, a, b, rows)
+
     def paged_attention(self, q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale: float,
                         max_query_len: int, max_context_len: int, new_kv=None):
         """Attention over the paged cache. new_kv = (k, v, slot_mapping, q_weight, k_weight, cos, sin, eps): q
@@ -218,14 +296,21 @@ class Kernels:
         if t:
             return t.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
                                      max_query_len, max_context_len, new_kv=new_kv)
+        cpu_decode = max_query_len == 1 and self._cpu(q)
+        if cpu_decode and new_kv is not None:  # the C kernel (cpu/): QK-norm, RoPE, the cache write and attention
+            k, v, slots, *norm_rope = new_kv
+            out = _cpu.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len,
+                                    (k, v, slots), norm_rope)
+            if out is not None:  # None: off (P2M_CPU_NATIVE=0), no compiler, or inputs it does not take
+                return out
         kv = None
         if new_kv is not None:
             k, v, slots, q_weight, k_weight, cos, sin, eps = new_kv
             q, k = _rope.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
             kv = (k, v, slots)
-        if max_query_len == 1 and self.native and q.device.type == "cpu":  # CPU decode: the C kernel (cpu/)
+        if cpu_decode:
             out = _cpu.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, kv)
-            if out is not None:  # None: off (P2M_CPU_NATIVE=0), no compiler, or inputs it does not take
+            if out is not None:
                 return out
         if kv is not None:
             _attention.write_kv_cache(kv[0], kv[1], k_cache, v_cache, kv[2])
@@ -247,11 +332,13 @@ qk_norm_rope = AUTO.qk_norm_rope
 route = AUTO.route
 gate_route = AUTO.gate_route
 add_rms_norm_gate_route = AUTO.add_rms_norm_gate_route
+map_experts = AUTO.map_experts
 moe_experts = AUTO.moe_experts
 paged_attention = AUTO.paged_attention
 
 
 __all__ = [
     "AUTO", "BACKENDS", "ExpertOutputs", "Kernels", "add_rms_norm", "add_rms_norm_gate_route", "apply_rope",
-    "argmax", "causal_attention", "gate_route", "linear", "logits", "mlp", "moe_experts", "paged_attention",
-    "qk_norm_rope", "rms_norm", "route", "silu_and_mul", "sum_experts", "token_inputs", "triton_available"]
+    "argmax", "causal_attention", "gate_route", "linear", "logits", "map_experts", "mlp", "moe_experts",
+    "paged_attention", "qk_norm_rope", "rms_norm", "route", "silu_and_mul", "sum_experts", "token_inputs",
+    "triton_available"]

@@ -413,3 +413,50 @@ int p2m_moe_decode(const void *x, int act_bf16, const void *w13, const void *w2,
     free(gu); free(act); free(dn);
     return 0;
 }
+
+/* A dense linear layer at decode sizes with the same tiles: out [T, N] = x [T, K] . w [N, K]^T (+ bias [N]), x,
+ * w and bias of one dtype (fp32, or bf16: summed in fp32, plus the bias in fp32), out in it (obf16: one rounding,
+ * as oneDNN) or fp32 (the head's logits). Threads split the rows of w (each weight row read once for all T rows
+ * of x). Returns 0, or 2 for no memory. */
+int p2m_dense_linear(const void *x, const void *w, const void *bias, void *out, int bf16, int obf16, int T, int K,
+                     int N, int nthreads, int generic) {
+#if defined(__AVX512BF16__) && !defined(P2M_NO_DP16)
+    const int mode = bf16 ? MODE_DP16 : MODE_F32;
+#else
+    const int mode = bf16 ? MODE_W16 : MODE_F32;
+#endif
+    const size_t tk = (size_t)T * K;
+    float *xf = mode == MODE_W16 ? malloc(tk * sizeof(float)) : NULL;
+    float *y = obf16 ? malloc((size_t)T * N * sizeof(float)) : (float *)out;
+    const void **xr = malloc((size_t)(T > 0 ? T : 1) * sizeof(void *));
+    if ((mode == MODE_W16 && !xf) || !y || !xr) {
+        free(xf);
+        if (obf16) free(y);
+        free(xr);
+        return 2;
+    }
+    if (mode == MODE_W16)
+        for (size_t i = 0; i < tk; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    const size_t xes = mode == MODE_DP16 ? 2 : 4;
+    const char *xb = mode == MODE_W16 ? (const char *)xf : (const char *)x;
+    for (int t = 0; t < T; t++) xr[t] = xb + (size_t)t * K * xes;
+    int nt = nthreads > 0 ? nthreads : 1;
+#pragma omp parallel num_threads(nt) if (nt > 1 && (int64_t)N * K > 65536)
+    {
+        int lo, hi;
+        split(N, 16, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        rows_times(mode, w, K, lo, hi, xr, T, K, y, N, generic);
+        for (int t = 0; t < T; t++) {
+            float *yr = y + (size_t)t * N;
+            if (bias)
+                for (int n = lo; n < hi; n++)
+                    yr[n] += bf16 ? bf16_to_f32(((const uint16_t *)bias)[n]) : ((const float *)bias)[n];
+            if (obf16)
+                for (int n = lo; n < hi; n++) ((uint16_t *)out)[(size_t)t * N + n] = f32_to_bf16(yr[n]);
+        }
+    }
+    free(xf);
+    if (obf16) free(y);
+    free(xr);
+    return 0;
+}

@@ -9,7 +9,9 @@
  * over OpenMP threads. A KV head's walk goes over the sequence's blocks once, scoring each block's keys against
  * its G query heads, then folding the block's values in with an online softmax (running max and sum per head,
  * rescaled as the max grows), so K and V are each read once; the next block's rows are prefetched. Optionally the
- * step's new k, v [B, nkv, D] are first stored at their slots (all of them before any read).
+ * step's new k, v [B, nkv, D] are first stored at their slots (all of them before any read), and before that q and
+ * k go through the per-head RMSNorm and the RoPE of kernels/rope.py qk_norm_rope, with its roundings (norm in fp32,
+ * rounded to the activation dtype; rotation in fp32, rounded again): the attention step is then one call.
  *
  * Plain C with OpenMP; built with -O3 -march=native -fopenmp -DP2M_G=<G> -DP2M_D=<D> by
  * param2moe/kernels/cpu/__init__.py. With AVX-512 and D a multiple of 16, the walk for that G and D runs in
@@ -240,32 +242,97 @@ static inline __attribute__((always_inline)) int attend_avx512(
 
 #define P2M_L2_BYTES (512 << 10)
 
-/* Returns 0; 1 if a block id was out of range (those outputs are zeros); 2 if scratch memory ran out. */
+/* qk_norm_rope for one head's row: x (D elements, fp32 or bf16) -> dst (fp32, rounded to bf16 when bf16).
+ * w: the norm's weight (fp32 or bf16, D) or NULL; cos, sin: the token's [half] or NULL. */
+__attribute__((optimize("fp-contract=off"))) /* separate products and sums, as the torch oracle */
+static void norm_rope_row(const void *x, int64_t off, int bf16, const void *w, int w_bf16, float eps,
+                          const float *cos, const float *sin, int half, int D, float *restrict dst) {
+    load_row(dst, x, off, D, bf16);
+    if (w) {
+        float ss = 0.0f;
+        for (int i = 0; i < D; i++) ss += dst[i] * dst[i];
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        for (int i = 0; i < D; i++) {
+            float wi = w_bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+            float y = dst[i] * r * wi;
+            dst[i] = bf16 ? round_bf16(y) : y;
+        }
+    }
+    if (cos) {
+        for (int i = 0; i < half; i++) {
+            float x1 = dst[i], x2 = dst[half + i];
+            float a = x1 * cos[i], b = x2 * sin[i], c = x2 * cos[i], d = x1 * sin[i];
+            dst[i] = bf16 ? round_bf16(a - b) : a - b;
+            dst[half + i] = bf16 ? round_bf16(c + d) : c + d;
+        }
+    }
+}
+
+static inline void store_row(void *dst, int64_t off, const float *src, int D, int bf16) {
+    if (bf16) {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (int i = 0; i < D; i++) d[i] = f32_to_bf16(src[i]);
+    } else {
+        memcpy((float *)dst + off, src, (size_t)D * sizeof(float));
+    }
+}
+
+/* Returns 0; 1 if a block id was out of range (those outputs are zeros); 2 if scratch memory ran out.
+ * q_w, k_w (the QK-norm weights, fp32 or bf16 by w_bf16, or NULL), cos, sin ([B, half] fp32, or NULL), eps:
+ * QK-norm and RoPE of q and of the new k first (needs k_new). */
 int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
                      const void *k_cache, const void *v_cache, int kv_bf16, int64_t num_blocks,
                      const int32_t *block_tables, int64_t bt_stride, const int32_t *context_lens,
                      void *out, int B, int nh, int nkv, int D, int bs, float scale,
                      const void *k_new, int64_t kn_stok, int64_t kn_shead,
                      const void *v_new, int64_t vn_stok, int64_t vn_shead, const int64_t *slots,
-                     int nthreads, int generic) {
+                     const void *q_w, const void *k_w, int w_bf16, const float *cos, const float *sin, int half,
+                     float eps, int nthreads, int generic) {
     const int G = nh / nkv;
     const int64_t row_stride = (int64_t)nkv * D;  /* elements from one token's row to the next */
     const size_t esz = kv_bf16 ? 2 : 4;
+    const int out_bf16 = q_bf16, prologue = slots && (q_w || cos);
+    float *qn = NULL; /* q after QK-norm / RoPE, [B, nh, D] fp32 (the values of q's dtype) */
     int err = 0;
     (void)generic;
     if (nthreads < 1) nthreads = 1;
+    if (prologue) {
+        qn = malloc((size_t)B * nh * D * sizeof(float) + 64 * sizeof(float));
+        if (!qn) return 2;
+    }
     /* A task: a sequence's KV heads one after the other when there are sequences enough to go round the threads,
      * else one KV head of one sequence. */
     const int per_seq = B >= 4 * nthreads && nkv > 1, tasks = per_seq ? B : B * nkv;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && tasks > 1)
     {
-        if (slots) {  /* the new tokens' k and v to the cache, all before any read */
+        if (prologue) {  /* q's heads, then k's: norm and rotation; k straight to the cache */
+            float *kt = (float *)malloc((size_t)D * sizeof(float));
+#pragma omp for schedule(static)
+            for (int i = 0; i < B * (nh + nkv); i++) {
+                int b = i / (nh + nkv), h = i % (nh + nkv);
+                const float *cb = cos ? cos + (int64_t)b * half : NULL, *sb = sin ? sin + (int64_t)b * half : NULL;
+                if (h < nh) {
+                    norm_rope_row(q, b * q_stok + h * q_shead, q_bf16, q_w, w_bf16, eps, cb, sb, half, D,
+                                  qn + ((int64_t)b * nh + h) * D);
+                } else if (kt) {
+                    h -= nh;
+                    norm_rope_row(k_new, b * kn_stok + h * kn_shead, kv_bf16, k_w, w_bf16, eps, cb, sb, half, D, kt);
+                    store_row((void *)k_cache, slots[b] * row_stride + (int64_t)h * D, kt, D, kv_bf16);
+                } else {
+#pragma omp atomic write
+                    err = 2;
+                }
+            }
+            free(kt);
+        }
+        if (slots) {  /* the new tokens' k (unless stored above) and v to the cache, all before any read */
 #pragma omp for schedule(static)
             for (int i = 0; i < B * nkv; i++) {
                 int b = i / nkv, h = i % nkv;
                 int64_t dst = slots[b] * row_stride + (int64_t)h * D;
-                memcpy((char *)k_cache + dst * esz, (const char *)k_new + (b * kn_stok + h * kn_shead) * esz,
-                       D * esz);
+                if (!prologue)
+                    memcpy((char *)k_cache + dst * esz, (const char *)k_new + (b * kn_stok + h * kn_shead) * esz,
+                           D * esz);
                 memcpy((char *)v_cache + dst * esz, (const char *)v_new + (b * vn_stok + h * vn_shead) * esz,
                        D * esz);
             }
@@ -282,9 +349,11 @@ int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
           for (int h = h0; h < h1; h++) {
             if (!scratch) continue;
             for (int g = 0; g < G; g++) {  /* the G query rows, scaled, in fp32 */
-                int64_t off = b * q_stok + (int64_t)(h * G + g) * q_shead;
                 float *qg = qf + g * D;
-                load_row(qg, q, off, D, q_bf16);
+                if (qn)
+                    memcpy(qg, qn + ((int64_t)b * nh + h * G + g) * D, (size_t)D * sizeof(float));
+                else
+                    load_row(qg, q, b * q_stok + (int64_t)(h * G + g) * q_shead, D, q_bf16);
 #pragma omp simd
                 for (int i = 0; i < D; i++) qg[i] *= scale;
             }
@@ -312,7 +381,7 @@ int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
                 float inv = (!bad && l[g] > 0.0f) ? 1.0f / l[g] : 0.0f;
                 const float *ag = acc + g * D;
                 int64_t off = ((int64_t)b * nh + h * G + g) * D;
-                if (q_bf16) {
+                if (out_bf16) {
                     uint16_t *od = (uint16_t *)out + off;
                     for (int i = 0; i < D; i++) od[i] = f32_to_bf16(ag[i] * inv);
                 } else {
@@ -325,5 +394,6 @@ int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
         }
         free(scratch);
     }
+    free(qn);
     return err;
 }

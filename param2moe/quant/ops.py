@@ -1,0 +1,143 @@
+"""The network's matrix products with quantized weights: each tries the device's kernel, else the plain torch
+path (dequantize, then matmul), which is also the oracle the kernels are tested against.
+
+`kernels/__init__.py` routes a QuantizedWeight here (one isinstance check in each of its linear, mlp,
+moe_experts and logits). The kernels plug in through this small interface, imported on first use and
+optional (absent or not usable: the torch path):
+
+  CUDA  module `param2moe.kernels.triton.quant`:
+          usable(x, qw) -> bool                      whether its kernels take these activations and weight
+          linear(x, qw, bias=None) -> [T, N]          x.dtype
+          moe_experts(x, w13, w2, weights, ids) -> [T, H]   summed over each token's experts, x.dtype
+          logits(x, qw) -> [T, N] float32             optional (else linear(...).float())
+        These run inside CUDA graphs: no host synchronisation.
+  CPU   `param2moe.kernels.cpu.quant_linear(x, qw, bias)` and `quant_moe(x, w13, w2, weights, ids)`: the same
+        results, or None where they do not take the inputs (no compiler, a dtype they lack, turned off).
+
+w13 [E, 2W, H] (gate rows, then up rows) and w2 [E, H, W] are QuantizedWeights with a leading expert dim;
+weights [T, K] float32, ids [T, K] (-1: no expert, as with expert parallelism).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.moe import silu_and_mul
+from .formats import FP8_BLOCK, QuantizedWeight, dequantize
+
+_KERNELS: dict = {}
+# Rows dequantized at a time by the torch path's linear (bounds its temporary copy: 16M weights).
+_CHUNK = 1 << 24
+
+
+def _module(name: str):
+    """The kernel module `name`, imported on first use; None where it is missing."""
+    mod = _KERNELS.get(name, False)
+    if mod is False:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            mod = None
+        _KERNELS[name] = mod
+    return mod
+
+
+def _triton(x, qw: QuantizedWeight):
+    """The Triton quant module when it takes x and qw, else None."""
+    t = _module("param2moe.kernels.triton.quant") if x.is_cuda else None
+    return t if t is not None and t.usable(x, qw) else None
+
+
+def _cpu(name: str):
+    if cpu := _module("param2moe.kernels.cpu"):
+        return getattr(cpu, name, None)
+    return None
+
+
+def _native(x, qw, kernel: str, cpu_name: str, *args):
+    """The device kernel's result, or None (then the torch path runs)."""
+    if x.is_cuda:
+        t = _triton(x, qw)
+        return getattr(t, kernel)(*args) if t is not None else None
+    if x.device.type == "cpu" and (fn := _cpu(cpu_name)) is not None:
+        return fn(*args)
+    return None
+
+
+# ------------------------------------------------------------------ the interface kernels/__init__ calls
+def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, native: bool = True):
+    """x @ W.T + bias with W = dequantize(qw). native=False: the torch path (kernels="torch")."""
+    y = _native(x, qw, "linear", "quant_linear", x, qw, bias) if native else None
+    return y if y is not None else torch_linear(x, qw, bias)
+
+
+def mlp(x: torch.Tensor, gate_up: QuantizedWeight, down: QuantizedWeight, *, native: bool = True):
+    """down(silu(gate(x)) * up(x)), gate and up rows stacked in gate_up."""
+    return linear(silu_and_mul(linear(x, gate_up, native=native)), down, native=native)
+
+
+def moe_experts(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids, *, native: bool = True):
+    """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]), [T, H] in x.dtype."""
+    y = _native(x, w13, "moe_experts", "quant_moe", x, w13, w2, weights, ids) if native else None
+    return y if y is not None else torch_moe_experts(x, w13, w2, weights, ids)
+
+
+def logits(hidden: torch.Tensor, qw: QuantizedWeight, *, native: bool = True) -> torch.Tensor:
+    """hidden @ W.T in float32 (the head; see kernels.logits for why float32)."""
+    t = _triton(hidden, qw) if native else None
+    if t is not None:
+        fn = getattr(t, "logits", None)
+        return fn(hidden, qw) if fn is not None else t.linear(hidden, qw).float()
+    if native and hidden.device.type == "cpu" and (fn := _cpu("quant_linear")) is not None:
+        y = fn(hidden, qw, None)
+        if y is not None:
+            return y.float()
+    return torch_linear(hidden.float(), qw)
+
+
+# ------------------------------------------------------------------ the torch path (the oracle)
+def torch_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear on the dequantized weight, a slice of rows at a time for large weights (bounded memory)."""
+    n, k = qw.shape
+    if n * k <= _CHUNK:
+        return F.linear(x, dequantize(qw, x.dtype), bias)
+    step = max(FP8_BLOCK, _CHUNK // k // FP8_BLOCK * FP8_BLOCK)  # whole fp8 blocks of rows
+    y = torch.cat([F.linear(x, dequantize(qw[a:a + step], x.dtype)) for a in range(0, n, step)], dim=-1)
+    return y if bias is None else y + bias
+
+
+def torch_moe_experts(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids,
+                      every_expert: bool | None = None) -> torch.Tensor:
+    """The experts one at a time, each dequantized on its own (memory stays at one expert's weights). The
+    pairs go by expert and each token's results add up in float32 by ascending expert, as in
+    kernels.moe.moe_experts. every_expert (default: inside a CUDA graph capture, where no host sync is
+    allowed): every expert runs on every token, weighted by its share (zero for tokens that did not choose it)."""
+    t, k = ids.shape
+    y = torch.zeros(t, w2.shape[1], dtype=torch.float32, device=x.device)
+    if every_expert is None:
+        every_expert = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if every_expert:
+        for e in range(w13.shape[0]):
+            share = (weights * (ids == e)).sum(-1, keepdim=True)
+            y.add_(_expert(x, w13[e], w2[e]).float() * share)
+        return y.to(x.dtype)
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)  # -1 first, then expert 0, 1, ...
+    counts = torch.bincount(flat[flat >= 0], minlength=w13.shape[0]).tolist()
+    order = order[t * k - sum(counts):]
+    token, pair_weights = order // k, weights.reshape(-1)[order]
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            rows = token[start:start + c]
+            out = _expert(x.index_select(0, rows), w13[e], w2[e]).float()
+            y.index_add_(0, rows, out.mul_(pair_weights[start:start + c, None]))
+            start += c
+    return y.to(x.dtype)
+
+
+def _expert(x, w13: QuantizedWeight, w2: QuantizedWeight) -> torch.Tensor:
+    return F.linear(silu_and_mul(F.linear(x, dequantize(w13, x.dtype))), dequantize(w2, x.dtype))
