@@ -242,11 +242,15 @@ class Kernels:
             weights, ids = self.gate_route(normed, gate_weight, expert_bias, top_k, **kw)
         return (normed, residual, *(choice or (weights, ids)), None)
 
-    def moe_experts(self, x, w13, w2, weights, ids, unsummed: bool = False, started=None):
+    def moe_experts(self, x, w13, w2, weights, ids, unsummed: bool = False, started=None, num_appended: int = 0):
         """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
-        norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result."""
-        if isinstance(w13, QuantizedWeight):  # the sum
-            return _quant.moe_experts(x, w13, w2, weights, ids, native=self.native)
+        norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result.
+        num_appended: the folded shared expert's columns of ids (quantized experts start them early)."""
+        if isinstance(w13, QuantizedWeight):
+            kw = dict(native=self.native, num_appended=num_appended)
+            if unsummed and (y := _quant.moe_pairs(x, w13, w2, weights, ids, **kw)) is not None:
+                return ExpertOutputs(y, weights, ids)
+            return _quant.moe_experts(x, w13, w2, weights, ids, **kw)
         t = self._pick(x, "moe")
         if t:
             y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed, started=started)

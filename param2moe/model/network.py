@@ -195,7 +195,8 @@ class MoE(nn.Module):
         if self.shard.ep_size > 1:  # experts held by other ranks contribute nothing here
             local = (ids >= self.expert_start) & (ids < self.expert_end)
             ids = torch.where(local, ids - self.expert_start, -1)
-        y = self.ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single, started=started)
+        y = self.ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single, started=started,
+                                 num_appended=self.num_folded_shared)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return (y if single else self.shard.all_reduce(y)), residual
