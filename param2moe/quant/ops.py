@@ -81,9 +81,13 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
 def logits(hidden: torch.Tensor, qw: QuantizedWeight, *, native: bool = True) -> torch.Tensor:
     """hidden @ W.T in float32 (the head; see kernels.Kernels.logits for why float32). The torch path multiplies
     in float32."""
-    if _triton(hidden, qw, native) is None and _cpu(hidden, native, "quant_linear") is None:
-        return torch_linear(hidden.float(), qw)
-    return linear(hidden, qw, native=native, out_dtype=torch.float32)
+    f32 = torch.float32
+    if (t := _triton(hidden, qw, native)) is not None:
+        return t.linear(hidden, qw, out_dtype=f32)
+    fn = _cpu(hidden, native, "quant_linear")
+    if fn is not None and (y := fn(hidden, qw, None, out_dtype=f32)) is not None:
+        return y
+    return torch_linear(hidden.float(), qw)
 
 
 def mlp(x: torch.Tensor, gate_up: QuantizedWeight, down: QuantizedWeight, *, native: bool = True):
