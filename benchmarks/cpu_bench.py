@@ -43,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # param2moe from this checkout, installed or not
     sys.path.insert(0, ROOT)
 
-# Param2's layout (SPEC 1: dense first layer, sigmoid routing with expert bias, n_group=1/topk_group=1,
+# Param2's layout (docs/model.md §1: dense first layer, sigmoid routing with expert bias, n_group=1/topk_group=1,
 # 2 shared experts whose width is the total, QK-norm, tied head, theta 1e6) at ~47M parameters.
 MODEL = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
              head_dim=64, intermediate_size=2048, moe_intermediate_size=256, num_experts=16,
@@ -65,7 +65,7 @@ class _Ours:
         from param2moe import LLM, SamplingParams
 
         self.SamplingParams = SamplingParams
-        kw = {"quantization": a.quantization} if a.quantization else {}
+        kw = {"quantization": a.quantization, "quantize_head": a.quantize_head} if a.quantization else {}
         self.llm = LLM(a.ckpt, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                        max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=a.kv_gib << 30,
                        enable_prefix_caching=False, seed=0, **kw)
@@ -111,22 +111,28 @@ def worker(a) -> None:
     engine.generate(_prompts(a.num_requests, a.input_len, a.vocab, seed=2), 4)
 
     def timed(prompts, max_tokens):
-        t = time.perf_counter()
+        """(wall seconds, process CPU seconds, outputs): CPU time as well, for a machine shared with other jobs
+        (with one thread it is the time the run needed, whatever share of the core it got)."""
+        t, c = time.perf_counter(), time.process_time()
         out = engine.generate(prompts, max_tokens)
-        return time.perf_counter() - t, out
+        return time.perf_counter() - t, time.process_time() - c, out
 
     lat_prompt = _prompts(1, a.input_len, a.vocab, seed=3)
-    ttft = min(timed(lat_prompt, 1)[0] for _ in range(3))
-    long_s, long_out = timed(lat_prompt, a.latency_output_len)
+    firsts = [timed(lat_prompt, 1) for _ in range(3)]
+    ttft, ttft_cpu = min(f[0] for f in firsts), min(f[1] for f in firsts)
+    long_s, long_cpu, long_out = timed(lat_prompt, a.latency_output_len)
+    n = a.latency_output_len - 1
     res["latency"] = {"input_len": a.input_len, "output_len": a.latency_output_len, "ttft_ms": 1e3 * ttft,
-                      "tpot_ms": 1e3 * (long_s - ttft) / (a.latency_output_len - 1), "total_s": long_s}
+                      "tpot_ms": 1e3 * (long_s - ttft) / n, "total_s": long_s,
+                      "ttft_cpu_ms": 1e3 * ttft_cpu, "tpot_cpu_ms": 1e3 * (long_cpu - ttft_cpu) / n}
     prompts = _prompts(a.num_requests, a.input_len, a.vocab, seed=4)
-    elapsed, outs = timed(prompts, a.output_len)
+    elapsed, cpu, outs = timed(prompts, a.output_len)
     n_out = sum(len(o) for o in outs)
     assert n_out == a.num_requests * a.output_len
     res["throughput"] = {"num_requests": a.num_requests, "input_len": a.input_len, "output_len": a.output_len,
                          "elapsed_s": elapsed, "output_tok_s": n_out / elapsed,
-                         "total_tok_s": (n_out + a.num_requests * a.input_len) / elapsed}
+                         "total_tok_s": (n_out + a.num_requests * a.input_len) / elapsed,
+                         "cpu_s": cpu, "output_tok_per_cpu_s": n_out / cpu}
     res["greedy_tokens_head"] = [o[:8] for o in outs[:4]]  # to see that both engines did the same work
     with open(a.result, "w") as f:
         json.dump(res, f)
@@ -210,6 +216,8 @@ def run_worker(engine: str, python: str, a, ckpt: str) -> dict:
         vocab=MODEL["vocab_size"]).items()]
     if getattr(a, "quantization", None):
         args.append(f"--quantization={a.quantization}")
+        if getattr(a, "quantize_head", False):
+            args.append("--quantize-head")
     idle_before = wait_until_idle(a.wait_idle) if a.wait_idle else None
     load_before = loadavg()
     busy0, total0 = _cpu_jiffies()
@@ -280,6 +288,7 @@ def main() -> None:
     ap.add_argument("--wait-idle", type=float, default=120,
                     help="before each engine, wait up to this many seconds for idle CPUs (0: don't)")
     ap.add_argument("--quantization", help="param2moe's weights: int8 or int4 (vLLM runs unquantized)")
+    ap.add_argument("--quantize-head", action="store_true", help="with --quantization: the output head too")
     ap.add_argument("--ckpt", help="use this checkpoint (of the one --dtype) instead of writing one")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/cpu_bench_<date>.json)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

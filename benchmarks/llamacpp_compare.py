@@ -17,7 +17,7 @@ Conversion (convert_hf_to_gguf.py, as BailingMoeV2) needs three workarounds for 
 temporary copy of the folder (weights linked, not copied):
   - the head is tied (tie_word_embeddings): there is no lm_head.weight, and llama.cpp's BailingMoeV2 requires
     output.weight -> the copy gets a shard holding lm_head.weight = the embedding;
-  - moe_shared_expert_intermediate_size is the total width of the shared experts (SPEC 3.4), and llama.cpp
+  - moe_shared_expert_intermediate_size is the total width of the shared experts (docs/model.md §3.4), and llama.cpp
     multiplies it by num_shared_experts again -> the copy's config gets total / num_shared_experts;
   - the tokenizer's pre-tokenizer is not one the converter knows by hash -> it is named (--pre-tokenizer,
     default gpt-2: a plain ByteLevel pre-tokenizer with GPT-2's regex, as the writer's tokenizer.json has);
@@ -48,6 +48,7 @@ import datetime
 import glob
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -353,22 +354,40 @@ def ppl_table(res: dict) -> str:
 
 
 # ================================================================== speed
+def _child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_cpu(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """run(cmd), and the CPU seconds the command used (user + system)."""
+    c = _child_cpu()
+    r = run(cmd, capture_output=True, text=True)
+    return r, _child_cpu() - c
+
+
 def llama_bench(gguf: str, a) -> dict:
     """Batch-1 decode after an --input-len context (llama-bench tg at that depth) and 16-sequence throughput
     (llama-batched-bench: --output-len tokens each after an --input-len prompt, output tokens over the whole
-    time)."""
-    r = run([tool("llama-bench"), "-m", gguf, "-t", str(a.threads), "-p", "0", "-n", str(a.latency_output_len),
-             "-d", str(a.input_len), "-r", "3", "-o", "json"], capture_output=True, text=True)
+    time). Also in CPU time: per decode token, the CPU seconds of a run of 3x the tokens less those of a run of
+    1x, over 2x tokens; the batched run's CPU seconds less those of a load-only run (for a shared machine)."""
+    n = a.latency_output_len
+    bench = [tool("llama-bench"), "-m", gguf, "-t", str(a.threads), "-p", "0", "-d", str(a.input_len), "-o", "json"]
+    r, _ = run_cpu([*bench, "-n", str(n), "-r", "3"])
     tg = json.loads(r.stdout)[0]
-    tpot_ms = 1e3 / tg["avg_ts"]
+    _, c1 = run_cpu([*bench, "-n", str(n), "-r", "1"])
+    _, c3 = run_cpu([*bench, "-n", str(3 * n), "-r", "1"])
     npl = a.num_seqs
-    r = run([tool("llama-batched-bench"), "-m", gguf, "-t", str(a.threads), "-tb", str(a.threads),
-             "-c", str(npl * (a.input_len + a.output_len) + 64), "-b", "2048", "-ub", "512",
-             "-npp", str(a.input_len), "-ntg", str(a.output_len), "-npl", str(npl), "--output-format", "jsonl"],
-            capture_output=True, text=True)
+    batched = [tool("llama-batched-bench"), "-m", gguf, "-t", str(a.threads), "-tb", str(a.threads),
+               "-c", str(npl * (a.input_len + a.output_len) + 64), "-b", "2048", "-ub", "512", "--output-format",
+               "jsonl"]
+    r, cb = run_cpu([*batched, "-npp", str(a.input_len), "-ntg", str(a.output_len), "-npl", str(npl)])
+    _, c0 = run_cpu([*batched, "-npp", "1", "-ntg", "1", "-npl", "1"])
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     row = next(x for x in rows if x.get("pl") == npl)
-    return {"tpot_ms": tpot_ms, "tg_tok_s": tg["avg_ts"], "throughput_output_tok_s": npl * a.output_len / row["t"],
+    out_tokens = npl * a.output_len
+    return {"tpot_ms": 1e3 / tg["avg_ts"], "tg_tok_s": tg["avg_ts"], "tpot_cpu_ms": 1e3 * (c3 - c1) / (2 * n),
+            "throughput_output_tok_s": out_tokens / row["t"], "output_tok_per_cpu_s": out_tokens / (cb - c0),
             "batched_row": row, "llama_bench": {k: tg.get(k) for k in ("n_threads", "type_k", "flash_attn",
                                                                         "cpu_info", "build_commit")}}
 
@@ -378,10 +397,13 @@ def ours_bench(ckpt: str, quantization: str | None, a) -> dict:
     args = argparse.Namespace(
         dtype="bfloat16", max_model_len=1024, max_num_seqs=a.num_seqs, max_num_batched_tokens=2048, kv_gib=1,
         num_requests=a.num_seqs, input_len=a.input_len, output_len=a.output_len,
-        latency_output_len=a.latency_output_len, wait_idle=a.wait_idle, quantization=quantization)
+        latency_output_len=a.latency_output_len, wait_idle=a.wait_idle, quantization=quantization,
+        quantize_head=a.quantize_head)
     res = cpu_bench.run_worker("param2moe", sys.executable, args, ckpt)
-    return {"tpot_ms": res["latency"]["tpot_ms"], "throughput_output_tok_s": res["throughput"]["output_tok_s"],
-            "ttft_ms": res["latency"]["ttft_ms"], "others_cpu_share": res["others_cpu_share"], "raw": res}
+    lat, thr = res["latency"], res["throughput"]
+    return {"tpot_ms": lat["tpot_ms"], "throughput_output_tok_s": thr["output_tok_s"], "ttft_ms": lat["ttft_ms"],
+            "tpot_cpu_ms": lat["tpot_cpu_ms"], "output_tok_per_cpu_s": thr["output_tok_per_cpu_s"],
+            "others_cpu_share": res["others_cpu_share"], "raw": res}
 
 
 def bench(a) -> dict:
@@ -401,15 +423,19 @@ def bench(a) -> dict:
                 runs.setdefault(f"param2moe {name}", []).append(ours_bench(ckpt, ours_q, a))
                 runs.setdefault(f"llama.cpp {theirs_q}", []).append(llama_bench(ggufs[theirs_q], a))
     best = {k: {"tpot_ms": min(r["tpot_ms"] for r in v),
-                "throughput_output_tok_s": max(r["throughput_output_tok_s"] for r in v), "runs": v}
+                "throughput_output_tok_s": max(r["throughput_output_tok_s"] for r in v),
+                "tpot_cpu_ms": min(r["tpot_cpu_ms"] for r in v),
+                "output_tok_per_cpu_s": max(r["output_tok_per_cpu_s"] for r in v), "runs": v}
             for k, v in runs.items()}
     return {"parameters": n_params, "gguf_bytes": sizes, "results": best}
 
 
 def bench_table(res: dict) -> str:
-    lines = ["| engine, format | batch-1 decode ms/token | 16-seq output tok/s |", "|---|---|---|"]
+    lines = ["| engine, format | batch-1 decode ms/token | 16-seq output tok/s | batch-1 CPU ms/token | "
+             "16-seq output tok per CPU s |", "|---|---|---|---|---|"]
     for k, v in res["results"].items():
-        lines.append(f"| {k} | {v['tpot_ms']:.2f} | {v['throughput_output_tok_s']:.1f} |")
+        lines.append(f"| {k} | {v['tpot_ms']:.2f} | {v['throughput_output_tok_s']:.1f} | {v['tpot_cpu_ms']:.2f} | "
+                     f"{v['output_tok_per_cpu_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -428,16 +454,24 @@ def main() -> None:
     ap.add_argument("--pre-tokenizer", default="gpt-2", help="the pre-tokenizer name the converter is given")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--formats", default="bf16,int8,int4")
+    ap.add_argument("--quantize-head", action="store_true",
+                    help="bench: param2moe's head quantized too (llama-quantize makes it Q8_0 / Q6_K; ours stays bf16 "
+                         "without this)")
     ap.add_argument("--num-seqs", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--latency-output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--wait-idle", type=float, default=60)
+    ap.add_argument("--nice", type=int, default=0,
+                    help="scheduling priority change for this run and every process it starts, both engines alike "
+                         "(negative: ahead of the machine's other jobs; needs root)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/llamacpp_compare_<what>_<date>.json)")
     a = ap.parse_args()
     if a.what == "build":
         return build(a.jobs)
+    if a.nice:
+        os.nice(a.nice)
     t0 = time.time()
     if a.what == "ppl" and not (a.ckpt and a.text):
         raise SystemExit("ppl needs --ckpt and --text")
@@ -449,7 +483,7 @@ def main() -> None:
     doc = {"date": now.isoformat(timespec="seconds"), "git_commit": cpu_bench._sh(["git", "-C", ROOT, "rev-parse",
                                                                                    "HEAD"]),
            "command": " ".join([os.path.relpath(sys.executable), *sys.argv]), "machine": cpu_bench.machine(),
-           "llama_cpp_source": os.path.relpath(sdist_dir(), ROOT), "threads": a.threads,
+           "llama_cpp_source": os.path.relpath(sdist_dir(), ROOT), "threads": a.threads, "nice": a.nice,
            "elapsed_s": round(time.time() - t0, 1), "results": res, "table": text}
     out = a.out or os.path.join(ROOT, "benchmarks", "results", f"llamacpp_compare_{a.what}_{now:%Y-%m-%d}.json")
     with open(out, "w") as f:

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Quality of the quantized formats against the model as stored: logprob drift, perplexity and greedy agreement.
 
-    python benchmarks/quant_quality.py [--models bundled,peaked,parity] [--model DIR ...]
+    python benchmarks/quant_quality.py [--models demo,peaked,parity] [--model DIR ...]
         [--methods int8,int4,fp8,fp8-block] [--dtype float32] [--steps 64] [--out FILE.json]
 
 For each checkpoint, the engine runs the same prompts once as stored (the reference: the checkpoint's own
-weights, bf16 for the bundled model) and once per quantization method, activations in --dtype (float32 by
+weights, bf16 for the demo model) and once per quantization method, activations in --dtype (float32 by
 default, so that the differences are the weights' quantization alone), greedy, ignore_eos:
   - logprob drift: mean and largest |logprob(quantized) - logprob(reference)| over the prompt tokens;
   - perplexity of the prompt tokens, reference and quantized, and the relative change;
@@ -16,7 +16,9 @@ the same checkpoint (random networks amplify any change; a trained one much less
 method on each backend ("auto": the device's quantized kernels, on a CPU the native ones, which quantize
 activations to int8 per 128 columns; "torch": dequantize + matmul, the weights' quantization alone); rows of
 the torch backend are named "<method>/torch".
-Checkpoints: `bundled` (the package's model, random weights), `peaked` (benchmarks/peaked_checkpoint.py: random
+Checkpoints: `demo` (the package's default model, trained: scripts/train_demo_model.py; its prompts are
+held-out text, tests/data/demo_heldout.txt, so its perplexity is a language model's), `bundled` (the writer's
+random `bundled` preset, the package's model before the demo), `peaked` (benchmarks/peaked_checkpoint.py: random
 weights trained on the CPU to memorise a corpus, so that next tokens lead clearly as in a trained model; its
 prompts are prefixes of that corpus), `parity` (the checkpoints of tests/test_vllm_parity.py, rewritten from
 tests/data/vllm_reference.json, with their prompts), and any --model DIR (random ordinary token ids). A method
@@ -74,10 +76,16 @@ def compare(ref, got, prompts) -> dict:
 
 def cases(names: list[str], extra: list[str], tmp: str, peaked: tuple[int, int, int]):
     """(name, checkpoint folder, prompts, notes) for each requested checkpoint."""
-    if "bundled" in names:
-        from param2moe.engine.config import bundled_model_path
+    if "demo" in names:
+        from param2moe.engine.config import default_model_path
 
-        yield "bundled", bundled_model_path(), _random_prompts(1024, 16), {}
+        yield "demo", default_model_path(), _heldout_prompts(default_model_path(), 16), {}
+    if "bundled" in names:
+        from param2moe.writer import preset_config, write_checkpoint
+
+        path = os.path.join(tmp, "bundled")
+        write_checkpoint(path, preset_config("bundled"), seed=0)
+        yield "bundled", path, _random_prompts(1024, 16), {}
     if "peaked" in names:
         from peaked_checkpoint import corpus_prompts, make_peaked_checkpoint
 
@@ -101,6 +109,16 @@ def cases(names: list[str], extra: list[str], tmp: str, peaked: tuple[int, int, 
         yield path, path, _random_prompts(Param2MoEConfig.from_pretrained(path).vocab_size, 16), {}
 
 
+def _heldout_prompts(path: str, n: int, max_len: int = 256) -> list[list[int]]:
+    """The first n pieces of the demo model's held-out text (never trained on), as its tokenizer cuts them."""
+    from param2moe.tokenizer import Tokenizer
+
+    tok = Tokenizer(path)
+    with open(os.path.join(ROOT, "tests", "data", "demo_heldout.txt"), encoding="utf-8") as f:
+        pieces = [p for p in f.read().split("\n\n") if p.strip()]
+    return [tok.encode(p, add_special_tokens=False)[:max_len] for p in pieces[:n]]
+
+
 def _random_prompts(vocab: int, n: int) -> list[list[int]]:
     rng = random.Random(0)
     return [[rng.randrange(25, vocab) for _ in range(rng.randrange(16, 120))] for _ in range(n)]
@@ -108,7 +126,7 @@ def _random_prompts(vocab: int, n: int) -> list[list[int]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="bundled,peaked,parity")
+    p.add_argument("--models", default="demo,peaked,parity", help="of demo, bundled, peaked, parity")
     p.add_argument("--model", action="append", default=[], help="another checkpoint folder (repeatable)")
     p.add_argument("--methods", default="int8,int4,fp8,fp8-block")
     p.add_argument("--dtype", default="float32")

@@ -1,9 +1,9 @@
 """`param2moe bench latency|throughput`: decode latency by batch size, offline throughput, and time to
-first token, with the share of the weight-read floor (SPEC 7).
+first token, with the share of the weight-read floor (docs/model.md §7).
 
 The floor of a decode step is the bytes it must read (attention and dense weights, the experts the
 batch touches, the embedding rows, the head, and the KV cache) over the copy bandwidth measured in
-the same run. With dummy weights the router picks experts uniformly at random (on by default, SPEC 7),
+the same run. With dummy weights the router picks experts uniformly at random (on by default, docs/model.md §7),
 so a batch of B tokens touches E * (1 - (1 - K/E)^B) distinct experts per layer on average.
 """
 
@@ -191,7 +191,7 @@ def run_bench(args) -> int:
     start_s = time.perf_counter() - t0
     dev = engine.config.device
     bandwidth = copy_bandwidth(dev)
-    result = {"mode": args.mode, "model": args.model or args.preset or "bundled", "dtype": str(engine.dtype),
+    result = {"mode": args.mode, "model": args.model or engine.config.model_name, "dtype": str(engine.dtype),
               "quantization": getattr(engine.model.quant, "option", None),
               "uniform_random_routing": bool(engine.config.uniform_random_routing), "engine_start_s": start_s,
               "copy_bandwidth_GBps": bandwidth / 1e9, "machine": machine_facts(dev), "date": time.strftime("%F"),
@@ -215,7 +215,7 @@ def run_bench(args) -> int:
         print(f"{row['num_prompts']} requests x ({args.input_len} in, {args.output_len} out): "
               f"{row['output_tok_per_s']:.1f} output tok/s, {row['seconds']:.2f} s")
     if engine.config.uniform_random_routing:
-        print("(experts chosen uniformly at random: dummy-weight routing, SPEC 7)")
+        print("(experts chosen uniformly at random: dummy-weight routing, docs/model.md §7)")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint layout (SPEC section 4) and loading.
+"""Hugging Face checkpoint layout (docs/model.md §4) and loading.
 
 `checkpoint_layout(config)` is the one map of tensor names and shapes: the loader checks files
 against it and the checkpoint writer writes it. `load_checkpoint` streams tensors from memory-mapped
@@ -143,9 +143,9 @@ def _layer_targets(model, i: int) -> dict[str, Target]:
     if moe.gate.expert_bias is not None:
         t[p + "mlp.gate.expert_bias"] = Target([(moe.gate.expert_bias, ())])
     width_rank = 0 if shard.expert_parallel else shard.tp_rank
-    for j in range(moe.expert_start, moe.expert_end):
-        t.update(_swiglu_targets(f"{p}mlp.experts.{j}.", moe.w13[j - moe.expert_start],
-                                 moe.w2[j - moe.expert_start], width_rank))
+    for slot, j in enumerate(moe.slot_experts):  # a replicated expert (eplb) fills each of its slots
+        for name, target in _swiglu_targets(f"{p}mlp.experts.{j}.", moe.w13[slot], moe.w2[slot], width_rank).items():
+            t.setdefault(name, Target([])).parts.extend(target.parts)
     if moe.shared_experts is not None:
         s = moe.shared_experts
         t.update(_swiglu_targets(p + "mlp.shared_experts.", s.gate_up_proj, s.down_proj, shard.tp_rank))
@@ -212,7 +212,7 @@ def iter_checkpoint_tensors(path: str) -> Iterator[tuple[str, str, WeightsFile |
 
 
 def resolve_shared_width(cfg: Param2MoEConfig, path: str) -> Param2MoEConfig:
-    """SPEC 3.4: the checkpoint's shared-expert shape is the truth. Accept a width that matches either
+    """docs/model.md §3.4: the checkpoint's shared-expert shape is the truth. Accept a width that matches either
     rule (moe_shared_expert_intermediate_size as the total, or moe_intermediate_size * num_shared_experts)
     and record it in the config; a width that matches neither is an error naming both."""
     if not cfg.shared_expert_intermediate_size:
@@ -287,7 +287,7 @@ def _load_tensor(f: WeightsFile | QuantizedCheckpoint, name: str, layout: dict, 
 
 
 def _center_expert_bias(model) -> None:
-    # A constant added to every expert bias changes no choice (SPEC 3.4); centring keeps it small
+    # A constant added to every expert bias changes no choice (docs/model.md §3.4); centring keeps it small
     # next to the scores in fp32.
     for module in model.modules():
         bias = getattr(getattr(module, "gate", None), "expert_bias", None)

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--routing", choices=["uniform_random", "model"], default=None,
-                   help="expert choice (default: uniform_random with dummy weights, SPEC 7)")
+                   help="expert choice (default: uniform_random with dummy weights, docs/model.md §7)")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=cmd_bench)
 
@@ -270,13 +270,15 @@ def _known_errors() -> tuple:
     Anything else is a bug and keeps its traceback."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .distributed import RankLostError
     from .engine import EngineError
     from .engine.config import EngineConfigError
     from .hub import ModelNotFoundError
+    from .lora import LoRAError
     from .weights_file import WeightsFileError
 
-    return (CliError, CheckpointError, ConfigError, EngineError, EngineConfigError, ModelNotFoundError,
-            WeightsFileError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    return (CliError, CheckpointError, ConfigError, EngineError, EngineConfigError, LoRAError, ModelNotFoundError,
+            RankLostError, WeightsFileError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:

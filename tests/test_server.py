@@ -1,10 +1,11 @@
 """`param2moe serve` end to end: real server processes on 127.0.0.1, driven with the official openai
 client (and httpx for what the client cannot send).
 
-Two servers per module: the bundled small model (float32, so that greedy outputs do not depend on the
-batch) behind an API key, and a scripted tiny checkpoint (tests/scripted_checkpoint.py) that writes
-reasoning and a tool call on cue, with tight limits (one running sequence, one queued, small bodies).
-A third is started and stopped with SIGTERM.
+Two servers per module: a random checkpoint of the writer's `bundled` preset (float32, so that greedy
+outputs do not depend on the batch; random weights, so that generation runs to max_tokens where the
+trained default model may end its text) behind an API key, and a scripted tiny checkpoint
+(tests/scripted_checkpoint.py) that writes reasoning and a tool call on cue, with tight limits (one running
+sequence, one queued, small bodies). A third is started and stopped with SIGTERM.
 """
 
 from __future__ import annotations
@@ -18,29 +19,30 @@ import time
 import httpx
 import openai
 import pytest
+from cases import ANSWER_CHAIN, ENTRIES, TOOL_CALL_CHAIN, TOOL_JSON, USER
 from openai import AsyncOpenAI, OpenAI
 from scripted_checkpoint import write_scripted_checkpoint
 from server_harness import KEY, Server, assert_error, post
 
+from param2moe.writer import preset_config, write_checkpoint
+
 MAX_LEN = 512
-TOOL_JSON = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 CHAINS = {
     # after "<|im_start|>assistant\n": think, then call the tool
-    "tool": ["<think>", "I should look up", " the weather.", "</think>", "<tool_call>", TOOL_JSON, "</tool_call>",
-             "<<|EOS|>>"],
+    "tool": ["<think>", "I should look up", " the weather.", "</think>", *TOOL_CALL_CHAIN],
     # after an assistant message "<answer>" continued: a plain answer
-    "answer": ["The weather", " in Paris is sunny.", "<<|EOS|>>"],
+    "answer": ANSWER_CHAIN,
 }
-ENTRIES = {"tool": "\n", "answer": "<answer>"}
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
 def main(tmp_path_factory):
-    server = Server(["--dtype", "float32", "--api-key", KEY, "--max-model-len", str(MAX_LEN),
+    model = tmp_path_factory.mktemp("random") / "param2-small"  # the server names it by its folder
+    write_checkpoint(str(model), preset_config("bundled"), seed=0)
+    server = Server(["--model", str(model), "--dtype", "float32", "--api-key", KEY, "--max-model-len", str(MAX_LEN),
                      "--kv-cache-memory", str(64 << 20)], tmp_path_factory.mktemp("logs") / "main.log")
     yield server
     server.check_clean_exit()
@@ -79,7 +81,7 @@ def test_models_health_version(main, client):
     assert httpx.get(main.url + "/health").status_code == 200
     assert httpx.get(main.url + "/version").json()["version"]
     models = client.models.list().data
-    assert [m.id for m in models] == ["param2-small"]  # no --model: the bundled model
+    assert [m.id for m in models] == ["param2-small"]  # no --served-model-name: the folder's name
     assert models[0].model_extra["max_model_len"] == MAX_LEN
 
 
@@ -386,7 +388,7 @@ def test_invalid_values_400(main, extra, fragment, param):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "text"),
     ({"top_logprobs": 3}, "logprobs"),
     ({"logprobs": True, "top_logprobs": 30}, "logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
 ])

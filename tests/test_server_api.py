@@ -11,17 +11,14 @@ import time
 
 import httpx
 import pytest
+from cases import ANSWER_CHAIN, ENTRIES, TOOL_CALL_CHAIN, USER
 from openai import OpenAI
 from scripted_checkpoint import write_scripted_checkpoint
 from server_harness import Server, assert_error
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 ANSWER = [*USER, {"role": "assistant", "content": "<answer>"}]
-CHAINS = {"tool": ["<tool_call>", '{"name": "get_weather", "arguments": {"city": "Paris"}}', "</tool_call>",
-                   "<<|EOS|>>"],
-          "answer": ["The weather", " in Paris is sunny.", "<<|EOS|>>"]}
-ENTRIES = {"tool": "\n", "answer": "<answer>"}
+CHAINS = {"tool": TOOL_CALL_CHAIN, "answer": ANSWER_CHAIN}
 MAX_NUM_SEQS, MAX_QUEUED = 2, 1
 
 

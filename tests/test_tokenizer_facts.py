@@ -8,9 +8,10 @@ import json
 import shutil
 from pathlib import Path
 
+from param2moe.engine.config import default_model_path
 from param2moe.tokenizer import Tokenizer
 
-BUNDLED = Path(__file__).resolve().parents[1] / "param2moe" / "data" / "param2-small"
+BUNDLED = Path(default_model_path())  # the default model's tokenizer (byte-level BPE, Param-2's special tokens)
 
 
 def gpt2_byte_alphabet() -> dict[str, int]:

@@ -15,6 +15,7 @@ from ..quant.formats import QuantizedWeight
 from . import attention as _attention
 from . import cpu as _cpu
 from . import embedding as _embedding
+from . import lora as _lora
 from . import moe as _moe
 from . import norm as _norm
 from . import rope as _rope
@@ -242,10 +243,27 @@ class Kernels:
             weights, ids = self.gate_route(normed, gate_weight, expert_bias, top_k, **kw)
         return (normed, residual, *(choice or (weights, ids)), None)
 
-    def moe_experts(self, x, w13, w2, weights, ids, unsummed: bool = False, started=None, num_appended: int = 0):
+    def map_experts(self, ids, table, counts, num_physical: int, load=None, slots=None, padding_slot: int = -1,
+                    local=None):
+        """Logical expert ids -> physical replicas (expert load balancing), each pair's expert counted into load:
+        see routing.map_experts. One launch on CUDA."""
+        t = self._pick(ids, "routing")
+        fn = t.map_experts if t else _routing.map_experts
+        return fn(ids, table, counts, num_physical, load, slots, padding_slot, local)
+
+    def moe_experts(self, x, w13, w2, weights, ids, unsummed: bool = False, started=None, lora=None,
+                    num_appended: int = 0):
         """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
         norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result.
-        num_appended: the folded shared expert's columns of ids (quantized experts start them early)."""
+        lora: a lora.ExpertLoRA, each pair's expert adapted by its token's adapter (never over quantized
+        experts: LoRASlots refuses their slots). num_appended: the folded shared expert's columns of ids
+        (quantized experts' kernel starts them early)."""
+        if lora is not None:
+            t = self._pick(x, "lora")
+            if t:
+                y = t.moe_experts_lora(x, w13, w2, weights, ids, lora, unsummed=unsummed)
+                return ExpertOutputs(y, weights, ids) if unsummed else y
+            return _lora.moe_experts_lora(x, w13, w2, weights, ids, lora)
         if isinstance(w13, QuantizedWeight):
             kw = dict(native=self.native, num_appended=num_appended)
             if unsummed and (y := _quant.moe_pairs(x, w13, w2, weights, ids, **kw)) is not None:
@@ -262,6 +280,17 @@ class Kernels:
             if y is not None:
                 return y
         return _moe.moe_experts_cpu(x, w13, w2, weights, ids)
+
+    def lora_rows(self, index, num_buckets: int):
+        """How a batch's rows group by adapter for add_lora: index [M] int32, each row's bucket (-1: none).
+        On CUDA device tensors and no host sync (capturable); elsewhere lists read on the host."""
+        t = self._pick(index, "lora")
+        return t.lora_rows(index, num_buckets) if t else _lora.rows_by_bucket(index)
+
+    def add_lora(self, y, x, a, b, rows):
+        """y += each row's LoRA delta (x @ a[i].T) @ b[i].T, in place (kernels/lora.py); rows: lora_rows(...)."""
+        t = self._pick(x, "lora")
+        return t.add_lora(y, x, a, b, rows) if t else _lora.add_lora(y, x, a, b, rows)
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale: float,
                         max_query_len: int, max_context_len: int, new_kv=None):
@@ -308,11 +337,13 @@ qk_norm_rope = AUTO.qk_norm_rope
 route = AUTO.route
 gate_route = AUTO.gate_route
 add_rms_norm_gate_route = AUTO.add_rms_norm_gate_route
+map_experts = AUTO.map_experts
 moe_experts = AUTO.moe_experts
 paged_attention = AUTO.paged_attention
 
 
 __all__ = [
     "AUTO", "BACKENDS", "ExpertOutputs", "Kernels", "add_rms_norm", "add_rms_norm_gate_route", "apply_rope",
-    "argmax", "causal_attention", "gate_route", "linear", "logits", "mlp", "moe_experts", "paged_attention",
-    "qk_norm_rope", "rms_norm", "route", "silu_and_mul", "sum_experts", "token_inputs", "triton_available"]
+    "argmax", "causal_attention", "gate_route", "linear", "logits", "map_experts", "mlp", "moe_experts",
+    "paged_attention", "qk_norm_rope", "rms_norm", "route", "silu_and_mul", "sum_experts", "token_inputs",
+    "triton_available"]

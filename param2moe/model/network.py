@@ -1,4 +1,4 @@
-"""The Param2MoE network (SPEC section 3) in plain PyTorch.
+"""The Param2MoE network (docs/model.md §3) in plain PyTorch.
 
 Tokens are flattened: every forward takes input_ids [T] and positions [T] of one or more sequences
 packed back to back, and an attention object that knows how those tokens group into sequences and
@@ -60,7 +60,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA attention with a fused QKV projection, optional QK-norm, partial RoPE (SPEC 3.2)."""
+    """GQA attention with a fused QKV projection, optional QK-norm, partial RoPE (docs/model.md §3.2)."""
 
     ops: Kernels = AUTO
 
@@ -84,10 +84,13 @@ class Attention(nn.Module):
             self.key_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
         else:
             self.query_layernorm = self.key_layernorm = None
+        self.lora_qkv = self.lora_dense = None  # LoRA hooks (param2moe/lora/slots.py): y = hook.add(x, y)
 
     def forward(self, x, cos, sin, attn) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
         qkv = self.ops.linear(x, self.query_key_value.weight, self.query_key_value.bias)
+        if self.lora_qkv is not None:
+            qkv = self.lora_qkv.add(x, qkv)
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q, k, v = q.reshape(t, self.num_heads, d), k.reshape(t, self.num_kv_heads, d), v.reshape(t, -1, d)
         # QK-norm (when the checkpoint has it) and RoPE run inside the attention (with the KV-cache write,
@@ -98,11 +101,15 @@ class Attention(nn.Module):
         o = attn.attend(self.layer_idx, q, k, v, self.scale, norm_rope)
         # Each rank holds a slice of the heads: partial sums, reduced; the bias is added by one rank.
         bias = self.dense.bias if self.shard.tp_rank == 0 else None
-        return self.shard.all_reduce(self.ops.linear(o.reshape(t, -1), self.dense.weight, bias))
+        o = o.reshape(t, -1)
+        y = self.ops.linear(o, self.dense.weight, bias)
+        if self.lora_dense is not None:
+            y = self.lora_dense.add(o, y)
+        return self.shard.all_reduce(y)
 
 
 class MLP(nn.Module):
-    """SwiGLU `down(silu(gate(x)) * up(x))` with gate and up fused in one matrix (SPEC 3.3)."""
+    """SwiGLU `down(silu(gate(x)) * up(x))` with gate and up fused in one matrix (docs/model.md §3.3)."""
 
     ops: Kernels = AUTO
 
@@ -111,14 +118,19 @@ class MLP(nn.Module):
         # gate rows, then up rows
         self.gate_up_proj = _matrix(quant, [prefix + "gate_proj", prefix + "up_proj"], 2 * width, hidden, dtype=dtype)
         self.down_proj = _matrix(quant, [prefix + "down_proj"], hidden, width, dtype=dtype)
+        self.lora_gate_up = self.lora_down = None  # LoRA hooks (param2moe/lora/slots.py)
 
     def forward(self, x: torch.Tensor, unsummed: bool = False) -> torch.Tensor:
         """The partial output of this rank's slice of the width (reduced by the caller); unsummed: see ops.mlp."""
-        return self.ops.mlp(x, self.gate_up_proj, self.down_proj, unsummed=unsummed)
+        if self.lora_gate_up is None:
+            return self.ops.mlp(x, self.gate_up_proj, self.down_proj, unsummed=unsummed)
+        gate_up = self.lora_gate_up.add(x, self.ops.linear(x, self.gate_up_proj))
+        act = self.ops.silu_and_mul(gate_up)
+        return self.lora_down.add(act, self.ops.linear(act, self.down_proj))
 
 
 class MoE(nn.Module):
-    """Router, routed experts stacked into [E, ...] tensors, and the shared expert (SPEC 3.4)."""
+    """Router, routed experts stacked into [E, ...] tensors, and the shared expert (docs/model.md §3.4)."""
 
     ops: Kernels = AUTO
 
@@ -126,14 +138,17 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg, self.shard = cfg, shard
         e, h = cfg.num_experts, cfg.hidden_size
-        self.expert_start, self.expert_end = shard.local_experts(e)
+        self.expert_start, self.expert_end = shard.local_experts(e)  # physical slots (eplb: replicas too)
+        # the logical expert in each of this rank's slots: the checkpoint's experts.{j} that fills it
+        self.slot_experts = [p % e for p in range(self.expert_start, self.expert_end)]
+        self.expert_map = None  # expert load balancing (param2moe/eplb): logical ids -> this rank's slots
         width = shard.local_expert_width(cfg.moe_intermediate_size)
         # Routing runs in fp32 whatever the checkpoint stores (router_dtype fp32).
         self.gate = nn.Module()
         self.gate.weight = _param(e, h, dtype=torch.float32)
         self.gate.expert_bias = _param(e, dtype=torch.float32) if cfg.moe_router_enable_expert_bias else None
         n_local = self.expert_end - self.expert_start
-        experts = [f"{prefix}experts.{j}." for j in range(self.expert_start, self.expert_end)]
+        experts = [f"{prefix}experts.{j}." for j in self.slot_experts]
         self.w13 = _matrix(quant, [e + p for e in experts for p in ("gate_proj", "up_proj")], n_local, 2 * width, h,
                            dtype=dtype)
         self.w2 = _matrix(quant, [e + "down_proj" for e in experts], n_local, h, width, dtype=dtype)
@@ -142,6 +157,7 @@ class MoE(nn.Module):
             if shared else None
         self.random_choice = None  # (weights, ids) replacing the router's choice this step (benchmarks)
         self.num_folded_shared = 0  # shared-expert pieces appended to w13/w2 (fold_shared_experts)
+        self.lora_experts = None  # LoRA on the routed experts (param2moe/lora/slots.py)
 
     def fold_shared_experts(self) -> bool:
         """Append the shared expert to the stacked routed experts, cut into pieces of an expert's width
@@ -184,18 +200,22 @@ class MoE(nn.Module):
         residual' = a + residual. The norm runs in the router's launch (decode sizes, CUDA), and with one
         rank y comes back unsummed over each token's experts (ops.ExpertOutputs): the next norm sums it."""
         single = self.shard.tp_size == 1 and self.shard.ep_size == 1 and self.shared_experts is None
-        # Benchmarks with random weights (SPEC 7): the router still runs, as it would in a real model, but
+        # Benchmarks with random weights (docs/model.md §7): the router still runs, as it would in a real model, but
         # uniformly random experts replace its choice (Param2MoEForCausalLM.set_uniform_random_routing).
         # One rank with the shared expert folded in: at one token the experts' gate/up may start behind the
         # router (`started`).
+        # (Not with EPLB: the experts started behind the router would read its logical ids.)
+        early = single and self.num_folded_shared and self.expert_map is None
         x, residual, weights, ids, started = self.ops.add_rms_norm_gate_route(
             a, residual, norm.weight, norm.eps, self.gate.weight, self.gate.expert_bias, self.cfg.num_experts_per_tok,
-            experts_w13=self.w13 if single and self.num_folded_shared else None, choice=self.random_choice,
-            **self._routing_options())
-        if self.shard.ep_size > 1:  # experts held by other ranks contribute nothing here
+            experts_w13=self.w13 if early else None, choice=self.random_choice, **self._routing_options())
+        if self.expert_map is not None:  # each token's experts to one replica each; counts the load
+            ids = self.expert_map(self.ops, ids)
+        elif self.shard.ep_size > 1:  # experts held by other ranks contribute nothing here
             local = (ids >= self.expert_start) & (ids < self.expert_end)
             ids = torch.where(local, ids - self.expert_start, -1)
-        y = self.ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single, started=started,
+        lora = None if self.lora_experts is None else self.lora_experts.for_step()
+        y = self.ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single, started=started, lora=lora,
                                  num_appended=self.num_folded_shared)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -279,6 +299,8 @@ class Param2MoEForCausalLM(nn.Module):
                                           dtype=dtype)
         self.rope_cos = self.rope_sin = None
         self.random_routing = None  # (weights, table of expert sets): set_uniform_random_routing
+        self.lora = None  # adapter slots (param2moe/lora/slots.py), when LoRA is enabled
+        self.expert_maps = None  # expert load balancing: set_eplb_state
         if kernels is not None:
             self.use_kernels(kernels)
 
@@ -297,11 +319,15 @@ class Param2MoEForCausalLM(nn.Module):
         self.rope_cos, self.rope_sin = rope_cos_sin(self.config, max_positions, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
-                hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None, prev=None):
+                hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None, prev=None,
+                lora_index: torch.Tensor | None = None):
         """Run this rank's layers. The first pipeline stage embeds input_ids (prev = (prev_index,
         prev_tokens): rows with prev_index >= 0 take their id from the previous step's sampled ids, still
-        on the device); later stages take the hidden state and residual of the stage before. Returns the
+        on the device); later stages take the hidden state and residual of the stage before. lora_index
+        [T] int32: each token's adapter slot (-1: none), when LoRA slots are attached. Returns the
         final normed hidden state on the last stage, else (hidden, residual) for the next stage."""
+        if self.lora is not None:
+            self.lora.begin(lora_index, self.ops)
         if self.rope_cos is None:  # the engine sizes the table for max_model_len up front
             self.init_rope(max(self.config.max_position_embeddings, int(positions.max()) + 1))
         shard = self.shard
@@ -313,6 +339,8 @@ class Param2MoEForCausalLM(nn.Module):
             h = self.model.embed(resolve_ids(input_ids, prev)) if shard.is_first_stage else hidden
         if self.random_routing is not None:
             self._draw_random_experts(positions.shape[0], positions.device)
+        if self.expert_maps is not None:  # padding rows (their KV slot) are not counted in the experts' load
+            self.expert_maps.begin_step(getattr(attn, "slot_mapping", None))
         for layer in self.model.layers.values():
             h, residual = layer(h, residual, cos, sin, attn)
         if not shard.is_last_stage:
@@ -328,8 +356,41 @@ class Param2MoEForCausalLM(nn.Module):
         """See MoE.fold_shared_experts; returns how many layers were folded."""
         return sum(m.fold_shared_experts() for m in self.modules() if isinstance(m, MoE))
 
+    # ------------------------------------------------------------------ experts (vLLM's MixtureOfExperts names)
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @property
+    def num_logical_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def num_redundant_experts(self) -> int:
+        return self.shard.num_redundant_experts
+
+    @property
+    def num_physical_experts(self) -> int:
+        return self.num_logical_experts + self.num_redundant_experts
+
+    @property
+    def num_local_physical_experts(self) -> int:
+        return self.num_physical_experts // self.shard.ep_size
+
+    def set_eplb_state(self, maps) -> None:
+        """Route through expert load balancing: maps (param2moe/eplb ExpertMaps) gives each MoE layer its
+        logical-to-physical map and load counter (maps.layer(i)), and is told each step's KV slots."""
+        self.expert_maps = maps
+        for i, moe in enumerate(self.moe_layers):
+            moe.expert_map = maps.layer(i)
+
+    def update_physical_experts_metadata(self, slot_experts: list[list[int]]) -> None:
+        """After a rearrangement: the logical expert in each of this rank's slots, a list per MoE layer."""
+        for moe, experts in zip(self.moe_layers, slot_experts):
+            moe.slot_experts = list(experts)
+
     def set_uniform_random_routing(self, on: bool, table_rows: int = 1 << 16) -> None:
-        """Benchmarks with random weights (SPEC 7): every MoE layer's router runs, then each token takes
+        """Benchmarks with random weights (docs/model.md §7): every MoE layer's router runs, then each token takes
         a uniformly random set of experts instead of the router's choice: a random row of a table of sets
         drawn up front, for all layers of a step at once (two launches a step; drawing sets in each layer
         would add launches a real model does not have). off: the router's choice again."""

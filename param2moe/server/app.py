@@ -18,6 +18,7 @@ from .. import __version__
 from ..engine.async_engine import AsyncLLMEngine
 from .errors import install_error_handlers
 from .lifecycle import DrainingServer, lifespan
+from .lora import check_lora_modules
 from .middleware import AccessLog, Guard
 from .openapi import install_openapi
 from .options import ServerOptions
@@ -46,20 +47,24 @@ def run_server(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ServerOptions.from_args(args)
+    config = EngineConfig.from_cli_args(args)
+    adapters = check_lora_modules(options.lora_modules, config.enable_lora)  # before the model loads
     t0 = time.perf_counter()
-    engine = LLMEngine(EngineConfig.from_cli_args(args))
+    engine = LLMEngine(config)
     async_engine = AsyncLLMEngine(engine)
     app = build_app(async_engine, options)
     st = app.state.server
+    for name, path in adapters:
+        st.adapters.register(name, path)  # read and checked against the model before serving
     log.info("loaded %s in %.1f s (max_model_len %d, %d KV blocks of %d tokens); serving `%s` on http://%s:%d",
              st.model_root or st.model_name, time.perf_counter() - t0, st.max_model_len,
              len(engine.block_manager.blocks), engine.block_manager.block_size, st.model_name, options.host,
              options.port)
     # Keep-alive: uvicorn's 5 s default closed idle connections just as busy clients reused them
     # (a ReadError before any response, ~2 in 1000 requests at 256 concurrent streams); 60 s did not.
-    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", access_log=False,
+    server_config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=60)
-    DrainingServer(config, st, options.drain_seconds).run()
+    DrainingServer(server_config, st, options.drain_seconds).run()
     if hasattr(engine, "shutdown"):
         engine.shutdown()
     log.info("stopped")

@@ -28,6 +28,13 @@ def document(model, *errors: int) -> dict:
     return {"response_model": None, "responses": {200: {"model": model}, **responses}}
 
 
+def plain_text(description: str, *errors: int) -> dict:
+    """Route keywords that document a text/plain reply and these error statuses."""
+    out = document(None, *errors)
+    out["responses"][200] = {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}
+    return out
+
+
 def streamed(model, chunk_model) -> dict:
     """As document(), for an endpoint that streams SSE events of chunk_model when `stream` is true."""
     out = document(model, *_GENERATION_ERRORS)

@@ -9,8 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _opt(default, help: str, nargs: str | None = None):
+    return field(default=default, metadata={"help": help, "nargs": nargs})
 
 
 @dataclass
@@ -25,6 +25,8 @@ class ServerOptions:
     drain_seconds: float = _opt(10.0, "on SIGTERM, time to let requests in flight finish")
     enable_access_log: bool = _opt(False, "log every request (4xx and 5xx replies are logged, with their request "
                                           "id, regardless)")
+    lora_modules: list[str] | None = _opt(None, "with --enable-lora: LoRA adapters to serve, each NAME=PATH (a PEFT "
+                                                "folder); requests name one as their model", nargs="+")
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -36,7 +38,8 @@ class ServerOptions:
                 continue
             kind = {"int": int, "float": float}.get(str(f.type), str)
             shown = "" if f.default is None else f" (default: {f.default})"
-            group.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help + shown)
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help + shown,
+                               nargs=f.metadata["nargs"])
 
     @classmethod
     def from_args(cls, args) -> ServerOptions:

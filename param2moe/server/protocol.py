@@ -190,6 +190,10 @@ class SamplingFields(RequestBody):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = Field(None, description="not with stream=true")
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object or json_schema: the reply constrained to it (server/structured.py)")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM's: one of json, regex, choice, grammar, json_object, structural_tag")
 
 
 class CompletionRequest(SamplingFields):
@@ -209,7 +213,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True
-    response_format: ResponseFormat | None = Field(None, description="only `text` is supported")
     # vLLM's extras
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -234,6 +237,18 @@ class TokenizeRequest(RequestBody):
 class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
+
+
+class LoadLoRAAdapterRequest(RequestBody):
+    """vLLM's /v1/load_lora_adapter: the adapter's name (its model id from then on) and its PEFT folder."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(RequestBody):
+    lora_name: str
+    lora_int_id: int | None = Field(None, description="accepted (vLLM sends it), not needed: names are unique")
 
 
 # ---------------------------------------------------------------------------------- sampling fields

@@ -11,9 +11,17 @@ from fastapi.responses import PlainTextResponse, Response
 from .. import __version__
 from . import schemas
 from .chat_input import chat_input
-from .openapi import EMPTY, document, streamed
+from .openapi import EMPTY, document, plain_text, streamed
 from .prepare import encode_chat, prepare_chat, prepare_completion
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, RequestError, TokenizeRequest
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoRAAdapterRequest,
+    RequestError,
+    TokenizeRequest,
+    UnloadLoRAAdapterRequest,
+)
 from .serving import chat_full, chat_stream, completion_full, completion_stream
 from .state import ServerState
 from .streaming import respond
@@ -52,13 +60,30 @@ async def metrics(st: State):
 
 @router.get("/v1/models", **document(schemas.ModelList, 401))
 async def models(st: State):
-    return {"object": "list", "data": [st.model_card()]}
+    return {"object": "list", "data": st.model_cards()}
 
 
 @router.get("/v1/models/{model_id:path}", **document(schemas.ModelCard, 401, 404))
 async def model(model_id: str, st: State):
-    st.check_model(model_id)
-    return st.model_card()
+    lora = st.resolve_model(model_id)
+    cards = st.model_cards()
+    return next(c for c in cards if c["id"] == lora.lora_name) if lora else cards[0]
+
+
+# ------------------------------------------------------------------------------------ LoRA adapters (vLLM's)
+@router.post("/v1/load_lora_adapter", **plain_text("a confirmation", 400, 401, 413),
+             summary="serve a PEFT LoRA adapter under lora_name, its model id from then on (needs --enable-lora)")
+async def load_lora_adapter(req: LoadLoRAAdapterRequest, st: State):
+    await st.adapters.load(req.lora_name, req.lora_path)
+    return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter",
+             **plain_text("a confirmation", 400, 401, 404, 413),
+             summary="stop serving an adapter (refused while requests of it are unfinished)")
+async def unload_lora_adapter(req: UnloadLoRAAdapterRequest, st: State):
+    await st.adapters.unload(req.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
 
 @router.post("/tokenize", **document(schemas.TokenizeResponse, 400, 401, 404, 413))

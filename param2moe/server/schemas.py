@@ -161,7 +161,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     root: str
-    parent: None
+    parent: str | None = Field(description="a LoRA adapter's base model; null for the base model")
     max_model_len: int
 
 

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..engine.async_engine import AsyncLLMEngine
 from ..engine.config import default_max_tokens, sampling_defaults
+from .lora import ServedAdapters
 from .metrics import ServerMetrics
 from .options import ServerOptions
 from .protocol import RequestError
@@ -33,6 +34,7 @@ class ServerState:
         self.defaults = sampling_defaults(engine.generation_config)
         self.default_max_tokens = default_max_tokens(engine.generation_config)
         self.metrics = ServerMetrics(async_engine, self.model_name)
+        self.adapters = ServedAdapters(async_engine, self.model_name)
         self.token_text = TokenText(self.tokenizer)
         self.created = now()
         self.pending_seqs = 0
@@ -42,9 +44,11 @@ class ServerState:
         self.chat_stop_ids = [eot] if eot is not None and eot not in engine.eos_token_ids else []
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="p2m-tokenize")
 
-    def model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "param2moe",
+    def model_cards(self) -> list[dict]:
+        """The base model's card, then each LoRA adapter's (its parent: the base model)."""
+        base = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "param2moe",
                 "root": self.model_root, "parent": None, "max_model_len": self.max_model_len}
+        return [base, *self.adapters.cards(self.created, self.max_model_len)]
 
     # ------------------------------------------------------------------ work off the event loop
     async def off_loop(self, fn, *args, size: int = 0):
@@ -58,9 +62,17 @@ class ServerState:
 
     # ------------------------------------------------------------------ checks
     def check_model(self, name: str | None) -> None:
-        if name is not None and name not in (self.model_name, self.model_root):
-            raise RequestError(f"The model `{name}` does not exist (this server serves `{self.model_name}`).",
+        self.resolve_model(name)
+
+    def resolve_model(self, name: str | None):
+        """The LoRA adapter (a LoRARequest) a request's `model` names, None for the base model; 404 for a
+        name this server does not serve."""
+        lora = self.adapters.lookup(name)
+        if lora is None and name is not None and name not in (self.model_name, self.model_root):
+            served = ", ".join(f"`{n}`" for n in (self.model_name, *self.adapters.requests))
+            raise RequestError(f"The model `{name}` does not exist (this server serves {served}).",
                                "model", status=404, code="model_not_found")
+        return lora
 
     def need_tokenizer(self) -> None:
         if self.tokenizer is None:

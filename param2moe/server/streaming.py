@@ -85,7 +85,8 @@ async def respond(request: Request, st: ServerState, jobs: list[EngineJob], *, s
             t.finish("abort")  # no-op for those that finished
 
     try:
-        streams = [st.async_engine.generate(job.engine_input, job.params, job.request_id) for job in jobs]
+        streams = [st.async_engine.generate(job.engine_input, job.params, job.request_id, job.lora_request)
+                   for job in jobs]
         if stream:
             return SSEResponse(streamed(streams, trackers), on_close=close)
     except BaseException:

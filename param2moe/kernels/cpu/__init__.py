@@ -2,11 +2,13 @@
 
 `paged_decode` (paged_decode.c): attention of one query token per sequence over the paged KV cache, K and V
 read once straight through the block table (the torch path gathers each sequence's blocks into a copy and runs
-SDPA on it: three passes over the KV). It can also store the step's new k and v in the cache first.
+SDPA on it: three passes over the KV). It can also run the QK-norm and RoPE of q and the new k and store the
+step's new k and v in the cache first: the attention step in one call.
 
 `moe_decode` (moe_decode.c): the routed experts of a decode step in one call (pairs grouped by expert in C, each
 expert's weights streamed once for all its rows), instead of two oneDNN calls per expert plus the torch
-bookkeeping around them. `P2M_CPU_NATIVE_MOE=0` turns it off alone.
+bookkeeping around them. `P2M_CPU_NATIVE_MOE=0` turns it off alone. `dense_linear` runs its tiles as a linear
+layer (one or two rows: oneDNN's call costs more than the product there).
 
 `add_rms_norm` and `gate_route` (decode_ops.c): the residual add + RMSNorm and the router in one call each (in
 torch 6-15 small ops of a few microseconds each, much of a batch-1 decode step on a small model).
