@@ -12,7 +12,10 @@ default, so that the differences are the weights' quantization alone), greedy, i
   - greedy agreement: prompts whose --steps generated tokens are all the reference's, and the mean length of
     the common prefix.
 For scale, a row "bf16-act" runs the unquantized model with bfloat16 activations: how far rounding alone moves
-the same checkpoint (random networks amplify any change; a trained one much less).
+the same checkpoint (random networks amplify any change; a trained one much less). --kernels auto,torch: each
+method on each backend ("auto": the device's quantized kernels, on a CPU the native ones, which quantize
+activations to int8 per 128 columns; "torch": dequantize + matmul, the weights' quantization alone); rows of
+the torch backend are named "<method>/torch".
 Checkpoints: `demo` (the package's default model, trained: scripts/train_demo_model.py; its prompts are
 held-out text, tests/data/demo_heldout.txt, so its perplexity is a language model's), `bundled` (the writer's
 random `bundled` preset, the package's model before the demo), `peaked` (benchmarks/peaked_checkpoint.py: random
@@ -41,10 +44,11 @@ for path in (ROOT, os.path.join(ROOT, "benchmarks"), os.path.join(ROOT, "scripts
         sys.path.insert(0, path)
 
 
-def run(path: str, prompts: list[list[int]], method: str | None, dtype: str, steps: int):
+def run(path: str, prompts: list[list[int]], method: str | None, dtype: str, steps: int, kernels: str = "auto"):
     from param2moe import LLM, SamplingParams
 
-    llm = LLM(path, dtype=dtype, quantization=method, kv_cache_memory=1 << 28, enable_prefix_caching=False)
+    llm = LLM(path, dtype=dtype, quantization=method, kv_cache_memory=1 << 28, enable_prefix_caching=False,
+              kernels=kernels)
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True, prompt_logprobs=0, detokenize=False)
     return llm.generate(prompts, params, use_tqdm=False)
 
@@ -126,6 +130,7 @@ def main() -> int:
     p.add_argument("--model", action="append", default=[], help="another checkpoint folder (repeatable)")
     p.add_argument("--methods", default="int8,int4,fp8,fp8-block")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--kernels", default="auto", help="backends to run each method on: auto, torch or both")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--peaked", default="150,4,160", help="the peaked checkpoint's training: steps,sequences,length "
                    "(peaked_checkpoint.py's GPU default 200,8,272 takes ~25 CPU minutes)")
@@ -136,26 +141,28 @@ def main() -> int:
     date = datetime.date.today().isoformat()
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"quant_quality_{date}.json")
     result = {"date": date, "machine": machine(), "command": " ".join(sys.argv), "dtype": args.dtype,
-              "steps": args.steps, "cases": []}
-    print(f"{'checkpoint':>30} {'method':>9} {'drift mean':>10} {'max':>8} {'ppl ref':>9} {'ppl':>9} {'dppl':>7} "
+              "steps": args.steps, "kernels": args.kernels, "cases": []}
+    print(f"{'checkpoint':>30} {'method':>13} {'drift mean':>10} {'max':>8} {'ppl ref':>9} {'ppl':>9} {'dppl':>7} "
           f"{'greedy same':>11} {'prefix':>6}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, path, prompts, notes in cases(args.models.split(","), args.model, tmp,
+        for label, path, prompts, notes in cases(args.models.split(","), args.model, tmp,
                                                   tuple(map(int, args.peaked.split(",")))):
             t = time.perf_counter()
             ref = run(path, prompts, None, args.dtype, args.steps)
-            case = {"checkpoint": name, "notes": notes, "methods": {}}
-            for method in ["bf16-act", *args.methods.split(",")]:
+            case = {"checkpoint": label, "notes": notes, "methods": {}}
+            rows = [(m, k) for m in args.methods.split(",") for k in args.kernels.split(",")]
+            for method, kernels in [("bf16-act", "auto"), *rows]:
+                name = method if kernels == "auto" else f"{method}/{kernels}"
                 try:
                     got = run(path, prompts, None, "bfloat16", args.steps) if method == "bf16-act" else \
-                        run(path, prompts, method, args.dtype, args.steps)
+                        run(path, prompts, method, args.dtype, args.steps, kernels)
                     row = compare(ref, got, prompts)
                 except ValueError as e:  # the format does not fit this checkpoint's widths
-                    case["methods"][method] = {"not_applicable": str(e)}
-                    print(f"{name:>30} {method:>9}   n/a: {str(e)[:90]}")
+                    case["methods"][name] = {"not_applicable": str(e)}
+                    print(f"{label:>30} {name:>13}   n/a: {str(e)[:90]}")
                     continue
-                case["methods"][method] = row
-                print(f"{name:>30} {method:>9} {row['logprob_drift_mean']:>10.5f} {row['logprob_drift_max']:>8.4f} "
+                case["methods"][name] = row
+                print(f"{label:>30} {name:>13} {row['logprob_drift_mean']:>10.5f} {row['logprob_drift_max']:>8.4f} "
                       f"{row['perplexity_ref']:>9.3f} {row['perplexity']:>9.3f} {row['perplexity_delta_rel']:>+7.2%} "
                       f"{row['greedy_identical']:>5}/{row['prompts']:<5} {row['greedy_common_prefix_mean']:>6.1f}",
                       flush=True)

@@ -1,6 +1,8 @@
 """Quantized models against independent oracles (float32, CPU):
 - the engine with quantization=X gives the logprobs (within 1e-4) and greedy tokens of the plain model run on a
-  checkpoint whose weights were replaced by dequantize(quantize(w)), written to disk beforehand;
+  checkpoint whose weights were replaced by dequantize(quantize(w)), written to disk beforehand (both on the
+  "torch" backend: the native CPU kernels quantize activations to int8, and are tested against their own
+  oracle in tests/test_cpu_native_quant.py; here the model, loader and dispatch are checked exactly);
 - a checkpoint written by `param2moe quantize` (compressed-tensors) and a DeepSeek-style fp8 one load to
   exactly the weights quantization at load makes;
 - tensor parallelism (2 gloo ranks) with quantization gives the single process's results;

@@ -113,14 +113,14 @@ def test_cpu_kernels_plug_in_through_the_interface(monkeypatch):
     x = _w(3, 256, seed=1)
     calls = []
 
-    def declines(x, qw, bias):
+    def declines(x, qw, bias, out_dtype=None):
         calls.append("declined")
         return None
 
     monkeypatch.setattr(cpu_kernels, "quant_linear", declines, raising=False)
     assert torch.allclose(ops.linear(x, qw), F.linear(x, dequantize(qw)), atol=1e-6)  # the torch path
     sentinel = torch.full((3, 128), 7.0)
-    monkeypatch.setattr(cpu_kernels, "quant_linear", lambda x, qw, bias: sentinel, raising=False)
+    monkeypatch.setattr(cpu_kernels, "quant_linear", lambda x, qw, bias, out_dtype=None: sentinel, raising=False)
     assert ops.linear(x, qw) is sentinel
     monkeypatch.setattr(cpu_kernels, "quant_moe", lambda *a: sentinel, raising=False)
     w13, w2 = quantize(_w(2, 256, 128), "int4"), quantize(_w(2, 128, 128), "int4")

@@ -251,19 +251,24 @@ class Kernels:
         fn = t.map_experts if t else _routing.map_experts
         return fn(ids, table, counts, num_physical, load, slots, padding_slot, local)
 
-    def moe_experts(self, x, w13, w2, weights, ids, unsummed: bool = False, started=None, lora=None):
+    def moe_experts(self, x, w13, w2, weights, ids, unsummed: bool = False, started=None, lora=None,
+                    num_appended: int = 0):
         """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
         norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result.
         lora: a lora.ExpertLoRA, each pair's expert adapted by its token's adapter (never over quantized
-        experts: LoRASlots refuses their slots)."""
+        experts: LoRASlots refuses their slots). num_appended: the folded shared expert's columns of ids
+        (quantized experts' kernel starts them early)."""
         if lora is not None:
             t = self._pick(x, "lora")
             if t:
                 y = t.moe_experts_lora(x, w13, w2, weights, ids, lora, unsummed=unsummed)
                 return ExpertOutputs(y, weights, ids) if unsummed else y
             return _lora.moe_experts_lora(x, w13, w2, weights, ids, lora)
-        if isinstance(w13, QuantizedWeight):  # the sum
-            return _quant.moe_experts(x, w13, w2, weights, ids, native=self.native)
+        if isinstance(w13, QuantizedWeight):
+            kw = dict(native=self.native, num_appended=num_appended)
+            if unsummed and (y := _quant.moe_pairs(x, w13, w2, weights, ids, **kw)) is not None:
+                return ExpertOutputs(y, weights, ids)
+            return _quant.moe_experts(x, w13, w2, weights, ids, **kw)
         t = self._pick(x, "moe")
         if t:
             y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed, started=started)

@@ -3,19 +3,23 @@ path (dequantize, then matmul), which is also the oracle the kernels are tested 
 
 `kernels/__init__.py` routes a QuantizedWeight here (one isinstance check in each of its linear, mlp,
 moe_experts and logits). The kernels plug in through this small interface, imported on first use and
-optional (absent or not usable: the torch path):
+optional (absent, or declining the inputs: the torch path):
 
-  CUDA  module `param2moe.kernels.triton.quant`:
-          usable(x, qw) -> bool                      whether its kernels take these activations and weight
-          linear(x, qw, bias=None) -> [T, N]          x.dtype
-          moe_experts(x, w13, w2, weights, ids) -> [T, H]   summed over each token's experts, x.dtype
-          logits(x, qw) -> [T, N] float32             optional (else linear(...).float())
+  CUDA  module `param2moe.kernels.triton.quant` (docs/quant-kernels.md):
+          usable(x, qw) -> bool                       whether its kernels take x [T, K] and a matrix qw [N, K]
+                                                      (for expert stacks: asked of one expert's matrix)
+          linear(x, qw, bias=None, out_dtype=None)    [T, N] in x.dtype (out_dtype float32: the head)
+          moe_experts(x, w13, w2, weights, ids, unsummed=False, num_appended=0)
+                                                      [T, H] summed over each token's experts, x.dtype
+                                                      (unsummed: [T*K, H], a row per (token, k) pair)
         These run inside CUDA graphs: no host synchronisation.
-  CPU   `param2moe.kernels.cpu.quant_linear(x, qw, bias)` and `quant_moe(x, w13, w2, weights, ids)`: the same
-        results, or None where they do not take the inputs (no compiler, a dtype they lack, turned off).
+  CPU   `param2moe.kernels.cpu`: quant_linear(x, qw, bias, out_dtype=None), quant_mlp(x, gate_up, down) and
+        quant_moe(x, w13, w2, weights, ids): the same results, or None where they do not take the inputs (no
+        compiler, a method they lack, turned off).
 
 w13 [E, 2W, H] (gate rows, then up rows) and w2 [E, H, W] are QuantizedWeights with a leading expert dim;
-weights [T, K] float32, ids [T, K] (-1: no expert, as with expert parallelism).
+weights [T, K] float32, ids [T, K] (-1: no expert, as with expert parallelism). native=False (the "torch"
+backend): the torch path only.
 """
 
 from __future__ import annotations
@@ -45,57 +49,73 @@ def _module(name: str):
     return mod
 
 
-def _triton(x, qw: QuantizedWeight):
-    """The Triton quant module when it takes x and qw, else None."""
-    t = _module("param2moe.kernels.triton.quant") if x.is_cuda else None
-    return t if t is not None and t.usable(x, qw) else None
+def _triton(x, qw: QuantizedWeight, native: bool):
+    """The Triton quant module when it takes x and qw (a stack: its first expert's matrix stands for all), else
+    None."""
+    if not (native and x.is_cuda):
+        return None
+    t = _module("param2moe.kernels.triton.quant")
+    return t if t is not None and t.usable(x, qw if len(qw.shape) == 2 else qw[0]) else None
 
 
-def _cpu(name: str):
-    if cpu := _module("param2moe.kernels.cpu"):
-        return getattr(cpu, name, None)
-    return None
-
-
-def _native(x, qw, kernel: str, cpu_name: str, *args):
-    """The device kernel's result, or None (then the torch path runs)."""
-    if x.is_cuda:
-        t = _triton(x, qw)
-        return getattr(t, kernel)(*args) if t is not None else None
-    if x.device.type == "cpu" and (fn := _cpu(cpu_name)) is not None:
-        return fn(*args)
-    return None
+def _cpu(x, native: bool, name: str):
+    """The native CPU function `name` when it may run on x, else None."""
+    if not (native and x.device.type == "cpu"):
+        return None
+    cpu = _module("param2moe.kernels.cpu")
+    return getattr(cpu, name, None) if cpu is not None else None
 
 
 # ------------------------------------------------------------------ the interface kernels/__init__ calls
-def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, native: bool = True):
-    """x @ W.T + bias with W = dequantize(qw). native=False: the torch path (kernels="torch")."""
-    y = _native(x, qw, "linear", "quant_linear", x, qw, bias) if native else None
-    return y if y is not None else torch_linear(x, qw, bias)
-
-
-def mlp(x: torch.Tensor, gate_up: QuantizedWeight, down: QuantizedWeight, *, native: bool = True):
-    """down(silu(gate(x)) * up(x)), gate and up rows stacked in gate_up."""
-    return linear(silu_and_mul(linear(x, gate_up, native=native)), down, native=native)
-
-
-def moe_experts(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids, *, native: bool = True):
-    """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]), [T, H] in x.dtype."""
-    y = _native(x, w13, "moe_experts", "quant_moe", x, w13, w2, weights, ids) if native else None
-    return y if y is not None else torch_moe_experts(x, w13, w2, weights, ids)
+def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, native: bool = True,
+           out_dtype=None):
+    """x @ W.T + bias with W = dequantize(qw), in out_dtype (default x.dtype)."""
+    if (t := _triton(x, qw, native)) is not None:
+        return t.linear(x, qw, bias, out_dtype=out_dtype)
+    if (fn := _cpu(x, native, "quant_linear")) is not None and (y := fn(x, qw, bias, out_dtype=out_dtype)) is not None:
+        return y
+    y = torch_linear(x, qw, bias)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def logits(hidden: torch.Tensor, qw: QuantizedWeight, *, native: bool = True) -> torch.Tensor:
-    """hidden @ W.T in float32 (the head; see kernels.logits for why float32)."""
-    t = _triton(hidden, qw) if native else None
-    if t is not None:
-        fn = getattr(t, "logits", None)
-        return fn(hidden, qw) if fn is not None else t.linear(hidden, qw).float()
-    if native and hidden.device.type == "cpu" and (fn := _cpu("quant_linear")) is not None:
-        y = fn(hidden, qw, None)
-        if y is not None:
-            return y.float()
+    """hidden @ W.T in float32 (the head; see kernels.Kernels.logits for why float32). The torch path multiplies
+    in float32."""
+    f32 = torch.float32
+    if (t := _triton(hidden, qw, native)) is not None:
+        return t.linear(hidden, qw, out_dtype=f32)
+    fn = _cpu(hidden, native, "quant_linear")
+    if fn is not None and (y := fn(hidden, qw, None, out_dtype=f32)) is not None:
+        return y
     return torch_linear(hidden.float(), qw)
+
+
+def mlp(x: torch.Tensor, gate_up: QuantizedWeight, down: QuantizedWeight, *, native: bool = True):
+    """down(silu(gate(x)) * up(x)), gate and up rows stacked in gate_up (one native call on a CPU)."""
+    if (fn := _cpu(x, native, "quant_mlp")) is not None and (y := fn(x, gate_up, down)) is not None:
+        return y
+    return linear(silu_and_mul(linear(x, gate_up, native=native)), down, native=native)
+
+
+def moe_experts(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids, *, native: bool = True,
+                num_appended: int = 0):
+    """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]), [T, H] in x.dtype. num_appended: the last columns of ids
+    are the folded shared expert's pieces (MoE.fold_shared_experts), which the CUDA kernel starts early."""
+    if (t := _triton(x, w13, native)) is not None:
+        return t.moe_experts(x, w13, w2, weights, ids, num_appended=num_appended)
+    if (fn := _cpu(x, native, "quant_moe")) is not None and (y := fn(x, w13, w2, weights, ids)) is not None:
+        return y
+    return torch_moe_experts(x, w13, w2, weights, ids)
+
+
+def moe_pairs(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids, *, native: bool = True,
+              num_appended: int = 0):
+    """moe_experts' rows before the sum, [T*K, H] (row t*K + k: the pair (t, k); rows of id -1 undefined), for
+    the next norm to sum in its launch (kernels.ExpertOutputs); None where no kernel gives them (then call
+    moe_experts)."""
+    if (t := _triton(x, w13, native)) is not None:
+        return t.moe_experts(x, w13, w2, weights, ids, unsummed=True, num_appended=num_appended)
+    return None
 
 
 # ------------------------------------------------------------------ the torch path (the oracle)
