@@ -54,7 +54,7 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
     s = Server(["--model", str(model), "--served-model-name", "m", "--max-model-len", "1024",
-                "--kv-cache-memory", str(32 << 20), "--grammar-compile-timeout", "0.5"],
+                "--kv-cache-memory", str(32 << 20)],
                tmp_path_factory.mktemp("logs") / "structured.log")
     yield s
     s.check_clean_exit()
@@ -211,11 +211,6 @@ def test_bad_constraints_are_400s_naming_the_problem(client):
           extra_body={"structured_outputs": {"regex": "a"}})
     fails("structured_outputs: unknown or unsupported field.*whitespace_pattern",
           extra_body={"structured_outputs": {"json_object": True, "whitespace_pattern": " "}})
-    wide = {f"p{i}": {"type": "object", "properties": {f"q{j}": {"type": ["string", "integer", "array"],
-                                                                 "items": {"type": "number"}} for j in range(20)}}
-            for i in range(30)}  # seconds to compile, over --grammar-compile-timeout 0.5
-    fails("did not compile within 0.5 s", extra_body={"structured_outputs": {"json": {"type": "object",
-                                                                                        "properties": wide}}})
     # the server goes on serving
     r = client.completions.create(model="m", prompt="x", max_tokens=8, extra_body={"structured_outputs":
                                                                                   {"choice": ["a", "b"]}})
