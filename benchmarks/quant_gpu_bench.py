@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Check and time the quantized-weight Triton kernels (param2moe/kernels/triton/quant.py) on one GPU, in one call.
 
-    python3 benchmarks/quant_gpu_bench.py [--out DIR] [--quick] [--no-tests] [--e2e] [--budget SECONDS]
+    python3 benchmarks/quant_gpu_bench.py [--out DIR] [--quick] [--no-tests] [--budget SECONDS]
+    python3 benchmarks/quant_gpu_bench.py --e2e none,fp8,int4 --e2e-only      # the engine, a method a process
 
 Real Param2-17B shapes (the writer's `param2-17b` preset): the MoE layer with the shared expert folded in
 (64 + 2 experts of width 2048, top 6 + 2, hidden 2048), attention's qkv (3072 x 2048) and dense (2048 x 2048)
@@ -19,8 +20,8 @@ int4 (group 128), fp8 (per channel), fp8-block (128 x 128).
    on the dequantized weights (asserted: < 1e-2 relative). Variants: the GEMV and the tiled GEMM forced at
    1 and 8 tokens; unless --quick, sweeps of the GEMV shapes (quant.GEMV_CONFIGS) and of the tiled MoE's
    and linear's block sizes, best printed;
-4. --e2e: `param2moe bench latency --load-format dummy --preset param2-17b` in bf16 and with each
-   --quantization (when the CLI has the option);
+4. --e2e M1,M2..: `param2moe bench latency --load-format dummy --preset param2-17b --batch-size 1 64` with each
+   --quantization listed ("none": bf16; "+head" appended: --quantize-head too), decode graphs only;
 5. JSON to --out (default $OUT, else benchmarks/results/quant_gpu_bench): quant_gpu_bench.json, tests.log.
 --dry: the CPU interpreter on tiny shapes (plumbing only).
 """
@@ -43,7 +44,9 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results", "quant_gpu"))
 ap.add_argument("--quick", action="store_true", help="no sweeps: the committed configs only")
 ap.add_argument("--no-tests", action="store_true")
-ap.add_argument("--e2e", action="store_true", help="also the engine's bench latency, bf16 and each method")
+ap.add_argument("--e2e", default="", help="methods for the engine's bench latency: none,fp8,fp8-block,int4,int8 "
+                "(+head: the head quantized too)")
+ap.add_argument("--e2e-only", action="store_true", help="only the engine runs (no tests, no kernel timings)")
 ap.add_argument("--dry", action="store_true")
 ap.add_argument("--warm", default=None, help="i/n: compile-only worker for jobs i::n")
 ap.add_argument("--nwarm", type=int, default=8)
@@ -370,18 +373,17 @@ def start_warmers(n):
                              text=True) for k in range(n)]
 
 
-def e2e_latency(out_dir):
-    """bench latency of the dummy Param2-17B in bf16 and with each method (when the CLI has --quantization)."""
+def e2e_latency(out_dir, methods):
+    """bench latency of the dummy Param2-17B with each method (the engine, a process each)."""
     base = [sys.executable, "-m", "param2moe.cli", "bench", "latency", "--load-format", "dummy", "--preset",
-            "param2-17b", "--batch-size", "1", "8", "64", "--input-len", "128", "--output-len", "128"]
-    helptext = subprocess.run([*base[:5], "--help"], cwd=ROOT, capture_output=True, text=True).stdout
-    if "--quantization" not in helptext:
-        log("e2e: `param2moe bench latency` has no --quantization yet: skipped")
-        return {"skipped": "no --quantization option"}
+            "param2-17b", "--batch-size", "1", "64", "--input-len", "128", "--output-len", "128",
+            "--max-graph-tokens", "0"]
     res = {}
-    for q in ["none", "fp8", "int4", "int8"]:
+    for q in methods:
         js = os.path.join(out_dir, f"e2e_latency_{q}.json")
-        cmd = base + ["--output-json", js] + ([] if q == "none" else ["--quantization", q])
+        method, head = q.removesuffix("+head"), q.endswith("+head")
+        cmd = base + ["--output-json", js] + ([] if method == "none" else ["--quantization", method])
+        cmd += ["--quantize-head"] if head else []
         t = time.time()
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         res[q] = {"cmd": " ".join(cmd[1:]), "rc": p.returncode, "secs": round(time.time() - t, 1),
@@ -432,6 +434,22 @@ def print_table(rows, best, card):
             print(f"  {op:<5} {m:<10} T={t:<4} {kind:<14} {fmt(r['us'])}  {r['variant']}")
 
 
+def print_e2e(res):
+    """Decode step (the graph's GPU time where given) and TTFT per method and batch size."""
+    if not res:
+        return
+    print(f"{'engine':<12} {'batch':>5} {'step ms':>8} {'GPU ms':>7} {'tok/s':>8} {'floor %':>8} {'TTFT ms':>8}")
+    for q, r in res.items():
+        rows = (r.get("result") or {}).get("rows") or []
+        if not rows:
+            print(f"{q:<12} rc {r.get('rc')}: {r.get('tail', '')[-300:]}")
+        for row in rows if isinstance(rows, list) else []:
+            itl, gpu = row.get("itl_s", NAN), row.get("graph_gpu_s", NAN)
+            share = row.get("share_of_floor", NAN)
+            print(f"{q:<12} {row.get('batch', '-'):>5} {fmt(itl * 1e3, 3):>8} {fmt(gpu * 1e3, 3):>7} "
+                  f"{fmt(row.get('tok_per_s')):>8} {fmt(share * 100, 0):>8} {fmt(row.get('ttft_s', NAN) * 1e3):>8}")
+
+
 def main():
     global BW
     os.makedirs(ARGS.out, exist_ok=True)
@@ -448,6 +466,11 @@ def main():
             json.dump(result, f, indent=1, default=str)
 
     log("card", card, "torch", torch.__version__, "triton", triton.__version__)
+    if ARGS.e2e_only:
+        result["e2e"] = e2e_latency(ARGS.out, ARGS.e2e.split(","))
+        save()
+        print_e2e(result["e2e"])
+        return
     tests, warmers = [], []
     if not DRY:
         n_ids, tests = start_tests(0 if ARGS.no_tests else ARGS.ntest)
@@ -479,10 +502,11 @@ def main():
     best = summarize(rows)
     result["best_of_sweeps"] = [{"key": list(k), **v} for k, v in best.items()]
     if ARGS.e2e and not DRY:
-        result["e2e"] = e2e_latency(ARGS.out)
+        result["e2e"] = e2e_latency(ARGS.out, ARGS.e2e.split(","))
     result["elapsed_s"] = time.time() - T0
     save()
     print_table(rows, best, card)
+    print_e2e(result.get("e2e"))
     print("tests:", "; ".join(result["tests"][-ARGS.ntest:]) if result["tests"] else "not run")
     fails = [r for r in rows if isinstance(r, dict) and r.get("ok") is False]
     print(f"correctness: {len(fails)} of {sum(1 for r in rows if isinstance(r, dict) and 'ok' in r)} checked rows "

@@ -116,7 +116,10 @@ def test_usable_and_errors():
     assert tq.usable(x, ok) == (CUDA or tq.INTERPRET)
     assert not tq.usable(x[:, :128], ok)  # K does not match
     assert not tq.usable(x.to(torch.int32), ok)
-    assert not tq.usable(x, random_qweight("int8", 2, 8, 256))  # a stack of experts is not a linear weight
+    stack = random_qweight("int8", 2, 8, 256)
+    assert tq.usable(x, stack) == (CUDA or tq.INTERPRET)  # a stack of experts: moe_experts' w13
+    with pytest.raises(ValueError, match="not served"):
+        tq.linear(x, stack)  # but not a linear layer's weight
     g16 = QuantizedWeight("int4", ok.qweight, torch.ones(8, 16, device=DEV), (8, 256), 16)
     assert not tq.usable(x, g16)  # groups under 32 columns
     broken = QuantizedWeight("int8", ok.qweight, ok.scale, (8, 256))
@@ -282,6 +285,33 @@ def test_param2_shapes(method, t):
     with poisoned():
         y = tq.linear(x, qw)
     check(y, oracle_linear(x, qw), torch.bfloat16)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA")
+@pytest.mark.parametrize("method", ["int4", "fp8"])
+def test_kernels_dispatch_quantized_weights(method):
+    """kernels.Kernels on CUDA with QuantizedWeights: the MoE's pairs come back unsummed (ExpertOutputs, the
+    folded shared expert's columns last), a dense MLP at one token runs as one expert, the head in float32."""
+    from param2moe.kernels import ExpertOutputs, Kernels
+    from param2moe.kernels import norm as ref_norm_mod
+
+    ops = Kernels("auto")
+    x, w13, w2, weights, ids = _moe_inputs(method, 1, 10, 256, 128, 3, torch.bfloat16, False)
+    ids = torch.cat([torch.rand(1, 8, device=DEV).topk(3, dim=-1).indices, torch.tensor([[8, 9]], device=DEV)], dim=1)
+    weights = torch.cat([weights, torch.ones(1, 2, device=DEV)], dim=1)
+    y = ops.moe_experts(x, w13, w2, weights, ids, unsummed=True, num_appended=2)
+    assert isinstance(y, ExpertOutputs)
+    check(ref_norm_mod.expert_sum(*y), oracle_moe(x, w13, w2, weights, ids), torch.bfloat16)
+    gate_up, down = random_qweight(method, 2 * 384, 256), random_qweight(method, 256, 384)
+    y = ops.mlp(x, gate_up, down, unsummed=True)
+    assert isinstance(y, ExpertOutputs)
+    one, zero = torch.ones(1, 1, device=DEV), torch.zeros(1, 1, dtype=torch.long, device=DEV)
+    check(ref_norm_mod.expert_sum(*y), oracle_moe(x, tq.one_expert(gate_up), tq.one_expert(down), one, zero),
+          torch.bfloat16)
+    head = random_qweight(method, 1000, 256)
+    logits = ops.logits(x, head)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, x.float() @ dequantize(head).T, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA")

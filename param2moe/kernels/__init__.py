@@ -54,6 +54,14 @@ class ExpertOutputs(NamedTuple):
 
 _FP32_OUT_MM = {"ok": True}  # whether torch.mm takes out_dtype here
 _ONE_PAIR: dict = {}  # device -> (weight 1, expert 0) of a dense MLP run as one expert
+
+
+def _one_pair(device):
+    """(weights [[1.0]], ids [[0]]) on a CUDA device: made on the first (eager) call, before any graph capture."""
+    one = _ONE_PAIR.get(device)
+    if one is None:
+        one = _ONE_PAIR[device] = (torch.ones(1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device))
+    return one
 # (token, expert) pairs up to which CPU MoE layers run the native kernel; prefill sizes keep moe_experts_cpu
 # (oneDNN matmuls per expert).
 _NATIVE_MOE_UP_TO = 1024
@@ -132,13 +140,15 @@ class Kernels:
         one-token GEMVs, the MLP as one expert of weight 1 (unsummed: as ExpertOutputs, which the next norm
         sums in its launch; elsewhere the result as always)."""
         if isinstance(gate_up, QuantizedWeight):
+            if self.native and x.is_cuda and x.shape[0] == 1:
+                one = _one_pair(x.device)
+                y = _quant.mlp_one_token(x, gate_up, down, *one, unsummed=unsummed)
+                if y is not None:
+                    return ExpertOutputs(y, *one) if unsummed else y
             return _quant.mlp(x, gate_up, down, native=self.native)
         t = self._pick(x, "moe")
         if t and x.shape[0] == 1 and x.dtype == gate_up.dtype == down.dtype:
-            one = _ONE_PAIR.get(x.device)
-            if one is None:  # made on the first (eager) call, before any graph capture
-                one = _ONE_PAIR[x.device] = (torch.ones(1, 1, device=x.device), torch.zeros(1, 1, dtype=torch.long,
-                                                                                             device=x.device))
+            one = _one_pair(x.device)
             y = t.moe_experts(x, gate_up[None], down[None], *one, unsummed=unsummed)
             return ExpertOutputs(y, *one) if unsummed else y
         if self._cpu_small(x) and isinstance(gate_up, torch.Tensor) and x.dtype == gate_up.dtype == down.dtype:

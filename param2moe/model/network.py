@@ -216,7 +216,7 @@ class MoE(nn.Module):
             ids = torch.where(local, ids - self.expert_start, -1)
         lora = None if self.lora_experts is None else self.lora_experts.for_step()
         y = self.ops.moe_experts(x, self.w13, self.w2, weights, ids, unsummed=single, started=started, lora=lora,
-                                 num_appended=self.num_folded_shared)
+                                 num_appended=self.num_folded_shared if self.expert_map is None else 0)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return (y if single else self.shard.all_reduce(y)), residual

@@ -12,6 +12,7 @@ optional (absent, or declining the inputs: the torch path):
           moe_experts(x, w13, w2, weights, ids, unsummed=False, num_appended=0)
                                                       [T, H] summed over each token's experts, x.dtype
                                                       (unsummed: [T*K, H], a row per (token, k) pair)
+          one_expert(qw) -> QuantizedWeight            qw [N, K] as a stack [1, N, K] (a view; mlp_one_token)
         These run inside CUDA graphs: no host synchronisation.
   CPU   `param2moe.kernels.cpu`: quant_linear(x, qw, bias, out_dtype=None), quant_mlp(x, gate_up, down) and
         quant_moe(x, w13, w2, weights, ids): the same results, or None where they do not take the inputs (no
@@ -106,6 +107,15 @@ def moe_experts(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids, *, n
     if (fn := _cpu(x, native, "quant_moe")) is not None and (y := fn(x, w13, w2, weights, ids)) is not None:
         return y
     return torch_moe_experts(x, w13, w2, weights, ids)
+
+
+def mlp_one_token(x, gate_up: QuantizedWeight, down: QuantizedWeight, weights, ids, *, native: bool = True,
+                  unsummed: bool = False):
+    """mlp at one token as one expert of weight 1 (weights [[1.0]], ids [[0]]): the CUDA kernel's one-token expert
+    path, two launches (gate/up with SiLU-and-mul, down), unsummed as moe_pairs; None where no kernel takes it."""
+    if (t := _triton(x, gate_up, native)) is not None:
+        return t.moe_experts(x, t.one_expert(gate_up), t.one_expert(down), weights, ids, unsummed=unsummed)
+    return None
 
 
 def moe_pairs(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids, *, native: bool = True,

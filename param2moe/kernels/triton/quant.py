@@ -431,13 +431,14 @@ def _layout_ok(qw: QuantizedWeight) -> bool:
 
 
 def usable(x: torch.Tensor, qw: QuantizedWeight) -> bool:
-    """Whether `linear` serves x [T, K] with qw [N, K]: a 2-D weight of a known method in the format's layout
+    """Whether the kernels take x [T, K] with qw: a weight [N, K] (`linear`, `logits`) or a stack of experts
+    [E, N, K] (`moe_experts`' w13; see `moe_usable` for the pair) of a known method in the format's layout
     (contiguous; int4 groups a power of two >= 32), a 16- or 32-bit float x on the weight's device."""
     try:
         qw.validate()
     except ValueError:
         return False
-    return (qw.qweight.dim() == 2 and x.dim() == 2 and x.dtype in MMA_DTYPES and x.shape[1] == qw.in_features
+    return (qw.qweight.dim() in (2, 3) and x.dim() == 2 and x.dtype in MMA_DTYPES and x.shape[1] == qw.in_features
             and x.device == qw.device and (x.is_cuda or INTERPRET) and _layout_ok(qw))
 
 
@@ -525,7 +526,7 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
     float32) (see `usable`). act="fp8" (fp8 weights): x quantized per token first (`act_quant`; the tiled
     kernel multiplies on the fp8 tensor cores). path "gemv" or "mma" forces a kernel (benchmarks); config:
     (BLOCK_M, GEMM config) of the tiled one."""
-    if not usable(x, qw):
+    if not usable(x, qw) or qw.qweight.dim() != 2:
         raise ValueError(f"quantized linear: x {x.dtype} {list(x.shape)} on {x.device} with the {qw.method} weight "
                          f"{list(qw.shape)} (qweight {qw.qweight.dtype} {list(qw.qweight.shape)}): not served "
                          "(see quant.usable)")
@@ -544,6 +545,11 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
         return _gemv(a, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl_flag(x) and k <= GEMV_CHUNK, x_scale=a_scale)
     block_m, cfg = config or linear_config(t)
     return _mma(a, w, out, n, k, cfg, block_m=block_m, bias=bias, a_scale=a_scale)
+
+
+def one_expert(qw: QuantizedWeight) -> QuantizedWeight:
+    """qw [N, K] as a stack of one expert [1, N, K] (a view): a dense MLP at one token runs as one expert."""
+    return QuantizedWeight(qw.method, qw.qweight[None], qw.scale[None], (1, *qw.shape), qw.group_size)
 
 
 def _activations(x, w: _W, act: str | None):
