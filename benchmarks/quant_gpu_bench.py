@@ -48,7 +48,7 @@ ap.add_argument("--dry", action="store_true")
 ap.add_argument("--warm", default=None, help="i/n: compile-only worker for jobs i::n")
 ap.add_argument("--nwarm", type=int, default=8)
 ap.add_argument("--ntest", type=int, default=3)
-ap.add_argument("--budget", type=float, default=270.0, help="seconds of timings before sweeps are cut")
+ap.add_argument("--budget", type=float, default=240.0, help="seconds from the start after which sweeps are cut")
 ap.add_argument("--methods", default="int8,int4,fp8,fp8-block")
 ARGS = ap.parse_args()
 if ARGS.dry:
@@ -253,13 +253,15 @@ def make_calls(op, method, t, variant, ws, x):
     return fns, oracle, nbytes(ws[0]) + t * ws[0].shape[-1] * 2 + t * ws[0].shape[0] * (4 if head else 2)
 
 
-def run_case(op, method, t, variant="default", check=True):
-    """One row: time, floor, error."""
+def run_case(op, method, t, variant="default", check=True, label=None):
+    """One row: time, floor, error. variant: "default", "gemv" / "mma" (linear: the kernel forced), "w8a8" (fp8
+    activations), a (BLOCK_M, config) of the tiled linear, or {"config": ...} of the tiled MoE."""
     ws = weights(op, method)
     g = torch.Generator(device=DEV).manual_seed(7 + t)
     x = torch.randn(t, LINEARS.get(op, (0, H))[1], device=DEV, generator=g).to(BF16)
     fns, oracle, moved = make_calls(op, method, t, variant, ws, x)
-    row = {"op": op, "method": method, "T": t, "variant": variant if isinstance(variant, str) else str(variant)}
+    name = label or (variant if isinstance(variant, str) else str(variant))
+    row = {"op": op, "method": method, "T": t, "variant": name}
     row["us"] = time_graph(fns)
     if WARM:
         return row
@@ -288,12 +290,11 @@ LINEAR_TILE_CANDS = {8: [(16, G(16, 128, 1, 4, 4)), (16, G(32, 256, 1, 4, 3)), (
 
 def gemv_sweep(method, use):
     """Each GEMV shape for `use` (linear: qkv at 1 token; gate_up / down: the MoE at 1 token)."""
-    code = tq.method_code(tq._prep(weights("qkv", method)[0], "w")) if use == "linear" else \
-        tq.method_code(tq._prep(weights("moe", method)[0][0], "w"))
+    code = tq.method_code(weights("qkv", method)[0] if use == "linear" else weights("moe", method)[0][0])
     saved = tq.GEMV_CONFIGS[code][use]
     rows = []
     try:
-        for cand in GEMV_CANDS:
+        for cand in GEMV_CANDS[:2] if DRY else GEMV_CANDS:
             if over_budget():
                 break
             tq.GEMV_CONFIGS[code][use] = cand
@@ -309,11 +310,11 @@ def moe_tile_sweep(method, t):
     base = tq.moe_config(t, E, H, I, K, BF16, 0)
     rows = []
     for which in ("gate_up", "down"):
-        for c in MOE_TILE_CANDS:
+        for c in MOE_TILE_CANDS[:2] if DRY else MOE_TILE_CANDS:
             if over_budget():
                 return rows
             cfg = {**base, which: c}
-            rows.append(safe(run_case, "moe", method, t, {"config": cfg}, check=False))
+            rows.append(safe(run_case, "moe", method, t, {"config": cfg}, check=False, label=f"tile_{which}={c}"))
     return rows
 
 
@@ -339,14 +340,15 @@ def jobs():
                     if t == PREFILL_T:
                         out.append((f"{op}/{method}/{t}", lambda op=op, m=method, t=t: run_case(op, m, t)))
                     out.append((f"{op}/{method}/{t}/w8a8", lambda op=op, m=method, t=t: run_case(op, m, t, "w8a8")))
-        if ARGS.quick or DRY:
+        if ARGS.quick:
             continue
         for use in ("linear", "gate_up", "down"):
             out.append((f"sweep/gemv/{method}/{use}", lambda m=method, u=use: gemv_sweep(m, u)))
         for t in [t for t in TS if t > 1]:
             out.append((f"sweep/moe/{method}/{t}", lambda m=method, t=t: moe_tile_sweep(m, t)))
-            for c in LINEAR_TILE_CANDS.get(t, []):
-                out.append((f"sweep/qkv/{method}/{t}/{c}", lambda m=method, t=t, c=c: run_case("qkv", m, t, c, False)))
+            for c in LINEAR_TILE_CANDS.get(t, LINEAR_TILE_CANDS[8][:1]):
+                out.append((f"sweep/qkv/{method}/{t}/{c}",
+                            lambda m=method, t=t, c=c: run_case("qkv", m, t, c, False, f"tile_linear={c}")))
     return out
 
 

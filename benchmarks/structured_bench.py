@@ -247,7 +247,9 @@ def main() -> int:
             print(f"| {mode} | {r['steps']} | {r['median_ms']:.2f} | {r['mean_ms']:.2f} | {r['p90_ms']:.2f} | "
                   f"{fill} | {r['finish_reasons']} |")
     print(f"json / free (best medians): {ratio:.3f}  (target <= 1.10 on an H100)")
-    result = {"date": datetime.date.today().isoformat(), "device": _device_name(device), "preset": a.preset,
+    result = {"date": datetime.date.today().isoformat(), "machine": _device_name(device), "preset": a.preset,
+              "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+              "vocab_size": engine.model_config.vocab_size, "torch_threads": torch.get_num_threads(),
               "dtype": str(engine.dtype), "batch": a.batch, "input_len": a.input_len, "output_len": a.output_len,
               "overlap": engine.overlap, "setup": setup, "correctness": check, "runs": runs, "ratio": ratio,
               "torch": torch.__version__, "xgrammar": _version("xgrammar"), "commit": _commit(),

@@ -54,6 +54,10 @@ class Tokenizer:
             return self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def added_tokens(self) -> dict[int, tuple[str, bool]]:
+        """id -> (content, special) of the tokens added to the vocabulary (control tokens and markup)."""
+        return {i: (t.content, t.special) for i, t in self._tok.get_added_tokens_decoder().items()}
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

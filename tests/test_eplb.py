@@ -96,8 +96,8 @@ def test_default_model_ep2_with_eplb_matches_one_process():
     """The model LLM() loads by default, in float32."""
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=1, prompt_logprobs=0)
     prompts = [list(range(3, 3 + n)) for n in (4, 23)]
-    ref = LLM(dtype="float32", kv_cache_memory=1 << 24).generate(prompts, params, use_tqdm=False)
-    with LLM(dtype="float32", kv_cache_memory=1 << 24, enable_eplb=True, num_redundant_experts=2,
+    ref = LLM(dtype="float32", kv_cache_memory=1 << 24, max_model_len=512).generate(prompts, params, use_tqdm=False)
+    with LLM(dtype="float32", kv_cache_memory=1 << 24, max_model_len=512, enable_eplb=True, num_redundant_experts=2,
              eplb_step_interval=4, **EP2) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
         load = llm.expert_load()

@@ -14,6 +14,7 @@ from cases import preset_checkpoint
 from param2moe import LLM, SamplingParams
 from param2moe.engine import cuda_graphs
 from param2moe.kernels import attention as torch_attention
+from param2moe.writer import preset_config
 
 
 class _Replay:

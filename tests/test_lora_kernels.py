@@ -158,9 +158,9 @@ def test_engine_with_the_triton_lora_kernels(tmp_path):
         def add_lora(self, y, x, a, b, rows):
             return tri.add_lora(y, x, a, b, rows)
 
-        def moe_experts(self, x, w13, w2, weights, ids, unsummed=False, started=None, lora=None):
+        def moe_experts(self, x, w13, w2, weights, ids, unsummed=False, started=None, lora=None, num_appended=0):
             if lora is None:
-                return super().moe_experts(x, w13, w2, weights, ids, unsummed, started)
+                return super().moe_experts(x, w13, w2, weights, ids, unsummed, started, num_appended=num_appended)
             calls["moe"] += 1
             return tri.moe_experts_lora(x, w13, w2, weights, ids, lora)
 

@@ -13,7 +13,7 @@ import torch
 
 from param2moe import LLM, SamplingParams
 from param2moe.structured import StructuredOutputError, StructuredOutputsParams
-from param2moe.structured.bitmask import apply_token_bitmask
+from param2moe.structured.bitmask import apply_token_bitmask, unpack_and_fill
 from param2moe.writer import preset_config, write_checkpoint
 
 xgr = pytest.importorskip("xgrammar")
@@ -87,8 +87,10 @@ def test_bitmask_applies_bit_by_bit():
     for r, t in allowed.nonzero().tolist():
         words[r, t // 32] |= 1 << (t % 32)
     bitmask = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # bit 31: the sign bit
-    out = apply_token_bitmask(logits, bitmask)
-    assert torch.equal(out[allowed], logits[allowed]) and bool((out[~allowed] == float("-inf")).all())
+    for apply in (apply_token_bitmask, unpack_and_fill):  # on a CPU, and as on a GPU
+        out = logits.clone()
+        apply(out, bitmask)
+        assert torch.equal(out[allowed], logits[allowed]) and bool((out[~allowed] == float("-inf")).all())
 
 
 def test_vocabulary_bytes(checkpoint):

@@ -200,6 +200,8 @@ def test_one_token_mlp_as_one_expert_in_chunks(method, monkeypatch):
 
 def test_moe_errors_name_the_problem():
     x, w13, w2, weights, ids = _moe_inputs("int8", 2, 4, 128, 64, 2, torch.float32, False)
+    assert tq.moe_usable(x, w13, w2) == (CUDA or tq.INTERPRET)
+    assert not tq.moe_usable(x, w2, w13) and not tq.moe_usable(x[:, :64], w13, w2)
     with pytest.raises(ValueError, match="w2"):
         tq.moe_experts(x, w13, random_qweight("int8", 4, 128, 32), weights, ids)
     with pytest.raises(ValueError, match="hidden size 128"):
@@ -263,7 +265,9 @@ def test_moe_fp8_activations(method, t):
             gate, up = (xq[tok] @ d13[ex].T).chunk(2)
             iq, isc = torch_act_quant((torch.nn.functional.silu(gate) * up)[None])
             ref[tok] += weights[tok, j] * ((iq.float() * isc[:, None])[0] @ d2[ex].T)
-    check(out, ref, torch.float32, tight=1e-4)  # an intermediate value may round to the other fp8 neighbour
+    # an intermediate value near a rounding boundary may go to the other fp8 neighbour in the kernel than here (fp32
+    # sums in another order): ~1e-4 a flip; a missing or wrong activation scale would show as > 3e-2
+    check(out, ref, torch.float32, tight=3e-3)
 
 
 @pytest.mark.skipif(not CUDA, reason="real Param2 shapes on CUDA")

@@ -113,8 +113,9 @@ class Sampler:
         dev, v = logits.device, logits.shape[1]
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
-        if bitmask is not None:
-            logits, greedy_ids = apply_token_bitmask(logits, bitmask), None
+        if bitmask is not None:  # in place: these logits are the step's own (the graph's output is rewritten next)
+            apply_token_bitmask(logits, bitmask)
+            greedy_ids = None
         if any(_changes_logits(s) for s in seqs):
             logits = self._apply_bias_and_penalties(logits.clone(), seqs)
             greedy_ids = None

@@ -3,8 +3,9 @@ Triton, the weights dequantized in registers. Oracle: F.linear and `param2moe.ke
 `dequantize(qw)`.
 
     usable(x, qw) -> bool
-    linear(x [T, K], qw [N, K], bias=None) -> [T, N]
-    moe_experts(x [T, H], w13 [E, 2I, H], w2 [E, H, I], weights [T, k], ids [T, k]) -> [T, H]
+    linear(x [T, K], qw [N, K], bias=None, *, out_dtype=None, act=None) -> [T, N]
+    moe_experts(x [T, H], w13 [E, 2I, H], w2 [E, H, I], weights [T, k], ids [T, k], *, unsummed=False,
+                num_appended=0, act=None) -> [T, H]
 
 Decode is bound by the bytes of the weights, so the kernels read the stored bytes and convert them in
 registers, accumulating in fp32; the scale multiplies a sum (a row's, or a group's / block's partial sum),
@@ -13,14 +14,16 @@ never each weight. Two kernels, the two shapes of the bf16 ones (gemv.py, moe.py
   once, and reduces them against each token's row. It serves linear layers at a few tokens (with PDL: the
   rows are loaded before waiting for the kernel in front, as gemv.py does) and, at one token, the MoE's
   experts (gate/up with SiLU-and-mul, then down; an expert per column of ids, as moe.py's ONE_TOKEN path).
-  int8 / int4 rows are read as int32 words and their values made with integer masks and one float
-  subtraction (`_word_value`), not int-to-float conversions (a quarter-rate instruction on Hopper: at
-  3 TB/s of int4 an SM converts ~26 values a clock).
+  int8 / int4 rows are read as int32 words and each value masked in place and read as a subnormal float
+  (`_word_value`), not converted (int-to-float is a quarter-rate instruction on Hopper: at 3 TB/s of
+  int4 an SM must make ~26 values a clock).
 - `_qmm_kernel`, tiled tensor-core GEMM: weight tiles converted to the activation dtype (int8, int4 and fp8
   values are exact in bf16) and multiplied by the scales in fp32 after the MMA (per K step for group / block
   scales). Linear layers at more tokens, and the fused MoE's two GEMMs on moe.py's expert-aligned slots
   (`moe_align`, `combine`, the tuned block sizes of moe_configs.py).
+act="fp8" (fp8 weights): activations quantized per token (`act_quant`), the tiles on the fp8 tensor cores.
 Every launch shape is a function of T alone and nothing syncs with the host: CUDA-graph capturable.
+docs/quant-kernels.md has the design and the knobs.
 """
 
 from __future__ import annotations
@@ -577,6 +580,17 @@ def _check_moe(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids):
         if not _layout_ok(qw):
             raise ValueError(f"moe_experts: {name} ({qw.method}, group {qw.group_size}) is not in a layout the "
                              "kernels read (contiguous; int4 groups a power of two >= 32)")
+
+
+def moe_usable(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight) -> bool:
+    """Whether `moe_experts` serves x with these stacked experts (else it raises, naming the problem)."""
+    t = x.shape[0] if x.dim() == 2 else 0
+    ids = torch.zeros(t, 1, dtype=torch.int32, device=x.device)
+    try:
+        _check_moe(x, w13, w2, ids.float(), ids)
+    except ValueError:
+        return False
+    return (x.is_cuda or INTERPRET) and w13.device == x.device == w2.device
 
 
 def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weights: torch.Tensor, ids: torch.Tensor,
