@@ -135,3 +135,32 @@ def test_quantizing_in_row_slices_is_bit_identical(method, kw):
     whole, rows = quantize(w, method, **kw), layout.quantize_in_rows(w, method, **kw)
     assert torch.equal(whole.qweight.view(torch.uint8), rows.qweight.view(torch.uint8))
     assert torch.equal(whole.scale, rows.scale) and whole.shape == rows.shape
+
+
+def test_triton_kernels_plug_in_through_the_interface(monkeypatch):
+    """The glue's calls into kernels/triton/quant.py (its out_dtype, unsummed, num_appended), run by Triton's
+    interpreter on the CPU where there is no GPU: the dispatch is told CPU tensors are its (as CUDA ones are)."""
+    pytest.importorskip("triton")
+    from test_triton_kernels import DEV
+
+    from param2moe.kernels.triton import quant as tq
+
+    monkeypatch.setattr(qops, "_triton", lambda x, qw, native: tq if native and tq.usable(x, qw) else None)
+    monkeypatch.setattr(qops, "_triton_moe", lambda x, w13, w2, native: tq if tq.moe_usable(x, w13, w2) else None)
+    kernels, plain = ops.Kernels("auto"), ops.Kernels("torch")
+    x = _w(2, 128, seed=1).to(DEV) * 20
+    head = quantize(_w(96, 128, seed=2), "int8").to(DEV)
+    assert torch.allclose(kernels.linear(x, head), plain.linear(x, head), atol=1e-4)
+    got = kernels.logits(x, head)
+    assert got.dtype == torch.float32 and torch.allclose(got, plain.logits(x, head), atol=1e-4)
+    e, h, w = 4, 128, 128
+    w13, w2 = quantize(_w(e, 2 * w, h, seed=3), "int4").to(DEV), quantize(_w(e, h, w, seed=4), "int4").to(DEV)
+    for t in (1, 3):  # the one-token GEMVs (the shared expert's column first: num_appended) and the tiles
+        ids = torch.tensor([[0, 2, 3]] * t, device=DEV)  # expert 3 every token: a folded shared expert
+        weights = torch.tensor([[0.7, 0.3, 1.0]] * t, device=DEV)
+        xt = x[:1].expand(t, -1).contiguous()
+        want = plain.moe_experts(xt, w13, w2, weights, ids)
+        assert torch.allclose(kernels.moe_experts(xt, w13, w2, weights, ids, num_appended=1), want, atol=1e-4)
+        pairs = kernels.moe_experts(xt, w13, w2, weights, ids, unsummed=True, num_appended=1)
+        assert isinstance(pairs, ops.ExpertOutputs)
+        assert torch.allclose(ops.sum_experts(pairs), want, atol=1e-4)

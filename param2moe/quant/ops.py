@@ -7,7 +7,7 @@ optional (absent, or declining the inputs: the torch path):
 
   CUDA  module `param2moe.kernels.triton.quant` (docs/quant-kernels.md):
           usable(x, qw) -> bool                       whether its kernels take x [T, K] and a matrix qw [N, K]
-                                                      (for expert stacks: asked of one expert's matrix)
+          moe_usable(x, w13, w2) -> bool              the same for the fused MoE (asked once per weights)
           linear(x, qw, bias=None, out_dtype=None)    [T, N] in x.dtype (out_dtype float32: the head)
           moe_experts(x, w13, w2, weights, ids, unsummed=False, num_appended=0)
                                                       [T, H] summed over each token's experts, x.dtype
@@ -51,12 +51,29 @@ def _module(name: str):
 
 
 def _triton(x, qw: QuantizedWeight, native: bool):
-    """The Triton quant module when it takes x and qw (a stack: its first expert's matrix stands for all), else
-    None."""
+    """The Triton quant module when its linear takes x and the matrix qw, else None."""
     if not (native and x.is_cuda):
         return None
     t = _module("param2moe.kernels.triton.quant")
-    return t if t is not None and t.usable(x, qw if len(qw.shape) == 2 else qw[0]) else None
+    return t if t is not None and t.usable(x, qw) else None
+
+
+_MOE_OK: dict = {}  # (id(w13), id(w2), dtype, device) -> (w13, w2, whether the Triton MoE takes them)
+
+
+def _triton_moe(x, w13: QuantizedWeight, w2: QuantizedWeight, native: bool):
+    """The Triton quant module when its fused MoE takes x and these experts, else None. Its check allocates on
+    the device, so it runs once per weights and activation dtype (eagerly, before any graph capture), not per
+    call (which would add launches to every captured step)."""
+    if not (native and x.is_cuda):
+        return None
+    t = _module("param2moe.kernels.triton.quant")
+    if t is None:
+        return None
+    key = (id(w13), id(w2), x.dtype, x.device)
+    if key not in _MOE_OK:  # (the weights are kept with the answer: their ids stay theirs)
+        _MOE_OK[key] = (w13, w2, t.moe_usable(x, w13, w2))
+    return t if _MOE_OK[key][2] else None
 
 
 def _cpu(x, native: bool, name: str):
@@ -102,7 +119,7 @@ def moe_experts(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids, *, n
                 num_appended: int = 0):
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]), [T, H] in x.dtype. num_appended: the last columns of ids
     are the folded shared expert's pieces (MoE.fold_shared_experts), which the CUDA kernel starts early."""
-    if (t := _triton(x, w13, native)) is not None:
+    if (t := _triton_moe(x, w13, w2, native)) is not None:
         return t.moe_experts(x, w13, w2, weights, ids, num_appended=num_appended)
     if (fn := _cpu(x, native, "quant_moe")) is not None and (y := fn(x, w13, w2, weights, ids)) is not None:
         return y
@@ -123,7 +140,7 @@ def moe_pairs(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids, *, nat
     """moe_experts' rows before the sum, [T*K, H] (row t*K + k: the pair (t, k); rows of id -1 undefined), for
     the next norm to sum in its launch (kernels.ExpertOutputs); None where no kernel gives them (then call
     moe_experts)."""
-    if (t := _triton(x, w13, native)) is not None:
+    if (t := _triton_moe(x, w13, w2, native)) is not None:
         return t.moe_experts(x, w13, w2, weights, ids, unsummed=True, num_appended=num_appended)
     return None
 
