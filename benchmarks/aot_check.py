@@ -159,10 +159,9 @@ def main():
 def quant_main():
     """The quantized MoE's launches (quant.moe_experts) at Param2-17B's shapes: 64 + 2 experts (the shared
     expert folded in), hidden 2048, width 2048, top 6 + 2, for each variant."""
+    from param2moe.kernels.triton import moe_configs
     from param2moe.kernels.triton import quant as tq
     from param2moe.quant import formats
-
-    from param2moe.kernels.triton import moe_configs
 
     moe_configs.card_name = lambda index=None: "H100"  # the GPU's tuned tables, not the CPU's defaults
     bf = torch.bfloat16
@@ -185,8 +184,8 @@ QUANT_CONSTS = ("METHOD", "GATED", "BLOCK_M", "BLOCK_N", "BLOCK_K", "JOIN", "PIP
 
 def print_report(only: str, quant: bool = False):
     if quant:
-        print(f"{'first use':<22} {'kern':<4} {'consts':<84} {'w':>2} {'s':>2} {'regs':>4} {'stack':>5} {'smem':>6} {'grid':>6} "
-              "global loads (bytes an instruction x instructions)")
+        print(f"{'first use':<22} {'kern':<4} {'consts':<84} {'w':>2} {'s':>2} {'regs':>4} {'stack':>5} {'smem':>6} "
+              f"{'grid':>6} global loads (bytes an instruction x instructions)")
     else:
         print(f"{'kernel':<22} {'consts':<70} {'w':>2} {'s':>2} {'regs':>4} {'stack':>5} {'smem':>6} pipe wgmma")
     for r in REPORT.values():
@@ -198,8 +197,8 @@ def print_report(only: str, quant: bool = False):
         c = {k_: v for k_, v in r["consts"].items() if k_ not in ("IEEE", "INTERP", "EVEN_K", "TOPK")}
         if quant:
             c = {k_: v for k_, v in c.items() if k_ in QUANT_CONSTS}
-            print(f"{r['label']:<22} {r['kernel'][1:5]:<4} {str(c)[:84]:<84} {r['warps']:>2} {r['stages']:>2} {r['regs']:>4} "
-                  f"{r['stack']:>5} {r['smem']:>6} {str(r['grid'] and r['grid'][0]):>6} {r['loads']}")
+            print(f"{r['label']:<22} {r['kernel'][1:5]:<4} {str(c)[:84]:<84} {r['warps']:>2} {r['stages']:>2} "
+                  f"{r['regs']:>4} {r['stack']:>5} {r['smem']:>6} {str(r['grid'] and r['grid'][0]):>6} {r['loads']}")
             continue
         print(f"{r['kernel'][:22]:<22} {str(c)[:70]:<70} {r['warps']:>2} {r['stages']:>2} {r['regs']:>4} "
               f"{r['stack']:>5} {r['smem']:>6} {'y' if r['cp_async'] else '-':>4} {'y' if r['wgmma'] else '-':>5}")
