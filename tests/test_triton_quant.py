@@ -263,10 +263,13 @@ def test_moe_gemv_pipelined_chunks(method, monkeypatch):
     _moe_variant_check(method, "pipe_small", 1, 384, 256)
 
 
-def test_moe_variant_unknown_name():
+def test_moe_variant_names():
     x, w13, w2, weights, ids = _moe_inputs("int4", 1, 4, 128, 64, 2, torch.float32, False)
-    with pytest.raises(ValueError, match="not a quantized MoE variant; known: default"):
-        tq.moe_experts(x, w13, w2, weights, ids, variant="nope")
+    with pytest.raises(ValueError, match="'nope' is not a quantized MoE variant; known: default"):
+        tq.moe_experts(x, w13, w2, weights, ids, variant="gemv_pipe+nope")
+    both = tq.moe_variant("gemv_pipe+join_k256")
+    assert both.gemv == tq.MOE_VARIANTS["gemv_pipe"].gemv and both.int4_join and both.tiles == {"BLOCK_K": 256}
+    assert tq.moe_variant("default") == tq.MoeVariant()
 
 
 # ------------------------------------------------------------------------------- fp8 activations

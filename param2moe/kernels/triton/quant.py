@@ -637,6 +637,12 @@ class MoeVariant(NamedTuple):
     tiles: dict | None = None  # merged into both tiled GEMMs' configs (e.g. {"num_stages": 5, "BLOCK_K": 256})
     int4_join: bool = False  # int4 tiles: `_int4_join_step` (one dot, contiguous x, scales on the weights)
 
+    def changes(self, t: int, method: int) -> bool:
+        """Whether, at t tokens with weights of this method, something else runs than the default's."""
+        if t == 1 and self.one_token == "gemv":
+            return bool(self.gemv and method in self.gemv)
+        return t == 1 or bool(self.tiles) or (self.int4_join and method == INT4)
+
 
 # (bytes a weight set and chunk, warps, chunk columns, stages): pipelined chunk loops at one token
 _PIPE_GEMV = {INT4: {"gate_up": (2048, 4, 512, 4), "down": (4096, 4, 512, 4)},
@@ -661,12 +667,19 @@ _VARIANT_ENV = os.environ.get("P2M_QUANT_MOE_VARIANT", "default")
 
 
 def moe_variant(name: str | None = None) -> MoeVariant:
-    """MOE_VARIANTS[name] (None: P2M_QUANT_MOE_VARIANT's, else "default"); an unknown name raises, naming them."""
+    """MOE_VARIANTS[name] (None: P2M_QUANT_MOE_VARIANT's, else "default"); "a+b": a's fields that differ from
+    the default's, then b's over them (e.g. a one-token GEMV and a tile variant). An unknown name raises,
+    naming the known ones."""
     name = _VARIANT_ENV if name is None else name
-    if name not in MOE_VARIANTS:
-        src = "P2M_QUANT_MOE_VARIANT" if name == _VARIANT_ENV else "variant"
-        raise ValueError(f"{src}={name!r}: not a quantized MoE variant; known: {', '.join(MOE_VARIANTS)}")
-    return MOE_VARIANTS[name]
+    merged = MoeVariant()
+    for part in name.split("+"):
+        if part not in MOE_VARIANTS:
+            src = "P2M_QUANT_MOE_VARIANT" if name == _VARIANT_ENV else "variant"
+            raise ValueError(f"{src}={name!r}: {part!r} is not a quantized MoE variant; known: "
+                             f"{', '.join(MOE_VARIANTS)} (joined with '+')")
+        v, base = MOE_VARIANTS[part], MoeVariant._field_defaults
+        merged = merged._replace(**{f: getattr(v, f) for f in v._fields if getattr(v, f) != base[f]})
+    return merged
 
 
 def _variant_config(cfg: dict, v: MoeVariant) -> dict:
