@@ -90,7 +90,7 @@ def main():
     ap.add_argument("--committed", action="store_true")
     ap.add_argument("--only", default="", help="substring of kernel names")
     ap.add_argument("--quant", action="store_true", help="only the quantized MoE (quant.py) at Param2's shapes, "
-                    "every variant of quant.MOE_VARIANTS, int4 and fp8, at 1 and 8 tokens")
+                    "every variant of quant.MOE_VARIANTS, int4 and fp8, at 1, 8, 64 and 256 tokens")
     args = ap.parse_args()
     _jit.JITFunction.run = _compile_only
     if args.quant:
@@ -169,7 +169,7 @@ def quant_main():
     for method, block in (("int4", False), ("fp8", False)):
         w13 = formats.empty((e, 2 * i, h), method, block=block)
         w2 = formats.empty((e, h, i), method, block=block)
-        for t in (1, 8):
+        for t in (1, 8, 64, 256):
             x = torch.randn(t, h).to(bf)
             ids = torch.cat([torch.rand(t, e - 2).topk(k - 2, dim=-1).indices,
                              torch.arange(e - 2, e).expand(t, -1)], 1).contiguous()

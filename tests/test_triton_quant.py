@@ -253,12 +253,12 @@ def test_moe_variants(variant, t, method):
     _moe_variant_check(method, variant, t, 384, 128)
 
 
-@pytest.mark.parametrize("method", ["int4", "int8", "fp8-block"])
-def test_moe_gemv_pipelined_chunks(method, monkeypatch):
+@pytest.mark.parametrize("method,xsplit", [("int4", False), ("int4", True), ("int8", False), ("fp8-block", False)])
+def test_moe_gemv_pipelined_chunks(method, xsplit, monkeypatch):
     """The pipelined GEMV (MoeVariant.gemv with chunks and stages) with rows of several chunks: gate/up K=384 in
     3 chunks of 128, down K=256 in 2 (the registered variants' chunks of 512 span these rows whole)."""
-    small = {m: {"gate_up": (8192, 4, 128, 3), "down": (8192, 4, 128, 2)} for m in (tq.INT4, tq.INT8, tq.FP8,
-                                                                                 tq.FP8_BLOCK_SCALED)}
+    small = {m: {"gate_up": (8192, 4, 128, 3, xsplit), "down": (8192, 4, 128, 2, xsplit)}
+             for m in (tq.INT4, tq.INT8, tq.FP8, tq.FP8_BLOCK_SCALED)}
     monkeypatch.setitem(tq.MOE_VARIANTS, "pipe_small", tq.MoeVariant(gemv=small))
     _moe_variant_check(method, "pipe_small", 1, 384, 256)
 

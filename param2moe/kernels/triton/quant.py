@@ -116,15 +116,48 @@ def _load_rows(w_ptr, row_off, nmask, k0, K: tl.constexpr, EPW: tl.constexpr, BL
 
 
 @triton.jit
+def _nibble_products(p, raw, x, S: tl.constexpr):
+    return p + _word_value(raw, S, 1, 8) * (x * _x_factor(S, 1))[None, :]
+
+
+@triton.jit
+def _int4_products_xsplit(raw, x_ptr, k0, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`_row_dots`' int4 products (p, xsum) with x read in one contiguous load (16-byte loads, 8 values a word)
+    and split in registers by nibble position, instead of 8 strided loads of 2 bytes (one a value)."""
+    xk = k0 + tl.arange(0, BLOCK_K)
+    x = tl.reshape(tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32), (BLOCK_K // 8, 2, 2, 2))
+    c0, c1 = tl.split(x)  # x[8 j + 4 a + 2 b + c]: split c, then b, then a
+    c0b0, c0b1 = tl.split(c0)
+    c1b0, c1b1 = tl.split(c1)
+    x0, x4 = tl.split(c0b0)
+    x2, x6 = tl.split(c0b1)
+    x1, x5 = tl.split(c1b0)
+    x3, x7 = tl.split(c1b1)
+    p = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+    p = _nibble_products(p, raw, x0, 0)
+    p = _nibble_products(p, raw, x1, 1)
+    p = _nibble_products(p, raw, x2, 2)
+    p = _nibble_products(p, raw, x3, 3)
+    p = _nibble_products(p, raw, x4, 4)
+    p = _nibble_products(p, raw, x5, 5)
+    p = _nibble_products(p, raw, x6, 6)
+    p = _nibble_products(p, raw, x7, 7)
+    return p, ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+
+
+@triton.jit
 def _row_dots(raw, s_ptr, s_off, nmask, x_ptr, k0, K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr,
-              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XSPLIT: tl.constexpr = False):
     """[BLOCK_N] fp32: each row's dequantized weights (raw, from `_load_rows`) dot x[k0 : k0 + BLOCK_K].
-    s_off: each row's offset of its scale row (per channel: the scale itself)."""
+    s_off: each row's offset of its scale row (per channel: the scale itself). XSPLIT (int4):
+    `_int4_products_xsplit`."""
     j = tl.arange(0, BLOCK_K // EPW)
     if METHOD >= 2:  # fp8
         xk = k0 + j
         x = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
         p = raw.to(tl.float32) * x[None, :]
+    elif METHOD == 1 and XSPLIT:
+        p, xsum = _int4_products_xsplit(raw, x_ptr, k0, K, BLOCK_N, BLOCK_K)
     else:
         p = tl.zeros((BLOCK_N, BLOCK_K // EPW), dtype=tl.float32)
         xsum = tl.zeros((BLOCK_K // EPW,), dtype=tl.float32)
@@ -173,13 +206,14 @@ def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N,
                stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K: tl.constexpr, METHOD: tl.constexpr,
                EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr, GATED: tl.constexpr,
                HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               PRELOAD: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr):
+               PRELOAD: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr, XSPLIT: tl.constexpr):
     """Rows nb * BLOCK_N.. of expert e against x rows col * stride_xc + t * stride_xt, t < T, into out rows
     col * stride_oc + t * stride_ot. GATED: the rows n and N + n (gate, up), silu(gate) * up stored.
     X_SCALE: x is fp8 with a scale per token (1) or per column (2). PRELOAD: the weights are loaded before
     waiting for the kernel in front (one chunk only). PIPE > 0 (several chunks): the chunk loop is a
     software pipeline of PIPE stages (Triton's tl.range: the weight loads of the next chunks in flight
-    through shared memory while this one is reduced; bytes in flight no longer cost registers)."""
+    through shared memory while this one is reduced; bytes in flight no longer cost registers). XSPLIT: see
+    `_row_dots`."""
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     g_row = e * stride_we + n.to(tl.int64) * stride_wn
@@ -196,30 +230,32 @@ def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N,
     for t in range(0, T):
         xr = x_ptr + col * stride_xc + t * stride_xt
         if CHUNKS == 1:
-            acc = _row_dots(g, s_ptr, g_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
+            acc = _row_dots(g, s_ptr, g_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
             acc_u = acc
             if GATED:
-                acc_u = _row_dots(u, s_ptr, u_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
+                acc_u = _row_dots(u, s_ptr, u_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
         elif PIPE > 0:
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for c in tl.range(0, CHUNKS, num_stages=PIPE):
                 gc = _load_rows(w_ptr, g_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
-                acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
+                acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K,
+                                 XSPLIT)
                 if GATED:
                     uc = _load_rows(w_ptr, u_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
                     acc_u += _row_dots(uc, s_ptr, u_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N,
-                                       BLOCK_K)
+                                       BLOCK_K, XSPLIT)
         else:  # rows too long for the registers: chunk by chunk, loaded after the wait
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for c in tl.static_range(CHUNKS):
                 gc = _load_rows(w_ptr, g_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
-                acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
+                acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K,
+                                 XSPLIT)
                 if GATED:
                     uc = _load_rows(w_ptr, u_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
                     acc_u += _row_dots(uc, s_ptr, u_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N,
-                                       BLOCK_K)
+                                       BLOCK_K, XSPLIT)
         _gemv_out(acc, acc_u, xs_ptr, bias_ptr, out_ptr, col * stride_oc + t * stride_ot, n, nmask,
                   col if X_SCALE == 2 else t, GATED, HAS_BIAS, X_SCALE)
 
@@ -230,7 +266,7 @@ def _qgemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, T, N,
                   K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr,
                   GATED: tl.constexpr, HAS_IDS: tl.constexpr, PRE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
                   X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                  PIPE: tl.constexpr):
+                  PIPE: tl.constexpr, XSPLIT: tl.constexpr):
     """Without ids (a linear layer): one column, expert 0; every program loads its rows, then waits for the
     kernel in front. With ids (the MoE at one token): the first PRE_COLS * num_n programs serve columns
     col_pre.. (the folded shared expert: experts e_pre.., known without the router) and load before
@@ -243,7 +279,7 @@ def _qgemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, T, N,
         _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col_pre + blk, (e_pre + blk).to(tl.int64),
                    pid % num_n, T, N, stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc,
                    stride_ot, K, METHOD, EPW, GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, True, PDL,
-                   PIPE)
+                   PIPE, XSPLIT)
     elif HAS_IDS:
         p = pid - PRE_COLS * num_n
         col = p // num_n
@@ -252,7 +288,7 @@ def _qgemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, T, N,
         if e >= 0:
             _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, p % num_n, T, N, stride_xc,
                        stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K, METHOD, EPW,
-                       GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, False, PDL, PIPE)
+                       GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, False, PDL, PIPE, XSPLIT)
 
 
 # ------------------------------------------------------------------------------ tiled tensor-core kernel
@@ -495,17 +531,17 @@ def usable(x: torch.Tensor, qw: QuantizedWeight) -> bool:
             and x.device == qw.device and (x.is_cuda or INTERPRET) and _layout_ok(qw))
 
 
-def _gemv_shape(w: _W, k: int, use: str, config: tuple | None = None) -> tuple[int, int, int, int]:
-    """(BLOCK_N, num_warps, BLOCK_K, stages) of a GEMV program from GEMV_CONFIGS' (or config's) (bytes a weight
-    set, warps) or (bytes a weight set and chunk, warps, chunk, stages): the bytes over the stored bytes of a
-    row's chunk (chunk: logical columns; default min(K, GEMV_CHUNK), the whole row while it fits; stages > 0:
-    the chunk loop pipelined)."""
-    budget, warps, chunk, stages = (*(config or GEMV_CONFIGS[w.method][use]), 0, 0)[:4]
+def _gemv_shape(w: _W, k: int, use: str, config: tuple | None = None) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_N, num_warps, BLOCK_K, stages, xsplit) of a GEMV program from GEMV_CONFIGS' (or config's) (bytes a
+    weight set, warps[, chunk, stages, xsplit]): the bytes over the stored bytes of a row's chunk (chunk:
+    logical columns, 0 or absent: min(K, GEMV_CHUNK), the whole row while it fits; stages > 0: the chunk loop
+    pipelined; xsplit: int4's x in one load, split in registers)."""
+    budget, warps, chunk, stages, xsplit = (*(config or GEMV_CONFIGS[w.method][use]), 0, 0, False)[:5]
     block_k = min(triton.next_power_of_2(k), chunk or GEMV_CHUNK)
     if w.method in (INT4, FP8_BLOCK_SCALED):
         block_k = max(block_k, w.group)
     stored = min(k, block_k) // (2 if w.method == INT4 else 1)
-    return max(1, min(64, triton.next_power_of_2(max(1, budget // stored)))), warps, block_k, stages
+    return max(1, min(64, triton.next_power_of_2(max(1, budget // stored)))), warps, block_k, stages, bool(xsplit)
 
 
 def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x_col_stride: int = 0,
@@ -515,7 +551,7 @@ def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x
     at one token, a column per entry of ids, the expert's rows against x (gate_up, the same row for every
     column) or row col of x (down)); N output rows (gate_up: N gate and N up rows, N results). x_scale: x is
     fp8, with a scale per row (`act_quant`); config: instead of GEMV_CONFIGS' (see `_gemv_shape`)."""
-    block_n, num_warps, block_k, stages = _gemv_shape(w, k, use, config)
+    block_n, num_warps, block_k, stages, xsplit = _gemv_shape(w, k, use, config)
     wt = w.words if w.words is not None else w.qweight
     stride_oc, stride_ot = (out.stride(0), 0) if ids is not None else (0, out.stride(0))
     stride_xc, stride_xt = (x_col_stride, 0) if ids is not None else (0, x.stride(0))
@@ -526,7 +562,7 @@ def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x
         EPW=_WORD_VALUES.get(w.method, 1), GROUP=w.group, SROWS=w.srows, GATED=use == "gate_up",
         HAS_IDS=ids is not None, PRE_COLS=n_pre, HAS_BIAS=bias is not None,
         X_SCALE=0 if x_scale is None else 2 if x_col_stride else 1, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        PIPE=stages, num_warps=num_warps, **pdl_launch(pdl))
+        PIPE=stages, XSPLIT=xsplit and w.method == INT4, num_warps=num_warps, **pdl_launch(pdl))
     return out
 
 
@@ -650,6 +686,8 @@ _PIPE_GEMV = {INT4: {"gate_up": (2048, 4, 512, 4), "down": (4096, 4, 512, 4)},
               FP8_BLOCK_SCALED: {"gate_up": (2048, 4, 512, 4), "down": (4096, 4, 512, 4)},
               INT8: {"gate_up": (2048, 4, 512, 4), "down": (4096, 4, 512, 4)}}
 _PIPE_GEMV_BIG = {m: {"gate_up": (4096, 4, 1024, 3), "down": (8192, 8, 1024, 3)} for m in _PIPE_GEMV}
+_XSPLIT_GEMV = {INT4: {use: (*cfg, 0, 0, True) for use, cfg in GEMV_CONFIGS[INT4].items()}}
+_XSPLIT_PIPE_GEMV = {INT4: {use: (*cfg[:4], True) for use, cfg in _PIPE_GEMV[INT4].items()}}
 _WIDE_GEMV = {INT4: {"gate_up": (16384, 8), "down": (16384, 8)}, FP8: {"gate_up": (16384, 4), "down": (32768, 8)},
               FP8_BLOCK_SCALED: {"gate_up": (16384, 4), "down": (32768, 8)}, INT8: {"gate_up": (16384, 8)}}
 MOE_VARIANTS = {
@@ -657,6 +695,8 @@ MOE_VARIANTS = {
     "gemv_wide": MoeVariant(gemv=_WIDE_GEMV),  # more bytes in flight a program at one token
     "gemv_pipe": MoeVariant(gemv=_PIPE_GEMV),  # chunks of 512 columns, 4 stages: bytes in flight in shared memory
     "gemv_pipe_big": MoeVariant(gemv=_PIPE_GEMV_BIG),  # chunks of 1024, 3 stages
+    "gemv_xsplit": MoeVariant(gemv=_XSPLIT_GEMV),  # int4: x in 16-byte loads, split in registers
+    "gemv_pipe_xsplit": MoeVariant(gemv=_XSPLIT_PIPE_GEMV),
     "mma1": MoeVariant(one_token="mma"),  # one token on the tiles: a K loop pipelined through shared memory
     "deep": MoeVariant(tiles={"num_stages": 5}),  # more K steps in flight a tile program
     "join": MoeVariant(int4_join=True),
