@@ -243,11 +243,12 @@ def _moe_variant_check(method, variant, t, h, i):
     check(out, oracle_moe(x, w13, w2, weights, ids), torch.bfloat16)
 
 
-@pytest.mark.parametrize("method", ["int4", "int4-g32", "fp8", "fp8-block"])
+@pytest.mark.parametrize("method", ["int4", "int4-g32", "fp8-block"])
 @pytest.mark.parametrize("variant,t", _variant_cases())
 def test_moe_variants(variant, t, method):
-    """Every entry of quant.MOE_VARIANTS against the oracle. Hidden 384: a 256-column BLOCK_K (join_k256) ends
-    past K, a half step masked and its second scale group missing."""
+    """Every entry of quant.MOE_VARIANTS against the oracle (fp8 per channel shares fp8-block's code but for the
+    scale's place). Hidden 384: a 256-column BLOCK_K (join_k256) ends past K, a half step masked and its second
+    scale group missing."""
     if method == "int4-g32" and not tq.MOE_VARIANTS[variant].int4_join:
         pytest.skip("group 32: for the joined int4 steps (8 groups a step)")
     _moe_variant_check(method, variant, t, 384, 128)
