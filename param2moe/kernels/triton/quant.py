@@ -688,6 +688,8 @@ _PIPE_GEMV = {INT4: {"gate_up": (2048, 4, 512, 4), "down": (4096, 4, 512, 4)},
 _PIPE_GEMV_BIG = {m: {"gate_up": (4096, 4, 1024, 3), "down": (8192, 8, 1024, 3)} for m in _PIPE_GEMV}
 _XSPLIT_GEMV = {INT4: {use: (*cfg, 0, 0, True) for use, cfg in GEMV_CONFIGS[INT4].items()}}
 _XSPLIT_PIPE_GEMV = {INT4: {use: (*cfg[:4], True) for use, cfg in _PIPE_GEMV[INT4].items()}}
+_SMALL_GEMV = {INT4: {"gate_up": (2048, 4), "down": (4096, 4)}, FP8: {"gate_up": (4096, 4), "down": (8192, 4)},
+               FP8_BLOCK_SCALED: {"gate_up": (4096, 4), "down": (8192, 4)}}
 _WIDE_GEMV = {INT4: {"gate_up": (16384, 8), "down": (16384, 8)}, FP8: {"gate_up": (16384, 4), "down": (32768, 8)},
               FP8_BLOCK_SCALED: {"gate_up": (16384, 4), "down": (32768, 8)}, INT8: {"gate_up": (16384, 8)}}
 MOE_VARIANTS = {
@@ -695,6 +697,7 @@ MOE_VARIANTS = {
     "gemv_wide": MoeVariant(gemv=_WIDE_GEMV),  # more bytes in flight a program at one token
     "gemv_pipe": MoeVariant(gemv=_PIPE_GEMV),  # chunks of 512 columns, 4 stages: bytes in flight in shared memory
     "gemv_pipe_big": MoeVariant(gemv=_PIPE_GEMV_BIG),  # chunks of 1024, 3 stages
+    "gemv_small": MoeVariant(gemv=_SMALL_GEMV),  # moe.py's one-token shape: few rows, 4 warps, many programs
     "gemv_xsplit": MoeVariant(gemv=_XSPLIT_GEMV),  # int4: x in 16-byte loads, split in registers
     "gemv_pipe_xsplit": MoeVariant(gemv=_XSPLIT_PIPE_GEMV),
     "mma1": MoeVariant(one_token="mma"),  # one token on the tiles: a K loop pipelined through shared memory
