@@ -28,6 +28,7 @@ docs/quant-kernels.md has the design and the knobs.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -546,7 +547,7 @@ def _gemv_shape(w: _W, k: int, use: str, config: tuple | None = None) -> tuple[i
 
 def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x_col_stride: int = 0,
           n_pre: int = 0, col_pre: int = 0, e_pre: int = 0, t: int = 1, bias=None, pdl: bool = False, x_scale=None,
-          config: tuple[int, int] | None = None):
+          config: tuple | None = None):
     """Launch `_qgemv_kernel` for `use` ("linear": t tokens, one column, expert 0; "gate_up" / "down": the MoE
     at one token, a column per entry of ids, the expert's rows against x (gate_up, the same row for every
     column) or row col of x (down)); N output rows (gate_up: N gate and N up rows, N results). x_scale: x is
@@ -709,6 +710,7 @@ MOE_VARIANTS = {
 _VARIANT_ENV = os.environ.get("P2M_QUANT_MOE_VARIANT", "default")
 
 
+@functools.lru_cache(maxsize=64)
 def moe_variant(name: str | None = None) -> MoeVariant:
     """MOE_VARIANTS[name] (None: P2M_QUANT_MOE_VARIANT's, else "default"); "a+b": a's fields that differ from
     the default's, then b's over them (e.g. a one-token GEMV and a tile variant). An unknown name raises,
