@@ -164,6 +164,7 @@ def quant_main():
     from param2moe.quant import formats
 
     moe_configs.card_name = lambda index=None: "H100"  # the GPU's tuned tables, not the CPU's defaults
+    tq.usable = lambda x, qw: True  # CPU tensors stand in for CUDA ones
     bf = torch.bfloat16
     e, h, i, k = 66, 2048, 2048, 8
     for method, block in (("int4", False), ("fp8", False)):
@@ -177,6 +178,10 @@ def quant_main():
             for v in tq.MOE_VARIANTS:
                 LABEL[0] = f"{method}/{t}/{v}"
                 tq.moe_experts(x, w13, w2, w, ids, num_appended=2, variant=v)
+            if method == "int4" and t > 1:  # the tiled linear (qkv), the default int4 step and the joined one
+                for v in ("default", "join"):
+                    LABEL[0] = f"{method}/{t}/qkv/{v}"
+                    tq.linear(x, formats.empty((3072, h), method), variant=v)
 
 
 QUANT_CONSTS = ("METHOD", "GATED", "BLOCK_M", "BLOCK_N", "BLOCK_K", "JOIN", "PIPE", "HAS_IDS", "K")

@@ -251,7 +251,9 @@ def make_calls(op, method, t, variant, ws, x):
         path, config = (variant if variant in ("gemv", "mma") else None), (variant if isinstance(variant, tuple)
                                                                            else None)
         act = "fp8" if variant == "w8a8" else None
-        fns = [lambda w=w: tq.linear(x, w, path=path, config=config, out_dtype=out_dtype, act=act) for w in ws]
+        vname = variant.get("variant") if isinstance(variant, dict) else None
+        fns = [lambda w=w: tq.linear(x, w, path=path, config=config, out_dtype=out_dtype, act=act, variant=vname)
+               for w in ws]
 
     def oracle():
         w = ws[0] if method == "bf16" else dequantize(ws[0], BF16)
@@ -338,9 +340,17 @@ def variant_jobs(method):
     """The MoE with each variant (`--variants`), at each T where it runs something else than the default."""
     code = {"int8": tq.INT8, "int4": tq.INT4, "fp8": tq.FP8, "fp8-block": tq.FP8_BLOCK_SCALED}[method]
     cases = [("moe", t) for t in TS] + [("mlp", 1)]  # mlp: the dense MLP at one token, as one expert
-    return [(f"{op}/{method}/{t}/v:{n}", lambda op=op, m=method, t=t, n=n: run_case(op, m, t, {"variant": n},
-                                                                                   label=f"v:{n}"))
-            for n in variant_names() for op, t in cases if tq.moe_variant(n).changes(t, code)]
+    out = [(f"{op}/{method}/{t}/v:{n}", lambda op=op, m=method, t=t, n=n: run_case(op, m, t, {"variant": n},
+                                                                                  label=f"v:{n}"))
+           for n in variant_names() for op, t in cases if tq.moe_variant(n).changes(t, code)]
+    for n in variant_names():  # the linear layers: a variant's "linear" GEMV, and the joined int4 step's tiles
+        v = tq.moe_variant(n)
+        ts = [t for t in TS if t <= tq.GEMV_MAX_TOKENS[code]] if (v.gemv or {}).get(code, {}).get("linear") else []
+        ts += [t for t in TS if t > tq.GEMV_MAX_TOKENS[code]] if v.int4_join and code == tq.INT4 else []
+        out += [(f"{op}/{method}/{t}/v:{n}", lambda op=op, m=method, t=t, n=n: run_case(op, m, t, {"variant": n},
+                                                                                       label=f"v:{n}"))
+                for op in ("qkv", "dense") for t in ts]
+    return out
 
 
 def jobs():
@@ -463,11 +473,12 @@ def print_table(rows, best, card):
 
 
 def variant_table(rows) -> dict:
-    """Per quantized method and T: the MoE's (and the dense MLP's at one token) default and each variant (us, share of
-    the floor, x the default); the winner (fastest within the error limit). Returns the MoE's {method: {T: winner}}."""
+    """Per quantized method, op and T: the default and each variant (us, share of the floor, x the default) of the
+    MoE, the dense MLP at one token and the linear layers (a variant's GEMV at one token, int4 join's tiles); the
+    winner (fastest within the error limit). Returns the MoE's {method: {T: winner}}."""
     by = {}
     for r in rows:
-        if (isinstance(r, dict) and r["op"] in ("moe", "mlp") and r["method"] != "bf16"
+        if (isinstance(r, dict) and r["op"] in ("moe", "mlp", "qkv", "dense") and r["method"] != "bf16"
                 and isinstance(r.get("us"), float) and (r["variant"] == "default" or r["variant"].startswith("v:"))
                 and r.get("ok", True)):
             by.setdefault((r["method"], r["op"], r["T"]), []).append(r)

@@ -264,6 +264,30 @@ def test_moe_gemv_pipelined_chunks(method, xsplit, monkeypatch):
     _moe_variant_check(method, "pipe_small", 1, 384, 256)
 
 
+@pytest.mark.parametrize("variant", ["gemv_pipe", "gemv_pipe_xsplit", "gemv_small"])
+@pytest.mark.parametrize("method", ["int4", "int8", "fp8-block"])
+def test_linear_gemv_variants(method, variant):
+    """A variant's "linear" GEMV (the pipelined ones: K 1536 in 3 chunks of 512), 2 tokens, a bias."""
+    qw = random_qweight(method, 24, 1536)
+    x = torch.randn(2, 1536, device=DEV).to(torch.bfloat16)
+    bias = torch.randn(24, device=DEV).to(torch.bfloat16)
+    with poisoned():
+        out = tq.linear(x, qw, bias, path="gemv", variant=variant)
+    check(out, oracle_linear(x, qw, bias), torch.bfloat16)
+
+
+@pytest.mark.parametrize("method", ["int4", "int4-g32"])
+def test_linear_int4_join(method):
+    """The tiled linear with a variant's int4_join (K 384: a 256-column step past K with join_k256's BLOCK_K)."""
+    qw = random_qweight(method, 40, 384)
+    x = torch.randn(16, 384, device=DEV).to(torch.bfloat16)
+    cfg = (16, {"BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 2})
+    with poisoned():
+        for config in (None, cfg):
+            out = tq.linear(x, qw, path="mma", config=config, variant="join")
+            check(out, oracle_linear(x, qw), torch.bfloat16)
+
+
 def test_moe_variant_names():
     x, w13, w2, weights, ids = _moe_inputs("int4", 1, 4, 128, 64, 2, torch.float32, False)
     with pytest.raises(ValueError, match="'nope' is not a quantized MoE variant; known: default"):

@@ -617,11 +617,13 @@ def gemv_max_tokens(w: _W) -> int:
 
 
 def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, out_dtype=None,
-           act: str | None = None, path: str | None = None, config: tuple[int, dict] | None = None) -> torch.Tensor:
+           act: str | None = None, path: str | None = None, config: tuple[int, dict] | None = None,
+           variant: str | None = None) -> torch.Tensor:
     """x [T, K] @ dequantize(qw).T + bias, accumulated in fp32, rounded to out_dtype (default x's dtype; the head:
     float32) (see `usable`). act="fp8" (fp8 weights): x quantized per token first (`act_quant`; the tiled
     kernel multiplies on the fp8 tensor cores). path "gemv" or "mma" forces a kernel (benchmarks); config:
-    (BLOCK_M, GEMM config) of the tiled one."""
+    (BLOCK_M, GEMM config) of the tiled one. variant (default `moe_variant()`): its GEMV configs' "linear"
+    entries and its int4_join apply here too (the same kernels)."""
     if not usable(x, qw) or qw.qweight.dim() != 2:
         raise ValueError(f"quantized linear: x {x.dtype} {list(x.shape)} on {x.device} with the {qw.method} weight "
                          f"{list(qw.shape)} (qweight {qw.qweight.dtype} {list(qw.qweight.shape)}): not served "
@@ -637,10 +639,12 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
     if t == 0:
         return out
     a, a_scale = _activations(x, w, act)
+    v = moe_variant(variant)
     if (path or ("gemv" if t <= gemv_max_tokens(w) else "mma")) == "gemv":
-        return _gemv(a, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl_flag(x) and k <= GEMV_CHUNK, x_scale=a_scale)
+        return _gemv(a, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl_flag(x) and k <= GEMV_CHUNK, x_scale=a_scale,
+                     config=(v.gemv or {}).get(w.method, {}).get("linear"))
     block_m, cfg = config or linear_config(t)
-    return _mma(a, w, out, n, k, cfg, block_m=block_m, bias=bias, a_scale=a_scale)
+    return _mma(a, w, out, n, k, cfg, block_m=block_m, bias=bias, a_scale=a_scale, join=v.int4_join)
 
 
 def one_expert(qw: QuantizedWeight) -> QuantizedWeight:
@@ -670,9 +674,10 @@ class MoeVariant(NamedTuple):
     analysis behind each; none is a default until measured."""
 
     one_token: str = "gemv"  # at one token: "gemv" (`_qgemv_kernel`) or "mma" (the tiles on aligned slots)
-    gemv: dict | None = None  # method code -> {use: config}: replaces GEMV_CONFIGS' entries (`_gemv_shape`)
+    gemv: dict | None = None  # method code -> {use: config}: replaces GEMV_CONFIGS' entries (`_gemv_shape`);
+    # "linear" ones serve `linear` at a few tokens
     tiles: dict | None = None  # merged into both tiled GEMMs' configs (e.g. {"num_stages": 5, "BLOCK_K": 256})
-    int4_join: bool = False  # int4 tiles: `_int4_join_step` (one dot, contiguous x, scales on the weights)
+    int4_join: bool = False  # int4 tiles (the MoE's and the linear layers'): `_int4_join_step`
 
     def changes(self, t: int, method: int) -> bool:
         """Whether, at t tokens with weights of this method, something else runs than the default's."""
@@ -682,15 +687,16 @@ class MoeVariant(NamedTuple):
 
 
 # (bytes a weight set and chunk, warps, chunk columns, stages): pipelined chunk loops at one token
-_PIPE_GEMV = {INT4: {"gate_up": (2048, 4, 512, 4), "down": (4096, 4, 512, 4)},
-              FP8: {"gate_up": (2048, 4, 512, 4), "down": (4096, 4, 512, 4)},
-              FP8_BLOCK_SCALED: {"gate_up": (2048, 4, 512, 4), "down": (4096, 4, 512, 4)},
-              INT8: {"gate_up": (2048, 4, 512, 4), "down": (4096, 4, 512, 4)}}
-_PIPE_GEMV_BIG = {m: {"gate_up": (4096, 4, 1024, 3), "down": (8192, 8, 1024, 3)} for m in _PIPE_GEMV}
+# (the MoE's gate_up and down, and "linear": the linear layers' GEMV at a few tokens, `linear`)
+_PIPE_GEMV = {m: {"gate_up": (2048, 4, 512, 4), "down": (4096, 4, 512, 4), "linear": (2048, 4, 512, 4)}
+              for m in (INT4, FP8, FP8_BLOCK_SCALED, INT8)}
+_PIPE_GEMV_BIG = {m: {"gate_up": (4096, 4, 1024, 3), "down": (8192, 8, 1024, 3), "linear": (4096, 4, 1024, 3)}
+                  for m in _PIPE_GEMV}
 _XSPLIT_GEMV = {INT4: {use: (*cfg, 0, 0, True) for use, cfg in GEMV_CONFIGS[INT4].items()}}
 _XSPLIT_PIPE_GEMV = {INT4: {use: (*cfg[:4], True) for use, cfg in _PIPE_GEMV[INT4].items()}}
-_SMALL_GEMV = {INT4: {"gate_up": (2048, 4), "down": (4096, 4)}, FP8: {"gate_up": (4096, 4), "down": (8192, 4)},
-               FP8_BLOCK_SCALED: {"gate_up": (4096, 4), "down": (8192, 4)}}
+_SMALL_GEMV = {INT4: {"gate_up": (2048, 4), "down": (4096, 4), "linear": (2048, 4)},
+               FP8: {"gate_up": (4096, 4), "down": (8192, 4), "linear": (4096, 4)},
+               FP8_BLOCK_SCALED: {"gate_up": (4096, 4), "down": (8192, 4), "linear": (4096, 4)}}
 _WIDE_GEMV = {INT4: {"gate_up": (16384, 8), "down": (16384, 8)}, FP8: {"gate_up": (16384, 4), "down": (32768, 8)},
               FP8_BLOCK_SCALED: {"gate_up": (16384, 4), "down": (32768, 8)}, INT8: {"gate_up": (16384, 8)}}
 MOE_VARIANTS = {
