@@ -184,7 +184,7 @@ def quant_main():
                     tq.linear(x, formats.empty((3072, h), method), variant=v)
 
 
-QUANT_CONSTS = ("METHOD", "GATED", "BLOCK_M", "BLOCK_N", "BLOCK_K", "JOIN", "PIPE", "HAS_IDS", "K")
+QUANT_CONSTS = ("K", "METHOD", "GATED", "BLOCK_M", "BLOCK_N", "BLOCK_K", "JOIN", "PIPE", "XSPLIT")
 
 
 def print_report(only: str, quant: bool = False):
@@ -201,8 +201,8 @@ def print_report(only: str, quant: bool = False):
             continue
         c = {k_: v for k_, v in r["consts"].items() if k_ not in ("IEEE", "INTERP", "EVEN_K", "TOPK")}
         if quant:
-            c = {k_: v for k_, v in c.items() if k_ in QUANT_CONSTS}
-            print(f"{r['label']:<22} {r['kernel'][1:5]:<4} {str(c)[:84]:<84} {r['warps']:>2} {r['stages']:>2} "
+            c = " ".join(f"{k_}={int(v) if isinstance(v, bool) else v}" for k_, v in c.items() if k_ in QUANT_CONSTS)
+            print(f"{r['label']:<22} {r['kernel'][1:5]:<4} {c[:84]:<84} {r['warps']:>2} {r['stages']:>2} "
                   f"{r['regs']:>4} {r['stack']:>5} {r['smem']:>6} {str(r['grid'] and r['grid'][0]):>6} {r['loads']}")
             continue
         print(f"{r['kernel'][:22]:<22} {str(c)[:70]:<70} {r['warps']:>2} {r['stages']:>2} {r['regs']:>4} "
