@@ -182,6 +182,14 @@ def quant_main():
                 for v in ("default", "join"):
                     LABEL[0] = f"{method}/{t}/qkv/{v}"
                     tq.linear(x, formats.empty((3072, h), method), variant=v)
+            if t == 1:  # the linear GEMV (qkv) and the dense MLP (width 9216) as one expert, each variant
+                mlp13, mlp2 = formats.empty((1, 2 * 9216, h), method), formats.empty((1, h, 9216), method)
+                one, zero = torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long)
+                for v in tq.MOE_VARIANTS:
+                    LABEL[0] = f"{method}/1/qkv/{v}"
+                    tq.linear(x, formats.empty((3072, h), method), variant=v)
+                    LABEL[0] = f"{method}/1/mlp/{v}"
+                    tq.moe_experts(x, mlp13, mlp2, one, zero, variant=v)
 
 
 QUANT_CONSTS = ("K", "METHOD", "GATED", "BLOCK_M", "BLOCK_N", "BLOCK_K", "JOIN", "PIPE", "XSPLIT")

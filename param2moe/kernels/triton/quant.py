@@ -688,9 +688,10 @@ class MoeVariant(NamedTuple):
 
 # (bytes a weight set and chunk, warps, chunk columns, stages): pipelined chunk loops at one token
 # (the MoE's gate_up and down, and "linear": the linear layers' GEMV at a few tokens, `linear`)
-_PIPE_GEMV = {m: {"gate_up": (2048, 4, 512, 4), "down": (4096, 4, 512, 4), "linear": (2048, 4, 512, 4)}
+# (8 rows a program: the dense MLP's down at one token, N 2048, still has 256 programs)
+_PIPE_GEMV = {m: {"gate_up": (2048, 4, 512, 4), "down": (2048, 4, 512, 4), "linear": (2048, 4, 512, 4)}
               for m in (INT4, FP8, FP8_BLOCK_SCALED, INT8)}
-_PIPE_GEMV_BIG = {m: {"gate_up": (4096, 4, 1024, 3), "down": (8192, 8, 1024, 3), "linear": (4096, 4, 1024, 3)}
+_PIPE_GEMV_BIG = {m: {"gate_up": (4096, 4, 1024, 3), "down": (4096, 4, 1024, 3), "linear": (4096, 4, 1024, 3)}
                   for m in _PIPE_GEMV}
 _XSPLIT_GEMV = {INT4: {use: (*cfg, 0, 0, True) for use, cfg in GEMV_CONFIGS[INT4].items()}}
 _XSPLIT_PIPE_GEMV = {INT4: {use: (*cfg[:4], True) for use, cfg in _PIPE_GEMV[INT4].items()}}
