@@ -346,7 +346,8 @@ def variant_jobs(method):
     for n in variant_names():  # the linear layers: a variant's "linear" GEMV, and the joined int4 step's tiles
         v = tq.moe_variant(n)
         ts = [t for t in TS if t <= tq.GEMV_MAX_TOKENS[code]] if (v.gemv or {}).get(code, {}).get("linear") else []
-        ts += [t for t in TS if t > tq.GEMV_MAX_TOKENS[code]] if v.int4_join and code == tq.INT4 else []
+        ts += ([t for t in TS if t > tq.GEMV_MAX_TOKENS[code]] if (v.int4_join and code == tq.INT4) or v.linear_tiles
+               else [])
         out += [(f"{op}/{method}/{t}/v:{n}", lambda op=op, m=method, t=t, n=n: run_case(op, m, t, {"variant": n},
                                                                                        label=f"v:{n}"))
                 for op in ("qkv", "dense") for t in ts]
@@ -474,7 +475,7 @@ def print_table(rows, best, card):
 
 def variant_table(rows) -> dict:
     """Per quantized method, op and T: the default and each variant (us, share of the floor, x the default) of the
-    MoE, the dense MLP at one token and the linear layers (a variant's GEMV at one token, int4 join's tiles); the
+    MoE, the dense MLP at one token and the linear layers (a variant's GEMV at one token, its tiles); the
     winner (fastest within the error limit). Returns the MoE's {method: {T: winner}}."""
     by = {}
     for r in rows:

@@ -276,15 +276,16 @@ def test_linear_gemv_variants(method, variant):
     check(out, oracle_linear(x, qw, bias), torch.bfloat16)
 
 
-@pytest.mark.parametrize("method", ["int4", "int4-g32"])
-def test_linear_int4_join(method):
-    """The tiled linear with a variant's int4_join (K 384: a 256-column step past K with join_k256's BLOCK_K)."""
+@pytest.mark.parametrize("method,variant", [("int4", "join"), ("int4-g32", "join"), ("int4", "join_lin16"),
+                                            ("fp8-block", "join_lin16")])
+def test_linear_tile_variants(method, variant):
+    """The tiled linear with a variant's int4_join / linear_tiles (K 384: with BLOCK_K 256 a step past K)."""
     qw = random_qweight(method, 40, 384)
     x = torch.randn(16, 384, device=DEV).to(torch.bfloat16)
     cfg = (16, {"BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 2})
     with poisoned():
         for config in (None, cfg):
-            out = tq.linear(x, qw, path="mma", config=config, variant="join")
+            out = tq.linear(x, qw, path="mma", config=config, variant=variant)
             check(out, oracle_linear(x, qw), torch.bfloat16)
 
 

@@ -623,7 +623,7 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
     float32) (see `usable`). act="fp8" (fp8 weights): x quantized per token first (`act_quant`; the tiled
     kernel multiplies on the fp8 tensor cores). path "gemv" or "mma" forces a kernel (benchmarks); config:
     (BLOCK_M, GEMM config) of the tiled one. variant (default `moe_variant()`): its GEMV configs' "linear"
-    entries and its int4_join apply here too (the same kernels)."""
+    entries, its int4_join and its linear_tiles apply here (the same kernels as the MoE's)."""
     if not usable(x, qw) or qw.qweight.dim() != 2:
         raise ValueError(f"quantized linear: x {x.dtype} {list(x.shape)} on {x.device} with the {qw.method} weight "
                          f"{list(qw.shape)} (qweight {qw.qweight.dtype} {list(qw.qweight.shape)}): not served "
@@ -644,6 +644,8 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
         return _gemv(a, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl_flag(x) and k <= GEMV_CHUNK, x_scale=a_scale,
                      config=(v.gemv or {}).get(w.method, {}).get("linear"))
     block_m, cfg = config or linear_config(t)
+    if v.linear_tiles and config is None:
+        cfg = {**cfg, **v.linear_tiles}
     return _mma(a, w, out, n, k, cfg, block_m=block_m, bias=bias, a_scale=a_scale, join=v.int4_join)
 
 
@@ -678,6 +680,7 @@ class MoeVariant(NamedTuple):
     # "linear" ones serve `linear` at a few tokens
     tiles: dict | None = None  # merged into both tiled GEMMs' configs (e.g. {"num_stages": 5, "BLOCK_K": 256})
     int4_join: bool = False  # int4 tiles (the MoE's and the linear layers'): `_int4_join_step`
+    linear_tiles: dict | None = None  # merged into `linear_config`'s GEMM config (e.g. {"BLOCK_N": 16}: more programs)
 
     def changes(self, t: int, method: int) -> bool:
         """Whether, at t tokens with weights of this method, something else runs than the default's."""
@@ -713,6 +716,8 @@ MOE_VARIANTS = {
     "join": MoeVariant(int4_join=True),
     "join_k256": MoeVariant(int4_join=True, tiles={"BLOCK_K": 256}),  # int4: 128 bytes a row a step
     "join_k256_mma1": MoeVariant(one_token="mma", int4_join=True, tiles={"BLOCK_K": 256}),
+    # int4 linears in tiles: qkv at 8-64 tokens is 96 programs at BLOCK_N 32 (132 SMs); 16 doubles them
+    "join_lin16": MoeVariant(int4_join=True, linear_tiles={"BLOCK_N": 16}),
 }
 _VARIANT_ENV = os.environ.get("P2M_QUANT_MOE_VARIANT", "default")
 
