@@ -689,9 +689,9 @@ class MoeVariant(NamedTuple):
         return t == 1 or bool(self.tiles) or (self.int4_join and method == INT4)
 
 
-# (bytes a weight set and chunk, warps, chunk columns, stages): pipelined chunk loops at one token
-# (the MoE's gate_up and down, and "linear": the linear layers' GEMV at a few tokens, `linear`)
-# (8 rows a program: the dense MLP's down at one token, N 2048, still has 256 programs)
+# GEMV shapes of the variants (`_gemv_shape`), by method and use ("linear": the linear layers at a few tokens).
+# Pipelined: (bytes a weight set and chunk, warps, chunk columns, stages); 8 rows a program, so that the dense
+# MLP's down at one token (N 2048) keeps 256 programs.
 _PIPE_GEMV = {m: {"gate_up": (2048, 4, 512, 4), "down": (2048, 4, 512, 4), "linear": (2048, 4, 512, 4)}
               for m in (INT4, FP8, FP8_BLOCK_SCALED, INT8)}
 _PIPE_GEMV_BIG = {m: {"gate_up": (4096, 4, 1024, 3), "down": (4096, 4, 1024, 3), "linear": (4096, 4, 1024, 3)}
