@@ -537,7 +537,8 @@ def main():
               "triton": triton.__version__, "quick": ARGS.quick,
               "shapes": {"H": H, "I": I, "E": E, "topk": K, "qkv": LINEARS["qkv"], "dense": LINEARS["dense"],
                          "mlp_width": MLP_W, "vocab": VOCAB, "layers_per_graph": LAYERS},
-              "gemv_configs": {str(k): v for k, v in tq.GEMV_CONFIGS.items()}}
+              "gemv_configs": {str(k): v for k, v in tq.GEMV_CONFIGS.items()},
+              "variants": {n: tq.moe_variant(n)._asdict() for n in variant_names()}}
     path = os.path.join(ARGS.out, "quant_gpu_bench.json")
 
     def save():
