@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import Param2MoEConfig
 from ..kernels import AUTO, Kernels
+from ..kernels.cpu.layer import LayerWeights
 from ..kernels.embedding import resolve_ids
 from ..kernels.routing import append_experts
 from .rope import rope_cos_sin
@@ -173,6 +174,8 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    ops: Kernels = AUTO
+
     def __init__(self, cfg: Param2MoEConfig, layer_idx: int, shard: Shard, dtype):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -184,9 +187,41 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MoE(cfg, shard, dtype)  # reduces its own sum
 
+    def native_weights(self) -> LayerWeights | None:
+        """The layer as the fused CPU decode step reads it (kernels/cpu/layer.py), or None where it is not one
+        rank's whole layer with the router's own choice."""
+        att, mlp = self.attention, self.mlp
+        if att.shard.tp_size > 1 or att.shard.ep_size > 1:
+            return None
+        qn, kn = att.query_layernorm, att.key_layernorm
+        lw = LayerWeights(
+            hidden=self.input_layernorm.weight.shape[0], heads=att.num_heads, kv_heads=att.num_kv_heads,
+            head_dim=att.head_dim, eps=self.input_layernorm.eps, attn_scale=att.scale,
+            in_norm=self.input_layernorm.weight, post_norm=self.post_attention_layernorm.weight,
+            qkv=att.query_key_value.weight, dense=att.dense.weight, q_norm=None if qn is None else qn.weight,
+            k_norm=None if kn is None else kn.weight, qk_eps=0.0 if qn is None else qn.eps,
+            biases=att.query_key_value.bias is not None or att.dense.bias is not None)
+        if not isinstance(mlp, MoE):
+            lw.mlp_gate_up, lw.mlp_down = mlp.gate_up_proj, mlp.down_proj
+            return lw
+        if mlp.random_choice is not None or mlp.num_folded_shared:
+            return None
+        c = mlp.cfg
+        lw.router, lw.router_bias, lw.w13, lw.w2, lw.top_k = mlp.gate.weight, mlp.gate.expert_bias, mlp.w13, mlp.w2, \
+            c.num_experts_per_tok
+        lw.score_function, lw.n_group, lw.topk_group = c.score_function, c.n_group, c.topk_group
+        lw.norm_topk_prob, lw.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        if mlp.shared_experts is not None:
+            lw.mlp_gate_up, lw.mlp_down = mlp.shared_experts.gate_up_proj, mlp.shared_experts.down_proj
+        return lw
+
     def forward(self, h, residual, cos, sin, attn):
         """Pre-norm block with the residual carried separately: returns (mlp_out, residual); mlp_out may come
-        unsummed over experts (ops.ExpertOutputs), which the next norm takes in."""
+        unsummed over experts (ops.ExpertOutputs), which the next norm takes in. A CPU decode step may run the
+        whole block in one native call (Kernels.decode_layer)."""
+        fused = self.ops.decode_layer(self, h, residual, cos, sin, attn)
+        if fused is not None:
+            return fused
         if residual is None:
             x, residual = self.input_layernorm(h), h
         else:
@@ -250,7 +285,7 @@ class Param2MoEForCausalLM(nn.Module):
     def use_kernels(self, kernels: Kernels) -> None:
         """Run every layer's hot ops on this backend."""
         for module in self.modules():
-            if isinstance(module, (Param2MoEForCausalLM, RMSNorm, Attention, MLP, MoE)):
+            if isinstance(module, (Param2MoEForCausalLM, DecoderLayer, RMSNorm, Attention, MLP, MoE)):
                 module.ops = kernels
 
     @property
