@@ -489,7 +489,8 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float, 
                                                             for a in nr),
         torch.get_num_threads(), int(_state["generic"]))
     if err:
-        raise RuntimeError(f"native paged decode attention: {'a block id out of range' if err == 1 else 'no memory'}")
+        raise RuntimeError("native paged decode attention: "
+                           f"{'a block id or slot out of range' if err == 1 else 'no memory'}")
     return out
 
 
