@@ -366,6 +366,17 @@ def run_cpu(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     return r, _child_cpu() - c
 
 
+def _batched_row(table: str, npl: int) -> dict:
+    """llama-batched-bench's markdown row for npl sequences (its jsonl output went missing with two threads
+    here), as {"pp", "tg", "pl", "n_kv", "t_pp", "speed_pp", "t_tg", "speed_tg", "t", "speed"}."""
+    keys = ("pp", "tg", "pl", "n_kv", "t_pp", "speed_pp", "t_tg", "speed_tg", "t", "speed")
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == len(keys) and cells[0].isdigit() and int(cells[2]) == npl:
+            return dict(zip(keys, map(float, cells)))
+    raise RuntimeError(f"llama-batched-bench printed no row for {npl} sequences:\n{table[-2000:]}")
+
+
 def llama_bench(gguf: str, a) -> dict:
     """Batch-1 decode after an --input-len context (llama-bench tg at that depth) and 16-sequence throughput
     (llama-batched-bench: --output-len tokens each after an --input-len prompt, output tokens over the whole
@@ -379,12 +390,10 @@ def llama_bench(gguf: str, a) -> dict:
     _, c3 = run_cpu([*bench, "-n", str(3 * n), "-r", "1"])
     npl = a.num_seqs
     batched = [tool("llama-batched-bench"), "-m", gguf, "-t", str(a.threads), "-tb", str(a.threads),
-               "-c", str(npl * (a.input_len + a.output_len) + 64), "-b", "2048", "-ub", "512", "--output-format",
-               "jsonl"]
+               "-c", str(npl * (a.input_len + a.output_len) + 64), "-b", "2048", "-ub", "512"]
     r, cb = run_cpu([*batched, "-npp", str(a.input_len), "-ntg", str(a.output_len), "-npl", str(npl)])
     _, c0 = run_cpu([*batched, "-npp", "1", "-ntg", "1", "-npl", "1"])
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    row = next(x for x in rows if x.get("pl") == npl)
+    row = _batched_row(r.stdout, npl)
     out_tokens = npl * a.output_len
     return {"tpot_ms": 1e3 / tg["avg_ts"], "tg_tok_s": tg["avg_ts"], "tpot_cpu_ms": 1e3 * (c3 - c1) / (2 * n),
             "throughput_output_tok_s": out_tokens / row["t"], "output_tok_per_cpu_s": out_tokens / (cb - c0),
