@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from . import _DTYPES, _MOE_SRC, _OPS_SRC, _QUANT_SRC, _SRC, _load, enabled
+from . import _DTYPES, _MOE_SRC, _OPS_SRC, _QUANT_SRC, _SRC, _load, enabled, moe_enabled
 from . import _state as _native_state
 
 _LAYER_SRC = _SRC.with_name("decode_layer.c")
@@ -184,7 +184,7 @@ def decode_layer(owner, lw: LayerWeights, h, residual, cos, sin, k_cache, v_cach
         return None
     if any(isinstance(w, torch.Tensor) for w in (lw.qkv, lw.dense, lw.mlp_gate_up, lw.w13)) and t > _DENSE_ROWS:
         return None
-    if torch.is_grad_enabled() and h.requires_grad:
+    if (torch.is_grad_enabled() and h.requires_grad) or (lw.w13 is not None and not moe_enabled()):
         return None
     if k_cache.dtype not in _DTYPES or v_cache.dtype != k_cache.dtype or not (k_cache.is_contiguous()
                                                                                and v_cache.is_contiguous()):
