@@ -163,7 +163,8 @@ def _layer_struct(lw: LayerWeights, dtype) -> _Layer | None:
 
 def _cached_layer(owner, lw: LayerWeights, dtype):
     """owner's C description for lw (kept on owner while the same tensors are in it), or None."""
-    key = (dtype, *(id(getattr(lw, f.name)) for f in fields(lw)))
+    key = (dtype, *(v if isinstance(v, (int, float, str)) or v is None else id(v)
+                    for v in (getattr(lw, f.name) for f in fields(lw))))
     cached = getattr(owner, "_p2m_native_layer", None)
     if cached is None or cached[0] != key:
         cached = (key, _layer_struct(lw, dtype), lw)  # lw keeps the tensors the struct points into alive
