@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """A/B of decode-step variants in one process, on one engine (dummy Param2-17B weights, experts chosen
-uniformly at random, SPEC 7): for each variant the decode graphs are captured again and `bench latency`'s
+uniformly at random, docs/model.md §7): for each variant the decode graphs are captured again and `bench latency`'s
 measurement runs (median engine step over 128 steps after a 128-token prompt, and the graph's replay time).
 
     python benchmarks/ab_decode.py [--batch 1 4] [--variants base,cublas-projections] [--json out.json]

@@ -43,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # param2moe from this checkout, installed or not
     sys.path.insert(0, ROOT)
 
-# Param2's layout (SPEC 1: dense first layer, sigmoid routing with expert bias, n_group=1/topk_group=1,
+# Param2's layout (docs/model.md §1: dense first layer, sigmoid routing with expert bias, n_group=1/topk_group=1,
 # 2 shared experts whose width is the total, QK-norm, tied head, theta 1e6) at ~47M parameters.
 MODEL = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
              head_dim=64, intermediate_size=2048, moe_intermediate_size=256, num_experts=16,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole engine on the lent GPU, with dummy weights of the real Param2-17B shapes (experts chosen
-# uniformly at random, SPEC 7). Run on the device machine from the repository root; results under $OUT.
+# uniformly at random, docs/model.md §7). Run on the device machine from the repository root; results under $OUT.
 #   bash benchmarks/gpu_engine.sh correctness   # fast path vs plain torch path (small checkpoint)
 #   bash benchmarks/gpu_engine.sh fast          # our fast path: latency by batch, TTFT at 1024, throughput
 #   bash benchmarks/gpu_engine.sh smoke         # a quick fast-path latency check

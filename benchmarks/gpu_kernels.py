@@ -174,7 +174,7 @@ def moe_weights():
 
 
 def moe_inputs(t):
-    """Routing sets drawn uniformly at random (SPEC 7): several a graph at decode sizes, so the timed
+    """Routing sets drawn uniformly at random (docs/model.md §7): several a graph at decode sizes, so the timed
     calls read different experts and the L2 cannot serve a repeat."""
     r = 8 if t <= 16 else 4 if t <= 256 else 2 if t <= 2048 else 1
     g = torch.Generator(device=DEV).manual_seed(t)

@@ -17,7 +17,7 @@ Conversion (convert_hf_to_gguf.py, as BailingMoeV2) needs three workarounds for 
 temporary copy of the folder (weights linked, not copied):
   - the head is tied (tie_word_embeddings): there is no lm_head.weight, and llama.cpp's BailingMoeV2 requires
     output.weight -> the copy gets a shard holding lm_head.weight = the embedding;
-  - moe_shared_expert_intermediate_size is the total width of the shared experts (SPEC 3.4), and llama.cpp
+  - moe_shared_expert_intermediate_size is the total width of the shared experts (docs/model.md §3.4), and llama.cpp
     multiplies it by num_shared_experts again -> the copy's config gets total / num_shared_experts;
   - the tokenizer's pre-tokenizer is not one the converter knows by hash -> it is named (--pre-tokenizer,
     default gpt-2: a plain ByteLevel pre-tokenizer with GPT-2's regex, as the writer's tokenizer.json has);

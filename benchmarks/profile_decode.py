@@ -3,7 +3,7 @@
 
     python benchmarks/profile_decode.py [--batch 1 64] [--no-fold] [--top 25]
 
-Dummy Param2-17B weights on the GPU, experts chosen uniformly at random (SPEC 7), prompts of 128
+Dummy Param2-17B weights on the GPU, experts chosen uniformly at random (docs/model.md §7), prompts of 128
 tokens. Prints, per batch size, the GPU time of one replay and its kernels (time per step, launches
 per step), sorted by time. --no-fold keeps the shared expert as its own MLP (not folded into the
 fused MoE: MoE.fold_shared_experts), to compare the two.

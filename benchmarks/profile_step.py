@@ -4,7 +4,7 @@ captured decode graph (input copies, sampling, the copy of the sampled ids to th
 
     python benchmarks/profile_step.py [--batch 1] [--steps 20]
 
-Dummy Param2-17B weights on the GPU, experts chosen uniformly at random (SPEC 7). Prints the median
+Dummy Param2-17B weights on the GPU, experts chosen uniformly at random (docs/model.md §7). Prints the median
 engine step (host clock), the graph's replay time, and for the last profiled step every GPU event that
 is not one of the graph's kernels, each with the idle time before it.
 """

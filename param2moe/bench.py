@@ -1,9 +1,9 @@
 """`param2moe bench latency|throughput`: decode latency by batch size, offline throughput, and time to
-first token, with the share of the weight-read floor (SPEC 7).
+first token, with the share of the weight-read floor (docs/model.md §7).
 
 The floor of a decode step is the bytes it must read (attention and dense weights, the experts the
 batch touches, the embedding rows, the head, and the KV cache) over the copy bandwidth measured in
-the same run. With dummy weights the router picks experts uniformly at random (on by default, SPEC 7),
+the same run. With dummy weights the router picks experts uniformly at random (on by default, docs/model.md §7),
 so a batch of B tokens touches E * (1 - (1 - K/E)^B) distinct experts per layer on average.
 """
 
@@ -18,6 +18,7 @@ import time
 import torch
 
 from .engine import EngineConfig, LLMEngine, OutputKind, SamplingParams
+from .quant.plan import quantizable
 
 
 def copy_bandwidth(device) -> float:
@@ -46,23 +47,35 @@ def copy_bandwidth(device) -> float:
 def decode_step_bytes(engine: LLMEngine, batch: int, context: int) -> float:
     """Bytes one decode step of `batch` sequences with `context` cached tokens must read, whole model
     (all ranks together): the weights outside the routed experts, the routed experts the batch
-    touches, the embedding rows, the head, and the KV cache."""
+    touches, the embedding rows, the head, and the KV cache. Quantized weights count their codes and
+    scales (the model's QuantPlan)."""
     from .checkpoint import checkpoint_layout
 
     cfg = engine.model_config
     elem = torch.empty((), dtype=engine.dtype).element_size()
+    plan = getattr(engine.model, "quant", None)
+
+    def weight_bytes(name: str, shape) -> float:
+        module = name.removesuffix(".weight")
+        if plan is not None and module != name and quantizable(module, plan.head):
+            return plan.empty(shape, device="meta").nbytes()
+        return math.prod(shape) * (4 if name.endswith(("mlp.gate.weight", "expert_bias")) else elem)  # fp32 router
+
     total = 0.0
     for name, shape in checkpoint_layout(cfg).items():
         if ".mlp.experts." in name:
             continue  # routed experts: counted below, by the ones touched
-        size = math.prod(shape) * (4 if name.endswith(("mlp.gate.weight", "expert_bias")) else elem)  # fp32 router
+        size = weight_bytes(name, shape)
         if name.endswith("word_embeddings.weight"):  # the batch's rows; all of it when it is the head too
-            size = batch * cfg.hidden_size * elem + (size if cfg.tie_word_embeddings else 0)
+            head = weight_bytes("lm_head.weight", shape) if plan is not None else size
+            size = batch * cfg.hidden_size * elem + (head if cfg.tie_word_embeddings else 0)
         total += size
     if cfg.is_moe:
         e, k = cfg.num_experts, cfg.num_experts_per_tok
         touched = e * (1 - (1 - k / e) ** batch)
-        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * elem
+        h, w = cfg.hidden_size, cfg.moe_intermediate_size
+        per_expert = sum(weight_bytes(f"x.{p}.weight", s) for p, s in (("gate_proj", (w, h)), ("up_proj", (w, h)),
+                                                                          ("down_proj", (h, w))))
         n_moe = sum(1 for i in range(cfg.num_hidden_layers) if not cfg.is_dense_layer(i))
         total += n_moe * touched * per_expert
     kv = 2 * cfg.num_kv_heads * cfg.head_size * elem * cfg.num_hidden_layers
@@ -178,7 +191,8 @@ def run_bench(args) -> int:
     start_s = time.perf_counter() - t0
     dev = engine.config.device
     bandwidth = copy_bandwidth(dev)
-    result = {"mode": args.mode, "model": args.model or args.preset or "bundled", "dtype": str(engine.dtype),
+    result = {"mode": args.mode, "model": args.model or engine.config.model_name, "dtype": str(engine.dtype),
+              "quantization": getattr(engine.model.quant, "option", None),
               "uniform_random_routing": bool(engine.config.uniform_random_routing), "engine_start_s": start_s,
               "copy_bandwidth_GBps": bandwidth / 1e9, "machine": machine_facts(dev), "date": time.strftime("%F"),
               "rows": []}
@@ -201,7 +215,7 @@ def run_bench(args) -> int:
         print(f"{row['num_prompts']} requests x ({args.input_len} in, {args.output_len} out): "
               f"{row['output_tok_per_s']:.1f} output tok/s, {row['seconds']:.2f} s")
     if engine.config.uniform_random_routing:
-        print("(experts chosen uniformly at random: dummy-weight routing, SPEC 7)")
+        print("(experts chosen uniformly at random: dummy-weight routing, docs/model.md §7)")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

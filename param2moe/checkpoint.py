@@ -1,9 +1,11 @@
-"""Hugging Face checkpoint layout (SPEC section 4) and loading.
+"""Hugging Face checkpoint layout (docs/model.md §4) and loading.
 
 `checkpoint_layout(config)` is the one map of tensor names and shapes: the loader checks files
 against it and the checkpoint writer writes it. `load_checkpoint` streams tensors from memory-mapped
 safetensors files (weights_file.py) into the model's (possibly fused, stacked or sharded) parameters, one
 tensor at a time, giving back each tensor's pages once copied, so peak memory stays near the size of the weights.
+With quantization (quant/) each tensor is quantized as it arrives, or, from a pre-quantized checkpoint,
+converted to the model's quantized format.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import Param2MoEConfig
+from .quant.formats import QuantFormatError
+from .quant.loading import init_dummy, load_tensor, make_plan, materialize
+from .quant.prequantized import QuantizedCheckpoint, read_checkpoint_quant
 from .weights_file import WeightsFile
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -84,7 +89,6 @@ def _cols(start: int, size: int) -> tuple:
 def load_targets(model) -> dict[str, Target]:
     """Map each checkpoint tensor this rank needs onto its parameters (fused, stacked, sharded)."""
     cfg, shard = model.config, model.shard
-    d = cfg.head_size
     t: dict[str, Target] = {}
     m = model.model
     if shard.is_first_stage or (cfg.tie_word_embeddings and shard.is_last_stage):
@@ -92,47 +96,59 @@ def load_targets(model) -> dict[str, Target]:
         t["model.word_embeddings.weight"] = Target([(w, _rows(m.vocab_start, w.shape[0]))])
     if shard.is_last_stage:
         t["model.norm.weight"] = Target([(m.norm.weight, ())])
-        if model.lm_head is not None:
+        if model.lm_head is not None:  # (a quantized tied head: a quantized copy of the embedding matrix)
             w = model.lm_head.weight
-            t["lm_head.weight"] = Target([(w, _rows(m.vocab_start, w.shape[0]))])
+            source = "model.word_embeddings.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+            t.setdefault(source, Target([])).parts.append((w, _rows(m.vocab_start, w.shape[0])))
     for i in m.layer_range:
-        layer, p = m.layers[str(i)], f"model.layers.{i}."
-        t[p + "input_layernorm.weight"] = Target([(layer.input_layernorm.weight, ())])
-        t[p + "post_attention_layernorm.weight"] = Target([(layer.post_attention_layernorm.weight, ())])
-        att = layer.attention
-        q, kv = att.num_heads * d, att.num_kv_heads * d
-        q_src = shard.tp_rank * q
-        kv_src = shard.kv_head_start(cfg.num_kv_heads) * d
-        nh_total = cfg.num_attention_heads * d
-        nkv_total = cfg.num_kv_heads * d
-        for suffix, tensor in (("weight", att.query_key_value.weight), ("bias", att.query_key_value.bias)):
-            if tensor is None:
-                continue
-            t[p + "attention.query_key_value." + suffix] = Target([
-                (tensor[:q], _rows(q_src, q)),
-                (tensor[q:q + kv], _rows(nh_total + kv_src, kv)),
-                (tensor[q + kv:], _rows(nh_total + nkv_total + kv_src, kv)),
-            ])
-        t[p + "attention.dense.weight"] = Target([(att.dense.weight, _cols(q_src, q))])
-        if att.dense.bias is not None:
-            t[p + "attention.dense.bias"] = Target([(att.dense.bias, ())])
-        if att.query_layernorm is not None:
-            t[p + "attention.query_layernorm.weight"] = Target([(att.query_layernorm.weight, ())])
-            t[p + "attention.key_layernorm.weight"] = Target([(att.key_layernorm.weight, ())])
-        if cfg.is_dense_layer(i):
-            t.update(_swiglu_targets(p + "mlp.", layer.mlp.gate_up_proj, layer.mlp.down_proj, shard.tp_rank))
+        try:
+            t.update(_layer_targets(model, i))
+        except QuantFormatError as e:  # a quantized weight cut where its scales do not allow (fused parts, TP)
+            raise QuantFormatError(f"model.layers.{i}: {e}") from None
+    return t
+
+
+def _layer_targets(model, i: int) -> dict[str, Target]:
+    """load_targets' part for layer i."""
+    cfg, shard, d = model.config, model.shard, model.config.head_size
+    t: dict[str, Target] = {}
+    layer, p = model.model.layers[str(i)], f"model.layers.{i}."
+    t[p + "input_layernorm.weight"] = Target([(layer.input_layernorm.weight, ())])
+    t[p + "post_attention_layernorm.weight"] = Target([(layer.post_attention_layernorm.weight, ())])
+    att = layer.attention
+    q, kv = att.num_heads * d, att.num_kv_heads * d
+    q_src = shard.tp_rank * q
+    kv_src = shard.kv_head_start(cfg.num_kv_heads) * d
+    nh_total = cfg.num_attention_heads * d
+    nkv_total = cfg.num_kv_heads * d
+    for suffix, tensor in (("weight", att.query_key_value.weight), ("bias", att.query_key_value.bias)):
+        if tensor is None:
             continue
-        moe = layer.mlp
-        t[p + "mlp.gate.weight"] = Target([(moe.gate.weight, ())])
-        if moe.gate.expert_bias is not None:
-            t[p + "mlp.gate.expert_bias"] = Target([(moe.gate.expert_bias, ())])
-        width_rank = 0 if shard.expert_parallel else shard.tp_rank
-        for j in range(moe.expert_start, moe.expert_end):
-            t.update(_swiglu_targets(f"{p}mlp.experts.{j}.", moe.w13[j - moe.expert_start],
-                                     moe.w2[j - moe.expert_start], width_rank))
-        if moe.shared_experts is not None:
-            s = moe.shared_experts
-            t.update(_swiglu_targets(p + "mlp.shared_experts.", s.gate_up_proj, s.down_proj, shard.tp_rank))
+        t[p + "attention.query_key_value." + suffix] = Target([
+            (tensor[:q], _rows(q_src, q)),
+            (tensor[q:q + kv], _rows(nh_total + kv_src, kv)),
+            (tensor[q + kv:], _rows(nh_total + nkv_total + kv_src, kv)),
+        ])
+    t[p + "attention.dense.weight"] = Target([(att.dense.weight, _cols(q_src, q))])
+    if att.dense.bias is not None:
+        t[p + "attention.dense.bias"] = Target([(att.dense.bias, ())])
+    if att.query_layernorm is not None:
+        t[p + "attention.query_layernorm.weight"] = Target([(att.query_layernorm.weight, ())])
+        t[p + "attention.key_layernorm.weight"] = Target([(att.key_layernorm.weight, ())])
+    if cfg.is_dense_layer(i):
+        t.update(_swiglu_targets(p + "mlp.", layer.mlp.gate_up_proj, layer.mlp.down_proj, shard.tp_rank))
+        return t
+    moe = layer.mlp
+    t[p + "mlp.gate.weight"] = Target([(moe.gate.weight, ())])
+    if moe.gate.expert_bias is not None:
+        t[p + "mlp.gate.expert_bias"] = Target([(moe.gate.expert_bias, ())])
+    width_rank = 0 if shard.expert_parallel else shard.tp_rank
+    for slot, j in enumerate(moe.slot_experts):  # a replicated expert (eplb) fills each of its slots
+        for name, target in _swiglu_targets(f"{p}mlp.experts.{j}.", moe.w13[slot], moe.w2[slot], width_rank).items():
+            t.setdefault(name, Target([])).parts.extend(target.parts)
+    if moe.shared_experts is not None:
+        s = moe.shared_experts
+        t.update(_swiglu_targets(p + "mlp.shared_experts.", s.gate_up_proj, s.down_proj, shard.tp_rank))
     return t
 
 
@@ -175,16 +191,28 @@ def _is_mtp(name: str, cfg: Param2MoEConfig) -> bool:
     return m is not None and int(m.group(1)) >= cfg.num_hidden_layers
 
 
-def iter_checkpoint_tensors(path: str) -> Iterator[tuple[str, str, WeightsFile]]:
-    """(file, name, the open file) for every tensor of every file, memory-mapped, nothing read yet."""
-    for file in weight_files(path):
+def open_weights(path: str, files: list[str]) -> Iterator[WeightsFile | QuantizedCheckpoint]:
+    """Each weight file, open in turn; a pre-quantized checkpoint's files all at once, as one reader whose
+    quantized modules' tensors (codes, scales: quant/prequantized.py) come as one `<module>.weight` each."""
+    quantized = read_checkpoint_quant(path)
+    if quantized is not None:
+        with QuantizedCheckpoint(quantized, files) as f:
+            yield f
+        return
+    for file in files:
         with WeightsFile(file) as f:
-            for name in f.names():
-                yield file, name, f
+            yield f
+
+
+def iter_checkpoint_tensors(path: str) -> Iterator[tuple[str, str, WeightsFile | QuantizedCheckpoint]]:
+    """(file, name, the open file) for every tensor of every file, memory-mapped, nothing read yet."""
+    for f in open_weights(path, weight_files(path)):
+        for name in f.names():
+            yield f.path, name, f
 
 
 def resolve_shared_width(cfg: Param2MoEConfig, path: str) -> Param2MoEConfig:
-    """SPEC 3.4: the checkpoint's shared-expert shape is the truth. Accept a width that matches either
+    """docs/model.md §3.4: the checkpoint's shared-expert shape is the truth. Accept a width that matches either
     rule (moe_shared_expert_intermediate_size as the total, or moe_intermediate_size * num_shared_experts)
     and record it in the config; a width that matches neither is an error naming both."""
     if not cfg.shared_expert_intermediate_size:
@@ -223,13 +251,12 @@ def load_checkpoint(model, path: str, progress: bool = True) -> None:
     files = weight_files(path)
     total = sum(os.path.getsize(f) for f in files)
     with tqdm(total=total, desc="Loading weights", unit="B", unit_scale=True, disable=not progress) as bar:
-        for file in files:
-            bar.set_postfix_str(os.path.basename(file), refresh=False)
-            with WeightsFile(file) as f:
-                for name in f.names():
-                    _load_tensor(f, name, layout, targets, found, cfg)
-                    bar.update(f.nbytes(name))
-            bar.update(os.path.getsize(file) - sum(f.nbytes(name) for name in f.names()))  # its header
+        for f in open_weights(path, files):
+            bar.set_postfix_str(os.path.basename(f.path), refresh=False)
+            for name in f.names():
+                _load_tensor(f, name, layout, targets, found, cfg)
+                bar.update(f.nbytes(name))
+        bar.update(total - bar.n)  # the files' headers
     missing = [n for n in layout if n not in found]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -239,7 +266,8 @@ def load_checkpoint(model, path: str, progress: bool = True) -> None:
     _center_expert_bias(model)
 
 
-def _load_tensor(f: WeightsFile, name: str, layout: dict, targets: dict, found: set, cfg: Param2MoEConfig) -> None:
+def _load_tensor(f: WeightsFile | QuantizedCheckpoint, name: str, layout: dict, targets: dict, found: set,
+                 cfg: Param2MoEConfig) -> None:
     if _is_mtp(name, cfg) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
         return  # multi-token-prediction layers and a redundant tied head are not used
     where = os.path.basename(f.path)
@@ -254,14 +282,12 @@ def _load_tensor(f: WeightsFile, name: str, layout: dict, targets: dict, found: 
     target = targets.get(name)
     if target is None:  # held by another rank or pipeline stage
         return
-    src = f.tensor(name)
-    for dest, index in target.parts:
-        dest.copy_(src[index] if index else src)
+    load_tensor(name, target.parts, f.tensor(name))  # (quantized where the destination is)
     f.release(name)
 
 
 def _center_expert_bias(model) -> None:
-    # A constant added to every expert bias changes no choice (SPEC 3.4); centring keeps it small
+    # A constant added to every expert bias changes no choice (docs/model.md §3.4); centring keeps it small
     # next to the scores in fp32.
     for module in model.modules():
         bias = getattr(getattr(module, "gate", None), "expert_bias", None)
@@ -279,6 +305,7 @@ def init_dummy_weights(model, seed: int = 0, std: float = 0.02) -> None:
             p.zero_()
         else:
             p.normal_(0.0, std, generator=gen)
+    init_dummy(model, seed, std)  # quantized weights: random codes, one matrix at a time
 
 
 def _materialize(model: torch.nn.Module, device) -> None:
@@ -298,17 +325,21 @@ def _materialize(model: torch.nn.Module, device) -> None:
 
 
 def load_model(path: str | None, dtype=torch.bfloat16, device="cpu", shard=None, *, config=None,
-               dummy: bool = False, seed: int = 0, progress: bool = True, kernels=None):
+               dummy: bool = False, seed: int = 0, progress: bool = True, kernels=None,
+               quantization: str | None = None, quantize_head: bool = False):
     """Build the network on `device` and fill it from the checkpoint at `path` (or randomly, `dummy`);
-    kernels: the backend of its hot ops (param2moe.kernels.Kernels; default: "auto")."""
+    kernels: the backend of its hot ops (param2moe.kernels.Kernels; default: "auto"); quantization:
+    quant.plan.OPTIONS (None: as the checkpoint is); quantize_head: the output head too."""
     from .model import Param2MoEForCausalLM
 
     cfg = config or Param2MoEConfig.from_pretrained(path)
     if not dummy:
         cfg = resolve_shared_width(cfg, path)
+    plan = make_plan(quantization, path, quantize_head, None if dummy else weight_files(path))
     with torch.device("meta"):
-        model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard, kernels=kernels)
+        model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard, kernels=kernels, quant=plan)
     _materialize(model, device)
+    materialize(model, device)
     with torch.no_grad():
         if dummy:
             init_dummy_weights(model, seed)

@@ -1,4 +1,4 @@
-"""The `param2moe` command: generate, chat, serve, bench, make-checkpoint."""
+"""The `param2moe` command: generate, chat, serve, bench, make-checkpoint, quantize."""
 
 from __future__ import annotations
 
@@ -12,16 +12,20 @@ import sys
 from dataclasses import dataclass
 
 from .engine.config import EngineConfig
+from .quant.plan import OPTIONS as QUANT_OPTIONS
+from .server.options import ServerOptions
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 128) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=None, help="default: the model's generation_config")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--min-p", type=float, default=None)
     g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=None if max_tokens else "default: the model's generation_config max_new_tokens, else the "
+                                                "rest of the context")
     g.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampler for each request")
     g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
@@ -181,6 +185,14 @@ def cmd_make_checkpoint(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .quant.export import quantize_checkpoint
+
+    quantize_checkpoint(args.input, args.output, args.method)
+    print(f"wrote {args.output} ({args.method}, compressed-tensors)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="param2moe", description="Run Param2MoE models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,19 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="an interactive chat in the terminal")
     EngineConfig.add_cli_args(p)
-    add_sampling_args(p, max_tokens=1024)
+    add_sampling_args(p, max_tokens=None)
     p.add_argument("--system", default=None, help="a system prompt")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
     EngineConfig.add_cli_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--max-queued-requests", type=int, default=1024)
-    p.add_argument("--max-request-bytes", type=int, default=4 << 20)
-    p.add_argument("--drain-seconds", type=float, default=10.0, help="on SIGTERM, time to let requests finish")
+    ServerOptions.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="latency and throughput benchmarks")
@@ -221,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--routing", choices=["uniform_random", "model"], default=None,
-                   help="expert choice (default: uniform_random with dummy weights, SPEC 7)")
+                   help="expert choice (default: uniform_random with dummy weights, docs/model.md §7)")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=cmd_bench)
 
@@ -232,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--router-dtype", default=None, help="store router weights in this dtype (e.g. float32)")
     p.set_defaults(func=cmd_make_checkpoint)
+
+    p = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (compressed-tensors; vLLM loads it)")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("--method", required=True, choices=list(QUANT_OPTIONS))
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 
@@ -258,13 +270,15 @@ def _known_errors() -> tuple:
     Anything else is a bug and keeps its traceback."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .distributed import RankLostError
     from .engine import EngineError
     from .engine.config import EngineConfigError
     from .hub import ModelNotFoundError
+    from .lora import LoRAError
     from .weights_file import WeightsFileError
 
-    return (CliError, CheckpointError, ConfigError, EngineError, EngineConfigError, ModelNotFoundError,
-            WeightsFileError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    return (CliError, CheckpointError, ConfigError, EngineError, EngineConfigError, LoRAError, ModelNotFoundError,
+            RankLostError, WeightsFileError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Param2MoEConfig: the model's hyper-parameters, read from a checkpoint's config.json.
 
-One source of truth for every config key: its default lives in `_DEFAULTS` (SPEC section 2),
+One source of truth for every config key: its default lives in `_DEFAULTS` (docs/model.md §2),
 the derived values are properties, and `validate()` names the key and the rule it breaks.
 """
 
@@ -86,7 +86,7 @@ class Param2MoEConfig:
 
     @property
     def shared_expert_intermediate_size(self) -> int:
-        """Total width of the fused shared expert (SPEC 3.4); 0 when there is none."""
+        """Total width of the fused shared expert (docs/model.md §3.4); 0 when there is none."""
         if not self.is_moe or self.num_shared_experts == 0:
             return 0
         if self.moe_shared_expert_intermediate_size is not None:

@@ -1,4 +1,4 @@
-"""Param2's output format (SPEC 5): reasoning inside <think>...</think>, the answer after it.
+"""Param2's output format (docs/model.md §5): reasoning inside <think>...</think>, the answer after it.
 
 `ReasoningParser` splits text as it streams in; a tag cut across two deltas is held back until it
 is complete. An unclosed <think> runs to the end. If the prompt itself ends inside <think> (a

@@ -2,7 +2,7 @@
 
 `param2moe make-checkpoint OUT --preset tiny|small|param2-17b [--set key=value ...] [--seed N]`.
 The folder holds config.json, generation_config.json, safetensors weights under the Hugging Face
-names (sharded when large), tokenizer.json with Param2's special tokens (SPEC 5), tokenizer_config.json
+names (sharded when large), tokenizer.json with Param2's special tokens (docs/model.md §5), tokenizer_config.json
 with a chat template, and a short `configuration_param2moe.py` so that vLLM can read the folder.
 Same preset, settings and seed: the same weights, bit for bit.
 """
@@ -30,7 +30,7 @@ SPECIAL_TOKENS = [
 TEXT_MARKUP = {"<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
                "<tools>", "</tools>"}
 
-# Hermes-style tools, reasoning in <think>...</think> (SPEC 5), ChatML turns.
+# Hermes-style tools, reasoning in <think>...</think> (docs/model.md §5), ChatML turns.
 CHAT_TEMPLATE = """\
 {%- set sys = messages[0].content if messages and messages[0].role == 'system' else none %}
 {%- if tools %}
@@ -184,7 +184,14 @@ def write_checkpoint(out_dir: str, config: Param2MoEConfig, seed: int = 0, *, st
         shards[-1][name] = t
         size += nbytes
     _flush(shards, out_dir, save_file, last=True)
+    write_folder_files(out_dir, config)
 
+
+def write_folder_files(out_dir: str, config: Param2MoEConfig, tokenizer=None) -> None:
+    """Everything of a checkpoint folder but the weights: config.json, generation_config.json,
+    configuration_param2moe.py, and the tokenizer files (`tokenizer`: a trained `tokenizers.Tokenizer`
+    with SPECIAL_TOKENS at ids 0..24; default: one trained on a fixed text for the vocabulary size)."""
+    os.makedirs(out_dir, exist_ok=True)
     cfg = {k: v for k, v in config.to_dict().items()}
     cfg["auto_map"] = {"AutoConfig": "configuration_param2moe.Param2MoEConfig"}
     _write_json(os.path.join(out_dir, "config.json"), cfg)
@@ -194,11 +201,14 @@ def write_checkpoint(out_dir: str, config: Param2MoEConfig, seed: int = 0, *, st
         "pad_token_id": config.pad_token_id, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 50})
     with open(os.path.join(out_dir, "configuration_param2moe.py"), "w") as f:
         f.write(CONFIGURATION_PY)
-    write_tokenizer(out_dir, config.vocab_size, config.max_position_embeddings)
+    write_tokenizer(out_dir, config.vocab_size, config.max_position_embeddings, tokenizer)
 
 
-def write_tokenizer(out_dir: str, vocab_size: int, max_len: int) -> None:
-    tok = build_tokenizer(min(vocab_size, 30000))
+def write_tokenizer(out_dir: str, vocab_size: int, max_len: int, tok=None) -> None:
+    tok = tok or build_tokenizer(min(vocab_size, 30000))
+    ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    if ids != list(range(len(SPECIAL_TOKENS))):
+        raise ValueError(f"the tokenizer's special tokens are not at ids 0..{len(SPECIAL_TOKENS) - 1}: {ids}")
     data = json.loads(tok.to_str())
     for added in data["added_tokens"]:  # markup the parsers read stays in decoded text
         added["special"] = added["content"] not in TEXT_MARKUP

@@ -19,7 +19,7 @@ tests/test_vllm_parity.py regenerates each checkpoint with the recorded settings
 hash (so a changed writer is caught, not mistaken for a model bug) and compares our model with these
 numbers. Nothing of vLLM's is copied here: it is only run.
 
-Choosing configs where vLLM 0.32 (CPU build, transformers 5.19) is right (SPEC section 6, and its code):
+Choosing configs where vLLM 0.32 (CPU build, transformers 5.19) is right (docs/model.md §6, and its code):
 - Routing: vLLM's CPU router (fused_moe/router/cpu_router.py) has only two paths. With n_group /
   topk_group set it runs grouped top-k, which follows the spec (bias only for choosing, weights from
   the unbiased scores, group score = top-2 sum when the expert bias is on, routed_scaling_factor
@@ -101,7 +101,7 @@ CASES: list[dict] = [
 PROMPT_LENGTHS = (5, 12, 23, 41, 60)
 PROMPT_SEED = 2026
 MAX_TOKENS = 32
-FIRST_ORDINARY_ID = 25  # ids 0..24 are Param2's special tokens (SPEC 5)
+FIRST_ORDINARY_ID = 25  # ids 0..24 are Param2's special tokens (docs/model.md §5)
 
 # The exact vLLM settings (recorded in the JSON).
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -198,12 +198,12 @@ def _margin(top: dict) -> float:
 
 
 def _check_vllm_rope(llm, ckpt: str) -> None:
-    """Refuse to record references when vLLM's rotary embedding differs from config.json (SPEC 2, 6)."""
+    """Refuse to record references when vLLM's rotary embedding differs from config.json (docs/model.md §2, §6)."""
     with open(os.path.join(ckpt, "config.json")) as f:
         cfg = json.load(f)
     head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-        raise SystemExit("partial_rotary_factor must stay 1.0 for vLLM (SPEC 6)")
+        raise SystemExit("partial_rotary_factor must stay 1.0 for vLLM (docs/model.md §6)")
     factor = float((cfg.get("rope_scaling") or {}).get("factor", 1.0))
     want = (float(cfg.get("rope_theta") or 10000.0), head, head, factor)
 
@@ -215,7 +215,7 @@ def _check_vllm_rope(llm, ckpt: str) -> None:
     got = llm.apply_model(rope_of)[0]
     if tuple(got) != want:
         raise SystemExit(f"vLLM's RoPE (base, rotary_dim, head_size, linear factor) = {got} differs from config.json's "
-                         f"{want}: its references would be wrong (SPEC 6)")
+                         f"{want}: its references would be wrong (docs/model.md §6)")
 
 
 # ------------------------------------------------------------------ outside: the venv, one process per case

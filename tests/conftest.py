@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton kernels run on CPU tensors under Triton's interpreter. Chosen once, before any test module imports
+# torch or transformers code that touches triton: a test file setting it at its own import, after others ran
+# transformers, saw its kernels fail to call their @triton.jit helpers ("outside of the scope of a kernel").
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

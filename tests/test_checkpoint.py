@@ -1,4 +1,4 @@
-"""Checkpoint layout, writer and loader (SPEC section 4): tiny checkpoints written into tmp_path,
+"""Checkpoint layout, writer and loader (docs/model.md §4): tiny checkpoints written into tmp_path,
 loaded back, and compared tensor by tensor with the files; the errors a broken folder gives."""
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def assert_model_holds(model, tensors: dict[str, torch.Tensor], dtype):
         if name.endswith(("mlp.gate.weight", "mlp.gate.expert_bias")):
             assert got.dtype == torch.float32, name
             want = t.float()
-            if name.endswith("expert_bias"):  # a constant shift changes no choice (SPEC 3.4)
+            if name.endswith("expert_bias"):  # a constant shift changes no choice (docs/model.md §3.4)
                 got, want = got - got.mean(), want - want.mean()
                 torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
             else:
@@ -118,7 +118,7 @@ def test_released_model_has_17_15b_parameters():
     assert layout["model.layers.20.mlp.experts.63.down_proj.weight"] == (2048, 2048)
     assert layout["model.layers.20.mlp.gate.expert_bias"] == (64,)
     assert "model.layers.21.input_layernorm.weight" not in layout
-    # KV cache per token in bf16 (SPEC 1): layers x (k, v) x kv heads x head dim x 2 bytes
+    # KV cache per token in bf16 (docs/model.md §1): layers x (k, v) x kv heads x head dim x 2 bytes
     assert cfg.num_hidden_layers * 2 * cfg.num_kv_heads * cfg.head_size * 2 == 43008
     # and the network built from that config (on the meta device) has exactly those parameters
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""Param2MoEConfig against SPEC sections 1 and 2: model types, defaults, derived values, rope dicts,
+"""Param2MoEConfig against docs/model.md §1 and §2: model types, defaults, derived values, rope dicts,
 and validation errors that name the key and the rule."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from param2moe.config import ConfigError, Param2MoEConfig
 
-# The released model's config.json (SPEC section 1), as the Hub ships it.
+# The released model's config.json (docs/model.md §1), as the Hub ships it.
 PARAM2 = dict(
     model_type="param2moe", architectures=["Param2MoEForCausalLM"],
     vocab_size=128008, hidden_size=2048, num_hidden_layers=21, num_attention_heads=32, num_key_value_heads=8,
@@ -270,6 +270,6 @@ def test_required_key_given_as_null_is_a_config_error():
 
 
 def test_rope_parameters_theta_wins_over_an_explicit_null():
-    # A null top-level rope_theta must not fall back to 10000 (the slip SPEC 6 warns of in vLLM).
+    # A null top-level rope_theta must not fall back to 10000 (the slip docs/model.md §6 warns of in vLLM).
     cfg = make(MINIMAL, rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     assert cfg.rope_theta == 1e6

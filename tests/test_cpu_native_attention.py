@@ -217,8 +217,60 @@ def test_no_compiler_falls_back(failing_compiler):
 def test_builds_into_the_cache_dir(fresh_native):
     """A fresh cache directory: the library is compiled there (no temporary files left) and loads."""
     assert native.available(2, 32)
-    files = [p.name for p in fresh_native.iterdir()]
-    assert len(files) == 1 and files[0].startswith("paged_decode-") and files[0].endswith(".so")
+    files = sorted(p.name for p in fresh_native.iterdir())
+    assert len(files) == 2 and files[0].startswith("paged_decode-") and files[0].endswith(".so")
+    assert files[1] == files[0] + ".sha256"  # its hash, checked before a later process loads it
+
+
+def _reload(native_cache):
+    """A new process's view: nothing loaded; returns the library path the next load would use."""
+    native._state["libs"] = {}
+    assert native.available(2, 32)
+    return next(p for p in native_cache.iterdir() if p.suffix == ".so")
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_cached_library_is_verified_before_loading(fresh_native, caplog):
+    """A library in the cache that is not the one recorded at its build (changed bytes, a record for
+    another source key, or no record) is built again, never loaded as it is."""
+    lib = _reload(fresh_native)
+    record = lib.with_name(lib.name + ".sha256")
+    digest, key = record.read_text().split()
+    assert digest == native._digest(lib)
+
+    def replace(path, data: bytes) -> None:  # a new file: the loaded one stays mapped as it was
+        tmp = path.with_name("tmp")
+        tmp.write_bytes(data)
+        tmp.chmod(0o700)
+        tmp.replace(path)
+
+    for tamper in (lambda: replace(lib, lib.read_bytes() + b"\0"),
+                   lambda: record.write_text(f"{digest} {'0' * 64}\n"),
+                   lambda: record.unlink()):
+        tamper()
+        assert not native._verified(lib, key)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="param2moe"):
+            assert _reload(fresh_native) == lib
+        assert "building it again" in caplog.text
+        assert native._verified(lib, key)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="param2moe"):
+        _reload(fresh_native)  # verified: loaded without a rebuild
+    assert "building it again" not in caplog.text
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_cache_dir_others_may_write_is_not_used(fresh_native, caplog, monkeypatch):
+    fresh_native.mkdir(parents=True)
+    fresh_native.chmod(0o777)
+    native._state["private_dir"] = None
+    with caplog.at_level("WARNING", logger="param2moe"):
+        assert native.available(2, 32)
+    assert "not private" in caplog.text and list(fresh_native.iterdir()) == []
+    private = native._state.pop("private_dir")
+    assert (private.stat().st_mode & 0o077) == 0 and any(p.suffix == ".so" for p in private.iterdir())
+    shutil.rmtree(private)
 
 
 def test_declines_what_it_does_not_take():

@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from param2moe import LLM, LoRARequest, SamplingParams
 from param2moe.checkpoint import load_model
 from param2moe.kernels import Kernels
 from param2moe.kernels import cpu as native
 from param2moe.kernels.cpu import layer as native_layer
+from param2moe.lora.files import KINDS, merge_adapter, random_adapter
 from param2moe.model.attention import PagedAttention
 from param2moe.quant import dequantize, quantize
 from param2moe.writer import preset_config, write_checkpoint
@@ -116,22 +118,6 @@ def _quantize_model(model, method: str, dequantized: bool = False) -> None:
             put(layer.mlp, "w2")
 
 
-class _QuantOps(Kernels):
-    """The per-op path with quantized weights through the native kernels one call at a time (quant_linear,
-    quant_mlp, quant_moe), as the quantized model's Kernels run them."""
-
-    def linear(self, x, weight, bias=None):
-        return native.quant_linear(x, weight, bias) if hasattr(weight, "qweight") else super().linear(x, weight, bias)
-
-    def mlp(self, x, gate_up, down, unsummed=False):
-        return native.quant_mlp(x, gate_up, down) if hasattr(gate_up, "qweight") else super().mlp(x, gate_up, down)
-
-    def moe_experts(self, x, w13, w2, weights, ids, unsummed=False, started=None):
-        if hasattr(w13, "qweight"):
-            return native.quant_moe(x, w13, w2, weights, ids)
-        return super().moe_experts(x, w13, w2, weights, ids)
-
-
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("n_seqs", [1, 16])
 def test_quantized_layer(small_ckpt, method, n_seqs):
@@ -139,7 +125,7 @@ def test_quantized_layer(small_ckpt, method, n_seqs):
     per-op path on the same kernels; and off the torch path on the dequantized weights (Kernels("torch")) by the
     activations' int8 rounding (block max / 254 an element: ~0.6% of a product's norm, a few percent of the
     hidden state's after four layers and four steps) and the expert choices that rounding flips."""
-    model = load_model(small_ckpt, dtype=torch.float32, progress=False, kernels=_QuantOps())
+    model = load_model(small_ckpt, dtype=torch.float32, progress=False)  # quant/ops.py: native one by one
     _quantize_model(model, method)
     got, kc, _ = _decode_steps(model, n_seqs, steps=3, prompt=1)  # decode steps only: the fused step every time
     native_layer.set_layer_enabled(False)
@@ -156,3 +142,102 @@ def test_quantized_layer(small_ckpt, method, n_seqs):
     # weights have many); such a row then differs wholly, so most rows, not all, are held to the rounding bound.
     rows = ((got - want).norm(dim=1) / want.norm(dim=1)).sort().values
     assert rows[len(rows) // 2] < 7e-2 and rows[(3 * len(rows) - 1) // 4] < 1e-1, rows
+
+
+# ------------------------------------------------------------------------------------ where it must not run
+ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_memory=8 << 20)
+GREEDY = SamplingParams(temperature=0, max_tokens=8, logprobs=0)
+PROMPTS = [[30 + (i * 37) % 400 for i in range(13)], [100, 200, 300, 45, 46]]  # two rows: the fused step's limit
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """[True / False per decoder layer of a CPU decode step: whether the fused step ran]."""
+    calls, real = [], Kernels.decode_layer
+
+    def spy(self, layer, h, residual, cos, sin, attn):
+        out = real(self, layer, h, residual, cos, sin, attn)
+        if attn.max_query_len == 1:
+            calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(Kernels, "decode_layer", spy)
+    return calls
+
+
+def _tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _per_op(run):
+    native_layer.set_layer_enabled(False)
+    try:
+        return run()
+    finally:
+        native_layer.set_layer_enabled(None)
+
+
+def test_lora_engine_takes_the_per_op_path(tmp_path, fused_calls):
+    """With LoRA slots attached the fused step declines (it has no adapter deltas): an adapter on every kind of
+    module gives the merged checkpoint's tokens, which the fused step computes, and the same as with the fused
+    step off."""
+    cfg = preset_config("tiny", {"num_hidden_layers": 2})  # a dense layer, then MoE with a shared expert
+    base, folder, merged = (str(tmp_path / n) for n in ("base", "adapter", "merged"))
+    write_checkpoint(base, cfg, seed=5, head_std=0.2)
+    random_adapter(folder, cfg, list(KINDS), r=8, seed=1)
+    merge_adapter(base, folder, merged)
+    with LLM(merged, **ENGINE) as llm:
+        want = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert fused_calls and all(fused_calls)  # the merged model's decode steps: the fused step, every layer
+    fused_calls.clear()
+    request = LoRARequest("all", 1, folder)
+    with LLM(base, enable_lora=True, max_lora_rank=8, lora_routed_experts=True, **ENGINE) as llm:
+        got = llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=request)
+        off = _per_op(lambda: llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=request))
+        plain = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert not any(fused_calls)
+    assert _tokens(got) == _tokens(want) == _tokens(off)
+    assert _tokens(plain) != _tokens(want)  # the adapter changes the tokens: a fused step without it would show
+
+
+def test_eplb_engine_takes_the_per_op_path(tmp_path, fused_calls):
+    """One rank with expert load balancing (two replica slots, rearranged every 4 steps): the MoE layers decline
+    (the expert map picks replicas and counts the load), the dense layer still fuses; the same tokens and
+    logprobs as with the fused step off, and as the engine without EPLB (fused)."""
+    path = str(tmp_path / "ckpt")
+    write_checkpoint(path, preset_config("tiny", {"num_hidden_layers": 3}), seed=1)
+    eplb = dict(enable_eplb=True, num_redundant_experts=2, eplb_step_interval=4, eplb_window_size=4)
+    with LLM(path, **ENGINE) as llm:
+        want = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert all(fused_calls)
+    fused_calls.clear()
+    with LLM(path, **ENGINE, **eplb) as llm:
+        got = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert True in fused_calls and False in fused_calls  # the dense first layer fuses, the MoE layers do not
+    with LLM(path, **ENGINE, **eplb) as llm:
+        off = _per_op(lambda: llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert _tokens(got) == _tokens(off) == _tokens(want)
+    for a, b in zip(got + off, off + want):
+        for x, y, tok in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
+            assert abs(x[tok].logprob - y[tok].logprob) <= 1e-4
+
+
+def test_formats_it_does_not_take(small_ckpt):
+    """fp8 weights, uniformly random routing, a folded shared expert and a bias: native_weights or the C
+    description is None, so the per-op path runs."""
+    model = load_model(small_ckpt, dtype=torch.float32, progress=False)
+    moe_layer = model.model.layers["1"]
+    assert native_layer._layer_struct(moe_layer.native_weights(), torch.float32) is not None
+    model.set_uniform_random_routing(True)
+    model._draw_random_experts(1, torch.device("cpu"))
+    assert moe_layer.native_weights() is None
+    model.set_uniform_random_routing(False)
+    att = moe_layer.attention
+    att.dense.bias = torch.nn.Parameter(torch.zeros(att.dense.weight.shape[0]), requires_grad=False)
+    assert native_layer._layer_struct(moe_layer.native_weights(), torch.float32) is None
+    att.dense.bias = None
+    fp8 = quantize(att.query_key_value.weight, "fp8")
+    del att.query_key_value._parameters["weight"]
+    att.query_key_value.weight = fp8
+    assert native_layer._layer_struct(moe_layer.native_weights(), torch.float32) is None
+    assert moe_layer.mlp.fold_shared_experts() and moe_layer.native_weights() is None

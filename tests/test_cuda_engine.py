@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import preset_checkpoint
 
 from param2moe import LLM, SamplingParams
-from param2moe.writer import preset_config, write_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("small32")
-    write_checkpoint(str(path), preset_config("small", {"torch_dtype": "float32"}), seed=3)
-    return str(path)
+    return preset_checkpoint(tmp_path_factory, "small32", {"torch_dtype": "float32"}, preset="small", seed=3)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])

@@ -15,6 +15,7 @@ from collections import Counter
 
 import pytest
 import torch
+from cases import preset_checkpoint
 
 from param2moe import LLM, SamplingParams
 from param2moe.engine import OutputKind
@@ -22,7 +23,6 @@ from param2moe.engine.detokenizer import IncrementalDetokenizer
 from param2moe.engine.sampler import Sampler
 from param2moe.engine.sequence import Request, Sequence
 from param2moe.model.attention import CausalAttention
-from param2moe.writer import preset_config, write_checkpoint
 
 FIRST_ORDINARY_ID = 25  # ids 0..24 are Param2's special tokens
 EOS = 3
@@ -55,9 +55,7 @@ def ckpt(tmp_path_factory) -> str:
     """The tiny preset (Param2 layout: a dense first layer, then MoE with shared experts), 2 layers. A head
     scale of 0.2 keeps logits within about +-20, where float32 rounding stays well inside LP_TOL (at the
     writer's default 0.5, logprobs reach -45 and the reference forward itself is off by ~2e-5)."""
-    out = tmp_path_factory.mktemp("tiny-engine")
-    write_checkpoint(str(out), preset_config("tiny", {"num_hidden_layers": 2}), seed=5, head_std=0.2)
-    return str(out)
+    return preset_checkpoint(tmp_path_factory, "tiny-engine", {"num_hidden_layers": 2}, seed=5, head_std=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ def test_padding_rows_form_one_sequence_without_context():
     assert f["positions"][:16].tolist() == [2, 3, 4, 8] + [0] * 12
     assert f["slot_mapping"][:16].tolist() == [34, 35, 36, 72] + [SCRATCH] * 12
     assert f["prev_index"][:16].tolist() == [-1, -1, -1, 0] + [-1] * 12
+    assert f["lora_index"][:16].tolist() == [-1] * 16  # absent: no row has an adapter
     assert (f["input_ids"][16:] == 7).all()  # past the graph's size: not read
     assert f["context_lens"].tolist() == [5, 9, 0, 0]
     # rows 4..16 are sequence 2 (no context: its attention is zero); sequence 3 is empty
@@ -58,7 +59,7 @@ def test_decode_graph_inputs_share_the_layout():
     """A decode graph of size 4 is the layout of 4 tokens of 4 sequences; rows past the batch are padding
     sequences of one token each: token 0 at position 0, to the scratch slot, one cached token, block table 0."""
     buf = np.full(graph_input_size(4, 4, 3), 7, dtype=np.int32)
-    assert len(buf) == 4 * 4 + 4 + 5 + 4 * 3
+    assert len(buf) == 5 * 4 + 4 + 5 + 4 * 3  # 5 token fields (lora_index the last)
     f = graph_input_views(buf, 4, 4, 3)
     host = dict(input_ids=np.array([11, 0]), positions=np.array([5, 8]), slot_mapping=np.array([37, 72]),
                 prev_index=np.array([-1, 1]), context_lens=np.array([6, 9]), query_start_loc=np.array([0, 1, 2]),
@@ -70,6 +71,9 @@ def test_decode_graph_inputs_share_the_layout():
     assert f["context_lens"].tolist() == [6, 9, 1, 1]
     assert f["query_start_loc"].tolist() == [0, 1, 2, 3, 4]
     assert f["block_tables"].tolist() == [[2, 0, 0], [4, 5, 0], [0, 0, 0], [0, 0, 0]]
+    assert f["lora_index"].tolist() == [-1] * 4  # no row has an adapter
     del host["prev_index"]  # no row waits for the previous step
+    host["lora_index"] = np.array([2, -1])  # the first row's adapter is in slot 2
     fill_decode_inputs(f, host, 4, SCRATCH)
     assert f["prev_index"].tolist() == [-1] * 4
+    assert f["lora_index"].tolist() == [2, -1, -1, -1]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import preset_checkpoint
 
 from param2moe import LLM, SamplingParams
 from param2moe.engine import cuda_graphs
 from param2moe.kernels import attention as torch_attention
-from param2moe.writer import preset_config, write_checkpoint
+from param2moe.writer import preset_config
 
 
 class _Replay:
@@ -47,9 +48,7 @@ class EagerGraphs(cuda_graphs.CudaGraphRunner):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("graphs_cpu")
-    write_checkpoint(str(path), preset_config("tiny", {"num_hidden_layers": 2, "vocab_size": 512}), seed=3)
-    return str(path)
+    return preset_checkpoint(tmp_path_factory, "graphs_cpu", {"num_hidden_layers": 2, "vocab_size": 512}, seed=3)
 
 
 def _with_graphs(llm, max_tokens: int, monkeypatch) -> dict:
@@ -89,6 +88,35 @@ def test_graph_steps_equal_eager_on_cpu(checkpoint, async_scheduling, max_num_ba
             outs[graphs] = [o.outputs[0] for batch in (prompts, again)
                             for o in llm.generate(batch, sp, use_tqdm=False)]
     assert replays[True]["decode"] > 0 and replays[True]["tokens"] >= 2
+    for a, b in zip(outs[False], outs[True]):
+        assert a.token_ids == b.token_ids
+        for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):
+            assert abs(la[t].logprob - lb[t].logprob) < 1e-4
+
+
+def test_graph_steps_with_adapters_equal_eager_on_cpu(checkpoint, tmp_path, monkeypatch):
+    """Each row's adapter slot reaches the model through the graphs' static buffers (lora_index): a batch mixing
+    two adapters and the base model, with one slot too few, gives the eager engine's tokens and logprobs."""
+    from param2moe import LoRARequest
+    from param2moe.lora.files import random_adapter
+
+    cfg = preset_config("tiny", {"num_hidden_layers": 2, "vocab_size": 512})
+    loras = [None]
+    for i, kinds in enumerate((["qkv", "dense_mlp"], ["shared_experts", "routed_experts"]), 1):
+        random_adapter(str(tmp_path / f"a{i}"), cfg, kinds, r=8, seed=i)
+        loras.append(LoRARequest(f"a{i}", i, str(tmp_path / f"a{i}")))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(30, 512, (int(n),), generator=g).tolist() for n in (20, 9, 33, 12, 17)]
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    outs, replays = {}, {}
+    for graphs in (False, True):
+        with LLM(checkpoint, device="cpu", dtype="float32", kv_cache_memory=1 << 22, max_model_len=128,
+                 max_num_seqs=6, max_num_batched_tokens=64, enable_lora=True, max_loras=1, max_lora_rank=8,
+                 lora_routed_experts=True) as llm:
+            replays[graphs] = _with_graphs(llm, 64, monkeypatch) if graphs else None
+            outs[graphs] = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False,
+                                                               lora_request=[loras[i % 3] for i in range(5)])]
+    assert replays[True]["decode"] > 0 and replays[True]["tokens"] >= 1
     for a, b in zip(outs[False], outs[True]):
         assert a.token_ids == b.token_ids
         for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):

@@ -11,17 +11,15 @@ import textwrap
 import time
 
 import pytest
+from cases import preset_checkpoint
 
 from param2moe import LLM, SamplingParams
 from param2moe.engine import EngineError
-from param2moe.writer import preset_config, write_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("life")
-    write_checkpoint(str(path), preset_config("tiny", {"num_hidden_layers": 2}), seed=3)
-    return str(path)
+    return preset_checkpoint(tmp_path_factory, "life", {"num_hidden_layers": 2}, seed=3)
 
 
 def _alive(pid: int) -> bool:

@@ -1,4 +1,4 @@
-"""The plain torch ops against naive per-token / per-expert loops written here from the SPEC, and the
+"""The plain torch ops against naive per-token / per-expert loops written here from docs/model.md, and the
 network's paged (KV-cached) forward against full recomputation."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from cases import ROUTE_CASES
 
 from param2moe.checkpoint import load_model
 from param2moe.kernels import (
@@ -24,7 +25,7 @@ from param2moe.writer import preset_config, write_checkpoint
 
 # ------------------------------------------------------------------------------------ routing
 def naive_route(logits, bias, k, score_function="sigmoid", n_group=None, topk_group=None, norm=True, scale=1.0):
-    """SPEC 3.4 for one token at a time, in Python lists: (ids, weights) per token, as dicts id -> weight."""
+    """docs/model.md §3.4 for one token at a time, in Python lists: (ids, weights) per token, as dicts id -> weight."""
     out = []
     for row in logits.double().tolist():
         e = len(row)
@@ -62,19 +63,6 @@ def assert_same_routing(got, want):
         assert set(g) == set(w), f"token {t}: experts {sorted(g)} != {sorted(w)}"
         for i in w:
             assert g[i] == pytest.approx(w[i], rel=1e-5, abs=1e-6), f"token {t} expert {i}"
-
-
-ROUTE_CASES = {
-    "sigmoid": dict(score_function="sigmoid"),
-    "softmax": dict(score_function="softmax"),
-    "no-norm": dict(norm_topk_prob=False),
-    "scaled": dict(routed_scaling_factor=2.5),
-    "no-norm-scaled-softmax": dict(score_function="softmax", norm_topk_prob=False, routed_scaling_factor=1.5),
-    "grouped": dict(n_group=4, topk_group=2),
-    "grouped-softmax-scaled": dict(score_function="softmax", n_group=8, topk_group=3, routed_scaling_factor=2.5),
-    "grouped-one-per-group": dict(n_group=16, topk_group=5),
-    "one-group": dict(n_group=1, topk_group=1, routed_scaling_factor=2.5),
-}
 
 
 @pytest.mark.parametrize("name", list(ROUTE_CASES))
@@ -447,7 +435,7 @@ def test_folded_shared_experts_give_the_same_network(tmp_path):
 
 
 def test_uniform_random_routing_replaces_the_choice_after_the_router_runs(tiny_model, monkeypatch):
-    """Benchmarks' routing (SPEC 7): every MoE layer's router still runs, then random expert sets drawn
+    """Benchmarks' routing (docs/model.md §7): every MoE layer's router still runs, then random expert sets drawn
     for all layers of the step replace its choice; off again gives the router's outputs back."""
     from param2moe.model import network
 

@@ -6,9 +6,9 @@ import sys
 import textwrap
 
 import pytest
+from cases import preset_checkpoint
 
 from param2moe import LLM, SamplingParams
-from param2moe.writer import preset_config, write_checkpoint
 
 PROMPTS = [list(range(30, 30 + n)) for n in (5, 17, 40)]
 PARAMS = SamplingParams(temperature=0, max_tokens=12, logprobs=1, prompt_logprobs=0)
@@ -16,11 +16,9 @@ PARAMS = SamplingParams(temperature=0, max_tokens=12, logprobs=1, prompt_logprob
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tp")
     # 4 query heads over 2 KV heads, 8 experts, one dense layer then MoE layers: splits evenly over 2 ranks.
-    write_checkpoint(str(path), preset_config("tiny", {"num_hidden_layers": 4, "num_shared_experts": 2,
-                                                       "moe_shared_expert_intermediate_size": 128}), seed=1)
-    return str(path)
+    return preset_checkpoint(tmp_path_factory, "tp", {"num_hidden_layers": 4, "num_shared_experts": 2,
+                                                      "moe_shared_expert_intermediate_size": 128}, seed=1)
 
 
 @pytest.fixture(scope="module")

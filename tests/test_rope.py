@@ -1,7 +1,9 @@
-"""Rotary embedding against an independent implementation written here from SPEC 3.2 and the usual
+"""Rotary embedding against an independent implementation written here from docs/model.md §3.2 and the usual
 definitions of the scaling types (the ones Hugging Face's rope utilities implement), in plain Python
 floats: the cos/sin tables, the rotation the network applies to q and k (partial rotary included),
-and relative-position invariance of the attention scores."""
+and relative-position invariance of the attention scores. Also against values that depend on no
+implementation (golden numbers written out from math) and against transformers' rope utilities
+(skipped when transformers is not installed)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from param2moe.config import Param2MoEConfig
 from param2moe.kernels import apply_rope
 from param2moe.model.attention import CausalAttention
 from param2moe.model.network import Attention
-from param2moe.model.rope import rope_cos_sin
+from param2moe.model.rope import rope_cos_sin, rope_inv_freq
 from param2moe.model.shard import Shard
 from param2moe.writer import parse_overrides, preset_config, write_checkpoint
 
@@ -172,6 +174,93 @@ def test_partial_rotary_uses_rotary_dim_for_the_frequencies(partial, theta):
     ref_cos, ref_sin = ref_cos_sin(r, theta, POSITIONS[:-1])
     torch.testing.assert_close(cos[POSITIONS[:-1]].double(), ref_cos, atol=2e-7, rtol=0)
     torch.testing.assert_close(sin[POSITIONS[:-1]].double(), ref_sin, atol=2e-7, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ golden values
+# Written out once with Python's math module, so these checks depend on no implementation at all:
+# angle = position * theta ** (-2 j / r); theta 1e6, r 64 (head_dim 64, full rotary).
+GOLDEN = [  # (position, j, cos(angle), sin(angle))
+    (1, 0, 0.5403023058681398, 0.8414709848078965),  # angle 1
+    (1, 1, 0.7964578744859591, 0.6046940169782634),  # angle 1e6 ** (-1/32)
+    (1, 8, 0.9995000416652778, 0.03161750640243371),  # angle 1e6 ** (-1/4)
+    (1, 31, 0.9999999999988143, 1.5399265260588833e-06),  # angle 1e6 ** (-31/32)
+    (100, 0, 0.8623188722876839, -0.5063656411097588),  # angle 100
+    (100, 1, -0.5102829429002417, 0.8600065803149816),
+    (100, 8, -0.9997860728793259, -0.020683531529582043),
+    (100, 31, 0.9999999881431315, 0.00015399265199732563),
+]
+
+
+@pytest.mark.parametrize("pos, j, cos_ref, sin_ref", GOLDEN)
+def test_golden_values_theta_1e6_r64(pos, j, cos_ref, sin_ref):
+    cos, sin = rope_cos_sin(cfg_with(1e6, head_dim=64), 101)
+    assert cos.shape == (101, 32)
+    assert cos[pos, j].item() == pytest.approx(cos_ref, abs=1e-7)
+    assert sin[pos, j].item() == pytest.approx(sin_ref, abs=1e-7)
+
+
+def test_golden_values_linear_and_yarn():
+    # linear, factor 4: position 100, j 0 has angle 100 / 4 = 25; cos(25), sin(25)
+    cos, sin = rope_cos_sin(cfg_with(1e6, {"rope_type": "linear", "factor": 4.0}, head_dim=64), 101)
+    assert (cos[100, 0].item(), sin[100, 0].item()) == pytest.approx((0.9912028118634736, -0.13235175009777303),
+                                                                     abs=1e-7)
+    # yarn, factor 4: cos and sin scaled by 0.1 * ln(4) + 1; at position 0, cos = that factor
+    cos, _ = rope_cos_sin(cfg_with(scaling=YARN), 1)
+    assert cos[0].tolist() == pytest.approx([1.138629436111989] * 16, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face
+# transformers' rope utilities (ROPE_INIT_FUNCTIONS), an implementation written by others, give inv_freq and
+# the attention factor from a config object. Their `dynamic` type recomputes the base for the current sequence
+# length; ours fixes it for max_position_embeddings * factor (see rope.py), so that is the length passed.
+HF_MAX_POS = 4096  # yarn's original context 1024 * factor 4, so transformers sees a consistent config
+HF_CASES = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": LLAMA3,
+    "yarn": YARN,
+    "yarn-attention-factor": dict(YARN, attention_factor=1.25),
+}
+
+
+def hf_inv_freq(scaling, theta, head_dim, partial):
+    """(inv_freq float64, attention factor) from transformers, for a Llama config with these RoPE settings."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default" and "default" not in ROPE_INIT_FUNCTIONS:
+        # transformers 5 moved `default` into each model, and Llama's ignores partial_rotary_factor;
+        # its `linear` type with factor 1 is the same definition and honours it
+        kind, scaling = "linear", {"rope_type": "linear", "factor": 1.0}
+    hf = transformers.LlamaConfig(vocab_size=64, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=head_dim, max_position_embeddings=HF_MAX_POS, rope_theta=theta,
+                                  rope_scaling=dict(scaling) if scaling else None, partial_rotary_factor=partial)
+    init = ROPE_INIT_FUNCTIONS[kind]
+    seq_len = int(HF_MAX_POS * scaling["factor"]) if kind == "dynamic" else None
+    inv_freq, attention_factor = init(hf, device="cpu", seq_len=seq_len)
+    return inv_freq.double(), float(attention_factor)
+
+
+@pytest.mark.parametrize("name", list(HF_CASES))
+@pytest.mark.parametrize("theta, head_dim, partial", [(1e4, 32, 1.0), (1e6, 64, 0.5)])
+def test_tables_match_transformers_rope_utils(name, theta, head_dim, partial):
+    scaling = HF_CASES[name]
+    ref_inv, ref_attn = hf_inv_freq(scaling, theta, head_dim, partial)
+    cfg = cfg_with(theta, scaling, head_dim=head_dim, partial=partial, max_pos=HF_MAX_POS)
+    inv, attn = rope_inv_freq(cfg)
+    torch.testing.assert_close(inv, ref_inv, rtol=1e-6, atol=0)  # transformers computes in float32
+    assert attn == pytest.approx(ref_attn, rel=1e-12)
+    cos, sin = rope_cos_sin(cfg, 4096)
+    positions = torch.tensor(POSITIONS, dtype=torch.float64)
+    angles = positions[:, None] * ref_inv
+    # float32 inv_freq (relative error ~6e-8) times position 4095 moves an angle by up to ~3e-4
+    torch.testing.assert_close(cos[POSITIONS].double(), angles.cos() * ref_attn, atol=5e-4, rtol=0)
+    torch.testing.assert_close(sin[POSITIONS].double(), angles.sin() * ref_attn, atol=5e-4, rtol=0)
+    near = positions <= 7  # where float32 rounding cannot hide a real difference
+    torch.testing.assert_close(cos[POSITIONS].double()[near], (angles.cos() * ref_attn)[near], atol=2e-6, rtol=0)
+    torch.testing.assert_close(sin[POSITIONS].double()[near], (angles.sin() * ref_attn)[near], atol=2e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ the rotation

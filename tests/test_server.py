@@ -1,111 +1,48 @@
 """`param2moe serve` end to end: real server processes on 127.0.0.1, driven with the official openai
 client (and httpx for what the client cannot send).
 
-Two servers per module: the bundled small model (float32, so that greedy outputs do not depend on the
-batch) behind an API key, and a scripted tiny checkpoint (tests/scripted_checkpoint.py) that writes
-reasoning and a tool call on cue, with tight limits (one running sequence, one queued, small bodies).
-A third is started and stopped with SIGTERM.
+Two servers per module: a random checkpoint of the writer's `bundled` preset (float32, so that greedy
+outputs do not depend on the batch; random weights, so that generation runs to max_tokens where the
+trained default model may end its text) behind an API key, and a scripted tiny checkpoint
+(tests/scripted_checkpoint.py) that writes reasoning and a tool call on cue, with tight limits (one running
+sequence, one queued, small bodies). A third is started and stopped with SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from cases import ANSWER_CHAIN, ENTRIES, TOOL_CALL_CHAIN, TOOL_JSON, USER
 from openai import AsyncOpenAI, OpenAI
 from scripted_checkpoint import write_scripted_checkpoint
+from server_harness import KEY, Server, assert_error, post
 
-ROOT = Path(__file__).resolve().parents[1]
-KEY = "test-key"
+from param2moe.writer import preset_config, write_checkpoint
+
 MAX_LEN = 512
-TOOL_JSON = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 CHAINS = {
     # after "<|im_start|>assistant\n": think, then call the tool
-    "tool": ["<think>", "I should look up", " the weather.", "</think>", "<tool_call>", TOOL_JSON, "</tool_call>",
-             "<<|EOS|>>"],
+    "tool": ["<think>", "I should look up", " the weather.", "</think>", *TOOL_CALL_CHAIN],
     # after an assistant message "<answer>" continued: a plain answer
-    "answer": ["The weather", " in Paris is sunny.", "<<|EOS|>>"],
+    "answer": ANSWER_CHAIN,
 }
-ENTRIES = {"tool": "\n", "answer": "<answer>"}
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-USER = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, args: list[str], log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen([sys.executable, "-m", "param2moe.cli", "serve", "--port", str(self.port), *args],
-                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not come up:\n{log_path.read_text()}")
-
-    def metrics(self) -> dict[str, float]:
-        out = {}
-        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-    def metric(self, name: str, **labels) -> float:
-        for key, value in self.metrics().items():
-            if key.split("{")[0] == name and all(f'{k}="{v}"' in key for k, v in labels.items()):
-                return value
-        raise KeyError(name)
-
-    def check_clean_exit(self) -> None:
-        assert self.stop() == 0
-        log = self.log_path.read_text()
-        assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
 def main(tmp_path_factory):
-    server = Server(["--dtype", "float32", "--api-key", KEY, "--max-model-len", str(MAX_LEN),
+    model = tmp_path_factory.mktemp("random") / "param2-small"  # the server names it by its folder
+    write_checkpoint(str(model), preset_config("bundled"), seed=0)
+    server = Server(["--model", str(model), "--dtype", "float32", "--api-key", KEY, "--max-model-len", str(MAX_LEN),
                      "--kv-cache-memory", str(64 << 20)], tmp_path_factory.mktemp("logs") / "main.log")
     yield server
     server.check_clean_exit()
@@ -139,31 +76,12 @@ def sclient(scripted):
     return OpenAI(base_url=scripted.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def post(server, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    if isinstance(body, (bytes, str)):
-        return httpx.post(server.url + path, content=body, headers={**headers, "content-type": "application/json"},
-                          timeout=60, **kw)
-    return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kw)
-
-
-def assert_error(r: httpx.Response, status: int, *fragments: str, param: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    for f in fragments:
-        assert f in err["message"], err["message"]
-    if param is not None:
-        assert err["param"] == param
-    return err
-
-
 # =============================================================================== plain endpoints
 def test_models_health_version(main, client):
     assert httpx.get(main.url + "/health").status_code == 200
     assert httpx.get(main.url + "/version").json()["version"]
     models = client.models.list().data
-    assert [m.id for m in models] == ["param2-small"]  # no --model: the bundled model
+    assert [m.id for m in models] == ["param2-small"]  # no --served-model-name: the folder's name
     assert models[0].model_extra["max_model_len"] == MAX_LEN
 
 
@@ -413,8 +331,13 @@ def test_auth(main):
 def test_unknown_model_404(main, client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-9", prompt="x", max_tokens=1)
-    err = assert_error(post(main, "/v1/chat/completions", {"model": "gpt-9", "messages": USER}), 404, "gpt-9")
+    r = post(main, "/v1/chat/completions", {"model": "gpt-9", "messages": USER})
+    err = assert_error(r, 404, "gpt-9")
     assert err["param"] == "model"
+    # logged with its request id, though this server has no --enable-access-log (which adds 2xx lines)
+    line = next(line for line in main.log_path.read_text().splitlines() if r.headers["x-request-id"] in line)
+    assert "WARNING" in line and "404" in line and "gpt-9" in line
+    assert "POST /v1/completions 200" not in main.log_path.read_text()
     assert_error(post(main, "/v1/nothing-here", {}), 404)
 
 
@@ -465,7 +388,7 @@ def test_invalid_values_400(main, extra, fragment, param):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "text"),
     ({"top_logprobs": 3}, "logprobs"),
     ({"logprobs": True, "top_logprobs": 30}, "logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
 ])

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.shard import Shard
+from .watch import start_peer_watch
 
 
 class PlanComm:
@@ -48,7 +49,8 @@ class PlanComm:
 
 def init_rank(rank: int, parallel, device_type: str) -> tuple[Shard, PlanComm, torch.device]:
     """Join the process group (MASTER_ADDR/MASTER_PORT from the environment) and build this rank's shard.
-    parallel: the engine's ParallelConfig (tensor_parallel_size, pipeline_parallel_size, enable_expert_parallel)."""
+    parallel: the engine's ParallelConfig (tensor_parallel_size, pipeline_parallel_size, enable_expert_parallel,
+    enable_eplb, num_redundant_experts)."""
     tp, pp, world = parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.world_size
     if device_type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -59,6 +61,8 @@ def init_rank(rank: int, parallel, device_type: str) -> tuple[Shard, PlanComm, t
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
                                 device_id=device if device_type == "cuda" else None)
+    if "RANK" in os.environ and world > 1:  # torchrun (several machines): the ranks watch each other
+        start_peer_watch(rank, world)
     cpu_group = dist.new_group(backend="gloo") if device_type == "cuda" else dist.group.WORLD
     tp_group = None
     for block in range(pp):  # every rank creates every group, in the same order
@@ -69,7 +73,8 @@ def init_rank(rank: int, parallel, device_type: str) -> tuple[Shard, PlanComm, t
     shard = Shard(tp_rank=rank % tp, tp_size=tp, expert_parallel=parallel.enable_expert_parallel,
                   pp_rank=stage, pp_size=pp, tp_group=tp_group,
                   prev_stage_rank=rank + tp if stage > 0 else None,
-                  next_stage_rank=rank - tp if stage < pp - 1 else None)
+                  next_stage_rank=rank - tp if stage < pp - 1 else None,
+                  num_redundant_experts=parallel.num_redundant_experts if parallel.enable_eplb else 0)
     return shard, PlanComm(cpu_group), device
 
 

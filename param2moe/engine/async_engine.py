@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -59,9 +60,11 @@ class AsyncLLMEngine:
                 if q is not None:
                     q.put_nowait(out)
 
-    async def generate(self, prompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt, params: SamplingParams, request_id: str,
+                       lora_request=None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as deltas (new text and tokens since the last one) until it
-        finishes. Leaving the iteration early (a client that went away) aborts the request."""
+        finishes. Leaving the iteration early (a client that went away) aborts the request. lora_request: the
+        adapter it runs with (a LoRARequest), or None."""
         if self._stopping:
             raise EngineDeadError("the server is shutting down")
         self._ensure_loop()
@@ -70,7 +73,8 @@ class AsyncLLMEngine:
         self._queues[request_id] = q
         finished = False
         try:
-            await self._call(self.engine.add_request, request_id, prompt, params)
+            await self._call(functools.partial(self.engine.add_request, lora_request=lora_request), request_id,
+                             prompt, params)
             self._has_work.set()
             while not finished:
                 out = await q.get()
@@ -84,6 +88,13 @@ class AsyncLLMEngine:
                 # Not awaited: a cancelled task (a client that went away) may not await again here,
                 # and the abort must still run. The one worker thread keeps it in order.
                 self.abort_nowait(request_id)
+
+    async def add_lora(self, lora_request) -> None:
+        """Register an adapter (read and checked on the engine's thread, between steps)."""
+        await self._call(self.engine.add_lora, lora_request)
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        return await self._call(self.engine.remove_lora, lora_id)
 
     async def abort(self, request_id: str) -> None:
         await self._call(self.engine.abort, request_id)

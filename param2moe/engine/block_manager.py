@@ -1,7 +1,8 @@
 """Paged KV-cache bookkeeping: fixed-size blocks, block tables, and prefix caching.
 
 A full block is identified by its tokens and the chain of blocks before it (a hash of the previous
-block's hash and its own token ids). Full blocks stay findable after their sequence frees them,
+block's hash and its own token ids; the first block's chain starts from the sequence's adapter, so that
+blocks are never shared across adapters). Full blocks stay findable after their sequence frees them,
 until they are reused: free blocks are handed out least recently freed first (LRU eviction).
 """
 
@@ -62,7 +63,7 @@ class BlockManager:
         """On first scheduling: reuse cached blocks of the sequence's prefix (never its last token)."""
         if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
             return  # prompt logprobs need every prompt position computed
-        h = None
+        h = seq.cache_salt
         n_full = (seq.num_tokens - 1) // self.block_size
         self.queries += n_full * self.block_size
         for i in range(n_full):
@@ -96,7 +97,7 @@ class BlockManager:
             return
         n_full = seq.num_computed_tokens // self.block_size
         for i in range(len(seq.block_hashes), n_full):
-            prev = seq.block_hashes[-1] if seq.block_hashes else None
+            prev = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             h = hash((prev, tokens))
             block = self.blocks[seq.block_table[i]]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Param2MoEConfig
+from ..quant.plan import OPTIONS as QUANT_OPTIONS
 
 log = logging.getLogger("param2moe")
 
@@ -29,7 +30,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 
 # ---------------------------------------------------------------------- model presets (dummy weights, the writer)
 PRESETS: dict[str, dict] = {
-    # The released Param2-17B-A2.4B (SPEC section 1).
+    # The released Param2-17B-A2.4B (docs/model.md §1).
     "param2-17b": dict(
         vocab_size=128008, hidden_size=2048, num_hidden_layers=21, num_attention_heads=32,
         num_key_value_heads=8, head_dim=64, intermediate_size=9216, moe_intermediate_size=2048,
@@ -39,7 +40,7 @@ PRESETS: dict[str, dict] = {
         use_qkv_bias=False, use_bias=False, tie_word_embeddings=True, rope_theta=1e6,
         partial_rotary_factor=1.0, rope_scaling=None, max_position_embeddings=4096, rms_norm_eps=1e-6,
         num_nextn_predict_layers=0, torch_dtype="bfloat16"),
-    # Param2's layout scaled far down (2.4 MB in bf16): the model that ships with the package.
+    # Param2's layout scaled far down (2.4 MB in bf16), random weights: the packaged model before the trained demo.
     "bundled": dict(
         vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=32, intermediate_size=384, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4,
@@ -73,6 +74,9 @@ def preset_config(preset: str, overrides: dict | None = None) -> Param2MoEConfig
     return Param2MoEConfig.from_dict(raw)
 
 
+MAX_LORA_RANK = 64  # the largest LoRA rank a slot takes
+
+
 class EngineConfigError(ValueError):
     """A setting the engine cannot take; the message names it and says why."""
 
@@ -86,7 +90,7 @@ def setting(default, help: str, *, choices: tuple | None = None, aliases: tuple 
 @dataclass
 class EngineConfig:
     model: str | None = setting(
-        None, "checkpoint directory or Hugging Face Hub id (default: the bundled small model)")
+        None, "checkpoint directory or Hugging Face Hub id (default: the bundled demo model, param2-demo)")
     revision: str | None = setting(None, "with a Hub id: the branch, tag or commit to fetch (default: main)")
     dtype: str = setting("auto", "weights and activations; auto: the checkpoint's torch_dtype",
                          choices=("auto", *DTYPES))
@@ -105,7 +109,7 @@ class EngineConfig:
     preset: str | None = setting(None, "with --load-format dummy and no --model: a preset model config",
                                  choices=tuple(PRESETS))
     uniform_random_routing: bool | None = setting(
-        None, "each token takes uniformly random experts (default: on with dummy weights, SPEC 7)", cli=False)
+        None, "each token takes uniformly random experts (default: on with dummy weights, docs/model.md §7)", cli=False)
     enforce_eager: bool = setting(False, "no CUDA graphs")
     max_graph_tokens: int = setting(
         2048, "steps of up to this many tokens (prefills too) replay CUDA graphs; 0: decode steps only")
@@ -116,9 +120,28 @@ class EngineConfig:
     pipeline_parallel_size: int = setting(1, "pipeline stages splitting the layers", aliases=("-pp",))
     enable_expert_parallel: bool = setting(
         False, "split the routed experts over the tensor-parallel ranks instead of their width")
+    enable_eplb: bool = setting(
+        False, "expert load balancing: count each expert's tokens, replicate the busiest, rearrange the experts "
+               "over the ranks every --eplb-step-interval steps (with --enable-expert-parallel, or one rank)")
+    num_redundant_experts: int = setting(0, "with --enable-eplb: extra expert slots holding replicas of busy experts")
+    eplb_window_size: int = setting(1000, "with --enable-eplb: steps of expert load the placement is computed from")
+    eplb_step_interval: int = setting(3000, "with --enable-eplb: steps between rearrangements of the experts")
     async_scheduling: bool | None = setting(
         None, "launch each step before reading the previous step's tokens (default: on CUDA with one "
               "pipeline stage)")
+    enable_lora: bool = setting(False, "serve LoRA adapters (PEFT folders; requests name theirs)")
+    max_loras: int = setting(1, "with --enable-lora: adapters one step can mix (slots on the device)")
+    max_lora_rank: int = setting(16, f"with --enable-lora: the largest adapter rank served, at most {MAX_LORA_RANK}")
+    lora_routed_experts: bool = setting(
+        False, "with --enable-lora: slots for adapters of the routed experts too (num_experts times the memory "
+               "of the other modules' slots)")
+    quantization: str | None = setting(
+        None, "weights quantized while they load (default: as the checkpoint is): int8 per channel, int4 groups of "
+              "128, fp8 per channel, fp8-block 128x128 blocks", choices=QUANT_OPTIONS, aliases=("-q",))
+    quantize_head: bool = setting(False, "with quantization: the output head too (default: high precision)")
+    grammar_compile_timeout: float = setting(
+        30.0, "seconds a structured output's grammar may take to compile (a request whose grammar takes longer "
+              "fails alone)")
 
     def resolve(self) -> EngineConfig:
         """Check the settings and fill in what `auto`/None stand for (the model's folder, the device)."""
@@ -127,7 +150,7 @@ class EngineConfig:
             if choices and value is not None and value not in choices:
                 raise EngineConfigError(f"{f.name}={value!r}: expected one of {', '.join(map(str, choices))}")
         if self.model is None and self.preset is None:
-            self.model = bundled_model_path()
+            self.model = default_model_path()
         elif self.model is not None:
             from ..hub import resolve_model
 
@@ -136,8 +159,17 @@ class EngineConfig:
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         _check_device(self.device)
+        for name in ("eplb_window_size", "eplb_step_interval"):
+            if getattr(self, name) < 1:
+                raise EngineConfigError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.uniform_random_routing is None:
             self.uniform_random_routing = self.load_format == "dummy"
+        if self.enable_lora and self.max_loras < 1:
+            raise EngineConfigError(f"max_loras={self.max_loras}: must be at least 1")
+        if self.enable_lora and not 1 <= self.max_lora_rank <= MAX_LORA_RANK:
+            raise EngineConfigError(f"max_lora_rank={self.max_lora_rank}: must be in [1, {MAX_LORA_RANK}]")
+        if self.enable_lora and self.enable_eplb:  # adapters' expert slots are logical; EPLB routes to physical ones
+            raise EngineConfigError("enable_lora with enable_eplb: not supported together")
         return self
 
     @property
@@ -158,7 +190,8 @@ class EngineConfig:
 
     @property
     def parallel(self) -> ParallelConfig:
-        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.enable_expert_parallel)
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.enable_expert_parallel,
+                              self.enable_eplb, self.num_redundant_experts)
 
     # ------------------------------------------------------------------ worker processes
     def to_json(self) -> str:
@@ -216,9 +249,11 @@ def _check_device(name: str) -> None:
             raise EngineConfigError(f"device={name!r}: there are {torch.cuda.device_count()} GPU(s)")
 
 
-def bundled_model_path() -> str:
-    """The small Param2-layout model that ships with the package (random weights)."""
-    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "param2-small")
+def default_model_path() -> str:
+    """The model of `LLM()`, `generate`, `chat` and `serve` without a model: the small trained Param2MoE demo
+    model that ships with the package (scripts/train_demo_model.py; its README.md is the model card). The
+    server names it by this folder's name."""
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "param2-demo")
 
 
 def resolve_dtype(config: EngineConfig, model_config: Param2MoEConfig) -> torch.dtype:
@@ -234,6 +269,8 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    enable_eplb: bool = False
+    num_redundant_experts: int = 0
 
     @property
     def world_size(self) -> int:
@@ -250,7 +287,7 @@ class ParallelConfig:
                  (cfg.shared_expert_intermediate_size % tp == 0,
                   f"the shared-expert width ({cfg.shared_expert_intermediate_size})")]
         if cfg.is_moe:
-            if self.enable_expert_parallel:
+            if self.enable_expert_parallel and not self.enable_eplb:  # with EPLB: the physical experts (below)
                 rules.append((cfg.num_experts % tp == 0, f"num_experts ({cfg.num_experts})"))
             else:
                 width = cfg.moe_intermediate_size
@@ -260,6 +297,25 @@ class ParallelConfig:
                 raise EngineConfigError(f"tensor_parallel_size={tp} must divide {what}")
         if pp > cfg.num_hidden_layers:
             raise EngineConfigError(f"pipeline_parallel_size={pp} exceeds num_hidden_layers ({cfg.num_hidden_layers})")
+        self._validate_eplb(cfg)
+
+    def _validate_eplb(self, cfg: Param2MoEConfig) -> None:
+        tp, extra = self.tensor_parallel_size, self.num_redundant_experts
+        if not self.enable_eplb:
+            if extra:
+                raise EngineConfigError(f"num_redundant_experts={extra} needs enable_eplb")
+            return
+        rules = [(cfg.is_moe, "a MoE model (this one has no routed experts)"),
+                 (extra >= 0, f"num_redundant_experts >= 0 (got {extra})"),
+                 (self.pipeline_parallel_size == 1, "one pipeline stage"),
+                 (tp == 1 or self.enable_expert_parallel,
+                  "enable_expert_parallel with tensor_parallel_size > 1 (without it every rank holds every expert)"),
+                 (not cfg.is_moe or (cfg.num_experts + extra) % tp == 0,
+                  f"num_experts + num_redundant_experts ({cfg.num_experts} + {extra}) divisible by "
+                  f"tensor_parallel_size ({tp})")]
+        for ok, what in rules:
+            if not ok:
+                raise EngineConfigError(f"enable_eplb needs {what}")
 
 
 # ---------------------------------------------------------------------- the checkpoint's generation_config.json
@@ -286,6 +342,13 @@ def read_generation_config(model_dir: str | None) -> dict:
 def sampling_defaults(gen: dict) -> dict:
     """The sampling fields generation_config.json sets, as vLLM applies them (`--generation-config auto`)."""
     return {k: gen[k] for k in SAMPLING_KEYS if gen.get(k) is not None}
+
+
+def default_max_tokens(gen: dict) -> int | None:
+    """generation_config.json's max_new_tokens: a reply's length when the request sets none (else the rest
+    of the context), as vLLM applies it."""
+    n = gen.get("max_new_tokens")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def generation_eos_ids(gen: dict) -> list[int]:

@@ -33,8 +33,10 @@ _TOKEN_LADDER = (16, 32, 64, *range(128, 1 << 16, 128))
 # A graph's static inputs live in one int32 buffer, so that a step sends them in one copy. Both kinds share
 # its layout (graph_input_views): a row a token of each token field, then a row a sequence of context_lens,
 # query_start_loc, and the block tables last. A decode graph of size S is the layout for S tokens of S sequences.
-_TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "prev_index")  # a row a token
-_PADDING = {"input_ids": 0, "positions": 0, "prev_index": -1}  # a padding row's; its slot_mapping: the scratch slot
+# lora_index: each row's adapter slot, -1 for none (read only when LoRA slots are attached to the model)
+_TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "prev_index", "lora_index")  # a row a token
+# a padding row's values; its slot_mapping: the scratch slot
+_PADDING = {"input_ids": 0, "positions": 0, "prev_index": -1, "lora_index": -1}
 
 
 def _layout(max_tokens: int, max_seqs: int, max_blocks: int) -> tuple:
@@ -72,7 +74,7 @@ _EMPTY = dict(input_ids=np.zeros(0, np.int32), context_lens=np.zeros(0, np.int32
 def _fill_token_rows(f: dict, host: dict, size: int, scratch_slot: int) -> None:
     t = len(host["input_ids"])
     for name in _TOKEN_FIELDS:
-        f[name][:t] = host.get(name, -1)  # prev_index absent: no row waits for the previous step
+        f[name][:t] = host.get(name, -1)  # prev_index / lora_index absent: no row waits / has an adapter
         f[name][t:size] = _PADDING.get(name, scratch_slot)
 
 
@@ -174,7 +176,8 @@ class CudaGraphRunner:
             attn = self._attention(f, size, max_query_len=1)
 
             def step(attn=attn, f=f, size=size):
-                hidden = model(f["input_ids"], f["positions"], attn, prev=(f["prev_index"], self.prev_tokens))
+                hidden = model(f["input_ids"], f["positions"], attn, prev=(f["prev_index"], self.prev_tokens),
+                               lora_index=f["lora_index"])
                 logits = model.compute_logits(hidden)
                 self.greedy(logits, out=self.prev_tokens[:size])
                 return logits
@@ -221,7 +224,7 @@ class CudaGraphRunner:
 
             def step(attn=attn, size=size):
                 return model(f["input_ids"][:size], f["positions"][:size], attn,
-                             prev=(f["prev_index"][:size], self.prev_tokens))
+                             prev=(f["prev_index"][:size], self.prev_tokens), lora_index=f["lora_index"][:size])
 
             self.token_graphs[size], self.hidden[size] = self._capture(step, pool)
             pool = self.token_graphs[size].pool()

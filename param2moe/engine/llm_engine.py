@@ -16,6 +16,7 @@ import torch
 
 from ..config import Param2MoEConfig
 from ..kernels import Kernels
+from ..structured.manager import StructuredOutputs
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig, generation_eos_ids, read_generation_config, resolve_dtype
@@ -93,7 +94,14 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * cfg.block_size} tokens, fewer than max_model_len "
                 f"({self.max_model_len}): give it more memory or lower max_model_len")
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.token_budget)
+        self.lora = None
+        if cfg.enable_lora:
+            from ..lora.manager import LoRAManager
+
+            self.lora = LoRAManager(self.model.lora, mc, self.runner.device)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.token_budget, self.lora)
+        self.structured = StructuredOutputs(self.tokenizer, mc.vocab_size, self.eos_token_ids,
+                                            cfg.grammar_compile_timeout)
         # Overlap host work with the GPU (see step): on CUDA, with one pipeline stage (tensor-parallel
         # ranks get the sampled ids from the driver; a first stage would need them from the last).
         on = cfg.async_scheduling
@@ -116,9 +124,46 @@ class LLMEngine:
             runner.release_cuda_graphs()
         self.runner = self.model = None
 
+    # ---------------------------------------------------------------------- adapters
+    def add_lora(self, lora_request) -> bool:
+        """Register (read and check) an adapter ahead of its requests; a lora.LoRAError names what is wrong."""
+        if self.lora is None:
+            raise EngineError("lora_request: this engine was started without enable_lora")
+        self.lora.add(lora_request)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter; refused (LoRAError) while requests of it are unfinished."""
+        if self.lora is None:
+            return False
+        users = [r.request_id for r in self.requests.values() if r.lora is not None and r.lora.lora_id == lora_id]
+        if users:
+            from ..lora import LoRAError
+
+            raise LoRAError(f"adapter id {lora_id} is in use by {len(users)} unfinished request(s)")
+        return self.lora.remove(lora_id)
+
+    def list_loras(self) -> list:
+        """The registered adapters (lora.LoRAAdapter), in order of registration."""
+        return [] if self.lora is None else list(self.lora.adapters.values())
+
+    # ---------------------------------------------------------------------- expert load balancing
+    @property
+    def eplb(self):
+        """The driver's eplb.ExpertBalancer (None without enable_eplb)."""
+        return self.runner.eplb if self.runner is not None else None
+
+    def expert_load(self):
+        """eplb.ExpertLoad: tokens per logical expert per MoE layer over the window, the placement, each layer's
+        imbalance (needs enable_eplb). Reads the device (a sync): call it between steps."""
+        if self.eplb is None:
+            raise EngineError("expert load statistics need enable_eplb=True")
+        return self.eplb.expert_load()
+
     # ---------------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
-                    ) -> Request:
+                    lora_request=None) -> Request:
+        """Queue a request; lora_request (a LoRARequest) runs it with that adapter, registered on first use."""
         params = params or SamplingParams()
         if self._closed:
             raise EngineError("the engine is shut down")
@@ -142,12 +187,20 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise EngineError(f"prompt: {len(ids)} tokens, but the context length (max_model_len) is "
                               f"{self.max_model_len} and at least one token must be generated")
-        req = Request(request_id, text, ids, params)
+        adapter = None
+        if lora_request is not None:
+            if self.lora is None:
+                raise EngineError("lora_request: this engine was started without enable_lora")
+            adapter = self.lora.add(lora_request)
+        grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
+        req = Request(request_id, text, ids, params, adapter)
         for i in range(params.n):
             detok = None
             if params.detokenize and self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             seq = Sequence(next(self._seq_ids), req, i, detok)
+            if grammar is not None:
+                self.structured.start(seq, grammar)
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -203,8 +256,13 @@ class LLMEngine:
                 self.ranks.raise_if_a_worker_died(e)
             raise
         sampled = [batch.seqs[b] for b in out.sampled_rows]
-        pending = self.sampler.sample(out.sample_logits, sampled, out.greedy_ids) if sampled else None
-        if prev is not None:
+        pending = None
+        if sampled:
+            if prev is not None and any(seq.grammar is not None for seq in sampled):
+                touched |= self._resolve()  # a grammar's mask needs the tokens so far (the GPU runs the step)
+            bitmask = self.structured.bitmask(sampled, out.sample_logits.device)
+            pending = self.sampler.sample(out.sample_logits, sampled, out.greedy_ids, bitmask)
+        if self._pending is not None:
             touched |= self._resolve()
         self.stats["steps"] += 1
         for b, seq in enumerate(batch.seqs):
@@ -266,6 +324,8 @@ class LLMEngine:
                 return self._finish(seq, "stop", None)
             if token in p.stop_token_ids:
                 return self._finish(seq, "stop", token)
+        if seq.grammar is not None and (end := self.structured.advance(seq, token)):
+            return self._finish(seq, end, None)  # the grammar ended (on a stop token) or refused the token
         seq.text += new_text
         if p.stop_strings and new_text and n_out >= p.min_tokens:
             hit = find_stop(seq.text, len(new_text), p.stop_strings)

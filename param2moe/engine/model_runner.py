@@ -31,7 +31,8 @@ def to_device(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tenso
 @dataclass
 class MicroBatch:
     arrays: dict[str, np.ndarray]  # input_ids, positions, slot_mapping, block_tables, context_lens, query_start_loc
-    # (and prev_index: per input row, the row of the previous step's sampled ids it takes, or -1)
+    # (and prev_index: per input row, the row of the previous step's sampled ids it takes, or -1; lora_index:
+    # each row's adapter slot or -1, present when some row has an adapter)
     logit_rows: list[int]  # rows (tokens) whose next-token logits are sampled
     prompt_ranges: list[tuple[int, int]] = field(default_factory=list)  # row ranges whose logits give prompt logprobs
     use_graph: bool = False  # a pure decode step: replayed from a decode graph
@@ -46,6 +47,7 @@ class MicroBatch:
 class StepPlan:
     microbatches: list[MicroBatch]
     num_prev_tokens: int = 0  # > 0: inputs wait for the previous step's sampled ids (sent by the driver)
+    rearrange_experts: bool = False  # expert load balancing: every rank rearranges its experts before the step
 
 
 @dataclass
@@ -66,6 +68,7 @@ class ModelRunner:
         self.kv = KVCache(model, num_blocks, block_size, self.device)
         self.graphs = None  # CudaGraphRunner, set by enable_cuda_graphs()
         self.prev_tokens = None  # the previous step's sampled ids (device), for inputs still pending
+        self.eplb = None  # eplb.ExpertBalancer with expert load balancing (set before graphs are captured)
 
     def enable_cuda_graphs(self, max_batch_size: int, max_model_len: int, max_tokens: int, greedy) -> None:
         """greedy(logits, out): the sampler's greedy choice, which the decode graphs run on their logits."""
@@ -108,6 +111,9 @@ class ModelRunner:
         slots = tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
         arrays = dict(input_ids=np.asarray(ids, dtype=np.int64), positions=positions, slot_mapping=slots,
                       block_tables=tables, context_lens=(starts + n).astype(np.int32), query_start_loc=q_start)
+        lora_slots = [seq.lora_slot for seq in seqs]
+        if max(lora_slots) >= 0:  # absent: no row has an adapter (graphs then read -1)
+            arrays["lora_index"] = np.repeat(np.asarray(lora_slots, dtype=np.int32), n)
         if pending:
             prev_index = np.full(len(ids), -1, dtype=np.int64)
             rows, src = zip(*pending)
@@ -152,6 +158,7 @@ class ModelRunner:
         needs_prev = any("prev_index" in mb.arrays for mb in plan.microbatches)
         self.prev_tokens = prev_tokens if needs_prev else None
         plan.num_prev_tokens = prev_tokens.numel() if needs_prev else 0
+        plan.rearrange_experts = self.eplb is not None and self.eplb.due()
         if self.comm is not None:
             self.comm.broadcast_plan(plan)
         logits, prompt_logits, greedy_ids = self.run_plan(plan)
@@ -159,13 +166,14 @@ class ModelRunner:
                           greedy_ids)
 
     # ------------------------------------------------------------------ every rank
-    def _attention(self, arrays: dict) -> tuple[PagedAttention, torch.Tensor, torch.Tensor, tuple | None]:
+    def _attention(self, arrays: dict) -> tuple[PagedAttention, torch.Tensor, torch.Tensor, tuple | None,
+                                               torch.Tensor | None]:
         t = {k: to_device(v, self.device) for k, v in arrays.items()}
         attn = self.kv.attention(t["slot_mapping"], t["block_tables"], t["context_lens"], t["query_start_loc"],
                                  max_query_len=int(np.diff(arrays["query_start_loc"]).max()),
                                  max_context_len=int(arrays["context_lens"].max()), ops=self.model.ops)
         prev = (t["prev_index"], self.prev_tokens) if "prev_index" in t else None
-        return attn, t["input_ids"], t["positions"], prev
+        return attn, t["input_ids"], t["positions"], prev, t.get("lora_index")
 
     @torch.inference_mode()
     def run_plan(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]:
@@ -173,6 +181,8 @@ class ModelRunner:
         logits of each prompt-logprob range, their greedy ids when a decode graph made them); elsewhere
         (None, [], None)."""
         shard, model = self.model.shard, self.model
+        if plan.rearrange_experts:  # between steps: queued behind the previous one, before this one reads weights
+            self.eplb.rearrange()
         if plan.num_prev_tokens and shard.tp_size > 1:  # the driver's sampled ids, to every rank
             if self.comm is None:  # a worker
                 self.prev_tokens = torch.empty(plan.num_prev_tokens, dtype=torch.long, device=self.device)
@@ -187,13 +197,14 @@ class ModelRunner:
             if mb.token_graph:  # single stage: the final hidden state comes out of the graph
                 out = self.graphs.run_tokens(mb.arrays, mb.token_graph, self.prev_tokens)
             else:
-                attn, input_ids, positions, prev = self._attention(mb.arrays)
+                attn, input_ids, positions, prev, lora_index = self._attention(mb.arrays)
                 if shard.is_first_stage:
-                    out = model(input_ids, positions, attn, prev=prev)
+                    out = model(input_ids, positions, attn, prev=prev, lora_index=lora_index)
                 else:
                     hidden, residual = shard.recv_from_prev_stage(mb.num_tokens, model.config.hidden_size,
                                                                   model.dtype, self.device)
-                    out = model(input_ids, positions, attn, hidden=hidden, residual=residual)
+                    out = model(input_ids, positions, attn, hidden=hidden, residual=residual,
+                                lora_index=lora_index)
             if not shard.is_last_stage:
                 sends.extend(shard.send_to_next_stage(*out))
                 continue
@@ -202,6 +213,8 @@ class ModelRunner:
             prompt_logits.extend(model.compute_logits(out[a:b]) for a, b in mb.prompt_ranges)
         for work in sends:
             work.wait()
+        if self.eplb is not None:
+            self.eplb.end_step()
         if not shard.is_last_stage:
             return None, [], None
         if len(logits) > 1:

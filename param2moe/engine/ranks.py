@@ -9,7 +9,7 @@ import time
 
 import torch.distributed as dist
 
-from ..distributed import LocalWorkers, init_rank
+from ..distributed import LocalWorkers, RankLostError, init_rank, stop_peer_watch
 
 
 class DriverRanks:
@@ -34,6 +34,7 @@ class DriverRanks:
         if self.stopped:
             return
         self.stopped = True
+        stop_peer_watch()
         if self.workers is not None:
             self.workers.stop_watching()
         if self.runner is None:  # the ranks may be anywhere in their start-up: no plan can reach them
@@ -50,6 +51,9 @@ class DriverRanks:
 
     def raise_if_a_worker_died(self, error: Exception) -> None:
         """A collective that fails because a peer is gone: say which worker died, not gloo's words."""
+        if self.workers is None:  # torchrun: the other ranks are on other machines (their watch: distributed/watch.py)
+            raise RankLostError(f"a collective with the other ranks failed (a node or its process died?): {error}"
+                                ) from error
         deadline = time.monotonic() + 2.0
         while self.workers is not None and time.monotonic() < deadline:
             dead = self.workers.first_dead()

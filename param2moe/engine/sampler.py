@@ -1,10 +1,11 @@
 """Batched sampling on the model's device: one set of tensor operations for the whole batch.
 
-Order, as in vLLM: logit bias, min_tokens masking, penalties (repetition over prompt and output,
-presence and frequency over the output), then greedy argmax, or temperature, top-k, top-p, min-p
-and a draw. The draw is an exponential race (argmax of p / E with E ~ Exp(1)), which is a sample
-from p; a seeded request draws its E from its own generator, so its tokens do not depend on what
-else is in the batch. Logprobs are those of the model's raw distribution (log_softmax of the logits).
+Order, as in vLLM: the grammar's token mask of a constrained output (structured/), logit bias,
+min_tokens masking, penalties (repetition over prompt and output, presence and frequency over the
+output), then greedy argmax, or temperature, top-k, top-p, min-p and a draw. The draw is an
+exponential race (argmax of p / E with E ~ Exp(1)), which is a sample from p; a seeded request draws
+its E from its own generator, so its tokens do not depend on what else is in the batch. Logprobs are
+those of the model's raw distribution (log_softmax of the logits, before any of the above).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import AUTO, Kernels
+from ..structured.bitmask import apply_token_bitmask
 from .model_runner import to_device
 from .outputs import Logprob, entries_from_stats, logprob_stats
 from .sequence import Sequence
@@ -79,7 +81,13 @@ def _padded(rows: list[list[int]], device) -> torch.Tensor:
 def _changes_logits(seq: Sequence) -> bool:
     """Whether a logit bias, min_tokens or a penalty applies to this sequence's next token."""
     p = seq.params
-    return bool(p.logit_bias) or seq.num_output_tokens < p.min_tokens or p.has_penalties
+    return bool(p.logit_bias) or _holds_back_eos(seq) or p.has_penalties
+
+
+def _holds_back_eos(seq: Sequence) -> bool:
+    """min_tokens bans the end; a grammar decides where its output ends itself (banning the end where
+    only the end is allowed would leave no token)."""
+    return seq.num_output_tokens < seq.params.min_tokens and seq.grammar is None
 
 
 class Sampler:
@@ -97,13 +105,17 @@ class Sampler:
         return self.kernels.argmax(logits, out)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None,
-               ) -> PendingSample:
-        """Queue the draw of one token per row; nothing here waits for the device (penalties read the
-        sequences' tokens, so the engine resolves earlier steps before sampling a batch that has them).
-        greedy_ids: greedy(logits), when already computed (by the decode graph)."""
+               bitmask: torch.Tensor | None = None) -> PendingSample:
+        """Queue the draw of one token per row; nothing here waits for the device (penalties and grammars
+        read the sequences' tokens, so the engine resolves earlier steps before sampling a batch that has
+        them). greedy_ids: greedy(logits), when already computed (by the decode graph); bitmask: the
+        grammars' packed token masks, one row per sequence (structured/manager.py)."""
         dev, v = logits.device, logits.shape[1]
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
+        if bitmask is not None:  # in place: these logits are the step's own (the graph's output is rewritten next)
+            apply_token_bitmask(logits, bitmask)
+            greedy_ids = None
         if any(_changes_logits(s) for s in seqs):
             logits = self._apply_bias_and_penalties(logits.clone(), seqs)
             greedy_ids = None
@@ -138,7 +150,7 @@ class Sampler:
                 ids = _on(dev, [t for t in p.logit_bias if 0 <= t < v], torch.long)
                 vals = _on(dev, [b for t, b in p.logit_bias.items() if 0 <= t < v])
                 logits[i].index_add_(0, ids, vals.to(logits.dtype))
-            if s.num_output_tokens < p.min_tokens:
+            if _holds_back_eos(s):
                 banned = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
                 if banned:
                     logits[i, _on(dev, banned, torch.long)] = float("-inf")

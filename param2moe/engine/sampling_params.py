@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ..structured.params import StructuredOutputsParams
+
 
 class OutputKind(Enum):
     CUMULATIVE = 0  # every output holds everything generated so far
@@ -36,6 +38,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     output_kind: OutputKind = OutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match a schema, regex, grammar...
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -43,6 +46,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self.validate()
 
     @property
@@ -91,3 +96,5 @@ class SamplingParams:
             fail("logit_bias", "must map integer token ids to numbers")
         if not all(isinstance(t, int) for t in self.stop_token_ids):
             fail("stop_token_ids", "must be integer token ids")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            fail("structured_outputs", "must be a StructuredOutputsParams (or a dict of its fields)")

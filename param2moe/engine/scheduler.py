@@ -26,8 +26,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, lora=None):
         self.bm = block_manager
+        self.lora = lora  # a lora.LoRAManager: a sequence is admitted only once its adapter has a slot
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -60,13 +61,18 @@ class Scheduler:
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
+        skipped: list[Sequence] = []  # their adapter has no free slot: they keep their place in the queue
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if self.lora is not None and not self.lora.acquire(seq):
+                skipped.append(self.waiting.popleft())
+                continue
             if not seq.block_table:
                 self.bm.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.bm.allocate(seq, n):
                 self.bm.free_seq(seq)  # give back the prefix blocks it took; it waits for room
+                self._release_lora(seq)
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
@@ -74,11 +80,17 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(skipped))
         return ScheduledBatch(seqs, counts)
+
+    def _release_lora(self, seq: Sequence) -> None:
+        if self.lora is not None:
+            self.lora.release(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free_seq(seq)
+        self._release_lora(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -90,4 +102,5 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.bm.free_seq(seq)
+        self._release_lora(seq)
         seq.status = SeqStatus.FINISHED

@@ -29,9 +29,11 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, found in the prefix cache when first scheduled
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # prefix-cache keys of the full blocks at the table's head
+        self.lora_slot = -1  # the adapter slot it holds while running (LoRAManager), -1: none
         self.status = SeqStatus.WAITING
         self.seed = None if self.params.seed is None else self.params.seed + index
         self.generator = None  # a torch.Generator, made by the sampler on the model's device
+        self.grammar = None  # the grammar matcher of a constrained output (structured/manager.py)
         self.logprobs: list[dict[int, Logprob]] | None = [] if self.params.logprobs is not None else None
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if self.params.prompt_logprobs is not None else None)
@@ -62,15 +64,24 @@ class Sequence:
         return self.status == SeqStatus.FINISHED
 
     @property
+    def cache_salt(self):
+        """What its first cache block's hash starts from: its adapter's salt (None: the base model), so that
+        prefix-cache blocks are never shared across adapters."""
+        lora = self.request.lora
+        return None if lora is None else lora.cache_salt
+
+    @property
     def needs_prompt_logprobs(self) -> bool:
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
 
 class Request:
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 lora=None):
         self.request_id, self.prompt = request_id, prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
+        self.lora = lora  # a lora.LoRAAdapter, or None: the base model
         self.seqs: list[Sequence] = []
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None

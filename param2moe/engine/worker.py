@@ -3,10 +3,14 @@ on every rank), build the model runner; workers then follow the driver's plans u
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
 from ..checkpoint import load_model
 from ..kernels import Kernels, triton_available
+from ..model.shard import Shard
 from .config import EngineConfig, resolve_dtype
 from .kv_cache import kv_bytes_per_token
 from .model_runner import ModelRunner
@@ -18,10 +22,17 @@ def build_runner(config, model_config, dtype, sampler: Sampler, shard=None, comm
     kernels are the sampler's; the decode graphs capture its greedy choice."""
     kernels = sampler.kernels
     device = device or torch.device(config.device)
+    if shard is None and config.enable_eplb:  # one rank: its slots include the redundant experts
+        shard = Shard(num_redundant_experts=config.num_redundant_experts)
     model = load_model(config.model, dtype, device, shard, config=model_config,
                        dummy=config.load_format == "dummy", seed=config.seed,
-                       progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage), kernels=kernels)
-    if device.type == "cuda" and kernels.native and triton_available("moe"):
+                       progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage), kernels=kernels,
+                       quantization=config.quantization, quantize_head=config.quantize_head)
+    if config.enable_lora:  # before any graph capture: the graphs read the slots
+        from ..lora.slots import LoRASlots
+
+        LoRASlots(model, config.max_loras, config.max_lora_rank, config.lora_routed_experts)
+    elif device.type == "cuda" and kernels.native and triton_available("moe"):
         model.fold_shared_experts()  # the fused MoE takes the shared expert in its launches
     model.set_uniform_random_routing(bool(config.uniform_random_routing))
     max_model_len = config.max_model_len or model_config.max_position_embeddings
@@ -40,6 +51,10 @@ def build_runner(config, model_config, dtype, sampler: Sampler, shard=None, comm
     runner = ModelRunner(model, num_blocks, config.block_size, device, max_model_len,
                          comm=comm if comm is not None and torch.distributed.get_rank() == 0 else None,
                          num_microbatches=pp)
+    if config.enable_eplb:  # its maps and counters exist before the graphs capture them
+        from ..eplb import ExpertBalancer
+
+        runner.eplb = ExpertBalancer(model, config, runner.kv.scratch_slot, dummy_weights=config.load_format == "dummy")
     if device.type == "cuda" and not config.enforce_eager and kernels.native and pp == 1:
         runner.enable_cuda_graphs(config.max_num_seqs, max_model_len, min(config.max_graph_tokens, config.token_budget),
                                   sampler.greedy)
@@ -57,7 +72,7 @@ def worker_main(argv: list[str]) -> None:
 
 def worker_loop(rank: int, config: EngineConfig, parallel) -> None:
     """A non-driver rank: build its part, then run each plan the driver broadcasts (None: stop)."""
-    from ..distributed import init_rank
+    from ..distributed import init_rank, stop_peer_watch
 
     device_type = "cuda" if str(config.device).startswith("cuda") else "cpu"
     shard, comm, device = init_rank(rank, parallel, device_type)
@@ -66,9 +81,18 @@ def worker_loop(rank: int, config: EngineConfig, parallel) -> None:
     _, runner, _ = build_runner(config, model_config, resolve_dtype(config, model_config), sampler, shard, comm,
                                 device)
     while True:
-        plan = comm.receive_plan()
-        if plan is None:
-            break
-        runner.run_plan(plan)
+        try:
+            plan = comm.receive_plan()
+            if plan is None:
+                break
+            runner.run_plan(plan)
+        except RuntimeError as e:
+            if "RANK" not in os.environ:  # started by the driver: it is watched (distributed.LocalWorkers)
+                raise
+            # torchrun: most likely a collective whose peer is gone; one line, not a traceback
+            print(f"param2moe: rank {rank}: a step failed, the driver's node or process died? ({e}); shutting down",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+    stop_peer_watch()
     runner.release_cuda_graphs()
     torch.distributed.destroy_process_group()

@@ -1,6 +1,7 @@
 """The network's hot operations. Each has a plain torch version (the test oracle, and the CPU path)
 and, on CUDA devices, a Triton version; a `Kernels` object (one backend) picks one by the tensors' device.
-Nothing GPU-only is imported until a CUDA tensor arrives."""
+Nothing GPU-only is imported until a CUDA tensor arrives. A quantized weight (quant.QuantizedWeight) goes
+to quant/ops.py, which picks its kernels the same way."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from typing import NamedTuple
 
 import torch
 
+from ..quant import ops as _quant
+from ..quant.formats import QuantizedWeight
 from . import attention as _attention
 from . import cpu as _cpu
 from . import embedding as _embedding
+from . import lora as _lora
 from . import moe as _moe
 from . import norm as _norm
 from . import rope as _rope
@@ -51,6 +55,14 @@ class ExpertOutputs(NamedTuple):
 
 _FP32_OUT_MM = {"ok": True}  # whether torch.mm takes out_dtype here
 _ONE_PAIR: dict = {}  # device -> (weight 1, expert 0) of a dense MLP run as one expert
+
+
+def _one_pair(device):
+    """(weights [[1.0]], ids [[0]]) on a CUDA device: made on the first (eager) call, before any graph capture."""
+    one = _ONE_PAIR.get(device)
+    if one is None:
+        one = _ONE_PAIR[device] = (torch.ones(1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device))
+    return one
 # (token, expert) pairs up to which CPU MoE layers run the native kernel; prefill sizes keep moe_experts_cpu
 # (oneDNN matmuls per expert).
 _NATIVE_MOE_UP_TO = 1024
@@ -96,6 +108,8 @@ class Kernels:
     def linear(self, x, weight, bias=None):
         """x @ weight.T + bias. Decode-sized CUDA batches with 16-bit weights: the Triton GEMV (gemv.py); one or
         two rows on the CPU: the native tiles."""
+        if isinstance(weight, QuantizedWeight):
+            return _quant.linear(x, weight, bias, native=self.native)
         t = self._pick(x, "gemv")
         if t and t.usable(x, weight, bias):
             return t.gemv(x, weight)
@@ -108,6 +122,8 @@ class Kernels:
         steps of 1/16 at magnitude 8, and greedy choices would flip on rounding noise). Decode-sized CUDA batches
         with a 16-bit head: the Triton GEMV streaming the weight; else a CUDA matmul writing its float32
         accumulator (torch.mm out_dtype), or the matmul in the activation dtype, upcast."""
+        if isinstance(weight, QuantizedWeight):
+            return _quant.logits(hidden, weight, native=self.native)
         t = self._pick(hidden, "gemv")
         if t and t.streams(hidden, weight):
             return t.gemv(hidden, weight, out_dtype=torch.float32, block_n=t.STREAM_BLOCK_N)
@@ -124,12 +140,16 @@ class Kernels:
         """down(silu(gate(x)) * up(x)), gate and up rows stacked in gate_up. One token on CUDA: the fused MoE's
         one-token GEMVs, the MLP as one expert of weight 1 (unsummed: as ExpertOutputs, which the next norm
         sums in its launch; elsewhere the result as always)."""
+        if isinstance(gate_up, QuantizedWeight):
+            if self.native and x.is_cuda and x.shape[0] == 1:
+                one = _one_pair(x.device)
+                y = _quant.mlp_one_token(x, gate_up, down, *one, unsummed=unsummed)
+                if y is not None:
+                    return ExpertOutputs(y, *one) if unsummed else y
+            return _quant.mlp(x, gate_up, down, native=self.native)
         t = self._pick(x, "moe")
         if t and x.shape[0] == 1 and x.dtype == gate_up.dtype == down.dtype:
-            one = _ONE_PAIR.get(x.device)
-            if one is None:  # made on the first (eager) call, before any graph capture
-                one = _ONE_PAIR[x.device] = (torch.ones(1, 1, device=x.device), torch.zeros(1, 1, dtype=torch.long,
-                                                                                             device=x.device))
+            one = _one_pair(x.device)
             y = t.moe_experts(x, gate_up[None], down[None], *one, unsummed=unsummed)
             return ExpertOutputs(y, *one) if unsummed else y
         if self._cpu_small(x) and isinstance(gate_up, torch.Tensor) and x.dtype == gate_up.dtype == down.dtype:
@@ -222,7 +242,7 @@ class Kernels:
         benchmarks' uniform routing; the router still runs). experts_w13: the stacked experts with the shared
         expert folded in (kw num_appended): on Hopper at one token their gate/up GEMM is launched behind the
         router, `started` (else None), for moe_experts to go on from."""
-        if experts_w13 is not None and self.use_triton(x):
+        if isinstance(experts_w13, torch.Tensor) and self.use_triton(x):  # (not for quantized experts)
             return _tri("moe").add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps, gate_weight, expert_bias,
                                                                top_k, experts_w13, choice, **kw)
         t = self._pick(x, "routing")
@@ -234,9 +254,32 @@ class Kernels:
             weights, ids = self.gate_route(normed, gate_weight, expert_bias, top_k, **kw)
         return (normed, residual, *(choice or (weights, ids)), None)
 
-    def moe_experts(self, x, w13, w2, weights, ids, unsummed: bool = False, started=None):
+    def map_experts(self, ids, table, counts, num_physical: int, load=None, slots=None, padding_slot: int = -1,
+                    local=None):
+        """Logical expert ids -> physical replicas (expert load balancing), each pair's expert counted into load:
+        see routing.map_experts. One launch on CUDA."""
+        t = self._pick(ids, "routing")
+        fn = t.map_experts if t else _routing.map_experts
+        return fn(ids, table, counts, num_physical, load, slots, padding_slot, local)
+
+    def moe_experts(self, x, w13, w2, weights, ids, unsummed: bool = False, started=None, lora=None,
+                    num_appended: int = 0):
         """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]). unsummed: on CUDA, ExpertOutputs for the next
-        norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result."""
+        norm to sum (elsewhere the sum, as always). started: add_rms_norm_gate_route's fifth result.
+        lora: a lora.ExpertLoRA, each pair's expert adapted by its token's adapter (never over quantized
+        experts: LoRASlots refuses their slots). num_appended: the folded shared expert's columns of ids
+        (quantized experts' kernel starts them early)."""
+        if lora is not None:
+            t = self._pick(x, "lora")
+            if t:
+                y = t.moe_experts_lora(x, w13, w2, weights, ids, lora, unsummed=unsummed)
+                return ExpertOutputs(y, weights, ids) if unsummed else y
+            return _lora.moe_experts_lora(x, w13, w2, weights, ids, lora)
+        if isinstance(w13, QuantizedWeight):
+            kw = dict(native=self.native, num_appended=num_appended)
+            if unsummed and (y := _quant.moe_pairs(x, w13, w2, weights, ids, **kw)) is not None:
+                return ExpertOutputs(y, weights, ids)
+            return _quant.moe_experts(x, w13, w2, weights, ids, **kw)
         t = self._pick(x, "moe")
         if t:
             y = t.moe_experts(x, w13, w2, weights, ids, unsummed=unsummed, started=started)
@@ -248,6 +291,17 @@ class Kernels:
             if y is not None:
                 return y
         return _moe.moe_experts_cpu(x, w13, w2, weights, ids)
+
+    def lora_rows(self, index, num_buckets: int):
+        """How a batch's rows group by adapter for add_lora: index [M] int32, each row's bucket (-1: none).
+        On CUDA device tensors and no host sync (capturable); elsewhere lists read on the host."""
+        t = self._pick(index, "lora")
+        return t.lora_rows(index, num_buckets) if t else _lora.rows_by_bucket(index)
+
+    def add_lora(self, y, x, a, b, rows):
+        """y += each row's LoRA delta (x @ a[i].T) @ b[i].T, in place (kernels/lora.py); rows: lora_rows(...)."""
+        t = self._pick(x, "lora")
+        return t.add_lora(y, x, a, b, rows) if t else _lora.add_lora(y, x, a, b, rows)
 
     def decode_layer(self, layer, h, residual, cos, sin, attn):
         """A decoder layer's forward (model/network.py DecoderLayer) for a CPU decode step in one native call
@@ -306,11 +360,13 @@ qk_norm_rope = AUTO.qk_norm_rope
 route = AUTO.route
 gate_route = AUTO.gate_route
 add_rms_norm_gate_route = AUTO.add_rms_norm_gate_route
+map_experts = AUTO.map_experts
 moe_experts = AUTO.moe_experts
 paged_attention = AUTO.paged_attention
 
 
 __all__ = [
     "AUTO", "BACKENDS", "ExpertOutputs", "Kernels", "add_rms_norm", "add_rms_norm_gate_route", "apply_rope",
-    "argmax", "causal_attention", "gate_route", "linear", "logits", "mlp", "moe_experts", "paged_attention",
-    "qk_norm_rope", "rms_norm", "route", "silu_and_mul", "sum_experts", "token_inputs", "triton_available"]
+    "argmax", "causal_attention", "gate_route", "linear", "logits", "map_experts", "mlp", "moe_experts",
+    "paged_attention", "qk_norm_rope", "rms_norm", "route", "silu_and_mul", "sum_experts", "token_inputs",
+    "triton_available"]

@@ -1,4 +1,4 @@
-"""Routed experts (SPEC 3.4), plain torch: every expert is a SwiGLU; the oracle of the fused MoE kernel."""
+"""Routed experts (docs/model.md §3.4), plain torch: every expert is a SwiGLU; the oracle of the fused MoE kernel."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RMSNorm (SPEC 3.1), computed in float32, plain torch, and the sum of a MoE layer's expert outputs that the
+"""RMSNorm (docs/model.md §3.1), computed in float32, plain torch, and the sum of a MoE layer's expert outputs that the
 norm after it may take in (`expert_sum`). The oracles of the Triton versions."""
 
 from __future__ import annotations

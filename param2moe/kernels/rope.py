@@ -1,4 +1,4 @@
-"""Rotary embedding applied to q and k (SPEC 3.2), plain torch. The oracle of the Triton version."""
+"""Rotary embedding applied to q and k (docs/model.md §3.2), plain torch. The oracle of the Triton version."""
 
 from __future__ import annotations
 

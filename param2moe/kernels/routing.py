@@ -1,4 +1,4 @@
-"""MoE routing (SPEC 3.4), plain torch, for a whole batch of tokens. The oracle of the Triton version."""
+"""MoE routing (docs/model.md §3.4), plain torch, for a whole batch of tokens. The oracle of the Triton version."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def route(
 
 
 def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, **kw):
-    """The router: fp32 logits x @ gate_weight.T (x read as fp32, SPEC 3.4), then `route`."""
+    """The router: fp32 logits x @ gate_weight.T (x read as fp32, docs/model.md §3.4), then `route`."""
     return route(torch.nn.functional.linear(x.float(), gate_weight), expert_bias, top_k, **kw)
 
 
@@ -58,3 +58,27 @@ def append_experts(weights: torch.Tensor, ids: torch.Tensor, first: int, n: int)
         return weights, ids
     ids = torch.cat([ids, torch.arange(first, first + n, device=ids.device).expand(ids.shape[0], -1)], dim=1)
     return torch.cat([weights, weights.new_ones(weights.shape[0], n)], dim=1), ids
+
+
+def map_experts(ids: torch.Tensor, table: torch.Tensor, counts: torch.Tensor, num_physical: int,
+                load: torch.Tensor | None = None, slots: torch.Tensor | None = None, padding_slot: int = -1,
+                local: tuple[int, int] | None = None) -> torch.Tensor:
+    """Logical expert ids [T, K] -> physical ones (expert load balancing, param2moe/eplb): pair i = t*K + k
+    takes replica i % counts[e] of its expert e, table[e, i % counts[e]] (table [L, R]: each expert's physical
+    slots). Ids >= L (the folded shared expert's pieces) become num_physical + (id - L). load [L], when given,
+    counts each pair's logical expert, except rows whose KV slot (slots [T]) is the padding slot (CUDA-graph
+    padding). local = (start, end): the ids as this rank's slots, -1 for slots it does not hold."""
+    t, k = ids.shape
+    num_logical = table.shape[0]
+    routed = ids < num_logical
+    logical = torch.where(routed, ids, 0)
+    if load is not None:
+        counted = routed if slots is None else routed & (slots != padding_slot)[:, None]
+        load.index_add_(0, logical.reshape(-1), counted.reshape(-1).to(load.dtype))
+    pair = torch.arange(t * k, device=ids.device).view(t, k)
+    replica = pair % counts[logical]
+    phys = torch.where(routed, table[logical, replica], ids - num_logical + num_physical)
+    if local is not None:
+        start, end = local
+        phys = torch.where((phys >= start) & (phys < end), phys - start, -1)
+    return phys

@@ -1,6 +1,6 @@
 """Rotary position embedding: inverse frequencies for each scaling type, and the cos/sin table.
 
-NeoX (rotate-half) form over the first `rotary_dim` dims of each head (SPEC 3.2). The scaling types
+NeoX (rotate-half) form over the first `rotary_dim` dims of each head (docs/model.md §3.2). The scaling types
 follow their usual definitions (the ones Hugging Face's rope utilities implement), with one choice
 of ours: `dynamic` NTK scaling uses one fixed base computed for max_position_embeddings * factor
 (as vLLM does). Hugging Face recomputes the base as the sequence grows, which would give cached keys

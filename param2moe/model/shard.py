@@ -22,6 +22,7 @@ class Shard:
     tp_group: object = None  # a torch.distributed process group when tp_size > 1
     prev_stage_rank: int | None = None  # global rank this rank receives hidden states from (pipeline)
     next_stage_rank: int | None = None  # global rank it sends them to
+    num_redundant_experts: int = 0  # expert load balancing: physical expert slots beyond the logical experts
 
     @property
     def ep_size(self) -> int:
@@ -46,10 +47,11 @@ class Shard:
         return self.tp_rank * num_kv_heads // self.tp_size
 
     def local_experts(self, num_experts: int) -> tuple[int, int]:
-        if self.ep_size == 1:
-            return 0, num_experts
-        n = num_experts // self.ep_size
-        return self.tp_rank * n, (self.tp_rank + 1) * n
+        """The physical expert slots [start, end) this rank holds: num_experts + num_redundant_experts slots split
+        evenly over the expert-parallel ranks (which logical expert each slot holds: param2moe/eplb)."""
+        n = (num_experts + self.num_redundant_experts) // self.ep_size
+        rank = self.tp_rank if self.ep_size > 1 else 0
+        return rank * n, (rank + 1) * n
 
     def local_expert_width(self, width: int) -> int:
         return width if self.expert_parallel else width // self.tp_size

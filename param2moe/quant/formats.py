@@ -16,6 +16,12 @@ plain torch `dequantize` below is the oracle they are tested against. A weight o
 
 Quantization is round-to-nearest with scale = max|w| / qmax over the channel, group or block (qmax 127,
 7 and 448); an all-zero channel gets scale 1 so that nothing divides by zero.
+
+Indexing a QuantizedWeight (`qw[e]`, `qw[a:b]`, `qw[:, a:b]`) works as on the weight it stands for, along
+the leading (expert) dims, the rows N and the columns K, and returns views that share the storage: the
+loader writes through them, tensor-parallel ranks take their slices with them. Rows and columns are cut
+where the scales allow: int4 columns at group boundaries, fp8 block rows and columns at block boundaries
+(QuantFormatError otherwise).
 """
 
 from __future__ import annotations
@@ -66,6 +72,36 @@ class QuantizedWeight:
         return QuantizedWeight(self.method, self.qweight.to(device), self.scale.to(device), self.shape,
                                self.group_size)
 
+    def __getitem__(self, key) -> QuantizedWeight:
+        """A view, indexed as the dequantized weight would be (see the module docstring)."""
+        key = key if isinstance(key, tuple) else (key,)
+        nd = len(self.shape)
+        if len(key) > nd:
+            raise IndexError(f"too many indices ({len(key)}) for a quantized weight of shape {list(self.shape)}")
+        qw = self
+        for dim, k in reversed(list(enumerate(key))):  # the last first: earlier dims keep their meaning
+            qw = _index(qw, dim - nd, k)
+        return qw
+
+    def copy_(self, src: QuantizedWeight) -> QuantizedWeight:
+        """Write src's codes and scales into this weight's storage (same method, shape and scales layout)."""
+        same = (src.method, src.shape, src.group_size, src.block) == (self.method, self.shape, self.group_size,
+                                                                     self.block)
+        if not same:
+            raise QuantFormatError(f"cannot copy a {src.describe()} weight of shape {list(src.shape)} into a "
+                                   f"{self.describe()} weight of shape {list(self.shape)}")
+        self.qweight.copy_(src.qweight)
+        self.scale.copy_(src.scale)
+        return self
+
+    def describe(self) -> str:
+        """The method with its scales' layout, e.g. "int4 (group 128)"."""
+        if self.method == "int4":
+            return f"int4 (group {self.group_size})"
+        if self.method == "fp8":
+            return "fp8 (128x128 blocks)" if self.block else "fp8 (per channel)"
+        return f"{self.method} (per channel)"
+
     def validate(self, name: str = "weight") -> None:
         """Raise QuantFormatError naming `name` if dtypes or shapes do not fit the method."""
         *lead, n, k = self.shape
@@ -90,6 +126,15 @@ def _expected(method, lead, n, k, group_size, block):
         scale = (*lead, -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)) if block else (*lead, n)
         return torch.float8_e4m3fn, (*lead, n, k), scale
     raise QuantFormatError(f"unknown quantization method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+def empty(shape, method: str, *, group_size: int = INT4_GROUP, block: bool = False, device=None) -> QuantizedWeight:
+    """An uninitialised quantized weight of logical shape [..., N, K] (the loader fills it)."""
+    *lead, n, k = shape
+    group_size = group_size if method == "int4" else FP8_BLOCK if method == "fp8" and block else 0
+    qdtype, qshape, sshape = _expected(method, tuple(lead), n, k, group_size, block)
+    return QuantizedWeight(method, torch.empty(qshape, dtype=qdtype, device=device),
+                           torch.empty(sshape, dtype=torch.float32, device=device), tuple(shape), group_size)
 
 
 def quantize(w: torch.Tensor, method: str, *, group_size: int = INT4_GROUP, block: bool = False) -> QuantizedWeight:
@@ -134,6 +179,46 @@ def dequantize(qw: QuantizedWeight, dtype=torch.float32) -> torch.Tensor:
     else:
         raise QuantFormatError(f"unknown quantization method {qw.method!r}")
     return w.to(dtype)
+
+
+def _index(qw: QuantizedWeight, dim: int, key) -> QuantizedWeight:
+    """qw indexed by key along dim (negative: -1 the columns K, -2 the rows N, below that leading dims)."""
+    if dim < -2:  # a leading (expert) dim: codes and scales alike
+        pos = len(qw.shape) + dim
+        sel = (slice(None),) * pos + (key,)
+        shape = list(qw.shape)
+        if isinstance(key, int):
+            del shape[pos]
+        else:
+            shape[pos] = len(range(*key.indices(shape[pos])))
+        return QuantizedWeight(qw.method, qw.qweight[sel], qw.scale[sel], tuple(shape), qw.group_size)
+    if not isinstance(key, slice) or key.step not in (None, 1):
+        raise IndexError(f"a quantized weight's rows and columns are cut by plain slices, got {key!r}")
+    size = qw.shape[dim]
+    a, b, _ = key.indices(size)
+    b = max(a, b)
+    if (a, b) == (0, size):
+        return qw
+    shape = list(qw.shape)
+    shape[dim] = b - a
+    unit = FP8_BLOCK if qw.block else qw.group_size if (qw.method == "int4" and dim == -1) else 1
+    if a % unit or (b % unit and b != size):
+        what = "rows" if dim == -2 else "columns"
+        raise QuantFormatError(f"{qw.describe()} weight of shape {list(qw.shape)}: {what} {a}:{b} do not start and "
+                               f"end on its scales' boundaries (multiples of {unit})")
+    q = qw.qweight
+    s = qw.scale
+    if dim == -2:
+        q = q[..., a:b, :]
+        if qw.block:
+            s = s[..., a // unit:-(-b // unit), :]
+        else:
+            s = s[..., a:b, :] if qw.method == "int4" else s[..., a:b]
+    else:
+        q = q[..., a // 2:b // 2] if qw.method == "int4" else q[..., a:b]
+        if qw.method == "int4" or qw.block:
+            s = s[..., a // unit:-(-b // unit)]
+    return QuantizedWeight(qw.method, q, s, tuple(shape), qw.group_size)
 
 
 def _safe(scale: torch.Tensor) -> torch.Tensor:

@@ -45,8 +45,30 @@ class ServerMetrics:
         self.e2e = Histogram("param2moe:e2e_request_latency_seconds", "Arrival to last token.",
                              list(labels), buckets=_LATENCY_BUCKETS, registry=r).labels(**labels)
         self._labels = labels
+        if engine.eplb is not None:
+            self._add_eplb_gauges(engine.eplb, labels)
         for outcome in ("stop", "length", "tool_calls", "abort", "error", "rejected"):
             self.requests.labels(**labels, outcome=outcome)
+
+    def _add_eplb_gauges(self, balancer, labels: dict) -> None:
+        """Expert load balancing: each MoE layer's imbalance over the load window (the engine copies the window to
+        the host every few steps; these read that copy, never the device)."""
+        def stat(fn, default=0.0):
+            def read():
+                snap = balancer.snapshot()
+                return default if snap is None else fn(snap)
+            return read
+
+        g = Gauge("param2moe:eplb_imbalance", "Expert load balancing: per MoE layer, the busiest expert-parallel "
+                  "rank's (token, expert) pairs over the mean rank's, over the load window (1 = balanced).",
+                  [*labels, "layer"], registry=self.registry)
+        for row, layer in enumerate(balancer.layers):
+            g.labels(**labels, layer=str(layer)).set_function(stat(lambda s, row=row: s.imbalance[row], 1.0))
+        for name, doc, fn in (
+                ("param2moe:eplb_rearrangements", "Expert rearrangements so far.", lambda s: s.rearrangements),
+                ("param2moe:eplb_window_tokens", "(token, expert) pairs in the load window, summed over MoE layers.",
+                 lambda s: int(s.tokens.sum()))):
+            Gauge(name, doc, list(labels), registry=self.registry).labels(**labels).set_function(stat(fn))
 
     def count_request(self, outcome: str) -> None:
         self.requests.labels(**self._labels, outcome=outcome).inc()

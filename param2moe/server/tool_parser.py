@@ -1,4 +1,4 @@
-"""Param2's tool calls (SPEC 5): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes style).
+"""Param2's tool calls (docs/model.md §5): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes style).
 
 `ToolCallParser` splits answer text as it streams in: text outside the tags goes on as content, a
 call is returned whole once its closing tag arrives, and a partial opening tag at the end of a delta

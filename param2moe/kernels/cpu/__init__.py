@@ -21,8 +21,12 @@ quantized to int8 per block of 128 columns (VNNI dot products; AMX tiles from 8 
 The library is compiled (`cc -O3 -march=native -fopenmp -shared -fPIC`, about 0.3 s) on the first CPU decode
 call, not at import, into a per-user cache directory ($XDG_CACHE_HOME or ~/.cache, then param2moe/) under a
 name keyed by a hash of the source, the compiler, its flags and the host CPU's features; later processes load
-it from there. Without a compiler, or when the build or the load fails, the callers fall back to the torch path
-(one log line). `P2M_CPU_NATIVE=0` in the environment turns the native kernels off.
+it from there. A library is loaded from the cache only where the directory and the file belong to this user
+and nobody else may write them, and the file's SHA-256 matches the one recorded beside it when it was built
+(`<library>.sha256`, which names the source key too); otherwise it is built again (into a private temporary
+directory when the cache directory itself is not safe). Without a compiler, or when the build or the load
+fails, the callers fall back to the torch path (one log line). `P2M_CPU_NATIVE=0` in the environment turns the
+native kernels off.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -76,6 +81,53 @@ def _cache_dir() -> Path:
     return Path(root) / "param2moe"
 
 
+def _private(path: Path) -> bool:
+    """Whether path belongs to this user and no one else may write it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _library_dir() -> Path:
+    """The cache directory (made private to this user), or a private temporary directory for this process
+    where the cache directory is someone else's or others may write it."""
+    cache = _cache_dir()
+    try:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        pass
+    if _private(cache):
+        return cache
+    if _state.get("private_dir") is None:
+        _state["private_dir"] = Path(tempfile.mkdtemp(prefix="param2moe-kernels-"))
+        log.warning("param2moe: %s is not private to this user; the native CPU kernels are built in %s instead",
+                    cache, _state["private_dir"])
+    return _state["private_dir"]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(lib: Path, key: str) -> bool:
+    """Whether the cached library is the one built for this source key: ours, private, and its hash the one
+    recorded beside it."""
+    record = lib.with_name(lib.name + ".sha256")
+    if not lib.exists():
+        return False
+    try:
+        recorded = record.read_text().split()
+    except OSError:
+        recorded = []
+    if _private(lib) and _private(record) and recorded == [_digest(lib), key]:
+        return True
+    log.warning("param2moe: %s is not the library recorded when it was built (hash, owner or permissions); "
+                "building it again", lib)
+    return False
+
+
 def _cpu_features() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -97,10 +149,10 @@ def _build(src_path: Path, defines: tuple[str, ...] = (), more: tuple[Path, ...]
     src = b"\0".join(p.read_bytes() for p in (src_path, *more, _COMMON_HEADER))  # with the header they include
     flags = [*_FLAGS, *(f"-D{d}" for d in defines)]
     key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_features().encode()]))
-    out = _cache_dir() / f"{src_path.stem}-{key.hexdigest()[:16]}.so"
-    if out.exists():
+    key = key.hexdigest()
+    out = _library_dir() / f"{src_path.stem}-{key[:16]}.so"
+    if _verified(out, key):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
@@ -112,8 +164,23 @@ def _build(src_path: Path, defines: tuple[str, ...] = (), more: tuple[Path, ...]
             log.info("param2moe: building the native CPU kernels failed (torch path instead): %s",
                      (r.stderr or r.stdout).strip()[-500:])
             return None
+        os.chmod(tmp, 0o700)
+        digest = _digest(Path(tmp))
+        _write_private(out.with_name(out.name + ".sha256"), f"{digest} {key}\n")
         os.replace(tmp, out)
         return out
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write text to path (owner-only, replaced whole)."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

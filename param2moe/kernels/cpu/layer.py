@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from . import _DTYPES, _MOE_SRC, _OPS_SRC, _QUANT_SRC, _SRC, _load, enabled, moe_enabled
+from . import _DTYPES, _MOE_SRC, _OPS_SRC, _QUANT_SRC, _SRC, _load, _quant_ok, enabled, moe_enabled
 from . import _state as _native_state
 
 _LAYER_SRC = _SRC.with_name("decode_layer.c")
@@ -34,6 +34,8 @@ def layer_enabled() -> bool:
 def set_layer_enabled(on: bool | None) -> None:
     """Force the fused decode layer on or off (None: decide from the environment again)."""
     _ON["layer"] = on
+
+
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, "int8": 2, "int4": 3}
 
 
@@ -103,22 +105,19 @@ def _lib(group: int, head_dim: int):
     return _load(("decode_layer", group, head_dim), _LAYER_SRC, (f"P2M_G={group}", f"P2M_D={head_dim}"), _setup, more)
 
 
-def _kind(w, dtype) -> int | None:
-    """The C kind of a weight (a tensor in the activation dtype, or an int8 / int4 QuantizedWeight), or None."""
+def _kind(w, dtype, lead: int) -> int | None:
+    """The C kind of a weight (a tensor in the activation dtype, or an int8 / int4 QuantizedWeight the quantized
+    kernels take; `lead` expert dims), or None (fp8 and any other format: the per-op path)."""
     if isinstance(w, torch.Tensor):
-        return _KINDS[dtype] if w.dtype == dtype and w.is_contiguous() and w.device.type == "cpu" else None
-    method = getattr(w, "method", None)
-    if method not in ("int8", "int4") or not (w.qweight.is_contiguous() and w.scale.is_contiguous()):
-        return None
-    if method == "int4" and (not w.group_size or w.group_size % 128 or w.shape[-1] % w.group_size):
-        return None
-    return _KINDS[method]
+        ok = w.dtype == dtype and w.dim() == lead + 2 and w.is_contiguous() and w.device.type == "cpu"
+        return _KINDS[dtype] if ok else None
+    return _KINDS[w.method] if _quant_ok(w, lead) else None
 
 
-def _mat(w, dtype) -> _Mat | None:
+def _mat(w, dtype, lead: int) -> _Mat | None:
     if w is None:
         return _Mat()
-    kind = _kind(w, dtype)
+    kind = _kind(w, dtype, lead)
     if kind is None:
         return None
     if isinstance(w, torch.Tensor):
@@ -132,7 +131,8 @@ def _layer_struct(lw: LayerWeights, dtype) -> _Layer | None:
         return None
     if lw.q_norm is not None and lw.q_norm.dtype != lw.in_norm.dtype:
         return None
-    mats = {n: _mat(getattr(lw, n), dtype) for n in ("qkv", "dense", "mlp_gate_up", "mlp_down", "w13", "w2")}
+    mats = {n: _mat(getattr(lw, n), dtype, int(n in ("w13", "w2")))
+            for n in ("qkv", "dense", "mlp_gate_up", "mlp_down", "w13", "w2")}
     if any(m is None for m in mats.values()) or (lw.mlp_gate_up is None) != (lw.mlp_down is None):
         return None
     moe = lw.w13 is not None

@@ -12,5 +12,7 @@ these kernels on CPU tensors too, through Triton's interpreter (TRITON_INTERPRET
                 add_rms_norm_gate_route_gate_up (one token: the gate/up GEMM launched behind the router, PDL)
 - attention.py: paged_attention (GQA-packed, split-KV + reduce; QK-norm + RoPE + KV write inside at decode)
 - gemv.py:      decode-sized linear layers, weights loaded before waiting for the kernel in front (PDL)
+- quant.py:     linear layers and the fused MoE with int8 / int4 / fp8 weights (param2moe/quant/formats.py),
+                dequantized in registers: a GEMV for few tokens and one-token experts, tensor-core tiles beyond
 - moe_configs.py: block-size table of the fused MoE by token-count bucket
 """

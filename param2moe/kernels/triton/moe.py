@@ -163,11 +163,13 @@ def _silu_mul(acc_g, acc_u, dt: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["TK", "num_m"])
-def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, TK, num_m, H, N,
-                        stride_xt, stride_we, stride_wn, stride_ot,
+def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, delta_ptr, TK, num_m, H, N,
+                        stride_xt, stride_we, stride_wn, stride_ot, stride_dt,
                         TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
-    """out[slot, n] = silu(x[tok] . w[e, n]) * (x[tok] . w[e, N + n]) for the block's slots."""
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr,
+                        HAS_DELTA: tl.constexpr):
+    """out[slot, n] = silu(x[tok] . w[e, n]) * (x[tok] . w[e, N + n]) for the block's slots. HAS_DELTA: each
+    pair's row of delta [T*K, 2N] (fp32: LoRA's gate and up) is added to the two sums first."""
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(npost_ptr):
@@ -200,6 +202,11 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, npost
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
+    if HAS_DELTA:
+        d_ptrs = delta_ptr + pair[:, None].to(tl.int64) * stride_dt + offs_n[None, :]
+        dmask = valid[:, None] & (offs_n[None, :] < N)
+        acc_g += tl.load(d_ptrs, mask=dmask, other=0.0)
+        acc_u += tl.load(d_ptrs + N, mask=dmask, other=0.0)
     o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
     tl.store(o_ptrs, _silu_mul(acc_g, acc_u, out_ptr.dtype.element_ty), mask=offs_n[None, :] < N)
 
@@ -412,18 +419,20 @@ def _gemm_grid(num_m, n, block_n):
     return (num_m * triton.cdiv(n, block_n),)
 
 
-def gate_up(x, w13, align, topk: int, block_m: int, g1: dict) -> torch.Tensor:
-    """inter [slots, I] = silu(x[tok] @ gate^T) * (x[tok] @ up^T), by expert-aligned slot block."""
+def gate_up(x, w13, align, topk: int, block_m: int, g1: dict, delta=None) -> torch.Tensor:
+    """inter [slots, I] = silu(x[tok] @ gate^T + d_gate) * (x[tok] @ up^T + d_up), by expert-aligned slot block;
+    delta [T*K, 2I] fp32 by pair (LoRA; None: no d)."""
     sorted_ids, expert_ids, num_post = align
     inter_size, hidden = w13.shape[1] // 2, x.shape[1]
     num_m = expert_ids.shape[0]
     inter = torch.empty(sorted_ids.shape[0], inter_size, dtype=x.dtype, device=x.device)
     _moe_gate_up_kernel[_gemm_grid(num_m, inter_size, g1["BLOCK_N"])](
-        x, w13, inter, sorted_ids, expert_ids, num_post, x.shape[0] * topk, num_m, hidden, inter_size,
-        x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
+        x, w13, inter, sorted_ids, expert_ids, num_post, x if delta is None else delta, x.shape[0] * topk, num_m,
+        hidden, inter_size, x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
+        0 if delta is None else delta.stride(0),
         TOPK=topk, BLOCK_M=block_m, BLOCK_N=g1["BLOCK_N"], BLOCK_K=g1["BLOCK_K"], GROUP_M=g1["GROUP_M"],
         EVEN_K=hidden % g1["BLOCK_K"] == 0, IEEE=x.dtype == torch.float32, INTERP=INTERPRET,
-        num_warps=g1["num_warps"], num_stages=g1["num_stages"])
+        HAS_DELTA=delta is not None, num_warps=g1["num_warps"], num_stages=g1["num_stages"])
     return inter
 
 
@@ -496,13 +505,15 @@ def add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps: float, gate_w
 
 
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                config: dict | None = None, unsummed: bool = False, started: StartedGateUp | None = None
-                ) -> torch.Tensor:
+                config: dict | None = None, unsummed: bool = False, started: StartedGateUp | None = None,
+                gate_up_delta: torch.Tensor | None = None, down_lora=None) -> torch.Tensor:
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]); ids -1 contribute nothing. See the module doc.
     config: block sizes of the tiled GEMMs (default: the tuned table; one token takes the GEMVs, no config).
     unsummed: stop before the combine and return each (token, k) pair's output [T*K, H] (rows of ids -1
     undefined), for a later kernel to sum (norm.expert_sum_add_rms_norm). started: one token whose
-    gate/up already launched behind the router (`add_rms_norm_gate_route_gate_up`)."""
+    gate/up already launched behind the router (`add_rms_norm_gate_route_gate_up`). LoRA (triton/lora.py):
+    gate_up_delta [T*K, 2I] fp32 is added to each pair's gate and up before the activation, and
+    down_lora(inter by pair [T*K, I], pair_out) adds to the pairs' outputs before the combine."""
     t, hidden = x.shape
     topk = ids.shape[1]
     e, two_i, _ = w13.shape
@@ -515,15 +526,23 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     ids = ids.contiguous()
     if weights.stride(-1) != 1:
         weights = weights.contiguous()
-    if t == 1:  # matrix-vector products (see ONE_TOKEN)
+    lora = gate_up_delta is not None or down_lora is not None
+    if t == 1 and not lora:  # matrix-vector products (see ONE_TOKEN)
         inter = started.inter if started is not None else _gate_up_one_token(x, w13, ids)
         pair_out = _down_one_token(inter, w2, ids)
     else:
         cfg = config or get_config(t, e, hidden, two_i // 2, topk, x.dtype)
         bm = cfg["BLOCK_M"]
         align = moe_align(ids, e, bm)
-        inter = gate_up(x, w13, align, topk, bm, cfg["gate_up"])
+        inter = gate_up(x, w13, align, topk, bm, cfg["gate_up"], gate_up_delta)
         pair_out = down(inter, w2, align, t * topk, bm, cfg["down"])
+        if down_lora is not None:  # inter's rows by pair (padding slots, and those past num_post, on an extra row)
+            sorted_ids, _, num_post = align
+            used = torch.arange(sorted_ids.numel(), device=x.device) < num_post
+            pair = torch.where(used, sorted_ids.long().clamp(0, t * topk), t * topk)
+            by_pair = torch.empty(t * topk + 1, inter.shape[1], dtype=inter.dtype, device=inter.device)
+            by_pair.index_copy_(0, pair, inter)
+            down_lora(by_pair[: t * topk], pair_out)
     if unsummed:
         return pair_out
     return combine(pair_out, weights, ids, torch.empty(t, hidden, dtype=x.dtype, device=x.device))

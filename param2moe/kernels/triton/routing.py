@@ -1,4 +1,4 @@
-"""MoE routing (SPEC 3.4) for a whole batch in one Triton launch. Oracle: `param2moe.kernels.routing.route`.
+"""MoE routing (docs/model.md §3.4) for a whole batch in one Triton launch. Oracle: `param2moe.kernels.routing.route`.
 
 Per token (BLOCK_T tokens a program, all E experts in registers): sigmoid or softmax scores (fp32), choice
 scores = scores + expert bias, optional grouped selection (group score = sum of its top-2 choice scores, the
@@ -261,3 +261,47 @@ def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict, after=N
     if after is not None:
         return normed, new_residual, weights, ids, after(normed, ids, (x, gate_weight, logits, bias, *norm_args))
     return (weights, ids) if norm is None else (normed, new_residual, weights, ids)
+
+
+@triton.jit(do_not_specialize=["N", "padding_slot", "local_start", "local_end"])
+def _map_experts_kernel(ids_ptr, out_ptr, table_ptr, counts_ptr, load_ptr, slots_ptr, N, padding_slot,
+                        local_start, local_end, K: tl.constexpr, L: tl.constexpr, R: tl.constexpr,
+                        P: tl.constexpr, COUNT: tl.constexpr, HAS_SLOTS: tl.constexpr, LOCAL: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """One program a block of (token, k) pairs: its logical expert's load counted (atomically), its replica
+    picked by pair index, and the physical id (or this rank's slot, -1 elsewhere) written."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    e = tl.load(ids_ptr + i, mask=m, other=0)
+    routed = e < L
+    logical = tl.where(routed, e, 0)
+    count = tl.load(counts_ptr + logical, mask=m, other=1)
+    phys = tl.load(table_ptr + logical * R + i % count, mask=m & routed, other=0)
+    phys = tl.where(routed, phys, e - L + P)
+    if COUNT:
+        counted = m & routed
+        if HAS_SLOTS:
+            counted = counted & (tl.load(slots_ptr + i // K, mask=m, other=padding_slot) != padding_slot)
+        tl.atomic_add(load_ptr + logical, tl.full((BLOCK,), 1, tl.int32), mask=counted, sem="relaxed")
+    if LOCAL:
+        phys = tl.where((phys >= local_start) & (phys < local_end), phys - local_start, -1)
+    tl.store(out_ptr + i, phys.to(tl.int64), mask=m)
+
+
+def map_experts(ids: torch.Tensor, table: torch.Tensor, counts: torch.Tensor, num_physical: int,
+                load: torch.Tensor | None = None, slots: torch.Tensor | None = None, padding_slot: int = -1,
+                local: tuple[int, int] | None = None) -> torch.Tensor:
+    """The oracle's `map_experts` (kernels/routing.py) in one launch; load must be int32."""
+    t, k = ids.shape
+    out = torch.empty(t, k, dtype=torch.int64, device=ids.device)
+    n = t * k
+    if n == 0:
+        return out
+    ids = ids.contiguous()
+    block = min(1024, max(32, triton.next_power_of_2(n)))
+    start, end = local if local is not None else (0, 0)
+    _map_experts_kernel[(triton.cdiv(n, block),)](
+        ids, out, table, counts, load if load is not None else counts, slots if slots is not None else ids, n,
+        int(padding_slot), int(start), int(end), K=k, L=table.shape[0], R=table.shape[1], P=int(num_physical),
+        COUNT=load is not None, HAS_SLOTS=slots is not None, LOCAL=local is not None, BLOCK=block, num_warps=4)
+    return out

@@ -1,0 +1,646 @@
+"""Linear layers and the fused MoE with quantized weights (int8, int4, fp8: `param2moe/quant/formats.py`) in
+Triton, the weights dequantized in registers. Oracle: F.linear and `param2moe.kernels.moe.moe_experts` on
+`dequantize(qw)`.
+
+    usable(x, qw) -> bool
+    linear(x [T, K], qw [N, K], bias=None, *, out_dtype=None, act=None) -> [T, N]
+    moe_experts(x [T, H], w13 [E, 2I, H], w2 [E, H, I], weights [T, k], ids [T, k], *, unsummed=False,
+                num_appended=0, act=None) -> [T, H]
+
+Decode is bound by the bytes of the weights, so the kernels read the stored bytes and convert them in
+registers, accumulating in fp32; the scale multiplies a sum (a row's, or a group's / block's partial sum),
+never each weight. Two kernels, the two shapes of the bf16 ones (gemv.py, moe.py):
+- `_qgemv_kernel`, matrix-vector: each program loads BLOCK_N whole weight rows, every load in flight at
+  once, and reduces them against each token's row. It serves linear layers at a few tokens (with PDL: the
+  rows are loaded before waiting for the kernel in front, as gemv.py does) and, at one token, the MoE's
+  experts (gate/up with SiLU-and-mul, then down; an expert per column of ids, as moe.py's ONE_TOKEN path).
+  int8 / int4 rows are read as int32 words and each value masked in place and read as a subnormal float
+  (`_word_value`), not converted (int-to-float is a quarter-rate instruction on Hopper: at 3 TB/s of
+  int4 an SM must make ~26 values a clock).
+- `_qmm_kernel`, tiled tensor-core GEMM: weight tiles converted to the activation dtype (int8, int4 and fp8
+  values are exact in bf16) and multiplied by the scales in fp32 after the MMA (per K step for group / block
+  scales). Linear layers at more tokens, and the fused MoE's two GEMMs on moe.py's expert-aligned slots
+  (`moe_align`, `combine`, the tuned block sizes of moe_configs.py).
+act="fp8" (fp8 weights): activations quantized per token (`act_quant`), the tiles on the fp8 tensor cores.
+Every launch shape is a function of T alone and nothing syncs with the host: CUDA-graph capturable.
+docs/quant-kernels.md has the design and the knobs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ...quant.formats import FP8_BLOCK, QuantizedWeight
+from ._common import INTERPRET, mma, pdl_flag, pdl_launch, wait_for_previous
+from .moe import _silu_mul, _tile_ids, combine, moe_align
+from .moe_configs import get_config
+
+# method codes (constexpr METHOD of the kernels)
+INT8, INT4, FP8, FP8_BLOCK_SCALED = 0, 1, 2, 3
+_WORD_VALUES = {INT8: 4, INT4: 8}  # values per int32 word as the GEMV reads them
+
+# Tokens up to which `linear` runs the matrix-vector kernel (each token converts the weights again; beyond,
+# the tiled GEMM converts each tile once for BLOCK_M tokens). P2M_QUANT_GEMV_TOKENS overrides (A/B runs).
+GEMV_MAX_TOKENS = {INT8: 4, INT4: 4, FP8: 4, FP8_BLOCK_SCALED: 4}
+_GEMV_OVERRIDE = os.environ.get("P2M_QUANT_GEMV_TOKENS")
+GEMV_CHUNK = 4096  # logical columns a GEMV program holds at once (larger K: a loop of chunks, no preload)
+# A GEMV program: (stored bytes it loads per weight set, warps), by method and use. The converted values
+# and their products take registers by value, not by byte (int4: 2 a byte), so int4 programs load fewer
+# bytes or run more warps than gemv.py's 32 KB of bf16: chosen from sm_90 compiles (no spills, <= ~170
+# registers a thread, two or three programs an SM); benchmarks/quant_gpu_bench.py sweeps them on the GPU.
+GEMV_CONFIGS = {
+    INT8: {"linear": (16384, 8), "gate_up": (8192, 8), "down": (16384, 8)},
+    INT4: {"linear": (8192, 8), "gate_up": (4096, 8), "down": (8192, 8)},
+    FP8: {"linear": (16384, 4), "gate_up": (8192, 4), "down": (16384, 4)},
+    FP8_BLOCK_SCALED: {"linear": (16384, 4), "gate_up": (8192, 4), "down": (16384, 4)},
+}
+MMA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def method_code(qw: QuantizedWeight) -> int:
+    if qw.method == "fp8":
+        return FP8_BLOCK_SCALED if qw.block else FP8
+    return {"int8": INT8, "int4": INT4}[qw.method]
+
+
+# ------------------------------------------------------------------------------ dequantization in registers
+# The GEMV's int8 / int4 values: stored value u (int8: q + 128, the sign bit flipped; int4: q + 8) of an int32
+# word, masked in place and read as the bits of an fp32: a subnormal, u * 2^(b - 149) for the value's bit
+# offset b (< 23 once the upper half-word is shifted down). One integer op a value (and one shift a word),
+# no int-to-float conversion (a quarter-rate instruction on Hopper; at 3 TB/s of int4 an SM meets ~26
+# values a clock), no subtraction: x is multiplied by 2^(149 - b - 60) beforehand (exact: a power of two),
+# so each product is u * x * 2^-60 (FFMA keeps subnormal inputs: Triton does not flush them), and the
+# offset comes off the sum: sum(q x) = 2^60 * sum(u x 2^-60) - offset * sum(x). Products stay normal
+# for |x| > 2^-66 and x overflows for |x| > 2^39 only.
+_UNIT = tl.constexpr(2.0**60)
+_X_BASE = tl.constexpr(2.0**89)  # 2^(149 - 60)
+
+
+@triton.jit
+def _word_value(w, S: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr):
+    """Value S of each int32 word w (int8: 4 a word, int4: 8, low bits first), stored value u, as the fp32
+    u * 2^(b - 149), b = 8 * (S % 2) (int8) or 4 * (S % 4) (int4)."""
+    if S >= EPW // 2:
+        w = w >> 16
+    if METHOD == 0:
+        return ((w & (0xFF << (8 * (S % 2)))) ^ (0x80 << (8 * (S % 2)))).to(tl.float32, bitcast=True)
+    else:
+        return (w & (0xF << (4 * (S % 4)))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_factor(S: tl.constexpr, METHOD: tl.constexpr):
+    """2^(149 - 60 - b) for value S's bit offset b (see `_word_value`)."""
+    if METHOD == 0:
+        return _X_BASE / (1 << (8 * (S % 2)))
+    else:
+        return _X_BASE / (1 << (4 * (S % 4)))
+
+
+@triton.jit
+def _load_rows(w_ptr, row_off, nmask, k0, K: tl.constexpr, EPW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The stored elements of weight rows row_off (offsets in w_ptr's elements) for logical columns
+    k0 .. k0 + BLOCK_K: [BLOCK_N, BLOCK_K // EPW] (int32 words for int8 / int4, fp8 values for fp8)."""
+    j = tl.arange(0, BLOCK_K // EPW)
+    col = k0 // EPW + j
+    m = nmask[:, None] & (col < K // EPW)[None, :]
+    if EPW == 1:  # fp8
+        return tl.load(w_ptr + row_off[:, None] + col[None, :], mask=m, other=0.0)
+    else:
+        return tl.load(w_ptr + row_off[:, None] + col[None, :], mask=m, other=0)
+
+
+@triton.jit
+def _row_dots(raw, s_ptr, s_off, nmask, x_ptr, k0, K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr,
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N] fp32: each row's dequantized weights (raw, from `_load_rows`) dot x[k0 : k0 + BLOCK_K].
+    s_off: each row's offset of its scale row (per channel: the scale itself)."""
+    j = tl.arange(0, BLOCK_K // EPW)
+    if METHOD >= 2:  # fp8
+        xk = k0 + j
+        x = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
+        p = raw.to(tl.float32) * x[None, :]
+    else:
+        p = tl.zeros((BLOCK_N, BLOCK_K // EPW), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_K // EPW,), dtype=tl.float32)
+        for s in tl.static_range(EPW):
+            xk = k0 + j * EPW + s
+            x = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
+            xsum += x
+            p += _word_value(raw, s, METHOD, EPW) * (x * _x_factor(s, METHOD))[None, :]
+    if METHOD == 0:  # int8: one scale a row, stored value q + 128
+        return (tl.sum(p, axis=1) * _UNIT - 128.0 * tl.sum(xsum, axis=0)) * tl.load(s_ptr + s_off, mask=nmask,
+                                                                                     other=0.0)
+    elif METHOD == 2:  # fp8, one scale a row
+        return tl.sum(p, axis=1) * tl.load(s_ptr + s_off, mask=nmask, other=0.0)
+    else:  # a scale per GROUP columns of a row (int4, stored q + 8) or per 128x128 block (fp8)
+        G: tl.constexpr = BLOCK_K // GROUP
+        pg = tl.sum(tl.reshape(p, (BLOCK_N, G, GROUP // EPW)), axis=2)
+        if METHOD == 1:
+            pg = pg * _UNIT - 8.0 * tl.sum(tl.reshape(xsum, (G, GROUP // EPW)), axis=1)[None, :]
+        g = k0 // GROUP + tl.arange(0, G)
+        sc = tl.load(s_ptr + s_off[:, None] + g[None, :], mask=nmask[:, None] & (g < tl.cdiv(K, GROUP))[None, :],
+                     other=0.0)
+        return tl.sum(pg * sc, axis=1)
+
+
+# ------------------------------------------------------------------------------ matrix-vector kernel
+@triton.jit
+def _gemv_out(acc, acc_u, xs_ptr, bias_ptr, out_ptr, o_off, n, nmask, xs_idx, GATED: tl.constexpr,
+              HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr):
+    """Store a token's row sums: times x's scale (fp8 activations), silu(gate) * up or + bias, rounded."""
+    dt = out_ptr.dtype.element_ty
+    if X_SCALE > 0:
+        xs = tl.load(xs_ptr + xs_idx)
+        acc = acc * xs
+        acc_u = acc_u * xs
+    if GATED:
+        y = _silu_mul(acc, acc_u, dt)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+        y = acc.to(dt)
+    tl.store(out_ptr + o_off + n, y, mask=nmask)
+
+
+@triton.jit
+def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N, stride_xc, stride_xt, stride_we,
+               stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K: tl.constexpr, METHOD: tl.constexpr,
+               EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr, GATED: tl.constexpr,
+               HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               PRELOAD: tl.constexpr, PDL: tl.constexpr):
+    """Rows nb * BLOCK_N.. of expert e against x rows col * stride_xc + t * stride_xt, t < T, into out rows
+    col * stride_oc + t * stride_ot. GATED: the rows n and N + n (gate, up), silu(gate) * up stored.
+    X_SCALE: x is fp8 with a scale per token (1) or per column (2). PRELOAD: the weights are loaded before
+    waiting for the kernel in front (one chunk only)."""
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    g_row = e * stride_we + n.to(tl.int64) * stride_wn
+    g_srow = e * stride_se + (n // SROWS).to(tl.int64) * stride_sn
+    u_row = g_row + N * stride_wn
+    u_srow = e * stride_se + ((N + n) // SROWS).to(tl.int64) * stride_sn
+    CHUNKS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    if CHUNKS == 1:
+        g = _load_rows(w_ptr, g_row, nmask, 0, K, EPW, BLOCK_K)
+        if GATED:
+            u = _load_rows(w_ptr, u_row, nmask, 0, K, EPW, BLOCK_K)
+    if PRELOAD:
+        wait_for_previous(PDL)
+    for t in range(0, T):
+        xr = x_ptr + col * stride_xc + t * stride_xt
+        if CHUNKS == 1:
+            acc = _row_dots(g, s_ptr, g_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
+            acc_u = acc
+            if GATED:
+                acc_u = _row_dots(u, s_ptr, u_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
+        else:  # rows too long for the registers: chunk by chunk, loaded after the wait
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for c in tl.static_range(CHUNKS):
+                gc = _load_rows(w_ptr, g_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
+                acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
+                if GATED:
+                    uc = _load_rows(w_ptr, u_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
+                    acc_u += _row_dots(uc, s_ptr, u_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N,
+                                       BLOCK_K)
+        _gemv_out(acc, acc_u, xs_ptr, bias_ptr, out_ptr, col * stride_oc + t * stride_ot, n, nmask,
+                  col if X_SCALE == 2 else t, GATED, HAS_BIAS, X_SCALE)
+
+
+@triton.jit(do_not_specialize=["T", "col_pre", "e_pre"])
+def _qgemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, T, N, col_pre, e_pre,
+                  stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot,
+                  K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr,
+                  GATED: tl.constexpr, HAS_IDS: tl.constexpr, PRE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Without ids (a linear layer): one column, expert 0; every program loads its rows, then waits for the
+    kernel in front. With ids (the MoE at one token): the first PRE_COLS * num_n programs serve columns
+    col_pre.. (the folded shared expert: experts e_pre.., known without the router) and load before
+    waiting as well; the others wait, read their column's expert from ids (-1: nothing to do), then load."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pre = pid < PRE_COLS * num_n if HAS_IDS else pid >= 0
+    if pre:
+        blk = pid // num_n
+        _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col_pre + blk, (e_pre + blk).to(tl.int64),
+                   pid % num_n, T, N, stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc,
+                   stride_ot, K, METHOD, EPW, GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, True, PDL)
+    elif HAS_IDS:
+        p = pid - PRE_COLS * num_n
+        col = p // num_n
+        wait_for_previous(PDL)
+        e = tl.load(ids_ptr + col).to(tl.int64)
+        if e >= 0:
+            _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, p % num_n, T, N, stride_xc,
+                       stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K, METHOD, EPW,
+                       GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, False, PDL)
+
+
+# ------------------------------------------------------------------------------ tiled tensor-core kernel
+@triton.jit
+def _qdot_step(a_rows, amask, w_rows, s_cols, k0, Kdim, acc, METHOD: tl.constexpr, GROUP: tl.constexpr,
+               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """acc + x[rows, k0 : k0 + BLOCK_K] @ W[k0 : k0 + BLOCK_K, cols]: a_rows [BM, 1] pointers to the rows of x,
+    w_rows [1, BN] to the stored weight rows, s_cols [1, BN] to the columns' scale rows. Per-channel methods
+    leave the scale to the caller; group / block scales multiply this step's product (BLOCK_K <= GROUP)."""
+    cdt = a_rows.dtype.element_ty
+    if METHOD == 1:  # int4: the even columns (low nibbles) and the odd ones (high), two dots, no interleaving
+        j = tl.arange(0, BLOCK_K // 2)
+        kk = k0 + 2 * j
+        if EVEN_K:
+            a0 = tl.load(a_rows + kk[None, :], mask=amask, other=0.0)
+            a1 = tl.load(a_rows + kk[None, :] + 1, mask=amask, other=0.0)
+            b = tl.load(w_rows + (k0 // 2 + j)[:, None])
+        else:
+            km = kk < Kdim
+            a0 = tl.load(a_rows + kk[None, :], mask=amask & km[None, :], other=0.0)
+            a1 = tl.load(a_rows + kk[None, :] + 1, mask=amask & km[None, :], other=0.0)
+            b = tl.load(w_rows + (k0 // 2 + j)[:, None], mask=km[:, None], other=0)
+        bi = b.to(tl.int32)
+        lo = ((bi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+        # the high nibble in place (2^23 + 16 v): scaled down and offset in one exact FMA
+        hi = ((bi & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True) * 0.0625 - 524296.0  # (2^23 + 128) / 16
+        lo = lo.to(cdt)
+        hi = hi.to(cdt)
+        step = mma(a0, lo, tl.zeros(acc.shape, dtype=tl.float32), IEEE, INTERP)
+        step = mma(a1, hi, step, IEEE, INTERP)
+        return acc + step * tl.load(s_cols + k0 // GROUP)
+    else:
+        k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            a = tl.load(a_rows + k[None, :], mask=amask, other=0.0)
+            b = tl.load(w_rows + k[:, None])
+        else:
+            km = k < Kdim
+            a = tl.load(a_rows + k[None, :], mask=amask & km[None, :], other=0.0)
+            b = tl.load(w_rows + k[:, None], mask=km[:, None], other=0.0 if METHOD >= 2 else 0)
+        if METHOD == 0:  # q + 128 in the mantissa of 2^23
+            b = ((((b.to(tl.int32) & 0xFF) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0).to(cdt)
+        else:
+            b = b.to(cdt)
+        if METHOD == 3:  # fp8, 128x128 block scales
+            return acc + mma(a, b, tl.zeros(acc.shape, dtype=tl.float32), IEEE, INTERP) * tl.load(s_cols + k0 // GROUP)
+        else:
+            return mma(a, b, acc, IEEE, INTERP)
+
+
+@triton.jit(do_not_specialize=["M", "TK", "num_m"])
+def _qmm_kernel(a_ptr, as_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, M, TK, num_m,
+                Kdim, N, stride_at, stride_we, stride_wn, stride_se, stride_sn, stride_ot,
+                METHOD: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr, TOPK: tl.constexpr,
+                A_SCALED: tl.constexpr, ALIGNED: tl.constexpr, GATED: tl.constexpr, A_BY_TOKEN: tl.constexpr,
+                OUT_BY_PAIR: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """out = x @ dequant(W)^T by tiles. ALIGNED (the fused MoE, moe.py's slot layout): each BLOCK_M block of
+    slots belongs to one expert; A_BY_TOKEN: a slot reads its token's row of x (gate/up), else the slot's
+    own row (down); OUT_BY_PAIR: the result goes to the slot's (token, k) pair's row (down), else the
+    slot's. Else a linear layer: rows are tokens, M of them. GATED: rows n and N + n of the weight (gate,
+    up), silu(gate) * up stored. A_SCALED: x is fp8 with a scale per row (as_ptr, `act_quant`), multiplied
+    on fp8 weights' tiles as they are (fp8 tensor-core MMA)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if ALIGNED:
+        if pid_m * BLOCK_M >= tl.load(npost_ptr):
+            return
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        pair = tl.load(sorted_ptr + offs_m)
+        valid = pair < TK
+        arow = (pair // TOPK).to(tl.int64) if A_BY_TOKEN else offs_m.to(tl.int64)
+        orow = pair.to(tl.int64) if OUT_BY_PAIR else offs_m.to(tl.int64)
+    else:
+        e = pid_m.to(tl.int64) * 0
+        valid = offs_m < M
+        arow = offs_m.to(tl.int64)
+        orow = arow
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nc = tl.where(offs_n < N, offs_n, 0)  # clamp: columns past N are computed and dropped
+    a_rows = a_ptr + arow[:, None] * stride_at
+    amask = valid[:, None]
+    g_rows = w_ptr + e * stride_we + offs_nc[None, :].to(tl.int64) * stride_wn
+    g_scale = s_ptr + e * stride_se + (offs_nc // SROWS)[None, :].to(tl.int64) * stride_sn
+    u_rows = g_rows + N * stride_wn
+    u_scale = s_ptr + e * stride_se + ((N + offs_nc) // SROWS)[None, :].to(tl.int64) * stride_sn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(Kdim, BLOCK_K)):
+        acc_g = _qdot_step(a_rows, amask, g_rows, g_scale, kb * BLOCK_K, Kdim, acc_g, METHOD, GROUP, BLOCK_K, EVEN_K,
+                           IEEE, INTERP)
+        if GATED:
+            acc_u = _qdot_step(a_rows, amask, u_rows, u_scale, kb * BLOCK_K, Kdim, acc_u, METHOD, GROUP, BLOCK_K,
+                               EVEN_K, IEEE, INTERP)
+    if METHOD == 0 or METHOD == 2:  # per-channel scales, once at the end
+        acc_g = acc_g * tl.load(g_scale)
+        if GATED:
+            acc_u = acc_u * tl.load(u_scale)
+    if A_SCALED:
+        a_scale = tl.load(as_ptr + arow, mask=valid, other=0.0)[:, None]
+        acc_g = acc_g * a_scale
+        acc_u = acc_u * a_scale
+    dt = out_ptr.dtype.element_ty
+    if GATED:
+        y = _silu_mul(acc_g, acc_u, dt)
+    else:
+        if HAS_BIAS:
+            acc_g += tl.load(bias_ptr + offs_nc)[None, :].to(tl.float32)
+        y = acc_g.to(dt)
+    o_ptrs = out_ptr + orow[:, None] * stride_ot + offs_n[None, :]
+    tl.store(o_ptrs, y, mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _round_e4m3(v):
+    """v (fp32, |v| <= 448) rounded to the nearest fp8 e4m3 value, ties to even, in fp32: Triton's interpreter
+    truncates in its fp8 casts (and drops the carry into the exponent); compiled kernels convert in hardware."""
+    e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # subnormals: a step of 2^-9
+    step = ((e + 124) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3): 3 mantissa bits
+    return ((v / step + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: round to an integer, ties to even
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    """Row r of x: scale = max|x[r]| / 448 (1 for a zero row), q = x[r] / scale in fp8 e4m3 (round to nearest)."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.load(x_ptr + r * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    m = tl.max(amax, axis=0)
+    scale = tl.where(m > 0, m / 448.0, 1.0)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.load(x_ptr + r * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        q = tl.clamp(v / scale, -448.0, 448.0)
+        if INTERP:
+            q = _round_e4m3(q)
+        tl.store(q_ptr + r * stride_q + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=k0 + offs < K)
+    tl.store(s_ptr + r, scale)
+
+
+def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row fp8 e4m3 quantization of activations x [M, K]: (q [M, K] float8_e4m3fn, scale [M] fp32),
+    x ~= q * scale[:, None]. The weight-and-activation fp8 path (`linear` / `moe_experts` act="fp8")."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        _act_quant_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0),
+                                BLOCK_K=min(2048, triton.next_power_of_2(k)), INTERP=INTERPRET, num_warps=4)
+    return q, scale
+
+
+# ------------------------------------------------------------------------------ host side
+class _W(NamedTuple):
+    """How a kernel reads a QuantizedWeight (2-D, or a stack [E, ...])."""
+
+    method: int
+    group: int  # columns per scale (int4 group, fp8 block), else 1
+    srows: int  # rows per scale row (fp8 block: 128), else 1
+    qweight: torch.Tensor  # 3-D [E, N, stored columns]
+    scale: torch.Tensor  # 3-D [E, N or scale rows, scale columns]
+    words: torch.Tensor | None  # int8 / int4: qweight as int32 words (the GEMV's view)
+
+
+def _prep(qw: QuantizedWeight, name: str) -> _W:
+    qw.validate(name)
+    m = method_code(qw)
+    q = qw.qweight if qw.qweight.dim() == 3 else qw.qweight[None]
+    s = qw.scale if qw.scale.dim() == qw.qweight.dim() else qw.scale[..., None]  # per channel: [.., N, 1]
+    s = s if s.dim() == 3 else s[None]
+    group = qw.group_size if m == INT4 else FP8_BLOCK if m == FP8_BLOCK_SCALED else 1
+    words = q.view(torch.int32) if m in _WORD_VALUES else None
+    return _W(m, group, FP8_BLOCK if m == FP8_BLOCK_SCALED else 1, q, s, words)
+
+
+def _layout_ok(qw: QuantizedWeight) -> bool:
+    q, s, k = qw.qweight, qw.scale, qw.in_features
+    if not (q.is_contiguous() and s.is_contiguous() and s.dtype == torch.float32):
+        return False
+    if qw.method == "int8":
+        return k % 4 == 0 and q.data_ptr() % 4 == 0
+    if qw.method == "int4":
+        g = qw.group_size
+        return k % 8 == 0 and q.data_ptr() % 4 == 0 and g >= 32 and g & (g - 1) == 0 and k % g == 0
+    return qw.method == "fp8" and (not qw.block or qw.group_size in (0, FP8_BLOCK))
+
+
+def usable(x: torch.Tensor, qw: QuantizedWeight) -> bool:
+    """Whether the kernels take x [T, K] with qw: a weight [N, K] (`linear`, `logits`) or a stack of experts
+    [E, N, K] (`moe_experts`' w13; see `moe_usable` for the pair) of a known method in the format's layout
+    (contiguous; int4 groups a power of two >= 32), a 16- or 32-bit float x on the weight's device."""
+    try:
+        qw.validate()
+    except ValueError:
+        return False
+    return (qw.qweight.dim() in (2, 3) and x.dim() == 2 and x.dtype in MMA_DTYPES and x.shape[1] == qw.in_features
+            and x.device == qw.device and (x.is_cuda or INTERPRET) and _layout_ok(qw))
+
+
+def _gemv_shape(w: _W, k: int, use: str) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of a GEMV program: GEMV_CONFIGS' bytes a weight set over the stored bytes of a row
+    (chunk)."""
+    budget, warps = GEMV_CONFIGS[w.method][use]
+    stored = min(k, GEMV_CHUNK) // (2 if w.method == INT4 else 1)
+    return max(1, min(64, triton.next_power_of_2(max(1, budget // stored)))), warps
+
+
+def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x_col_stride: int = 0,
+          n_pre: int = 0, col_pre: int = 0, e_pre: int = 0, t: int = 1, bias=None, pdl: bool = False, x_scale=None):
+    """Launch `_qgemv_kernel` for `use` ("linear": t tokens, one column, expert 0; "gate_up" / "down": the MoE
+    at one token, a column per entry of ids, the expert's rows against x (gate_up, the same row for every
+    column) or row col of x (down)); N output rows (gate_up: N gate and N up rows, N results). x_scale: x is
+    fp8, with a scale per row (`act_quant`)."""
+    block_n, num_warps = _gemv_shape(w, k, use)
+    block_k = min(triton.next_power_of_2(k), GEMV_CHUNK)
+    if w.method in (INT4, FP8_BLOCK_SCALED):
+        block_k = max(block_k, w.group)
+    wt = w.words if w.words is not None else w.qweight
+    stride_oc, stride_ot = (out.stride(0), 0) if ids is not None else (0, out.stride(0))
+    stride_xc, stride_xt = (x_col_stride, 0) if ids is not None else (0, x.stride(0))
+    _qgemv_kernel[(cols * triton.cdiv(n, block_n),)](
+        x, x_scale if x_scale is not None else out, wt, w.scale, out, bias if bias is not None else out,
+        ids if ids is not None else out, t, n, col_pre, e_pre, stride_xc, stride_xt, wt.stride(0), wt.stride(1),
+        w.scale.stride(0), w.scale.stride(1), stride_oc, stride_ot, K=k, METHOD=w.method,
+        EPW=_WORD_VALUES.get(w.method, 1), GROUP=w.group, SROWS=w.srows, GATED=use == "gate_up",
+        HAS_IDS=ids is not None, PRE_COLS=n_pre, HAS_BIAS=bias is not None,
+        X_SCALE=0 if x_scale is None else 2 if x_col_stride else 1, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
+        num_warps=num_warps, **pdl_launch(pdl))
+    return out
+
+
+def _mma_block_k(w: _W, block_k: int) -> int:
+    if w.method in (INT4, FP8_BLOCK_SCALED):
+        block_k = min(block_k, w.group)
+    return max(block_k, 32 if w.method == INT4 else 16)
+
+
+def _mma(a, w: _W, out, n: int, k: int, cfg: dict, *, block_m: int, align=None, topk: int = 1, gated=False,
+         a_by_token=False, out_by_pair=False, tk: int = 0, bias=None, a_scale=None):
+    """Launch `_qmm_kernel` with a GEMM config {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}; a_scale: a is
+    fp8 with a scale per row (`act_quant`)."""
+    block_k = _mma_block_k(w, cfg["BLOCK_K"])
+    if a_scale is not None:
+        block_k = max(block_k, 32)  # fp8 MMA: K steps of 32
+    if align is not None:
+        sorted_ids, expert_ids, num_post = align
+        num_m = expert_ids.shape[0]
+    else:
+        sorted_ids = expert_ids = num_post = out
+        num_m = triton.cdiv(a.shape[0], block_m)
+    _qmm_kernel[(num_m * triton.cdiv(n, cfg["BLOCK_N"]),)](
+        a, a_scale if a_scale is not None else out, w.qweight, w.scale, out, bias if bias is not None else out,
+        sorted_ids, expert_ids, num_post, a.shape[0], tk, num_m, k, n, a.stride(0), w.qweight.stride(0),
+        w.qweight.stride(1), w.scale.stride(0), w.scale.stride(1), out.stride(0), METHOD=w.method, GROUP=w.group,
+        SROWS=w.srows, TOPK=topk, A_SCALED=a_scale is not None, ALIGNED=align is not None, GATED=gated,
+        A_BY_TOKEN=a_by_token, OUT_BY_PAIR=out_by_pair, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], EVEN_K=k % block_k == 0,
+        IEEE=a.dtype == torch.float32, INTERP=INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def linear_config(t: int) -> tuple[int, dict]:
+    """(BLOCK_M, GEMM config) of the tiled linear at t tokens: narrow N tiles while few tokens leave the
+    GPU's programs short of work (Param2's qkv at BLOCK_N 32: 96 programs a token block)."""
+    if t <= 16:
+        return 16, {"BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+    if t <= 64:
+        return 32, {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+    if t <= 256:
+        return 64, {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 4}
+    return 128, {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
+
+
+def gemv_max_tokens(w: _W) -> int:
+    return int(_GEMV_OVERRIDE) if _GEMV_OVERRIDE else GEMV_MAX_TOKENS[w.method]
+
+
+def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, out_dtype=None,
+           act: str | None = None, path: str | None = None, config: tuple[int, dict] | None = None) -> torch.Tensor:
+    """x [T, K] @ dequantize(qw).T + bias, accumulated in fp32, rounded to out_dtype (default x's dtype; the head:
+    float32) (see `usable`). act="fp8" (fp8 weights): x quantized per token first (`act_quant`; the tiled
+    kernel multiplies on the fp8 tensor cores). path "gemv" or "mma" forces a kernel (benchmarks); config:
+    (BLOCK_M, GEMM config) of the tiled one."""
+    if not usable(x, qw) or qw.qweight.dim() != 2:
+        raise ValueError(f"quantized linear: x {x.dtype} {list(x.shape)} on {x.device} with the {qw.method} weight "
+                         f"{list(qw.shape)} (qweight {qw.qweight.dtype} {list(qw.qweight.shape)}): not served "
+                         "(see quant.usable)")
+    t, k = x.shape
+    n = qw.out_features
+    w = _prep(qw, "weight")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    out = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
+    if t == 0:
+        return out
+    a, a_scale = _activations(x, w, act)
+    if (path or ("gemv" if t <= gemv_max_tokens(w) else "mma")) == "gemv":
+        return _gemv(a, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl_flag(x) and k <= GEMV_CHUNK, x_scale=a_scale)
+    block_m, cfg = config or linear_config(t)
+    return _mma(a, w, out, n, k, cfg, block_m=block_m, bias=bias, a_scale=a_scale)
+
+
+def one_expert(qw: QuantizedWeight) -> QuantizedWeight:
+    """qw [N, K] as a stack of one expert [1, N, K] (a view): a dense MLP at one token runs as one expert."""
+    return QuantizedWeight(qw.method, qw.qweight[None], qw.scale[None], (1, *qw.shape), qw.group_size)
+
+
+def _activations(x, w: _W, act: str | None):
+    """(x, None), or with act="fp8" x quantized per row: (q, scale)."""
+    if act is None:
+        return x, None
+    if act != "fp8" or w.method not in (FP8, FP8_BLOCK_SCALED):
+        raise ValueError(f"act={act!r}: activation quantization is fp8, for fp8 weights")
+    return act_quant(x)
+
+
+# ------------------------------------------------------------------------------ the fused MoE
+def moe_config(t: int, e: int, h: int, i: int, topk: int, dtype, method: int) -> dict:
+    """moe_configs.py's tuned table of the bf16 MoE (the slot blocks and tile shapes), with each GEMM's BLOCK_K
+    within the weight's scale groups (`_mma_block_k` does that at launch)."""
+    return get_config(t, e, h, i, topk, dtype)
+
+
+def _check_moe(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids):
+    if w13.qweight.dim() != 3 or w2.qweight.dim() != 3:
+        raise ValueError(f"moe_experts: w13 and w2 must stack experts [E, N, K]; got shapes {list(w13.shape)} and "
+                         f"{list(w2.shape)}")
+    e, two_i, h = w13.shape
+    if two_i % 2 or tuple(w2.shape) != (e, h, two_i // 2):
+        raise ValueError(f"moe_experts: w13 {list(w13.shape)} needs [E, 2I, H] and w2 [E, H, I]; got w2 "
+                         f"{list(w2.shape)}")
+    if x.dim() != 2 or x.shape[1] != h or x.dtype not in MMA_DTYPES:
+        raise ValueError(f"moe_experts: x {x.dtype} {list(x.shape)} does not fit hidden size {h}")
+    if ids.shape != weights.shape or ids.dim() != 2 or ids.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_experts: weights {list(weights.shape)} and ids {list(ids.shape)} must both be "
+                         f"[T={x.shape[0]}, k]")
+    for name, qw in (("w13", w13), ("w2", w2)):
+        qw.validate(name)
+        if not _layout_ok(qw):
+            raise ValueError(f"moe_experts: {name} ({qw.method}, group {qw.group_size}) is not in a layout the "
+                             "kernels read (contiguous; int4 groups a power of two >= 32)")
+
+
+def moe_usable(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight) -> bool:
+    """Whether `moe_experts` serves x with these stacked experts (else it raises, naming the problem)."""
+    t = x.shape[0] if x.dim() == 2 else 0
+    ids = torch.zeros(t, 1, dtype=torch.int32, device=x.device)
+    try:
+        _check_moe(x, w13, w2, ids.float(), ids)
+    except ValueError:
+        return False
+    return (x.is_cuda or INTERPRET) and w13.device == x.device == w2.device
+
+
+def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weights: torch.Tensor, ids: torch.Tensor,
+                *, unsummed: bool = False, num_appended: int = 0, config: dict | None = None,
+                act: str | None = None) -> torch.Tensor:
+    """sum_k weights[t, k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, k] (-1: nothing), in x's
+    dtype; the roundings where moe.py's kernels (and the oracle) have them. unsummed: each (token, k) pair's
+    output [T*k, H] (rows of ids -1 undefined), for the next norm to sum (norm.expert_sum_add_rms_norm).
+    num_appended: the last columns of ids are the folded shared expert (experts E - n.., every token):
+    at one token their weights are loaded before waiting for the kernel in front (the router). config: the
+    tiled GEMMs' block sizes (moe_configs.py's format; default: `moe_config`). act="fp8" (fp8 weights): x and
+    the intermediate activations quantized per row (`act_quant`), the tiled GEMMs on the fp8 tensor cores."""
+    _check_moe(x, w13, w2, weights, ids)
+    t, hidden = x.shape
+    topk = ids.shape[1]
+    e, two_i, _ = w13.shape
+    inter_size = two_i // 2
+    if t == 0:
+        return torch.empty(t * topk if unsummed else t, hidden, dtype=x.dtype, device=x.device)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    ids = ids.contiguous()
+    weights = weights if weights.stride(-1) == 1 else weights.contiguous()
+    g13, g2 = _prep(w13, "w13"), _prep(w2, "w2")
+    if t == 1:  # matrix-vector products, an expert per column of ids (moe.py's ONE_TOKEN path)
+        inter = torch.empty(topk, inter_size, dtype=x.dtype, device=x.device)
+        a, a_scale = _activations(x, g13, act)
+        _gemv(a, g13, inter, inter_size, hidden, "gate_up", cols=topk, ids=ids, n_pre=num_appended,
+              col_pre=topk - num_appended, e_pre=e - num_appended, pdl=pdl_flag(x) and act is None, x_scale=a_scale)
+        pair_out = torch.empty(topk, hidden, dtype=x.dtype, device=x.device)
+        a, a_scale = _activations(inter, g2, act)
+        _gemv(a, g2, pair_out, hidden, inter_size, "down", cols=topk, ids=ids, x_col_stride=a.stride(0),
+              x_scale=a_scale)
+    else:
+        cfg = config or moe_config(t, e, hidden, inter_size, topk, x.dtype, g13.method)
+        bm = cfg["BLOCK_M"]
+        align = moe_align(ids, e, bm)
+        inter = torch.empty(align[0].shape[0], inter_size, dtype=x.dtype, device=x.device)
+        a, a_scale = _activations(x, g13, act)
+        _mma(a, g13, inter, inter_size, hidden, cfg["gate_up"], block_m=bm, align=align, topk=topk, gated=True,
+             a_by_token=True, tk=t * topk, a_scale=a_scale)
+        pair_out = torch.empty(t * topk, hidden, dtype=x.dtype, device=x.device)
+        a, a_scale = _activations(inter, g2, act)
+        _mma(a, g2, pair_out, hidden, inter_size, cfg["down"], block_m=bm, align=align, out_by_pair=True,
+             tk=t * topk, a_scale=a_scale)
+    if unsummed:
+        return pair_out
+    return combine(pair_out, weights, ids, torch.empty(t, hidden, dtype=x.dtype, device=x.device))
