@@ -155,6 +155,7 @@ def patched_copy(ckpt: str, out: str) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    ckpt = os.path.abspath(ckpt)  # the links must not be relative to the copy
     os.makedirs(out, exist_ok=True)
     for f in os.listdir(ckpt):
         if f != "config.json":
@@ -236,7 +237,9 @@ def llama_logprobs(gguf: str, seqs: list[list[int]], threads: int) -> list[dict]
         json.dump(seqs, f)
         f.flush()
         r = subprocess.run([VENV_PY, "-c", _LLAMA_LOGPROBS, gguf, f.name, str(threads)], env=env,
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"llama.cpp logprobs of {gguf} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -317,10 +320,27 @@ def text_chunks(path: str, ckpt: str, ctx: int, max_tokens: int) -> list[list[in
     return [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
 
 
+def llama_cannot_load(ckpt: str) -> str | None:
+    """Why llama.cpp cannot run this checkpoint, or None: its BailingMoeV2 graph sizes the query projection by the
+    hidden size (src/models/bailingmoe2.cpp: attn_qkv {n_embd, n_embd + 2 * n_embd_gqa}), so it refuses layouts
+    whose heads * head_dim differs from hidden_size (the trained demo model: 4 x 64 heads on hidden 192)."""
+    with open(os.path.join(ckpt, "config.json")) as f:
+        cfg = json.load(f)
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    if heads * head_dim != hidden:
+        return (f"llama.cpp's BailingMoeV2 needs num_attention_heads * head_dim == hidden_size; this checkpoint has "
+                f"{heads} x {head_dim} = {heads * head_dim} on hidden {hidden} (its loader: 'tensor blk.0.attn_qkv."
+                f"weight has wrong shape')")
+    return None
+
+
 def perplexity(a) -> dict:
     """Perplexity of the same token windows in each format, both engines (every token after a window's first
     scored; the token ids given to both, so their tokenizers play no part)."""
     import math
+
+    from param2moe.quant.formats import QuantFormatError
 
     chunks = text_chunks(a.text, a.ckpt, a.ctx, a.max_tokens)
     if not chunks:
@@ -331,17 +351,24 @@ def perplexity(a) -> dict:
         lps = [x for o in outs for x in o["logprob"]]
         return {"ppl": math.exp(-sum(lps) / len(lps)), "tokens_scored": len(lps)}
 
+    unloadable = llama_cannot_load(a.ckpt)
     with tempfile.TemporaryDirectory(prefix="p2m-ppl-") as tmp:
-        ggufs = {"BF16": convert(a.ckpt, tmp, "bf16", a.pre_tokenizer)}
-        for _, _, q in FORMATS[1:]:
-            ggufs[q] = quantize(ggufs["BF16"], q)
+        ggufs = {}
+        if not unloadable:
+            ggufs["BF16"] = convert(a.ckpt, tmp, "bf16", a.pre_tokenizer)
+            for _, _, q in FORMATS[1:]:
+                ggufs[q] = quantize(ggufs["BF16"], q)
         for name, ours_q, theirs_q in FORMATS:
-            ours = res[f"param2moe {name}"] = ppl(ours_logprobs(a.ckpt, chunks, "bfloat16", ours_q))
-            theirs = res[f"llama.cpp {theirs_q}"] = ppl(llama_logprobs(ggufs[theirs_q], chunks, a.threads))
-            log(f"{name}: ours {ours['ppl']:.3f}, llama.cpp {theirs['ppl']:.3f}")
+            try:
+                ours = res[f"param2moe {name}"] = ppl(ours_logprobs(a.ckpt, chunks, "bfloat16", ours_q))
+            except QuantFormatError as e:  # e.g. int4 on widths that are not multiples of its group (128)
+                ours = res[f"param2moe {name}"] = {"ppl": None, "skipped": str(e)}
+            theirs = res[f"llama.cpp {theirs_q}"] = {"ppl": None, "skipped": unloadable} if unloadable else \
+                ppl(llama_logprobs(ggufs[theirs_q], chunks, a.threads))
+            log(f"{name}: ours {ours['ppl'] or ours['skipped']}, llama.cpp {theirs['ppl'] or theirs['skipped']}")
     for engine, base in (("param2moe", "param2moe bf16"), ("llama.cpp", "llama.cpp BF16")):
         for k, v in res.items():
-            if k.startswith(engine):
+            if k.startswith(engine) and v["ppl"] is not None and res[base]["ppl"] is not None:
                 v["delta_vs_bf16"] = v["ppl"] - res[base]["ppl"]
     return {"checkpoint": a.ckpt, "text": a.text, "ctx": a.ctx, "windows": len(chunks), "results": res}
 
@@ -349,7 +376,10 @@ def perplexity(a) -> dict:
 def ppl_table(res: dict) -> str:
     lines = ["| engine, format | perplexity | delta vs its bf16 |", "|---|---|---|"]
     for k, v in res["results"].items():
-        lines.append(f"| {k} | {v['ppl']:.3f} | {v['delta_vs_bf16']:+.3f} |")
+        if v["ppl"] is None:
+            lines.append(f"| {k} | - ({v['skipped'][:100]}) | - |")
+        else:
+            lines.append(f"| {k} | {v['ppl']:.3f} | {v['delta_vs_bf16']:+.3f} |")
     return "\n".join(lines)
 
 
