@@ -30,7 +30,7 @@ agree: a float32 checkpoint of the layout (writer preset "small"; --ckpt to use 
     compared per position: the log-probability of the next token, and the top-1 token. Without --ckpt / --set,
     also variants of the layout (AGREE_VARIANTS: partial RoPE, grouped routing, unnormalized and unscaled
     routing weights, softmax scores).
-bench: cpu_bench.py's checkpoint (46.7M parameters, bf16) converted to bf16, Q8_0 and Q4_0 GGUFs; per format,
+bench: cpu_bench.py's checkpoint (46.7M parameters, bf16; or --ckpt) converted to bf16, Q8_0 and Q4_0 GGUFs; per format,
     batch-1 decode (ms a token after a --input-len prompt) and 16-sequence throughput (output tokens/s over the
     whole run, prefill included), param2moe (bf16, int8, int4: `quantization=`) beside llama.cpp (bf16, Q8_0,
     Q4_0: llama-bench tg at depth --input-len, llama-batched-bench), back to back, best of --repeats.
@@ -47,6 +47,7 @@ import argparse
 import datetime
 import glob
 import json
+import math
 import os
 import resource
 import subprocess
@@ -447,9 +448,9 @@ def ours_bench(ckpt: str, quantization: str | None, a) -> dict:
 
 def bench(a) -> dict:
     os.environ["OMP_NUM_THREADS"] = str(a.threads)  # our workers (fresh processes) use as many threads as llama.cpp
-    with tempfile.TemporaryDirectory(prefix="p2m-llamacpp-bench-") as tmp:
-        ckpt = os.path.join(tmp, "ckpt")
-        n_params = cpu_bench.write_model(ckpt, "bfloat16", seed=0)
+    with tempfile.TemporaryDirectory(prefix="p2m-llamacpp-bench-", dir=a.tmp) as tmp:
+        ckpt = a.ckpt or os.path.join(tmp, "ckpt")
+        n_params = checkpoint_parameters(ckpt) if a.ckpt else cpu_bench.write_model(ckpt, "bfloat16", seed=0)
         ggufs = {"BF16": convert(ckpt, tmp, "bf16", a.pre_tokenizer)}
         for _, _, q in FORMATS[1:]:
             ggufs[q] = quantize(ggufs["BF16"], q)
@@ -466,7 +467,20 @@ def bench(a) -> dict:
                 "tpot_cpu_ms": min(r["tpot_cpu_ms"] for r in v),
                 "output_tok_per_cpu_s": max(r["output_tok_per_cpu_s"] for r in v), "runs": v}
             for k, v in runs.items()}
-    return {"parameters": n_params, "gguf_bytes": sizes, "results": best}
+    return {"checkpoint": a.ckpt or "cpu_bench.py's (46.7M)", "parameters": n_params, "gguf_bytes": sizes,
+            "results": best}
+
+
+def checkpoint_parameters(ckpt: str) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for part in glob.glob(os.path.join(ckpt, "*.safetensors")):
+        with safe_open(part, framework="pt") as st:
+            for k in st.keys():
+                shape = st.get_slice(k).get_shape()
+                n += math.prod(shape)
+    return n
 
 
 def bench_table(res: dict) -> str:
@@ -483,7 +497,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["build", "agree", "bench", "ppl"])
     ap.add_argument("--jobs", type=int, default=2, help="build: parallel compile jobs")
-    ap.add_argument("--ckpt", help="agree: this checkpoint (float32) instead of a fresh small one; ppl: the model")
+    ap.add_argument("--ckpt", help="agree: this checkpoint (float32) instead of a fresh small one; ppl: the model; "
+                    "bench: this bf16 checkpoint instead of cpu_bench.py's (e.g. `param2moe make-checkpoint DIR "
+                    "--preset param2-17b --set num_hidden_layers=4`: Param-2 17B's shapes, cut)")
+    ap.add_argument("--tmp", help="bench: where the GGUFs go (default: the system's temporary folder)")
     ap.add_argument("--text", help="ppl: a .jsonl of {\"text\": ...} lines, or a text file")
     ap.add_argument("--ctx", type=int, default=256, help="ppl: window length in tokens")
     ap.add_argument("--max-tokens", type=int, default=16384, help="ppl: tokens of --text used at most")
