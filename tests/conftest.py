@@ -14,6 +14,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: tiny matmuls gain nothing from threads, and on a shared 2-core
+    machine a second OpenMP thread that waits for a busy core makes each step 5-20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
     """The native CPU kernels (param2moe.kernels.cpu) with no library loaded, their switches read from the

@@ -21,12 +21,7 @@ HELDOUT = os.path.join(os.path.dirname(__file__), "data", "demo_heldout.txt")  #
 MAX_LEN = 512  # tokens of a held-out piece that are scored
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_default_model_is_the_demo_with_param2_features_and_tokens():

@@ -15,13 +15,7 @@ from demo_training_model import DemoModel  # noqa: E402
 from export_demo_model import check_engine_parity, write_checkpoint  # noqa: E402
 from train_demo_model import lr_at, model_config  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _trained_looking(seed: int = 0) -> DemoModel:

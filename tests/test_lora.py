@@ -31,12 +31,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=0, logprobs
 ENGINE = dict(max_model_len=256, kv_cache_memory=8 << 20)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

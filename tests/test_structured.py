@@ -93,6 +93,21 @@ def test_bitmask_applies_bit_by_bit():
         assert torch.equal(out[allowed], logits[allowed]) and bool((out[~allowed] == float("-inf")).all())
 
 
+def test_bitmask_applies_to_inference_tensors(monkeypatch):
+    """A CUDA graph's logits are inference tensors (made during capture); the sampler runs outside inference
+    mode and must still fill them, on the GPU's path too."""
+    import param2moe.structured.bitmask as bm
+
+    logits, bitmask = torch.randn(2, 40), torch.tensor([[1, 0], [0, 1]], dtype=torch.int32)
+    for path in (bm._apply, bm.unpack_and_fill):
+        monkeypatch.setattr(bm, "_apply", path)
+        with torch.inference_mode():
+            out = logits.clone()
+        apply_token_bitmask(out, bitmask)
+        assert out[0, 0] == logits[0, 0] and out[1, 32] == logits[1, 32]
+        assert bool((out[0, 1:] == float("-inf")).all()) and bool((out[1, :32] == float("-inf")).all())
+
+
 def test_vocabulary_bytes(checkpoint):
     from param2moe.structured.vocab import MARKUP_BYTES, markup_ids, token_bytes
     from param2moe.tokenizer import Tokenizer
