@@ -17,7 +17,8 @@ from param2moe.model.attention import PagedAttention
 from param2moe.quant import dequantize, quantize
 from param2moe.writer import preset_config, write_checkpoint
 
-pytestmark = pytest.mark.skipif(native._ops_lib() is None, reason="no C compiler (or the native kernels failed)")
+pytestmark = [pytest.mark.skipif(native._ops_lib() is None, reason="no C compiler (or the native kernels failed)"),
+              pytest.mark.usefixtures("one_thread")]
 
 BS, NUM_BLOCKS = 4, 72
 
