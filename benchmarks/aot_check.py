@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,20 @@ TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 REPORT: dict = {}
+LABEL = [""]  # what the compiles being made serve (--quant: method / tokens / variant)
+
+
+def _loads(ptx: str) -> str:
+    """The kernel's global loads by width, in the PTX: "16Bx4 2Bx64 cp16x8" (bytes a load instruction x how many
+    instructions; cp: cp.async to shared memory)."""
+    counts: dict = {}
+    for m in re.finditer(r"ld\.global(?:\.\w+)*?(?:\.v(\d))?\.[busf](\d+)\s", ptx):
+        key = f"{int(m[1] or 1) * int(m[2]) // 8}B"
+        counts[key] = counts.get(key, 0) + 1
+    for m in re.finditer(r"cp\.async\.c[ag]\.shared\.global\s*\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-f]+|\d+)", ptx):
+        key = f"cp{int(m[1], 0)}B"
+        counts[key] = counts.get(key, 0) + 1
+    return " ".join(f"{k}x{v}" for k, v in sorted(counts.items()))
 
 
 def _compile_only(self, *args, grid, warmup, **kwargs):
@@ -65,6 +80,7 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
                    "warps": options.num_warps, "stages": options.num_stages, "regs": int(fields.get("REG", -1)),
                    "stack": int(fields.get("STACK", -1)), "smem": k.metadata.shared,
                    "cp_async": "cp.async" in ptx, "tma": "cp.async.bulk" in ptx, "wgmma": "wgmma" in ptx,
+                   "loads": _loads(ptx), "label": LABEL[0], "grid": grid if isinstance(grid, tuple) else None,
                    "secs": round(time.time() - t, 2)}
     return None
 
@@ -73,8 +89,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--committed", action="store_true")
     ap.add_argument("--only", default="", help="substring of kernel names")
+    ap.add_argument("--quant", action="store_true", help="only the quantized MoE (quant.py) at Param2's shapes, "
+                    "every variant of quant.MOE_VARIANTS, int4 and fp8, at 1, 8, 64 and 256 tokens")
     args = ap.parse_args()
     _jit.JITFunction.run = _compile_only
+    if args.quant:
+        quant_main()
+        print_report(args.only, quant=True)
+        return
     from param2moe.kernels.triton import attention as ta
     from param2moe.kernels.triton import moe as tm
     from param2moe.kernels.triton import norm as tn
@@ -131,14 +153,66 @@ def main():
                         torch.empty(t, d // 2), torch.empty(t, d // 2), 1e-6)
         tr.route(torch.empty(t, e), torch.empty(e), k, routed_scaling_factor=2.5)
 
-    print(f"{'kernel':<22} {'consts':<70} {'w':>2} {'s':>2} {'regs':>4} {'stack':>5} {'smem':>6} pipe wgmma")
+    print_report(args.only)
+
+
+def quant_main():
+    """The quantized MoE's launches (quant.moe_experts) at Param2-17B's shapes: 64 + 2 experts (the shared
+    expert folded in), hidden 2048, width 2048, top 6 + 2, for each variant."""
+    from param2moe.kernels.triton import moe_configs
+    from param2moe.kernels.triton import quant as tq
+    from param2moe.quant import formats
+
+    moe_configs.card_name = lambda index=None: "H100"  # the GPU's tuned tables, not the CPU's defaults
+    tq.usable = lambda x, qw: True  # CPU tensors stand in for CUDA ones
+    bf = torch.bfloat16
+    e, h, i, k = 66, 2048, 2048, 8
+    for method, block in (("int4", False), ("fp8", False)):
+        w13 = formats.empty((e, 2 * i, h), method, block=block)
+        w2 = formats.empty((e, h, i), method, block=block)
+        for t in (1, 8, 64, 256):
+            x = torch.randn(t, h).to(bf)
+            ids = torch.cat([torch.rand(t, e - 2).topk(k - 2, dim=-1).indices,
+                             torch.arange(e - 2, e).expand(t, -1)], 1).contiguous()
+            w = torch.rand(t, k)
+            for v in tq.MOE_VARIANTS:
+                LABEL[0] = f"{method}/{t}/{v}"
+                tq.moe_experts(x, w13, w2, w, ids, num_appended=2, variant=v)
+            if method == "int4" and t > 1:  # the tiled linear (qkv), the default int4 step and the joined one
+                for v in ("default", "join", "join_lin16"):
+                    LABEL[0] = f"{method}/{t}/qkv/{v}"
+                    tq.linear(x, formats.empty((3072, h), method), variant=v)
+            if t == 1:  # the linear GEMV (qkv) and the dense MLP (width 9216) as one expert, each variant
+                mlp13, mlp2 = formats.empty((1, 2 * 9216, h), method), formats.empty((1, h, 9216), method)
+                one, zero = torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long)
+                for v in tq.MOE_VARIANTS:
+                    LABEL[0] = f"{method}/1/qkv/{v}"
+                    tq.linear(x, formats.empty((3072, h), method), variant=v)
+                    LABEL[0] = f"{method}/1/mlp/{v}"
+                    tq.moe_experts(x, mlp13, mlp2, one, zero, variant=v)
+
+
+QUANT_CONSTS = ("K", "METHOD", "GATED", "BLOCK_M", "BLOCK_N", "BLOCK_K", "JOIN", "PIPE", "XSPLIT")
+
+
+def print_report(only: str, quant: bool = False):
+    if quant:
+        print(f"{'first use':<22} {'kern':<4} {'consts':<84} {'w':>2} {'s':>2} {'regs':>4} {'stack':>5} {'smem':>6} "
+              f"{'grid':>6} global loads (bytes an instruction x instructions)")
+    else:
+        print(f"{'kernel':<22} {'consts':<70} {'w':>2} {'s':>2} {'regs':>4} {'stack':>5} {'smem':>6} pipe wgmma")
     for r in REPORT.values():
         if "error" in r:
             print("ERROR", r["error"])
             continue
-        if args.only and args.only not in r["kernel"]:
+        if only and only not in r["kernel"]:
             continue
         c = {k_: v for k_, v in r["consts"].items() if k_ not in ("IEEE", "INTERP", "EVEN_K", "TOPK")}
+        if quant:
+            c = " ".join(f"{k_}={int(v) if isinstance(v, bool) else v}" for k_, v in c.items() if k_ in QUANT_CONSTS)
+            print(f"{r['label']:<22} {r['kernel'][1:5]:<4} {c[:84]:<84} {r['warps']:>2} {r['stages']:>2} "
+                  f"{r['regs']:>4} {r['stack']:>5} {r['smem']:>6} {str(r['grid'] and r['grid'][0]):>6} {r['loads']}")
+            continue
         print(f"{r['kernel'][:22]:<22} {str(c)[:70]:<70} {r['warps']:>2} {r['stages']:>2} {r['regs']:>4} "
               f"{r['stack']:>5} {r['smem']:>6} {'y' if r['cp_async'] else '-':>4} {'y' if r['wgmma'] else '-':>5}")
 

@@ -53,6 +53,10 @@ ap.add_argument("--nwarm", type=int, default=8)
 ap.add_argument("--ntest", type=int, default=3)
 ap.add_argument("--budget", type=float, default=240.0, help="seconds from the start after which sweeps are cut")
 ap.add_argument("--methods", default="int8,int4,fp8,fp8-block")
+ap.add_argument("--variants", default="", help="quantized MoE variants (quant.MOE_VARIANTS) timed beside the default "
+                "at every T where they change what runs: 'all' or names")
+ap.add_argument("--e2e-variants", default="", help="with --e2e: the engine again per quantized method with "
+                "P2M_QUANT_MOE_VARIANT set: 'auto' (the kernel winners at 1 token and at 64, joined with '+') or names")
 ARGS = ap.parse_args()
 if ARGS.dry:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -220,7 +224,7 @@ def make_calls(op, method, t, variant, ws, x):
     if op in ("moe", "mlp"):
         sets = routing_sets(t, len(ws)) if op == "moe" else [(torch.ones(t, 1, device=DEV),
                                                              torch.zeros(t, 1, dtype=torch.long, device=DEV))] * len(ws)
-        kw = variant if isinstance(variant, dict) else {"act": "fp8"} if variant == "w8a8" else {}
+        kw = variant if isinstance(variant, dict) else {"act": "fp8"} if variant == "w8a8" else {}  # config=/variant=
         if method == "bf16":
             fns = [lambda w=w, s=s: tri_moe.moe_experts(x, w[0], w[1], *s, **kw) for w, s in zip(ws, sets)]
         else:
@@ -247,7 +251,9 @@ def make_calls(op, method, t, variant, ws, x):
         path, config = (variant if variant in ("gemv", "mma") else None), (variant if isinstance(variant, tuple)
                                                                            else None)
         act = "fp8" if variant == "w8a8" else None
-        fns = [lambda w=w: tq.linear(x, w, path=path, config=config, out_dtype=out_dtype, act=act) for w in ws]
+        vname = variant.get("variant") if isinstance(variant, dict) else None
+        fns = [lambda w=w: tq.linear(x, w, path=path, config=config, out_dtype=out_dtype, act=act, variant=vname)
+               for w in ws]
 
     def oracle():
         w = ws[0] if method == "bf16" else dequantize(ws[0], BF16)
@@ -321,6 +327,33 @@ def moe_tile_sweep(method, t):
     return rows
 
 
+def variant_names() -> list[str]:
+    if not ARGS.variants:
+        return []
+    names = list(tq.MOE_VARIANTS) if ARGS.variants == "all" else ARGS.variants.split(",")
+    for n in names:
+        tq.moe_variant(n)  # an unknown name fails here, naming the known ones
+    return [n for n in names if n != "default"]
+
+
+def variant_jobs(method):
+    """The MoE with each variant (`--variants`), at each T where it runs something else than the default."""
+    code = {"int8": tq.INT8, "int4": tq.INT4, "fp8": tq.FP8, "fp8-block": tq.FP8_BLOCK_SCALED}[method]
+    cases = [("moe", t) for t in TS] + [("mlp", 1)]  # mlp: the dense MLP at one token, as one expert
+    out = [(f"{op}/{method}/{t}/v:{n}", lambda op=op, m=method, t=t, n=n: run_case(op, m, t, {"variant": n},
+                                                                                  label=f"v:{n}"))
+           for n in variant_names() for op, t in cases if tq.moe_variant(n).changes(t, code)]
+    for n in variant_names():  # the linear layers: a variant's "linear" GEMV, and the joined int4 step's tiles
+        v = tq.moe_variant(n)
+        ts = [t for t in TS if t <= tq.GEMV_MAX_TOKENS[code]] if (v.gemv or {}).get(code, {}).get("linear") else []
+        ts += ([t for t in TS if t > tq.GEMV_MAX_TOKENS[code]] if (v.int4_join and code == tq.INT4) or v.linear_tiles
+               else [])
+        out += [(f"{op}/{method}/{t}/v:{n}", lambda op=op, m=method, t=t, n=n: run_case(op, m, t, {"variant": n},
+                                                                                       label=f"v:{n}"))
+                for op in ("qkv", "dense") for t in ts]
+    return out
+
+
 def jobs():
     """(key, fn) in a fixed order (by method: the compile workers hold one method's weights at a time)."""
     out = []
@@ -328,6 +361,8 @@ def jobs():
         for op in ("moe", "qkv", "dense"):
             for t in TS:
                 out.append((f"{op}/{method}/{t}", lambda op=op, m=method, t=t: run_case(op, m, t)))
+        if method != "bf16":
+            out.extend(variant_jobs(method))
         for op in ("mlp", "head"):
             out.append((f"{op}/{method}/1", lambda op=op, m=method: run_case(op, m, 1)))
         if method == "bf16":
@@ -373,19 +408,23 @@ def start_warmers(n):
                              text=True) for k in range(n)]
 
 
-def e2e_latency(out_dir, methods):
-    """bench latency of the dummy Param2-17B with each method (the engine, a process each)."""
+def e2e_latency(out_dir, methods, variants=None):
+    """bench latency of the dummy Param2-17B with each method (the engine, a process each); variants: {method:
+    [variant names]}: that method again with P2M_QUANT_MOE_VARIANT set to each (rows "method@variant")."""
     base = [sys.executable, "-m", "param2moe.cli", "bench", "latency", "--load-format", "dummy", "--preset",
             "param2-17b", "--batch-size", "1", "64", "--input-len", "128", "--output-len", "128",
             "--max-graph-tokens", "0"]
+    runs = [(q, None) for q in methods] + [(q, v) for q in methods for v in (variants or {}).get(q, [])]
     res = {}
-    for q in methods:
-        js = os.path.join(out_dir, f"e2e_latency_{q}.json")
-        method, head = q.removesuffix("+head"), q.endswith("+head")
+    for q0, variant in runs:
+        q = q0 if variant is None else f"{q0}@{variant}"
+        js = os.path.join(out_dir, f"e2e_latency_{q.replace('+', '_')}.json")
+        method, head = q0.removesuffix("+head"), q0.endswith("+head")
         cmd = base + ["--output-json", js] + ([] if method == "none" else ["--quantization", method])
         cmd += ["--quantize-head"] if head else []
+        env = {**os.environ, "P2M_QUANT_MOE_VARIANT": variant or "default"}
         t = time.time()
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         res[q] = {"cmd": " ".join(cmd[1:]), "rc": p.returncode, "secs": round(time.time() - t, 1),
                   "tail": (p.stdout + p.stderr)[-3000:]}
         if os.path.exists(js):
@@ -410,8 +449,8 @@ def summarize(rows):
                 r["speedup_vs_bf16"] = b / r["us"]
     best = {}
     for r in rows:
-        if isinstance(r, dict) and r["variant"] not in ("default", "gemv", "mma", "w8a8") and isinstance(r.get("us"),
-                                                                                                     float):
+        if (isinstance(r, dict) and r["variant"] not in ("default", "gemv", "mma", "w8a8")
+                and not r["variant"].startswith("v:") and isinstance(r.get("us"), float)):
             key = (r["op"], r["method"], r["T"], r["variant"].split("=")[0] if "=" in r["variant"] else "tile")
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
@@ -432,6 +471,46 @@ def print_table(rows, best, card):
         print("best of the sweeps (us):")
         for (op, m, t, kind), r in sorted(best.items(), key=lambda kv: str(kv[0])):
             print(f"  {op:<5} {m:<10} T={t:<4} {kind:<14} {fmt(r['us'])}  {r['variant']}")
+
+
+def variant_table(rows) -> dict:
+    """Per quantized method, op and T: the default and each variant (us, share of the floor, x the default) of the
+    MoE, the dense MLP at one token and the linear layers (a variant's GEMV at one token, its tiles); the
+    winner (fastest within the error limit). Returns the MoE's {method: {T: winner}}."""
+    by = {}
+    for r in rows:
+        if (isinstance(r, dict) and r["op"] in ("moe", "mlp", "qkv", "dense") and r["method"] != "bf16"
+                and isinstance(r.get("us"), float) and (r["variant"] == "default" or r["variant"].startswith("v:"))
+                and r.get("ok", True)):
+            by.setdefault((r["method"], r["op"], r["T"]), []).append(r)
+    winners = {}
+    if not ARGS.variants or not by:
+        return winners
+    print("\nquantized MoE variants (us a layer; % of the floor; x the default):")
+    for (m, op, t), rs in sorted(by.items()):
+        if len(rs) < 2:
+            continue
+        base = next((r["us"] for r in rs if r["variant"] == "default"), NAN)
+        best = min(rs, key=lambda r: r["us"])
+        winner = best["variant"].removeprefix("v:")
+        if op == "moe":
+            winners.setdefault(m, {})[t] = winner
+        cells = "  ".join(f"{r['variant'].removeprefix('v:')} {fmt(r['us'])} "
+                          f"({fmt(r.get('share_of_floor', NAN) * 100, 0)}%, x{fmt(base / r['us'], 2)})"
+                          for r in sorted(rs, key=lambda r: r["us"]))
+        print(f"  {op:<4} {m:<9} T={t:<4} winner {winner:<16} {cells}")
+    return winners
+
+
+def auto_variants(winners) -> dict:
+    """{method: ["one-token winner+64-token winner"]} (what the engine runs at batch 1 and at batch 64)."""
+    out = {}
+    for m, by_t in winners.items():
+        parts = [v for v in (by_t.get(1), by_t.get(64)) if v and v != "default"]
+        parts = list(dict.fromkeys(parts))
+        if parts:
+            out[m] = ["+".join(parts)]
+    return out
 
 
 def print_e2e(res):
@@ -458,7 +537,8 @@ def main():
               "triton": triton.__version__, "quick": ARGS.quick,
               "shapes": {"H": H, "I": I, "E": E, "topk": K, "qkv": LINEARS["qkv"], "dense": LINEARS["dense"],
                          "mlp_width": MLP_W, "vocab": VOCAB, "layers_per_graph": LAYERS},
-              "gemv_configs": {str(k): v for k, v in tq.GEMV_CONFIGS.items()}}
+              "gemv_configs": {str(k): v for k, v in tq.GEMV_CONFIGS.items()},
+              "variants": {n: tq.moe_variant(n)._asdict() for n in variant_names()}}
     path = os.path.join(ARGS.out, "quant_gpu_bench.json")
 
     def save():
@@ -467,7 +547,11 @@ def main():
 
     log("card", card, "torch", torch.__version__, "triton", triton.__version__)
     if ARGS.e2e_only:
-        result["e2e"] = e2e_latency(ARGS.out, ARGS.e2e.split(","))
+        methods = ARGS.e2e.split(",")
+        variants = {m: ARGS.e2e_variants.split(",") for m in methods if m != "none"} if ARGS.e2e_variants else {}
+        if ARGS.e2e_variants == "auto":
+            raise SystemExit("--e2e-variants auto needs the kernel timings (drop --e2e-only)")
+        result["e2e"] = e2e_latency(ARGS.out, methods, variants)
         save()
         print_e2e(result["e2e"])
         return
@@ -501,11 +585,19 @@ def main():
         save()
     best = summarize(rows)
     result["best_of_sweeps"] = [{"key": list(k), **v} for k, v in best.items()]
+    print_table(rows, best, card)
+    result["variant_winners"] = winners = variant_table(rows)
     if ARGS.e2e and not DRY:
-        result["e2e"] = e2e_latency(ARGS.out, ARGS.e2e.split(","))
+        methods = ARGS.e2e.split(",")
+        if ARGS.e2e_variants == "auto":
+            variants = auto_variants(winners)
+        else:
+            variants = {m: ARGS.e2e_variants.split(",") for m in methods if m != "none"} if ARGS.e2e_variants else {}
+        result["e2e_variants"] = variants
+        log("e2e variants:", variants or "none")
+        result["e2e"] = e2e_latency(ARGS.out, methods, variants)
     result["elapsed_s"] = time.time() - T0
     save()
-    print_table(rows, best, card)
     print_e2e(result.get("e2e"))
     print("tests:", "; ".join(result["tests"][-ARGS.ntest:]) if result["tests"] else "not run")
     fails = [r for r in rows if isinstance(r, dict) and r.get("ok") is False]

@@ -216,6 +216,88 @@ def test_moe_errors_name_the_problem():
         tq.moe_experts(x, w13, bad, weights, ids)
 
 
+# ------------------------------------------------------------------------------- MoE variants
+def _variant_cases():
+    """(variant, t): each selectable variant at the token counts where it changes what runs (one token: the
+    GEMV's shapes or the tiles at one token; 3 tokens: the tiles)."""
+    cases = []
+    for name, v in tq.MOE_VARIANTS.items():
+        if v.gemv or v.one_token == "mma":
+            cases.append((name, 1))
+        if v.tiles or v.int4_join:
+            cases.append((name, 3))
+    return cases
+
+
+def _moe_variant_check(method, variant, t, h, i):
+    """The variant on e=6 experts (the last two the folded shared expert), summed and unsummed, vs the oracle."""
+    e, k = 6, 2
+    x = torch.randn(t, h, device=DEV).to(torch.bfloat16)
+    w13, w2 = random_qweight(method, e, 2 * i, h, std=2.0), random_qweight(method, e, h, i)
+    ids = torch.cat([torch.rand(t, e - 2, device=DEV).topk(k, dim=-1).indices,
+                     torch.tensor([[e - 2, e - 1]] * t, device=DEV)], dim=1)
+    ids[0, 0] = -1
+    weights = torch.rand(t, k + 2, device=DEV)
+    with poisoned():
+        out = tq.moe_experts(x, w13, w2, weights, ids, num_appended=2, variant=variant)
+    check(out, oracle_moe(x, w13, w2, weights, ids), torch.bfloat16)
+
+
+@pytest.mark.parametrize("method", ["int4", "int4-g32", "fp8-block"])
+@pytest.mark.parametrize("variant,t", _variant_cases())
+def test_moe_variants(variant, t, method):
+    """Every entry of quant.MOE_VARIANTS against the oracle (fp8 per channel shares fp8-block's code but for the
+    scale's place). Hidden 384: a 256-column BLOCK_K (join_k256) ends past K, a half step masked and its second
+    scale group missing."""
+    if method == "int4-g32" and not tq.MOE_VARIANTS[variant].int4_join:
+        pytest.skip("group 32: for the joined int4 steps (8 groups a step)")
+    _moe_variant_check(method, variant, t, 384, 128)
+
+
+@pytest.mark.parametrize("method,xsplit", [("int4", False), ("int4", True), ("int8", False), ("fp8-block", False)])
+def test_moe_gemv_pipelined_chunks(method, xsplit, monkeypatch):
+    """The pipelined GEMV (MoeVariant.gemv with chunks and stages) with rows of several chunks: gate/up K=384 in
+    3 chunks of 128, down K=256 in 2 (the registered variants' chunks of 512 span these rows whole)."""
+    small = {m: {"gate_up": (8192, 4, 128, 3, xsplit), "down": (8192, 4, 128, 2, xsplit)}
+             for m in (tq.INT4, tq.INT8, tq.FP8, tq.FP8_BLOCK_SCALED)}
+    monkeypatch.setitem(tq.MOE_VARIANTS, "pipe_small", tq.MoeVariant(gemv=small))
+    _moe_variant_check(method, "pipe_small", 1, 384, 256)
+
+
+@pytest.mark.parametrize("variant", ["gemv_pipe", "gemv_pipe_xsplit", "gemv_small"])
+@pytest.mark.parametrize("method", ["int4", "int8", "fp8-block"])
+def test_linear_gemv_variants(method, variant):
+    """A variant's "linear" GEMV (the pipelined ones: K 1536 in 3 chunks of 512), 2 tokens, a bias."""
+    qw = random_qweight(method, 24, 1536)
+    x = torch.randn(2, 1536, device=DEV).to(torch.bfloat16)
+    bias = torch.randn(24, device=DEV).to(torch.bfloat16)
+    with poisoned():
+        out = tq.linear(x, qw, bias, path="gemv", variant=variant)
+    check(out, oracle_linear(x, qw, bias), torch.bfloat16)
+
+
+@pytest.mark.parametrize("method,variant", [("int4", "join"), ("int4-g32", "join"), ("int4", "join_lin16"),
+                                            ("fp8-block", "join_lin16")])
+def test_linear_tile_variants(method, variant):
+    """The tiled linear with a variant's int4_join / linear_tiles (K 384: with BLOCK_K 256 a step past K)."""
+    qw = random_qweight(method, 40, 384)
+    x = torch.randn(16, 384, device=DEV).to(torch.bfloat16)
+    cfg = (16, {"BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 2})
+    with poisoned():
+        for config in (None, cfg):
+            out = tq.linear(x, qw, path="mma", config=config, variant=variant)
+            check(out, oracle_linear(x, qw), torch.bfloat16)
+
+
+def test_moe_variant_names():
+    x, w13, w2, weights, ids = _moe_inputs("int4", 1, 4, 128, 64, 2, torch.float32, False)
+    with pytest.raises(ValueError, match="'nope' is not a quantized MoE variant; known: default"):
+        tq.moe_experts(x, w13, w2, weights, ids, variant="gemv_pipe+nope")
+    both = tq.moe_variant("gemv_pipe+join_k256")
+    assert both.gemv == tq.MOE_VARIANTS["gemv_pipe"].gemv and both.int4_join and both.tiles == {"BLOCK_K": 256}
+    assert tq.moe_variant("default") == tq.MoeVariant()
+
+
 # ------------------------------------------------------------------------------- fp8 activations
 def torch_act_quant(x):
     """Per-row fp8 e4m3: scale = max|x| / 448 (1 for a zero row), q = x / scale rounded to nearest."""

@@ -28,6 +28,7 @@ docs/quant-kernels.md has the design and the knobs.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -116,15 +117,48 @@ def _load_rows(w_ptr, row_off, nmask, k0, K: tl.constexpr, EPW: tl.constexpr, BL
 
 
 @triton.jit
+def _nibble_products(p, raw, x, S: tl.constexpr):
+    return p + _word_value(raw, S, 1, 8) * (x * _x_factor(S, 1))[None, :]
+
+
+@triton.jit
+def _int4_products_xsplit(raw, x_ptr, k0, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`_row_dots`' int4 products (p, xsum) with x read in one contiguous load (16-byte loads, 8 values a word)
+    and split in registers by nibble position, instead of 8 strided loads of 2 bytes (one a value)."""
+    xk = k0 + tl.arange(0, BLOCK_K)
+    x = tl.reshape(tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32), (BLOCK_K // 8, 2, 2, 2))
+    c0, c1 = tl.split(x)  # x[8 j + 4 a + 2 b + c]: split c, then b, then a
+    c0b0, c0b1 = tl.split(c0)
+    c1b0, c1b1 = tl.split(c1)
+    x0, x4 = tl.split(c0b0)
+    x2, x6 = tl.split(c0b1)
+    x1, x5 = tl.split(c1b0)
+    x3, x7 = tl.split(c1b1)
+    p = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+    p = _nibble_products(p, raw, x0, 0)
+    p = _nibble_products(p, raw, x1, 1)
+    p = _nibble_products(p, raw, x2, 2)
+    p = _nibble_products(p, raw, x3, 3)
+    p = _nibble_products(p, raw, x4, 4)
+    p = _nibble_products(p, raw, x5, 5)
+    p = _nibble_products(p, raw, x6, 6)
+    p = _nibble_products(p, raw, x7, 7)
+    return p, ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+
+
+@triton.jit
 def _row_dots(raw, s_ptr, s_off, nmask, x_ptr, k0, K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr,
-              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XSPLIT: tl.constexpr = False):
     """[BLOCK_N] fp32: each row's dequantized weights (raw, from `_load_rows`) dot x[k0 : k0 + BLOCK_K].
-    s_off: each row's offset of its scale row (per channel: the scale itself)."""
+    s_off: each row's offset of its scale row (per channel: the scale itself). XSPLIT (int4):
+    `_int4_products_xsplit`."""
     j = tl.arange(0, BLOCK_K // EPW)
     if METHOD >= 2:  # fp8
         xk = k0 + j
         x = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
         p = raw.to(tl.float32) * x[None, :]
+    elif METHOD == 1 and XSPLIT:
+        p, xsum = _int4_products_xsplit(raw, x_ptr, k0, K, BLOCK_N, BLOCK_K)
     else:
         p = tl.zeros((BLOCK_N, BLOCK_K // EPW), dtype=tl.float32)
         xsum = tl.zeros((BLOCK_K // EPW,), dtype=tl.float32)
@@ -173,11 +207,14 @@ def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N,
                stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K: tl.constexpr, METHOD: tl.constexpr,
                EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr, GATED: tl.constexpr,
                HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               PRELOAD: tl.constexpr, PDL: tl.constexpr):
+               PRELOAD: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr, XSPLIT: tl.constexpr):
     """Rows nb * BLOCK_N.. of expert e against x rows col * stride_xc + t * stride_xt, t < T, into out rows
     col * stride_oc + t * stride_ot. GATED: the rows n and N + n (gate, up), silu(gate) * up stored.
     X_SCALE: x is fp8 with a scale per token (1) or per column (2). PRELOAD: the weights are loaded before
-    waiting for the kernel in front (one chunk only)."""
+    waiting for the kernel in front (one chunk only). PIPE > 0 (several chunks): the chunk loop is a
+    software pipeline of PIPE stages (Triton's tl.range: the weight loads of the next chunks in flight
+    through shared memory while this one is reduced; bytes in flight no longer cost registers). XSPLIT: see
+    `_row_dots`."""
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     g_row = e * stride_we + n.to(tl.int64) * stride_wn
@@ -194,20 +231,32 @@ def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N,
     for t in range(0, T):
         xr = x_ptr + col * stride_xc + t * stride_xt
         if CHUNKS == 1:
-            acc = _row_dots(g, s_ptr, g_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
+            acc = _row_dots(g, s_ptr, g_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
             acc_u = acc
             if GATED:
-                acc_u = _row_dots(u, s_ptr, u_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
+                acc_u = _row_dots(u, s_ptr, u_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
+        elif PIPE > 0:
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for c in tl.range(0, CHUNKS, num_stages=PIPE):
+                gc = _load_rows(w_ptr, g_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
+                acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K,
+                                 XSPLIT)
+                if GATED:
+                    uc = _load_rows(w_ptr, u_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
+                    acc_u += _row_dots(uc, s_ptr, u_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N,
+                                       BLOCK_K, XSPLIT)
         else:  # rows too long for the registers: chunk by chunk, loaded after the wait
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for c in tl.static_range(CHUNKS):
                 gc = _load_rows(w_ptr, g_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
-                acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K)
+                acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K,
+                                 XSPLIT)
                 if GATED:
                     uc = _load_rows(w_ptr, u_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
                     acc_u += _row_dots(uc, s_ptr, u_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N,
-                                       BLOCK_K)
+                                       BLOCK_K, XSPLIT)
         _gemv_out(acc, acc_u, xs_ptr, bias_ptr, out_ptr, col * stride_oc + t * stride_ot, n, nmask,
                   col if X_SCALE == 2 else t, GATED, HAS_BIAS, X_SCALE)
 
@@ -217,7 +266,8 @@ def _qgemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, T, N,
                   stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot,
                   K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr,
                   GATED: tl.constexpr, HAS_IDS: tl.constexpr, PRE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                  X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                  PIPE: tl.constexpr, XSPLIT: tl.constexpr):
     """Without ids (a linear layer): one column, expert 0; every program loads its rows, then waits for the
     kernel in front. With ids (the MoE at one token): the first PRE_COLS * num_n programs serve columns
     col_pre.. (the folded shared expert: experts e_pre.., known without the router) and load before
@@ -229,7 +279,8 @@ def _qgemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, T, N,
         blk = pid // num_n
         _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col_pre + blk, (e_pre + blk).to(tl.int64),
                    pid % num_n, T, N, stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc,
-                   stride_ot, K, METHOD, EPW, GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, True, PDL)
+                   stride_ot, K, METHOD, EPW, GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, True, PDL,
+                   PIPE, XSPLIT)
     elif HAS_IDS:
         p = pid - PRE_COLS * num_n
         col = p // num_n
@@ -238,18 +289,56 @@ def _qgemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, T, N,
         if e >= 0:
             _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, p % num_n, T, N, stride_xc,
                        stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K, METHOD, EPW,
-                       GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, False, PDL)
+                       GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, False, PDL, PIPE, XSPLIT)
 
 
 # ------------------------------------------------------------------------------ tiled tensor-core kernel
 @triton.jit
+def _int4_join_step(a_rows, amask, w_rows, s_cols, k0, Kdim, acc, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """The int4 step of MoeVariant.int4_join: x's columns loaded contiguously (16-byte loads, not the even and odd
+    columns apart), each nibble pair joined back into K order in registers, the group scales applied to the
+    weights (w = bf16(q * s), as `dequantize` rounds them) and one dot over BLOCK_K, which may span several
+    groups (a [G, BN] scale tile, broadcast over each group's rows)."""
+    cdt = a_rows.dtype.element_ty
+    BN: tl.constexpr = w_rows.shape[1]
+    G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
+    k = k0 + tl.arange(0, BLOCK_K)
+    j = tl.arange(0, BLOCK_K // 2)
+    if EVEN_K:
+        a = tl.load(a_rows + k[None, :], mask=amask, other=0.0)
+        b = tl.load(w_rows + (k0 // 2 + j)[:, None])
+    else:
+        a = tl.load(a_rows + k[None, :], mask=amask & (k < Kdim)[None, :], other=0.0)
+        b = tl.load(w_rows + (k0 // 2 + j)[:, None], mask=(2 * j + k0 < Kdim)[:, None], other=0x88)
+    bi = b.to(tl.int32)
+    lo = ((bi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    hi = ((bi & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True) * 0.0625 - 524296.0
+    if G == 1:
+        sc = tl.load(s_cols + k0 // GROUP)  # [1, BN]
+        lo = lo * sc
+        hi = hi * sc
+    else:
+        g = k0 // GROUP + tl.arange(0, G)
+        sc = tl.load(s_cols + g[:, None], mask=(g < tl.cdiv(Kdim, GROUP))[:, None], other=0.0)[:, None, :]
+        lo = tl.reshape(tl.reshape(lo, (G, BLOCK_K // 2 // G, BN)) * sc, (BLOCK_K // 2, BN))
+        hi = tl.reshape(tl.reshape(hi, (G, BLOCK_K // 2 // G, BN)) * sc, (BLOCK_K // 2, BN))
+    w = tl.reshape(tl.permute(tl.join(lo.to(cdt), hi.to(cdt)), (0, 2, 1)), (BLOCK_K, BN))
+    return mma(a, w, acc, IEEE, INTERP)
+
+
+@triton.jit
 def _qdot_step(a_rows, amask, w_rows, s_cols, k0, Kdim, acc, METHOD: tl.constexpr, GROUP: tl.constexpr,
-               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr,
+               JOIN: tl.constexpr = False):
     """acc + x[rows, k0 : k0 + BLOCK_K] @ W[k0 : k0 + BLOCK_K, cols]: a_rows [BM, 1] pointers to the rows of x,
     w_rows [1, BN] to the stored weight rows, s_cols [1, BN] to the columns' scale rows. Per-channel methods
-    leave the scale to the caller; group / block scales multiply this step's product (BLOCK_K <= GROUP)."""
+    leave the scale to the caller; group / block scales multiply this step's product (BLOCK_K <= GROUP).
+    JOIN (int4): `_int4_join_step`."""
     cdt = a_rows.dtype.element_ty
-    if METHOD == 1:  # int4: the even columns (low nibbles) and the odd ones (high), two dots, no interleaving
+    if METHOD == 1 and JOIN:
+        return _int4_join_step(a_rows, amask, w_rows, s_cols, k0, Kdim, acc, GROUP, BLOCK_K, EVEN_K, IEEE, INTERP)
+    elif METHOD == 1:  # int4: the even columns (low nibbles) and the odd ones (high), two dots, no interleaving
         j = tl.arange(0, BLOCK_K // 2)
         kk = k0 + 2 * j
         if EVEN_K:
@@ -296,7 +385,8 @@ def _qmm_kernel(a_ptr, as_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, sorted_ptr, expe
                 A_SCALED: tl.constexpr, ALIGNED: tl.constexpr, GATED: tl.constexpr, A_BY_TOKEN: tl.constexpr,
                 OUT_BY_PAIR: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr,
+                JOIN: tl.constexpr):
     """out = x @ dequant(W)^T by tiles. ALIGNED (the fused MoE, moe.py's slot layout): each BLOCK_M block of
     slots belongs to one expert; A_BY_TOKEN: a slot reads its token's row of x (gate/up), else the slot's
     own row (down); OUT_BY_PAIR: the result goes to the slot's (token, k) pair's row (down), else the
@@ -331,10 +421,10 @@ def _qmm_kernel(a_ptr, as_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, sorted_ptr, expe
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(Kdim, BLOCK_K)):
         acc_g = _qdot_step(a_rows, amask, g_rows, g_scale, kb * BLOCK_K, Kdim, acc_g, METHOD, GROUP, BLOCK_K, EVEN_K,
-                           IEEE, INTERP)
+                           IEEE, INTERP, JOIN)
         if GATED:
             acc_u = _qdot_step(a_rows, amask, u_rows, u_scale, kb * BLOCK_K, Kdim, acc_u, METHOD, GROUP, BLOCK_K,
-                               EVEN_K, IEEE, INTERP)
+                               EVEN_K, IEEE, INTERP, JOIN)
     if METHOD == 0 or METHOD == 2:  # per-channel scales, once at the end
         acc_g = acc_g * tl.load(g_scale)
         if GATED:
@@ -442,24 +532,27 @@ def usable(x: torch.Tensor, qw: QuantizedWeight) -> bool:
             and x.device == qw.device and (x.is_cuda or INTERPRET) and _layout_ok(qw))
 
 
-def _gemv_shape(w: _W, k: int, use: str) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) of a GEMV program: GEMV_CONFIGS' bytes a weight set over the stored bytes of a row
-    (chunk)."""
-    budget, warps = GEMV_CONFIGS[w.method][use]
-    stored = min(k, GEMV_CHUNK) // (2 if w.method == INT4 else 1)
-    return max(1, min(64, triton.next_power_of_2(max(1, budget // stored)))), warps
+def _gemv_shape(w: _W, k: int, use: str, config: tuple | None = None) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_N, num_warps, BLOCK_K, stages, xsplit) of a GEMV program from GEMV_CONFIGS' (or config's) (bytes a
+    weight set, warps[, chunk, stages, xsplit]): the bytes over the stored bytes of a row's chunk (chunk:
+    logical columns, 0 or absent: min(K, GEMV_CHUNK), the whole row while it fits; stages > 0: the chunk loop
+    pipelined; xsplit: int4's x in one load, split in registers)."""
+    budget, warps, chunk, stages, xsplit = (*(config or GEMV_CONFIGS[w.method][use]), 0, 0, False)[:5]
+    block_k = min(triton.next_power_of_2(k), chunk or GEMV_CHUNK)
+    if w.method in (INT4, FP8_BLOCK_SCALED):
+        block_k = max(block_k, w.group)
+    stored = min(k, block_k) // (2 if w.method == INT4 else 1)
+    return max(1, min(64, triton.next_power_of_2(max(1, budget // stored)))), warps, block_k, stages, bool(xsplit)
 
 
 def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x_col_stride: int = 0,
-          n_pre: int = 0, col_pre: int = 0, e_pre: int = 0, t: int = 1, bias=None, pdl: bool = False, x_scale=None):
+          n_pre: int = 0, col_pre: int = 0, e_pre: int = 0, t: int = 1, bias=None, pdl: bool = False, x_scale=None,
+          config: tuple | None = None):
     """Launch `_qgemv_kernel` for `use` ("linear": t tokens, one column, expert 0; "gate_up" / "down": the MoE
     at one token, a column per entry of ids, the expert's rows against x (gate_up, the same row for every
     column) or row col of x (down)); N output rows (gate_up: N gate and N up rows, N results). x_scale: x is
-    fp8, with a scale per row (`act_quant`)."""
-    block_n, num_warps = _gemv_shape(w, k, use)
-    block_k = min(triton.next_power_of_2(k), GEMV_CHUNK)
-    if w.method in (INT4, FP8_BLOCK_SCALED):
-        block_k = max(block_k, w.group)
+    fp8, with a scale per row (`act_quant`); config: instead of GEMV_CONFIGS' (see `_gemv_shape`)."""
+    block_n, num_warps, block_k, stages, xsplit = _gemv_shape(w, k, use, config)
     wt = w.words if w.words is not None else w.qweight
     stride_oc, stride_ot = (out.stride(0), 0) if ids is not None else (0, out.stride(0))
     stride_xc, stride_xt = (x_col_stride, 0) if ids is not None else (0, x.stride(0))
@@ -470,21 +563,23 @@ def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x
         EPW=_WORD_VALUES.get(w.method, 1), GROUP=w.group, SROWS=w.srows, GATED=use == "gate_up",
         HAS_IDS=ids is not None, PRE_COLS=n_pre, HAS_BIAS=bias is not None,
         X_SCALE=0 if x_scale is None else 2 if x_col_stride else 1, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        num_warps=num_warps, **pdl_launch(pdl))
+        PIPE=stages, XSPLIT=xsplit and w.method == INT4, num_warps=num_warps, **pdl_launch(pdl))
     return out
 
 
-def _mma_block_k(w: _W, block_k: int) -> int:
-    if w.method in (INT4, FP8_BLOCK_SCALED):
+def _mma_block_k(w: _W, block_k: int, join: bool = False) -> int:
+    """A tiled step's BLOCK_K: within a scale group or block (the joined int4 step spans several groups)."""
+    if w.method == FP8_BLOCK_SCALED or (w.method == INT4 and not join):
         block_k = min(block_k, w.group)
     return max(block_k, 32 if w.method == INT4 else 16)
 
 
 def _mma(a, w: _W, out, n: int, k: int, cfg: dict, *, block_m: int, align=None, topk: int = 1, gated=False,
-         a_by_token=False, out_by_pair=False, tk: int = 0, bias=None, a_scale=None):
+         a_by_token=False, out_by_pair=False, tk: int = 0, bias=None, a_scale=None, join: bool = False):
     """Launch `_qmm_kernel` with a GEMM config {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}; a_scale: a is
-    fp8 with a scale per row (`act_quant`)."""
-    block_k = _mma_block_k(w, cfg["BLOCK_K"])
+    fp8 with a scale per row (`act_quant`); join: int4 steps as `_int4_join_step`."""
+    join = join and w.method == INT4
+    block_k = _mma_block_k(w, cfg["BLOCK_K"], join)
     if a_scale is not None:
         block_k = max(block_k, 32)  # fp8 MMA: K steps of 32
     if align is not None:
@@ -500,7 +595,8 @@ def _mma(a, w: _W, out, n: int, k: int, cfg: dict, *, block_m: int, align=None, 
         SROWS=w.srows, TOPK=topk, A_SCALED=a_scale is not None, ALIGNED=align is not None, GATED=gated,
         A_BY_TOKEN=a_by_token, OUT_BY_PAIR=out_by_pair, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], EVEN_K=k % block_k == 0,
-        IEEE=a.dtype == torch.float32, INTERP=INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        IEEE=a.dtype == torch.float32, INTERP=INTERPRET, JOIN=join, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return out
 
 
@@ -521,11 +617,13 @@ def gemv_max_tokens(w: _W) -> int:
 
 
 def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, out_dtype=None,
-           act: str | None = None, path: str | None = None, config: tuple[int, dict] | None = None) -> torch.Tensor:
+           act: str | None = None, path: str | None = None, config: tuple[int, dict] | None = None,
+           variant: str | None = None) -> torch.Tensor:
     """x [T, K] @ dequantize(qw).T + bias, accumulated in fp32, rounded to out_dtype (default x's dtype; the head:
     float32) (see `usable`). act="fp8" (fp8 weights): x quantized per token first (`act_quant`; the tiled
     kernel multiplies on the fp8 tensor cores). path "gemv" or "mma" forces a kernel (benchmarks); config:
-    (BLOCK_M, GEMM config) of the tiled one."""
+    (BLOCK_M, GEMM config) of the tiled one. variant (default `moe_variant()`): its GEMV configs' "linear"
+    entries, its int4_join and its linear_tiles apply here (the same kernels as the MoE's)."""
     if not usable(x, qw) or qw.qweight.dim() != 2:
         raise ValueError(f"quantized linear: x {x.dtype} {list(x.shape)} on {x.device} with the {qw.method} weight "
                          f"{list(qw.shape)} (qweight {qw.qweight.dtype} {list(qw.qweight.shape)}): not served "
@@ -541,10 +639,14 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
     if t == 0:
         return out
     a, a_scale = _activations(x, w, act)
+    v = moe_variant(variant)
     if (path or ("gemv" if t <= gemv_max_tokens(w) else "mma")) == "gemv":
-        return _gemv(a, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl_flag(x) and k <= GEMV_CHUNK, x_scale=a_scale)
+        return _gemv(a, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl_flag(x) and k <= GEMV_CHUNK, x_scale=a_scale,
+                     config=(v.gemv or {}).get(w.method, {}).get("linear"))
     block_m, cfg = config or linear_config(t)
-    return _mma(a, w, out, n, k, cfg, block_m=block_m, bias=bias, a_scale=a_scale)
+    if v.linear_tiles and config is None:
+        cfg = {**cfg, **v.linear_tiles}
+    return _mma(a, w, out, n, k, cfg, block_m=block_m, bias=bias, a_scale=a_scale, join=v.int4_join)
 
 
 def one_expert(qw: QuantizedWeight) -> QuantizedWeight:
@@ -566,6 +668,81 @@ def moe_config(t: int, e: int, h: int, i: int, topk: int, dtype, method: int) ->
     """moe_configs.py's tuned table of the bf16 MoE (the slot blocks and tile shapes), with each GEMM's BLOCK_K
     within the weight's scale groups (`_mma_block_k` does that at launch)."""
     return get_config(t, e, h, i, topk, dtype)
+
+
+class MoeVariant(NamedTuple):
+    """A way to run the quantized MoE, selectable for A/B runs on a GPU (`moe_experts(variant=)`, or for the
+    whole engine the env var P2M_QUANT_MOE_VARIANT, read once at import). docs/quant-kernels.md has the
+    analysis behind each; none is a default until measured."""
+
+    one_token: str = "gemv"  # at one token: "gemv" (`_qgemv_kernel`) or "mma" (the tiles on aligned slots)
+    gemv: dict | None = None  # method code -> {use: config}: replaces GEMV_CONFIGS' entries (`_gemv_shape`);
+    # "linear" ones serve `linear` at a few tokens
+    tiles: dict | None = None  # merged into both tiled GEMMs' configs (e.g. {"num_stages": 5, "BLOCK_K": 256})
+    int4_join: bool = False  # int4 tiles (the MoE's and the linear layers'): `_int4_join_step`
+    linear_tiles: dict | None = None  # merged into `linear_config`'s GEMM config (e.g. {"BLOCK_N": 16}: more programs)
+
+    def changes(self, t: int, method: int) -> bool:
+        """Whether, at t tokens with weights of this method, something else runs than the default's."""
+        if t == 1 and self.one_token == "gemv":
+            return bool(self.gemv and method in self.gemv)
+        return t == 1 or bool(self.tiles) or (self.int4_join and method == INT4)
+
+
+# GEMV shapes of the variants (`_gemv_shape`), by method and use ("linear": the linear layers at a few tokens).
+# Pipelined: (bytes a weight set and chunk, warps, chunk columns, stages); 8 rows a program, so that the dense
+# MLP's down at one token (N 2048) keeps 256 programs.
+_PIPE_GEMV = {m: {"gate_up": (2048, 4, 512, 4), "down": (2048, 4, 512, 4), "linear": (2048, 4, 512, 4)}
+              for m in (INT4, FP8, FP8_BLOCK_SCALED, INT8)}
+_PIPE_GEMV_BIG = {m: {"gate_up": (4096, 4, 1024, 3), "down": (4096, 4, 1024, 3), "linear": (4096, 4, 1024, 3)}
+                  for m in _PIPE_GEMV}
+_XSPLIT_GEMV = {INT4: {use: (*cfg, 0, 0, True) for use, cfg in GEMV_CONFIGS[INT4].items()}}
+_XSPLIT_PIPE_GEMV = {INT4: {use: (*cfg[:4], True) for use, cfg in _PIPE_GEMV[INT4].items()}}
+_SMALL_GEMV = {INT4: {"gate_up": (2048, 4), "down": (4096, 4), "linear": (2048, 4)},
+               FP8: {"gate_up": (4096, 4), "down": (8192, 4), "linear": (4096, 4)},
+               FP8_BLOCK_SCALED: {"gate_up": (4096, 4), "down": (8192, 4), "linear": (4096, 4)}}
+_WIDE_GEMV = {INT4: {"gate_up": (16384, 8), "down": (16384, 8)}, FP8: {"gate_up": (16384, 4), "down": (32768, 8)},
+              FP8_BLOCK_SCALED: {"gate_up": (16384, 4), "down": (32768, 8)}, INT8: {"gate_up": (16384, 8)}}
+MOE_VARIANTS = {
+    "default": MoeVariant(),
+    "gemv_wide": MoeVariant(gemv=_WIDE_GEMV),  # more bytes in flight a program at one token
+    "gemv_pipe": MoeVariant(gemv=_PIPE_GEMV),  # chunks of 512 columns, 4 stages: bytes in flight in shared memory
+    "gemv_pipe_big": MoeVariant(gemv=_PIPE_GEMV_BIG),  # chunks of 1024, 3 stages
+    "gemv_small": MoeVariant(gemv=_SMALL_GEMV),  # moe.py's one-token shape: few rows, 4 warps, many programs
+    "gemv_xsplit": MoeVariant(gemv=_XSPLIT_GEMV),  # int4: x in 16-byte loads, split in registers
+    "gemv_pipe_xsplit": MoeVariant(gemv=_XSPLIT_PIPE_GEMV),
+    "mma1": MoeVariant(one_token="mma"),  # one token on the tiles: a K loop pipelined through shared memory
+    "deep": MoeVariant(tiles={"num_stages": 5}),  # more K steps in flight a tile program
+    "join": MoeVariant(int4_join=True),
+    "join_k256": MoeVariant(int4_join=True, tiles={"BLOCK_K": 256}),  # int4: 128 bytes a row a step
+    "join_k256_mma1": MoeVariant(one_token="mma", int4_join=True, tiles={"BLOCK_K": 256}),
+    # int4 linears in tiles: qkv at 8-64 tokens is 96 programs at BLOCK_N 32 (132 SMs); 16 doubles them
+    "join_lin16": MoeVariant(int4_join=True, linear_tiles={"BLOCK_N": 16}),
+}
+_VARIANT_ENV = os.environ.get("P2M_QUANT_MOE_VARIANT", "default")
+
+
+@functools.lru_cache(maxsize=64)
+def moe_variant(name: str | None = None) -> MoeVariant:
+    """MOE_VARIANTS[name] (None: P2M_QUANT_MOE_VARIANT's, else "default"); "a+b": a's fields that differ from
+    the default's, then b's over them (e.g. a one-token GEMV and a tile variant). An unknown name raises,
+    naming the known ones."""
+    name = _VARIANT_ENV if name is None else name
+    merged = MoeVariant()
+    for part in name.split("+"):
+        if part not in MOE_VARIANTS:
+            src = "P2M_QUANT_MOE_VARIANT" if name == _VARIANT_ENV else "variant"
+            raise ValueError(f"{src}={name!r}: {part!r} is not a quantized MoE variant; known: "
+                             f"{', '.join(MOE_VARIANTS)} (joined with '+')")
+        v, base = MOE_VARIANTS[part], MoeVariant._field_defaults
+        merged = merged._replace(**{f: getattr(v, f) for f in v._fields if getattr(v, f) != base[f]})
+    return merged
+
+
+def _variant_config(cfg: dict, v: MoeVariant) -> dict:
+    if not v.tiles:
+        return cfg
+    return {**cfg, "gate_up": {**cfg["gate_up"], **v.tiles}, "down": {**cfg["down"], **v.tiles}}
 
 
 def _check_moe(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids):
@@ -601,14 +778,16 @@ def moe_usable(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight) -> bo
 
 def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weights: torch.Tensor, ids: torch.Tensor,
                 *, unsummed: bool = False, num_appended: int = 0, config: dict | None = None,
-                act: str | None = None) -> torch.Tensor:
+                act: str | None = None, variant: str | None = None) -> torch.Tensor:
     """sum_k weights[t, k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, k] (-1: nothing), in x's
     dtype; the roundings where moe.py's kernels (and the oracle) have them. unsummed: each (token, k) pair's
     output [T*k, H] (rows of ids -1 undefined), for the next norm to sum (norm.expert_sum_add_rms_norm).
     num_appended: the last columns of ids are the folded shared expert (experts E - n.., every token):
     at one token their weights are loaded before waiting for the kernel in front (the router). config: the
     tiled GEMMs' block sizes (moe_configs.py's format; default: `moe_config`). act="fp8" (fp8 weights): x and
-    the intermediate activations quantized per row (`act_quant`), the tiled GEMMs on the fp8 tensor cores."""
+    the intermediate activations quantized per row (`act_quant`), the tiled GEMMs on the fp8 tensor cores.
+    variant: a name of MOE_VARIANTS (default: `moe_variant()`)."""
+    v = moe_variant(variant)
     _check_moe(x, w13, w2, weights, ids)
     t, hidden = x.shape
     topk = ids.shape[1]
@@ -620,27 +799,29 @@ def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weig
     ids = ids.contiguous()
     weights = weights if weights.stride(-1) == 1 else weights.contiguous()
     g13, g2 = _prep(w13, "w13"), _prep(w2, "w2")
-    if t == 1:  # matrix-vector products, an expert per column of ids (moe.py's ONE_TOKEN path)
+    if t == 1 and v.one_token == "gemv":  # matrix-vector products, an expert per column of ids (moe.py's ONE_TOKEN)
+        gemv = (v.gemv or {}).get(g13.method, {})
         inter = torch.empty(topk, inter_size, dtype=x.dtype, device=x.device)
         a, a_scale = _activations(x, g13, act)
         _gemv(a, g13, inter, inter_size, hidden, "gate_up", cols=topk, ids=ids, n_pre=num_appended,
-              col_pre=topk - num_appended, e_pre=e - num_appended, pdl=pdl_flag(x) and act is None, x_scale=a_scale)
+              col_pre=topk - num_appended, e_pre=e - num_appended, pdl=pdl_flag(x) and act is None, x_scale=a_scale,
+              config=gemv.get("gate_up"))
         pair_out = torch.empty(topk, hidden, dtype=x.dtype, device=x.device)
         a, a_scale = _activations(inter, g2, act)
         _gemv(a, g2, pair_out, hidden, inter_size, "down", cols=topk, ids=ids, x_col_stride=a.stride(0),
-              x_scale=a_scale)
+              x_scale=a_scale, config=gemv.get("down"))
     else:
-        cfg = config or moe_config(t, e, hidden, inter_size, topk, x.dtype, g13.method)
+        cfg = _variant_config(config or moe_config(t, e, hidden, inter_size, topk, x.dtype, g13.method), v)
         bm = cfg["BLOCK_M"]
         align = moe_align(ids, e, bm)
         inter = torch.empty(align[0].shape[0], inter_size, dtype=x.dtype, device=x.device)
         a, a_scale = _activations(x, g13, act)
         _mma(a, g13, inter, inter_size, hidden, cfg["gate_up"], block_m=bm, align=align, topk=topk, gated=True,
-             a_by_token=True, tk=t * topk, a_scale=a_scale)
+             a_by_token=True, tk=t * topk, a_scale=a_scale, join=v.int4_join)
         pair_out = torch.empty(t * topk, hidden, dtype=x.dtype, device=x.device)
         a, a_scale = _activations(inter, g2, act)
         _mma(a, g2, pair_out, hidden, inter_size, cfg["down"], block_m=bm, align=align, out_by_pair=True,
-             tk=t * topk, a_scale=a_scale)
+             tk=t * topk, a_scale=a_scale, join=v.int4_join)
     if unsummed:
         return pair_out
     return combine(pair_out, weights, ids, torch.empty(t, hidden, dtype=x.dtype, device=x.device))
