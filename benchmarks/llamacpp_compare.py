@@ -30,7 +30,7 @@ agree: a float32 checkpoint of the layout (writer preset "small"; --ckpt to use 
     compared per position: the log-probability of the next token, and the top-1 token. Without --ckpt / --set,
     also variants of the layout (AGREE_VARIANTS: partial RoPE, grouped routing, unnormalized and unscaled
     routing weights, softmax scores).
-bench: cpu_bench.py's checkpoint (46.7M parameters, bf16) converted to bf16, Q8_0 and Q4_0 GGUFs; per format,
+bench: cpu_bench.py's checkpoint (46.7M parameters, bf16; or --ckpt) converted to bf16, Q8_0 and Q4_0 GGUFs; per format,
     batch-1 decode (ms a token after a --input-len prompt) and 16-sequence throughput (output tokens/s over the
     whole run, prefill included), param2moe (bf16, int8, int4: `quantization=`) beside llama.cpp (bf16, Q8_0,
     Q4_0: llama-bench tg at depth --input-len, llama-batched-bench), back to back, best of --repeats.
@@ -47,6 +47,7 @@ import argparse
 import datetime
 import glob
 import json
+import math
 import os
 import resource
 import subprocess
@@ -155,6 +156,7 @@ def patched_copy(ckpt: str, out: str) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    ckpt = os.path.abspath(ckpt)  # the links must not be relative to the copy
     os.makedirs(out, exist_ok=True)
     for f in os.listdir(ckpt):
         if f != "config.json":
@@ -236,7 +238,9 @@ def llama_logprobs(gguf: str, seqs: list[list[int]], threads: int) -> list[dict]
         json.dump(seqs, f)
         f.flush()
         r = subprocess.run([VENV_PY, "-c", _LLAMA_LOGPROBS, gguf, f.name, str(threads)], env=env,
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"llama.cpp logprobs of {gguf} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -317,10 +321,27 @@ def text_chunks(path: str, ckpt: str, ctx: int, max_tokens: int) -> list[list[in
     return [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
 
 
+def llama_cannot_load(ckpt: str) -> str | None:
+    """Why llama.cpp cannot run this checkpoint, or None: its BailingMoeV2 graph sizes the query projection by the
+    hidden size (src/models/bailingmoe2.cpp: attn_qkv {n_embd, n_embd + 2 * n_embd_gqa}), so it refuses layouts
+    whose heads * head_dim differs from hidden_size (the trained demo model: 4 x 64 heads on hidden 192)."""
+    with open(os.path.join(ckpt, "config.json")) as f:
+        cfg = json.load(f)
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    if heads * head_dim != hidden:
+        return (f"llama.cpp's BailingMoeV2 needs num_attention_heads * head_dim == hidden_size; this checkpoint has "
+                f"{heads} x {head_dim} = {heads * head_dim} on hidden {hidden} (its loader: 'tensor blk.0.attn_qkv."
+                f"weight has wrong shape')")
+    return None
+
+
 def perplexity(a) -> dict:
     """Perplexity of the same token windows in each format, both engines (every token after a window's first
     scored; the token ids given to both, so their tokenizers play no part)."""
     import math
+
+    from param2moe.quant.formats import QuantFormatError
 
     chunks = text_chunks(a.text, a.ckpt, a.ctx, a.max_tokens)
     if not chunks:
@@ -331,17 +352,24 @@ def perplexity(a) -> dict:
         lps = [x for o in outs for x in o["logprob"]]
         return {"ppl": math.exp(-sum(lps) / len(lps)), "tokens_scored": len(lps)}
 
+    unloadable = llama_cannot_load(a.ckpt)
     with tempfile.TemporaryDirectory(prefix="p2m-ppl-") as tmp:
-        ggufs = {"BF16": convert(a.ckpt, tmp, "bf16", a.pre_tokenizer)}
-        for _, _, q in FORMATS[1:]:
-            ggufs[q] = quantize(ggufs["BF16"], q)
+        ggufs = {}
+        if not unloadable:
+            ggufs["BF16"] = convert(a.ckpt, tmp, "bf16", a.pre_tokenizer)
+            for _, _, q in FORMATS[1:]:
+                ggufs[q] = quantize(ggufs["BF16"], q)
         for name, ours_q, theirs_q in FORMATS:
-            ours = res[f"param2moe {name}"] = ppl(ours_logprobs(a.ckpt, chunks, "bfloat16", ours_q))
-            theirs = res[f"llama.cpp {theirs_q}"] = ppl(llama_logprobs(ggufs[theirs_q], chunks, a.threads))
-            log(f"{name}: ours {ours['ppl']:.3f}, llama.cpp {theirs['ppl']:.3f}")
+            try:
+                ours = res[f"param2moe {name}"] = ppl(ours_logprobs(a.ckpt, chunks, "bfloat16", ours_q))
+            except QuantFormatError as e:  # e.g. int4 on widths that are not multiples of its group (128)
+                ours = res[f"param2moe {name}"] = {"ppl": None, "skipped": str(e)}
+            theirs = res[f"llama.cpp {theirs_q}"] = {"ppl": None, "skipped": unloadable} if unloadable else \
+                ppl(llama_logprobs(ggufs[theirs_q], chunks, a.threads))
+            log(f"{name}: ours {ours['ppl'] or ours['skipped']}, llama.cpp {theirs['ppl'] or theirs['skipped']}")
     for engine, base in (("param2moe", "param2moe bf16"), ("llama.cpp", "llama.cpp BF16")):
         for k, v in res.items():
-            if k.startswith(engine):
+            if k.startswith(engine) and v["ppl"] is not None and res[base]["ppl"] is not None:
                 v["delta_vs_bf16"] = v["ppl"] - res[base]["ppl"]
     return {"checkpoint": a.ckpt, "text": a.text, "ctx": a.ctx, "windows": len(chunks), "results": res}
 
@@ -349,7 +377,10 @@ def perplexity(a) -> dict:
 def ppl_table(res: dict) -> str:
     lines = ["| engine, format | perplexity | delta vs its bf16 |", "|---|---|---|"]
     for k, v in res["results"].items():
-        lines.append(f"| {k} | {v['ppl']:.3f} | {v['delta_vs_bf16']:+.3f} |")
+        if v["ppl"] is None:
+            lines.append(f"| {k} | - ({v['skipped'][:100]}) | - |")
+        else:
+            lines.append(f"| {k} | {v['ppl']:.3f} | {v['delta_vs_bf16']:+.3f} |")
     return "\n".join(lines)
 
 
@@ -366,6 +397,17 @@ def run_cpu(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     return r, _child_cpu() - c
 
 
+def _batched_row(table: str, npl: int) -> dict:
+    """llama-batched-bench's markdown row for npl sequences (its jsonl output went missing with two threads
+    here), as {"pp", "tg", "pl", "n_kv", "t_pp", "speed_pp", "t_tg", "speed_tg", "t", "speed"}."""
+    keys = ("pp", "tg", "pl", "n_kv", "t_pp", "speed_pp", "t_tg", "speed_tg", "t", "speed")
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == len(keys) and cells[0].isdigit() and int(cells[2]) == npl:
+            return dict(zip(keys, map(float, cells)))
+    raise RuntimeError(f"llama-batched-bench printed no row for {npl} sequences:\n{table[-2000:]}")
+
+
 def llama_bench(gguf: str, a) -> dict:
     """Batch-1 decode after an --input-len context (llama-bench tg at that depth) and 16-sequence throughput
     (llama-batched-bench: --output-len tokens each after an --input-len prompt, output tokens over the whole
@@ -379,12 +421,10 @@ def llama_bench(gguf: str, a) -> dict:
     _, c3 = run_cpu([*bench, "-n", str(3 * n), "-r", "1"])
     npl = a.num_seqs
     batched = [tool("llama-batched-bench"), "-m", gguf, "-t", str(a.threads), "-tb", str(a.threads),
-               "-c", str(npl * (a.input_len + a.output_len) + 64), "-b", "2048", "-ub", "512", "--output-format",
-               "jsonl"]
+               "-c", str(npl * (a.input_len + a.output_len) + 64), "-b", "2048", "-ub", "512"]
     r, cb = run_cpu([*batched, "-npp", str(a.input_len), "-ntg", str(a.output_len), "-npl", str(npl)])
     _, c0 = run_cpu([*batched, "-npp", "1", "-ntg", "1", "-npl", "1"])
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    row = next(x for x in rows if x.get("pl") == npl)
+    row = _batched_row(r.stdout, npl)
     out_tokens = npl * a.output_len
     return {"tpot_ms": 1e3 / tg["avg_ts"], "tg_tok_s": tg["avg_ts"], "tpot_cpu_ms": 1e3 * (c3 - c1) / (2 * n),
             "throughput_output_tok_s": out_tokens / row["t"], "output_tok_per_cpu_s": out_tokens / (cb - c0),
@@ -408,9 +448,9 @@ def ours_bench(ckpt: str, quantization: str | None, a) -> dict:
 
 def bench(a) -> dict:
     os.environ["OMP_NUM_THREADS"] = str(a.threads)  # our workers (fresh processes) use as many threads as llama.cpp
-    with tempfile.TemporaryDirectory(prefix="p2m-llamacpp-bench-") as tmp:
-        ckpt = os.path.join(tmp, "ckpt")
-        n_params = cpu_bench.write_model(ckpt, "bfloat16", seed=0)
+    with tempfile.TemporaryDirectory(prefix="p2m-llamacpp-bench-", dir=a.tmp) as tmp:
+        ckpt = a.ckpt or os.path.join(tmp, "ckpt")
+        n_params = checkpoint_parameters(ckpt) if a.ckpt else cpu_bench.write_model(ckpt, "bfloat16", seed=0)
         ggufs = {"BF16": convert(ckpt, tmp, "bf16", a.pre_tokenizer)}
         for _, _, q in FORMATS[1:]:
             ggufs[q] = quantize(ggufs["BF16"], q)
@@ -427,7 +467,20 @@ def bench(a) -> dict:
                 "tpot_cpu_ms": min(r["tpot_cpu_ms"] for r in v),
                 "output_tok_per_cpu_s": max(r["output_tok_per_cpu_s"] for r in v), "runs": v}
             for k, v in runs.items()}
-    return {"parameters": n_params, "gguf_bytes": sizes, "results": best}
+    return {"checkpoint": a.ckpt or "cpu_bench.py's (46.7M)", "parameters": n_params, "gguf_bytes": sizes,
+            "results": best}
+
+
+def checkpoint_parameters(ckpt: str) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for part in glob.glob(os.path.join(ckpt, "*.safetensors")):
+        with safe_open(part, framework="pt") as st:
+            for k in st.keys():
+                shape = st.get_slice(k).get_shape()
+                n += math.prod(shape)
+    return n
 
 
 def bench_table(res: dict) -> str:
@@ -444,7 +497,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["build", "agree", "bench", "ppl"])
     ap.add_argument("--jobs", type=int, default=2, help="build: parallel compile jobs")
-    ap.add_argument("--ckpt", help="agree: this checkpoint (float32) instead of a fresh small one; ppl: the model")
+    ap.add_argument("--ckpt", help="agree: this checkpoint (float32) instead of a fresh small one; ppl: the model; "
+                    "bench: this bf16 checkpoint instead of cpu_bench.py's (e.g. `param2moe make-checkpoint DIR "
+                    "--preset param2-17b --set num_hidden_layers=4`: Param-2 17B's shapes, cut)")
+    ap.add_argument("--tmp", help="bench: where the GGUFs go (default: the system's temporary folder)")
     ap.add_argument("--text", help="ppl: a .jsonl of {\"text\": ...} lines, or a text file")
     ap.add_argument("--ctx", type=int, default=256, help="ppl: window length in tokens")
     ap.add_argument("--max-tokens", type=int, default=16384, help="ppl: tokens of --text used at most")

@@ -110,6 +110,19 @@ def test_writes_new_kv_then_attends(dtype, native_path):
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
+def test_slot_outside_the_cache_is_an_error(native_path):
+    """A new token's slot past the cache: nothing written there, a clear error (not a write out of bounds)."""
+    q, kc, vc, table, lens = _inputs([3, 5], 8, 2, 64, 16, torch.float32, seed=2, poison=False)
+    k, v = torch.randn(2, 2, 64), torch.randn(2, 2, 64)
+    before = kc.clone()
+    for norm_rope in (None, (torch.ones(64), torch.ones(64), torch.ones(2, 32), torch.zeros(2, 32), 1e-6)):
+        with pytest.raises(RuntimeError, match="out of range"):
+            native.paged_decode(q, kc, vc, table, lens, 0.1, 5, new_kv=(k, v, torch.tensor([2, kc.shape[0] * 16])),
+                                norm_rope=norm_rope)
+    changed = (kc != before).flatten(2).any(-1)  # [blocks, slots in a block]
+    assert changed.nonzero().tolist() == [[0, 2]]  # the valid slot only
+
+
 def test_dispatch_uses_native_and_matches():
     """kernels.paged_attention with new_kv (QK-norm, RoPE, cache write) on a CPU decode: the native path gives
     the torch path's result and cache; prefill-shaped calls stay on the torch path."""

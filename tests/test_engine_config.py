@@ -94,15 +94,18 @@ def test_generation_config_reader(tmp_path, caplog):
 
 def test_kernel_backend_belongs_to_each_engine(tmp_path, monkeypatch):
     """Two engines in one process, "auto" and "torch": each runs its own backend (the CPU decode runs the
-    native attention kernel under "auto" only), whichever was made last."""
+    native attention kernel, or the fused decode layer around it, under "auto" only), whichever was made last."""
     from param2moe import SamplingParams
     from param2moe.kernels import cpu as native
+    from param2moe.kernels.cpu import layer as native_layer
     from param2moe.writer import preset_config, write_checkpoint
 
     write_checkpoint(str(tmp_path), preset_config("tiny", {"num_hidden_layers": 1}), seed=1)
     calls = []
     real = native.paged_decode
     monkeypatch.setattr(native, "paged_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_layer = native_layer.decode_layer
+    monkeypatch.setattr(native_layer, "decode_layer", lambda *a, **k: calls.append(2) or real_layer(*a, **k))
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     with LLM(str(tmp_path), kernels="auto", kv_cache_memory=1 << 22) as auto, \
             LLM(str(tmp_path), kernels="torch", kv_cache_memory=1 << 22) as plain:

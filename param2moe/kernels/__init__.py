@@ -21,6 +21,7 @@ from . import norm as _norm
 from . import rope as _rope
 from . import routing as _routing
 from .attention import causal_attention
+from .cpu import layer as _cpu_layer
 from .matmul import linear as _linear
 from .moe import silu_and_mul
 
@@ -301,6 +302,18 @@ class Kernels:
         """y += each row's LoRA delta (x @ a[i].T) @ b[i].T, in place (kernels/lora.py); rows: lora_rows(...)."""
         t = self._pick(x, "lora")
         return t.add_lora(y, x, a, b, rows) if t else _lora.add_lora(y, x, a, b, rows)
+
+    def decode_layer(self, layer, h, residual, cos, sin, attn):
+        """A decoder layer's forward (model/network.py DecoderLayer) for a CPU decode step in one native call
+        (cpu/layer.py): (mlp_out, residual), or None where it does not apply (then the per-op forward runs)."""
+        if not (self.native and h.device.type == "cpu") or isinstance(h, ExpertOutputs):
+            return None
+        cache = getattr(attn, "decode_cache", None)
+        kv = cache(layer.attention.layer_idx) if cache is not None else None
+        lw = layer.native_weights() if kv is not None else None
+        if lw is None:
+            return None
+        return _cpu_layer.decode_layer(layer, lw, h, residual, cos, sin, *kv)
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale: float,
                         max_query_len: int, max_context_len: int, new_kv=None):

@@ -44,6 +44,14 @@ class PagedAttention:
     layer_offset: int = 0  # first layer of this pipeline stage (caches are indexed from it)
     ops: Kernels = AUTO  # the engine's kernel backend
 
+    def decode_cache(self, layer: int):
+        """(k_cache, v_cache, block_tables, context_lens, slot_mapping) of the layer when this step is a decode
+        (one new token per sequence: the fused CPU decode layer takes it), else None."""
+        if self.max_query_len != 1 or self.block_tables.shape[0] != self.slot_mapping.shape[0]:
+            return None
+        i = layer - self.layer_offset
+        return self.k_caches[i], self.v_caches[i], self.block_tables, self.context_lens, self.slot_mapping
+
     def attend(self, layer: int, q, k, v, scale: float, norm_rope) -> torch.Tensor:
         """norm_rope = (q_weight, k_weight, cos, sin, eps) as Kernels.qk_norm_rope takes them; the new k and v
         are stored at slot_mapping before any query reads the cache."""

@@ -21,10 +21,12 @@ from torch import nn
 
 from ..config import Param2MoEConfig
 from ..kernels import AUTO, Kernels
+from ..kernels.cpu.layer import LayerWeights
 from ..kernels.embedding import resolve_ids
 from ..kernels.routing import append_experts
 from ..quant import layout as qlayout
 from ..quant.formats import QuantFormatError
+from .native_layer import native_weights
 from .rope import rope_cos_sin
 from .shard import Shard
 
@@ -223,6 +225,8 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    ops: Kernels = AUTO
+
     def __init__(self, cfg: Param2MoEConfig, layer_idx: int, shard: Shard, dtype, quant=None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -235,9 +239,18 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MoE(cfg, shard, dtype, quant, p)  # reduces its own sum
 
+    def native_weights(self) -> LayerWeights | None:
+        """The layer as the fused CPU decode step reads it, or None where that step would not be exact
+        (model/native_layer.py)."""
+        return native_weights(self)
+
     def forward(self, h, residual, cos, sin, attn):
         """Pre-norm block with the residual carried separately: returns (mlp_out, residual); mlp_out may come
-        unsummed over experts (ops.ExpertOutputs), which the next norm takes in."""
+        unsummed over experts (ops.ExpertOutputs), which the next norm takes in. A CPU decode step may run the
+        whole block in one native call (Kernels.decode_layer)."""
+        fused = self.ops.decode_layer(self, h, residual, cos, sin, attn)
+        if fused is not None:
+            return fused
         if residual is None:
             x, residual = self.input_layernorm(h), h
         else:
@@ -307,7 +320,7 @@ class Param2MoEForCausalLM(nn.Module):
     def use_kernels(self, kernels: Kernels) -> None:
         """Run every layer's hot ops on this backend."""
         for module in self.modules():
-            if isinstance(module, (Param2MoEForCausalLM, RMSNorm, Attention, MLP, MoE)):
+            if isinstance(module, (Param2MoEForCausalLM, DecoderLayer, RMSNorm, Attention, MLP, MoE)):
                 module.ops = kernels
 
     @property

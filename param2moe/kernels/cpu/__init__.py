@@ -139,14 +139,14 @@ def _cpu_features() -> str:
     return ""
 
 
-def _build(src_path: Path, defines: tuple[str, ...] = ()) -> Path | None:
-    """The library built from src_path (with these -D defines) in the cache directory, compiled first if it is
-    not there."""
+def _build(src_path: Path, defines: tuple[str, ...] = (), more: tuple[Path, ...] = ()) -> Path | None:
+    """The library built from src_path (and the sources `more`, with these -D defines) in the cache directory,
+    compiled first if it is not there."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         log.info("param2moe: no C compiler found; the CPU kernels of %s stay on the torch path", src_path.name)
         return None
-    src = src_path.read_bytes() + _COMMON_HEADER.read_bytes()  # the header both sources include
+    src = b"\0".join(p.read_bytes() for p in (src_path, *more, _COMMON_HEADER))  # with the header they include
     flags = [*_FLAGS, *(f"-D{d}" for d in defines)]
     key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_features().encode()]))
     key = key.hexdigest()
@@ -158,8 +158,8 @@ def _build(src_path: Path, defines: tuple[str, ...] = ()) -> Path | None:
     try:
         # The library needs libgomp.so.1 by soname: torch's CPU builds have loaded theirs by then, and the
         # dynamic loader reuses it, so the process keeps one OpenMP thread pool.
-        r = subprocess.run([cc, *flags, str(src_path), "-o", tmp, "-lm"], capture_output=True, text=True,
-                           timeout=120)
+        r = subprocess.run([cc, *flags, str(src_path), *map(str, more), "-o", tmp, "-lm"], capture_output=True,
+                           text=True, timeout=300)
         if r.returncode != 0:
             log.info("param2moe: building the native CPU kernels failed (torch path instead): %s",
                      (r.stderr or r.stdout).strip()[-500:])
@@ -186,15 +186,15 @@ def _write_private(path: Path, text: str) -> None:
             os.remove(tmp)
 
 
-def _load(key, src_path: Path, defines: tuple[str, ...], setup):
-    """The library for key (built from src_path with defines, then setup(lib) declares its functions), loaded
-    once; None where building or loading failed (remembered)."""
+def _load(key, src_path: Path, defines: tuple[str, ...], setup, more: tuple[Path, ...] = ()):
+    """The library for key (built from src_path and `more` with defines, then setup(lib) declares its functions),
+    loaded once; None where building or loading failed (remembered)."""
     libs = _state["libs"]
     if key in libs:
         return libs[key]
     libs[key] = None
     try:
-        path = _build(src_path, defines)
+        path = _build(src_path, defines, more)
         if path is None:
             return None
         lib = ctypes.CDLL(str(path))
@@ -556,7 +556,8 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float, 
                                                             for a in nr),
         torch.get_num_threads(), int(_state["generic"]))
     if err:
-        raise RuntimeError(f"native paged decode attention: {'a block id out of range' if err == 1 else 'no memory'}")
+        raise RuntimeError("native paged decode attention: "
+                           f"{'a block id or slot out of range' if err == 1 else 'no memory'}")
     return out
 
 

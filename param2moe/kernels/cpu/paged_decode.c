@@ -277,7 +277,8 @@ static inline void store_row(void *dst, int64_t off, const float *src, int D, in
     }
 }
 
-/* Returns 0; 1 if a block id was out of range (those outputs are zeros); 2 if scratch memory ran out.
+/* Returns 0; 1 if a block id or a slot was out of range (those outputs are zeros; such a slot is not written); 2
+ * if scratch memory ran out.
  * q_w, k_w (the QK-norm weights, fp32 or bf16 by w_bf16, or NULL), cos, sin ([B, half] fp32, or NULL), eps:
  * QK-norm and RoPE of q and of the new k first (needs k_new). */
 int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
@@ -314,6 +315,9 @@ int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
                 if (h < nh) {
                     norm_rope_row(q, b * q_stok + h * q_shead, q_bf16, q_w, w_bf16, eps, cb, sb, half, D,
                                   qn + ((int64_t)b * nh + h) * D);
+                } else if (slots[b] < 0 || slots[b] >= num_blocks * bs) {
+#pragma omp atomic write
+                    err = 1;
                 } else if (kt) {
                     h -= nh;
                     norm_rope_row(k_new, b * kn_stok + h * kn_shead, kv_bf16, k_w, w_bf16, eps, cb, sb, half, D, kt);
@@ -329,6 +333,11 @@ int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
 #pragma omp for schedule(static)
             for (int i = 0; i < B * nkv; i++) {
                 int b = i / nkv, h = i % nkv;
+                if (slots[b] < 0 || slots[b] >= num_blocks * bs) { /* a slot outside the cache: nothing written */
+#pragma omp atomic write
+                    err = 1;
+                    continue;
+                }
                 int64_t dst = slots[b] * row_stride + (int64_t)h * D;
                 if (!prologue)
                     memcpy((char *)k_cache + dst * esz, (const char *)k_new + (b * kn_stok + h * kn_shead) * esz,
