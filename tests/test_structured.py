@@ -93,19 +93,23 @@ def test_bitmask_applies_bit_by_bit():
         assert torch.equal(out[allowed], logits[allowed]) and bool((out[~allowed] == float("-inf")).all())
 
 
-def test_bitmask_applies_to_inference_tensors(monkeypatch):
-    """A CUDA graph's logits are inference tensors (made during capture); the sampler runs outside inference
-    mode and must still fill them, on the GPU's path too."""
-    import param2moe.structured.bitmask as bm
+def test_sampler_masks_inference_tensor_logits(monkeypatch):
+    """The step's logits are inference tensors (ModelRunner.execute runs in inference mode; a CUDA graph's
+    outputs were made during capture); the sampler, called outside inference mode, must still mask them in
+    place, on the GPU's path (unpack_and_fill) too."""
+    from param2moe.engine import sampler as sampler_module
+    from param2moe.engine.sequence import Request, Sequence
 
-    logits, bitmask = torch.randn(2, 40), torch.tensor([[1, 0], [0, 1]], dtype=torch.int32)
-    for path in (bm._apply, bm.unpack_and_fill):
-        monkeypatch.setattr(bm, "_apply", path)
+    base, bitmask = torch.randn(2, 40), torch.tensor([[1, 0], [0, 1]], dtype=torch.int32)  # token 0, token 32
+    seqs = [Sequence(i, Request(str(i), None, [5, 6], SamplingParams(temperature=0)), 0, None) for i in range(2)]
+    for path in (apply_token_bitmask, unpack_and_fill):
+        monkeypatch.setattr(sampler_module, "apply_token_bitmask", path)
         with torch.inference_mode():
-            out = logits.clone()
-        apply_token_bitmask(out, bitmask)
-        assert out[0, 0] == logits[0, 0] and out[1, 32] == logits[1, 32]
-        assert bool((out[0, 1:] == float("-inf")).all()) and bool((out[1, :32] == float("-inf")).all())
+            logits = base.clone()
+        got = sampler_module.Sampler([0]).sample(logits, seqs, bitmask=bitmask).resolve().token_ids
+        assert got == [0, 32]
+        assert logits[0, 0] == base[0, 0] and logits[1, 32] == base[1, 32]
+        assert bool((logits[0, 1:] == float("-inf")).all()) and bool((logits[1, :32] == float("-inf")).all())
 
 
 def test_vocabulary_bytes(checkpoint):

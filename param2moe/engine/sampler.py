@@ -104,6 +104,7 @@ class Sampler:
         greedy rows. The decode graphs capture it on their logits; sample() takes their result as greedy_ids."""
         return self.kernels.argmax(logits, out)
 
+    @torch.inference_mode()  # the step's logits are inference tensors (ModelRunner.execute): written in place here
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None,
                bitmask: torch.Tensor | None = None) -> PendingSample:
         """Queue the draw of one token per row; nothing here waits for the device (penalties and grammars

@@ -11,13 +11,7 @@ import torch
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """-inf into logits [S, V] wherever bitmask [S, ceil(V / 32)] has a 0 bit. In inference mode: the logits
-    of a CUDA graph are inference tensors (made while it was captured), which refuse in-place writes outside."""
-    with torch.inference_mode():
-        _apply(logits, bitmask)
-
-
-def _apply(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """-inf into logits [S, V] wherever bitmask [S, ceil(V / 32)] has a 0 bit."""
     if logits.device.type == "cpu":
         import xgrammar
 

@@ -293,6 +293,22 @@ def set_moe_enabled(on: bool | None) -> None:
     _state["moe_enabled"] = on
 
 
+def _moe_dims(x, w13, w2, weights, ids):
+    """(tokens, hidden, experts, 2 x width) of an expert call whose shapes agree, else None."""
+    t, h = x.shape
+    e, i2, h1 = w13.shape
+    if h1 != h or i2 % 2 or tuple(w2.shape) != (e, h, i2 // 2) or weights.shape != ids.shape or ids.shape[0] != t:
+        return None
+    return t, h, e, i2
+
+
+def _routing_args(weights, ids):
+    """The routing weights and expert ids as the C kernels read them: contiguous float32 and int64."""
+    wts = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
+    idx = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
+    return wts, idx
+
+
 def moe_decode(x, w13, w2, weights, ids):
     """moe.moe_experts (its sum and roundings; see moe_decode.c) in one native call: x [T, H], w13 [E, 2I, H],
     w2 [E, H, I] of one dtype (float32 or bfloat16), weights [T, K], ids [T, K] (-1: none). Returns [T, H] in
@@ -302,10 +318,10 @@ def moe_decode(x, w13, w2, weights, ids):
         return None
     if x.dtype not in _DTYPES or w13.dtype != x.dtype or w2.dtype != x.dtype or w13.dim() != 3 or w2.dim() != 3:
         return None
-    t, h = x.shape
-    e, i2, h1 = w13.shape
-    if h1 != h or i2 % 2 or tuple(w2.shape) != (e, h, i2 // 2) or weights.shape != ids.shape or ids.shape[0] != t:
+    dims = _moe_dims(x, w13, w2, weights, ids)
+    if dims is None:
         return None
+    t, h, e, i2 = dims
     if w13.device.type != "cpu" or w2.device.type != "cpu" or not (w13.is_contiguous() and w2.is_contiguous()):
         return None
     if torch.is_grad_enabled() and any(a.requires_grad for a in (x, w13, w2, weights)):
@@ -314,9 +330,7 @@ def moe_decode(x, w13, w2, weights, ids):
     if lib is None:
         return None
     x = x.contiguous()
-    wts = weights if weights.dtype == torch.float32 and weights.is_contiguous() else \
-        weights.float().contiguous()
-    idx = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
+    wts, idx = _routing_args(weights, ids)
     out = torch.empty((t, h), dtype=x.dtype)
     bf = _DTYPES[x.dtype]
     err = lib.p2m_moe_decode(x.data_ptr(), bf, w13.data_ptr(), w2.data_ptr(), bf, wts.data_ptr(), idx.data_ptr(),
@@ -400,19 +414,17 @@ def quant_moe(x, w13, w2, weights, ids):
         return None
     if not (_quant_ok(w13, 1) and _quant_ok(w2, 1)) or w13.method != w2.method or w13.group_size != w2.group_size:
         return None
-    t, h = x.shape
-    e, i2, h1 = w13.shape
-    if h1 != h or i2 % 2 or tuple(w2.shape) != (e, h, i2 // 2) or weights.shape != ids.shape or ids.shape[0] != t:
+    dims = _moe_dims(x, w13, w2, weights, ids)
+    if dims is None:
         return None
+    t, h, e, i2 = dims
     if torch.is_grad_enabled() and x.requires_grad:
         return None
     lib = _quant_lib()
     if lib is None:
         return None
     x = x.contiguous()
-    wts = weights if weights.dtype == torch.float32 and weights.is_contiguous() else \
-        weights.float().contiguous()
-    idx = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
+    wts, idx = _routing_args(weights, ids)
     out = torch.empty((t, h), dtype=x.dtype)
     err = lib.p2m_quant_moe(x.data_ptr(), _DTYPES[x.dtype], w13.qweight.data_ptr(), w13.scale.data_ptr(),
                             w2.qweight.data_ptr(), w2.scale.data_ptr(), _QUANT_METHODS[w13.method], w13.group_size,

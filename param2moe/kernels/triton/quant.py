@@ -203,6 +203,19 @@ def _gemv_out(acc, acc_u, xs_ptr, bias_ptr, out_ptr, o_off, n, nmask, xs_idx, GA
 
 
 @triton.jit
+def _chunk_dots(acc, acc_u, c, w_ptr, s_ptr, xr, g_row, u_row, g_srow, u_srow, nmask, K: tl.constexpr,
+                METHOD: tl.constexpr, EPW: tl.constexpr, GROUP: tl.constexpr, GATED: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XSPLIT: tl.constexpr):
+    """acc (gate rows) and acc_u (up rows, when GATED) plus chunk c's products."""
+    gc = _load_rows(w_ptr, g_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
+    acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
+    if GATED:
+        uc = _load_rows(w_ptr, u_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
+        acc_u += _row_dots(uc, s_ptr, u_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
+    return acc, acc_u
+
+
+@triton.jit
 def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N, stride_xc, stride_xt, stride_we,
                stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K: tl.constexpr, METHOD: tl.constexpr,
                EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr, GATED: tl.constexpr,
@@ -239,24 +252,14 @@ def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N,
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for c in tl.range(0, CHUNKS, num_stages=PIPE):
-                gc = _load_rows(w_ptr, g_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
-                acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K,
-                                 XSPLIT)
-                if GATED:
-                    uc = _load_rows(w_ptr, u_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
-                    acc_u += _row_dots(uc, s_ptr, u_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N,
-                                       BLOCK_K, XSPLIT)
+                acc, acc_u = _chunk_dots(acc, acc_u, c, w_ptr, s_ptr, xr, g_row, u_row, g_srow, u_srow, nmask, K,
+                                         METHOD, EPW, GROUP, GATED, BLOCK_N, BLOCK_K, XSPLIT)
         else:  # rows too long for the registers: chunk by chunk, loaded after the wait
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for c in tl.static_range(CHUNKS):
-                gc = _load_rows(w_ptr, g_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
-                acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K,
-                                 XSPLIT)
-                if GATED:
-                    uc = _load_rows(w_ptr, u_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
-                    acc_u += _row_dots(uc, s_ptr, u_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N,
-                                       BLOCK_K, XSPLIT)
+                acc, acc_u = _chunk_dots(acc, acc_u, c, w_ptr, s_ptr, xr, g_row, u_row, g_srow, u_srow, nmask, K,
+                                         METHOD, EPW, GROUP, GATED, BLOCK_N, BLOCK_K, XSPLIT)
         _gemv_out(acc, acc_u, xs_ptr, bias_ptr, out_ptr, col * stride_oc + t * stride_ot, n, nmask,
                   col if X_SCALE == 2 else t, GATED, HAS_BIAS, X_SCALE)
 
