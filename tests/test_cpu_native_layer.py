@@ -242,3 +242,13 @@ def test_formats_it_does_not_take(small_ckpt):
     att.query_key_value.weight = fp8
     assert native_layer._layer_struct(moe_layer.native_weights(), torch.float32) is None
     assert moe_layer.mlp.fold_shared_experts() and moe_layer.native_weights() is None
+
+
+def test_unsummed_expert_outputs_take_the_per_op_forward():
+    """On CUDA a MoE layer hands the next layer its outputs unsummed (kernels.ExpertOutputs, a tuple with no
+    .device): the fused CPU layer must decline it before looking at a device (it once raised AttributeError
+    there, breaking every CUDA decode step)."""
+    from param2moe.kernels import ExpertOutputs
+
+    h = ExpertOutputs(torch.zeros(2, 4), torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.int32))
+    assert Kernels("auto").decode_layer(None, h, None, None, None, None) is None

@@ -306,7 +306,7 @@ class Kernels:
     def decode_layer(self, layer, h, residual, cos, sin, attn):
         """A decoder layer's forward (model/network.py DecoderLayer) for a CPU decode step in one native call
         (cpu/layer.py): (mlp_out, residual), or None where it does not apply (then the per-op forward runs)."""
-        if not (self.native and h.device.type == "cpu") or isinstance(h, ExpertOutputs):
+        if isinstance(h, ExpertOutputs) or not (self.native and h.device.type == "cpu"):
             return None
         cache = getattr(attn, "decode_cache", None)
         kv = cache(layer.attention.layer_idx) if cache is not None else None
