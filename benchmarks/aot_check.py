@@ -179,7 +179,7 @@ def quant_main():
                 LABEL[0] = f"{method}/{t}/{v}"
                 tq.moe_experts(x, w13, w2, w, ids, num_appended=2, variant=v)
             if method == "int4" and t > 1:  # the tiled linear (qkv), the default int4 step and the joined one
-                for v in ("default", "join", "join_lin16"):
+                for v in ("default", "nojoin", "lin16"):
                     LABEL[0] = f"{method}/{t}/qkv/{v}"
                     tq.linear(x, formats.empty((3072, h), method), variant=v)
             if t == 1:  # the linear GEMV (qkv) and the dense MLP (width 9216) as one expert, each variant

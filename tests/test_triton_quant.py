@@ -68,7 +68,7 @@ def test_linear(method, t, n, k, dtype):
     x = torch.randn(t, k, device=DEV).to(dtype)
     assert tq.usable(x, qw) == (CUDA or tq.INTERPRET)
     with poisoned():
-        out = tq.linear(x, qw)
+        out = tq.linear(x, qw, act="keep")  # weight-only (fp8 at 64 tokens would quantize x: its own tests)
     assert out.dtype == dtype
     check(out, oracle_linear(x, qw), dtype)
 
@@ -222,9 +222,9 @@ def _variant_cases():
     GEMV's shapes or the tiles at one token; 3 tokens: the tiles)."""
     cases = []
     for name, v in tq.MOE_VARIANTS.items():
-        if v.gemv or v.one_token == "mma":
+        if v.gemv or v.one_token == "mma" or name == "default":
             cases.append((name, 1))
-        if v.tiles or v.int4_join:
+        if v.tiles or v.int4_join != tq.MoeVariant().int4_join or name == "default":
             cases.append((name, 3))
     return cases
 
@@ -249,7 +249,7 @@ def test_moe_variants(variant, t, method):
     """Every entry of quant.MOE_VARIANTS against the oracle (fp8 per channel shares fp8-block's code but for the
     scale's place). Hidden 384: a 256-column BLOCK_K (join_k256) ends past K, a half step masked and its second
     scale group missing."""
-    if method == "int4-g32" and not tq.MOE_VARIANTS[variant].int4_join:
+    if method == "int4-g32" and not (tq.MOE_VARIANTS[variant].int4_join and t > 1):
         pytest.skip("group 32: for the joined int4 steps (8 groups a step)")
     _moe_variant_check(method, variant, t, 384, 128)
 
@@ -264,7 +264,7 @@ def test_moe_gemv_pipelined_chunks(method, xsplit, monkeypatch):
     _moe_variant_check(method, "pipe_small", 1, 384, 256)
 
 
-@pytest.mark.parametrize("variant", ["gemv_pipe", "gemv_pipe_xsplit", "gemv_small"])
+@pytest.mark.parametrize("variant", ["default", "gemv_plain", "gemv_pipe", "gemv_pipe_xsplit", "gemv_small"])
 @pytest.mark.parametrize("method", ["int4", "int8", "fp8-block"])
 def test_linear_gemv_variants(method, variant):
     """A variant's "linear" GEMV (the pipelined ones: K 1536 in 3 chunks of 512), 2 tokens, a bias."""
@@ -276,8 +276,8 @@ def test_linear_gemv_variants(method, variant):
     check(out, oracle_linear(x, qw, bias), torch.bfloat16)
 
 
-@pytest.mark.parametrize("method,variant", [("int4", "join"), ("int4-g32", "join"), ("int4", "join_lin16"),
-                                            ("fp8-block", "join_lin16")])
+@pytest.mark.parametrize("method,variant", [("int4", "default"), ("int4-g32", "default"), ("int4", "nojoin"),
+                                            ("int4", "lin16"), ("fp8-block", "lin16")])
 def test_linear_tile_variants(method, variant):
     """The tiled linear with a variant's int4_join / linear_tiles (K 384: with BLOCK_K 256 a step past K)."""
     qw = random_qweight(method, 40, 384)
@@ -293,8 +293,8 @@ def test_moe_variant_names():
     x, w13, w2, weights, ids = _moe_inputs("int4", 1, 4, 128, 64, 2, torch.float32, False)
     with pytest.raises(ValueError, match="'nope' is not a quantized MoE variant; known: default"):
         tq.moe_experts(x, w13, w2, weights, ids, variant="gemv_pipe+nope")
-    both = tq.moe_variant("gemv_pipe+join_k256")
-    assert both.gemv == tq.MOE_VARIANTS["gemv_pipe"].gemv and both.int4_join and both.tiles == {"BLOCK_K": 256}
+    both = tq.moe_variant("gemv_pipe+nojoin+k256")
+    assert both.gemv == tq.MOE_VARIANTS["gemv_pipe"].gemv and not both.int4_join and both.tiles == {"BLOCK_K": 256}
     assert tq.moe_variant("default") == tq.MoeVariant()
 
 
@@ -329,6 +329,28 @@ def test_linear_fp8_activations(method, t):
         tq.linear(x, random_qweight("int4", 72, 384), act="fp8")
 
 
+def test_activation_mode_default(monkeypatch):
+    """fp8 weights from FP8_ACT_TOKENS tokens: fp8 activations (the linear and the MoE give exactly act="fp8"'s
+    result); below, and for the head's float32 logits and other methods, weight-only (exactly act="keep")."""
+    monkeypatch.setattr(tq, "FP8_ACT_TOKENS", 4)
+    assert tq.activation_mode(tq.FP8, 4) == tq.activation_mode(tq.FP8_BLOCK_SCALED, 9) == "fp8"
+    assert tq.activation_mode(tq.FP8, 3) is None and tq.activation_mode(tq.INT4, 64) is None
+    assert tq.activation_mode(tq.FP8, 64, head=True) is None and tq.activation_mode(tq.FP8, 64, "keep") is None
+    qw = random_qweight("fp8", 40, 256)
+    for t, mode in ((2, "keep"), (6, "fp8")):
+        x = torch.randn(t, 256, device=DEV).to(torch.bfloat16)
+        with poisoned():
+            assert torch.equal(tq.linear(x, qw), tq.linear(x, qw, act=mode))
+            head = tq.linear(x, qw, out_dtype=torch.float32)
+        assert torch.equal(head, tq.linear(x, qw, out_dtype=torch.float32, act="keep"))
+        x, w13, w2, weights, ids = _moe_inputs("fp8", t, 4, 128, 128, 2, torch.bfloat16, True)
+        with poisoned():
+            assert torch.equal(tq.moe_experts(x, w13, w2, weights, ids), tq.moe_experts(x, w13, w2, weights, ids,
+                                                                                        act=mode))
+    monkeypatch.setattr(tq, "FP8_ACT_TOKENS", 0)  # 0: never
+    assert tq.activation_mode(tq.FP8, 10 ** 6) is None
+
+
 @pytest.mark.parametrize("t", [1, 6])
 @pytest.mark.parametrize("method", ["fp8", "fp8-block"])
 def test_moe_fp8_activations(method, t):
@@ -359,13 +381,15 @@ def test_moe_fp8_activations(method, t):
 @pytest.mark.parametrize("t", [1, 8, 64, 256])
 @pytest.mark.parametrize("method", ["int8", "int4", "fp8", "fp8-block"])
 def test_param2_shapes(method, t):
+    """Weight-only against the oracle (fp8's default fp8 activations from 64 tokens: test_activation_mode_default
+    and the fp8-activation tests)."""
     x, w13, w2, weights, ids = _moe_inputs(method, t, 66, 2048, 2048, 8, torch.bfloat16, False)
     with poisoned():
-        out = tq.moe_experts(x, w13, w2, weights, ids)
+        out = tq.moe_experts(x, w13, w2, weights, ids, act="keep")
     check(out, oracle_moe(x, w13, w2, weights, ids), torch.bfloat16)
     qw = random_qweight(method, 3072, 2048)
     with poisoned():
-        y = tq.linear(x, qw)
+        y = tq.linear(x, qw, act="keep")
     check(y, oracle_linear(x, qw), torch.bfloat16)
 
 

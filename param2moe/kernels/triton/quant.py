@@ -21,8 +21,9 @@ never each weight. Two kernels, the two shapes of the bf16 ones (gemv.py, moe.py
   values are exact in bf16) and multiplied by the scales in fp32 after the MMA (per K step for group / block
   scales). Linear layers at more tokens, and the fused MoE's two GEMMs on moe.py's expert-aligned slots
   (`moe_align`, `combine`, the tuned block sizes of moe_configs.py).
-act="fp8" (fp8 weights): activations quantized per token (`act_quant`), the tiles on the fp8 tensor cores.
-Every launch shape is a function of T alone and nothing syncs with the host: CUDA-graph capturable.
+act="fp8" (fp8 weights; the default from FP8_ACT_TOKENS tokens, `activation_mode`): activations quantized per
+token (`act_quant`), the tiles on the fp8 tensor cores. Every launch shape is a function of T alone and nothing
+syncs with the host: CUDA-graph capturable.
 docs/quant-kernels.md has the design and the knobs.
 """
 
@@ -50,16 +51,17 @@ _WORD_VALUES = {INT8: 4, INT4: 8}  # values per int32 word as the GEMV reads the
 GEMV_MAX_TOKENS = {INT8: 4, INT4: 4, FP8: 4, FP8_BLOCK_SCALED: 4}
 _GEMV_OVERRIDE = os.environ.get("P2M_QUANT_GEMV_TOKENS")
 GEMV_CHUNK = 4096  # logical columns a GEMV program holds at once (larger K: a loop of chunks, no preload)
-# A GEMV program: (stored bytes it loads per weight set, warps), by method and use. The converted values
-# and their products take registers by value, not by byte (int4: 2 a byte), so int4 programs load fewer
-# bytes or run more warps than gemv.py's 32 KB of bf16: chosen from sm_90 compiles (no spills, <= ~170
-# registers a thread, two or three programs an SM); benchmarks/quant_gpu_bench.py sweeps them on the GPU.
-GEMV_CONFIGS = {
-    INT8: {"linear": (16384, 8), "gate_up": (8192, 8), "down": (16384, 8)},
-    INT4: {"linear": (8192, 8), "gate_up": (4096, 8), "down": (8192, 8)},
-    FP8: {"linear": (16384, 4), "gate_up": (8192, 4), "down": (16384, 4)},
-    FP8_BLOCK_SCALED: {"linear": (16384, 4), "gate_up": (8192, 4), "down": (16384, 4)},
-}
+# A GEMV program: (stored bytes it loads per weight set, warps, chunk columns, pipeline stages); see
+# `_gemv_shape`. Chunks of 1,024 columns through a 3-stage shared-memory pipeline keep enough bytes in flight
+# (on an H100, 2026-12-06: the int4 MoE at one token 1.77x the unpipelined shape, fp8 1.26x; the variant sweep
+# of benchmarks/quant_gpu_bench.py, docs/quant-kernels.md). The unpipelined shapes are variant "gemv_plain".
+GEMV_CONFIGS = {m: {"linear": (4096, 4, 1024, 3), "gate_up": (4096, 4, 1024, 3), "down": (4096, 4, 1024, 3)}
+                for m in (INT8, INT4, FP8, FP8_BLOCK_SCALED)}
+# fp8 weights: from this many tokens the activations are quantized to fp8 per token (dynamic, as vLLM's fp8) and
+# the tiled GEMMs multiply on the fp8 tensor cores (the MoE 1.45x weight-only at 256 tokens on an H100); below
+# it the GEMVs and tiles read the bf16 activations (weight-only: the weights' bytes bound the time, and the
+# results stay closer to bf16). P2M_QUANT_FP8_ACT_TOKENS overrides (0: never).
+FP8_ACT_TOKENS = int(os.environ.get("P2M_QUANT_FP8_ACT_TOKENS", "64"))
 MMA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -623,8 +625,9 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
            act: str | None = None, path: str | None = None, config: tuple[int, dict] | None = None,
            variant: str | None = None) -> torch.Tensor:
     """x [T, K] @ dequantize(qw).T + bias, accumulated in fp32, rounded to out_dtype (default x's dtype; the head:
-    float32) (see `usable`). act="fp8" (fp8 weights): x quantized per token first (`act_quant`; the tiled
-    kernel multiplies on the fp8 tensor cores). path "gemv" or "mma" forces a kernel (benchmarks); config:
+    float32) (see `usable`). act "fp8" (fp8 weights): x quantized per token first (`act_quant`; the tiled kernel
+    multiplies on the fp8 tensor cores); "keep": not; None: `activation_mode`'s default. path "gemv" or "mma"
+    forces a kernel (benchmarks); config:
     (BLOCK_M, GEMM config) of the tiled one. variant (default `moe_variant()`): its GEMV configs' "linear"
     entries, its int4_join and its linear_tiles apply here (the same kernels as the MoE's)."""
     if not usable(x, qw) or qw.qweight.dim() != 2:
@@ -641,6 +644,7 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
     out = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
     if t == 0:
         return out
+    act = activation_mode(w.method, t, act, head=out_dtype not in (None, x.dtype))
     a, a_scale = _activations(x, w, act)
     v = moe_variant(variant)
     if (path or ("gemv" if t <= gemv_max_tokens(w) else "mma")) == "gemv":
@@ -655,6 +659,16 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
 def one_expert(qw: QuantizedWeight) -> QuantizedWeight:
     """qw [N, K] as a stack of one expert [1, N, K] (a view): a dense MLP at one token runs as one expert."""
     return QuantizedWeight(qw.method, qw.qweight[None], qw.scale[None], (1, *qw.shape), qw.group_size)
+
+
+def activation_mode(w_method: int, t: int, act: str | None = None, head: bool = False) -> str | None:
+    """What the activations of a product at t tokens become: act as given ("fp8": quantized per token; "keep":
+    as they come), else (None) the default: "fp8" for fp8 weights from FP8_ACT_TOKENS tokens, except for the
+    head (head: float32 logits, kept weight-only). Returns "fp8" or None."""
+    if act is not None:
+        return None if act == "keep" else act
+    fp8 = w_method in (FP8, FP8_BLOCK_SCALED) and 0 < FP8_ACT_TOKENS <= t
+    return "fp8" if fp8 and not head else None
 
 
 def _activations(x, w: _W, act: str | None):
@@ -676,31 +690,36 @@ def moe_config(t: int, e: int, h: int, i: int, topk: int, dtype, method: int) ->
 class MoeVariant(NamedTuple):
     """A way to run the quantized MoE, selectable for A/B runs on a GPU (`moe_experts(variant=)`, or for the
     whole engine the env var P2M_QUANT_MOE_VARIANT, read once at import). docs/quant-kernels.md has the
-    analysis behind each; none is a default until measured."""
+    analysis behind each and the H100's measurements that made the defaults."""
 
     one_token: str = "gemv"  # at one token: "gemv" (`_qgemv_kernel`) or "mma" (the tiles on aligned slots)
     gemv: dict | None = None  # method code -> {use: config}: replaces GEMV_CONFIGS' entries (`_gemv_shape`);
     # "linear" ones serve `linear` at a few tokens
     tiles: dict | None = None  # merged into both tiled GEMMs' configs (e.g. {"num_stages": 5, "BLOCK_K": 256})
-    int4_join: bool = False  # int4 tiles (the MoE's and the linear layers'): `_int4_join_step`
+    int4_join: bool = True  # int4 tiles (the MoE's and the linear layers'): `_int4_join_step` (1.3-2.5x the
+    # unjoined step on an H100 at 8-256 tokens)
     linear_tiles: dict | None = None  # merged into `linear_config`'s GEMM config (e.g. {"BLOCK_N": 16}: more programs)
 
     def changes(self, t: int, method: int) -> bool:
         """Whether, at t tokens with weights of this method, something else runs than the default's."""
         if t == 1 and self.one_token == "gemv":
             return bool(self.gemv and method in self.gemv)
-        return t == 1 or bool(self.tiles) or (self.int4_join and method == INT4)
+        join_changed = self.int4_join != MoeVariant._field_defaults["int4_join"]
+        return t == 1 or bool(self.tiles) or (join_changed and method == INT4)
 
 
 # GEMV shapes of the variants (`_gemv_shape`), by method and use ("linear": the linear layers at a few tokens).
+# Unpipelined (bytes a weight set, warps): a whole row's chunk in registers, no shared-memory pipeline.
+_PLAIN_GEMV = {INT8: {"linear": (16384, 8), "gate_up": (8192, 8), "down": (16384, 8)},
+               INT4: {"linear": (8192, 8), "gate_up": (4096, 8), "down": (8192, 8)},
+               FP8: {"linear": (16384, 4), "gate_up": (8192, 4), "down": (16384, 4)},
+               FP8_BLOCK_SCALED: {"linear": (16384, 4), "gate_up": (8192, 4), "down": (16384, 4)}}
 # Pipelined: (bytes a weight set and chunk, warps, chunk columns, stages); 8 rows a program, so that the dense
 # MLP's down at one token (N 2048) keeps 256 programs.
 _PIPE_GEMV = {m: {"gate_up": (2048, 4, 512, 4), "down": (2048, 4, 512, 4), "linear": (2048, 4, 512, 4)}
-              for m in (INT4, FP8, FP8_BLOCK_SCALED, INT8)}
-_PIPE_GEMV_BIG = {m: {"gate_up": (4096, 4, 1024, 3), "down": (4096, 4, 1024, 3), "linear": (4096, 4, 1024, 3)}
-                  for m in _PIPE_GEMV}
-_XSPLIT_GEMV = {INT4: {use: (*cfg, 0, 0, True) for use, cfg in GEMV_CONFIGS[INT4].items()}}
-_XSPLIT_PIPE_GEMV = {INT4: {use: (*cfg[:4], True) for use, cfg in _PIPE_GEMV[INT4].items()}}
+              for m in _PLAIN_GEMV}
+_XSPLIT_GEMV = {INT4: {use: (*cfg, 0, 0, True) for use, cfg in _PLAIN_GEMV[INT4].items()}}
+_XSPLIT_PIPE_GEMV = {INT4: {use: (*cfg[:4], True) for use, cfg in GEMV_CONFIGS[INT4].items()}}
 _SMALL_GEMV = {INT4: {"gate_up": (2048, 4), "down": (4096, 4), "linear": (2048, 4)},
                FP8: {"gate_up": (4096, 4), "down": (8192, 4), "linear": (4096, 4)},
                FP8_BLOCK_SCALED: {"gate_up": (4096, 4), "down": (8192, 4), "linear": (4096, 4)}}
@@ -708,19 +727,17 @@ _WIDE_GEMV = {INT4: {"gate_up": (16384, 8), "down": (16384, 8)}, FP8: {"gate_up"
               FP8_BLOCK_SCALED: {"gate_up": (16384, 4), "down": (32768, 8)}, INT8: {"gate_up": (16384, 8)}}
 MOE_VARIANTS = {
     "default": MoeVariant(),
-    "gemv_wide": MoeVariant(gemv=_WIDE_GEMV),  # more bytes in flight a program at one token
-    "gemv_pipe": MoeVariant(gemv=_PIPE_GEMV),  # chunks of 512 columns, 4 stages: bytes in flight in shared memory
-    "gemv_pipe_big": MoeVariant(gemv=_PIPE_GEMV_BIG),  # chunks of 1024, 3 stages
+    "gemv_plain": MoeVariant(gemv=_PLAIN_GEMV),  # the unpipelined GEMV shapes
+    "gemv_wide": MoeVariant(gemv=_WIDE_GEMV),  # more bytes in flight a program at one token, unpipelined
+    "gemv_pipe": MoeVariant(gemv=_PIPE_GEMV),  # chunks of 512 columns, 4 stages
     "gemv_small": MoeVariant(gemv=_SMALL_GEMV),  # moe.py's one-token shape: few rows, 4 warps, many programs
     "gemv_xsplit": MoeVariant(gemv=_XSPLIT_GEMV),  # int4: x in 16-byte loads, split in registers
     "gemv_pipe_xsplit": MoeVariant(gemv=_XSPLIT_PIPE_GEMV),
     "mma1": MoeVariant(one_token="mma"),  # one token on the tiles: a K loop pipelined through shared memory
     "deep": MoeVariant(tiles={"num_stages": 5}),  # more K steps in flight a tile program
-    "join": MoeVariant(int4_join=True),
-    "join_k256": MoeVariant(int4_join=True, tiles={"BLOCK_K": 256}),  # int4: 128 bytes a row a step
-    "join_k256_mma1": MoeVariant(one_token="mma", int4_join=True, tiles={"BLOCK_K": 256}),
-    # int4 linears in tiles: qkv at 8-64 tokens is 96 programs at BLOCK_N 32 (132 SMs); 16 doubles them
-    "join_lin16": MoeVariant(int4_join=True, linear_tiles={"BLOCK_N": 16}),
+    "nojoin": MoeVariant(int4_join=False),  # int4 tiles: x's even and odd columns loaded apart
+    "k256": MoeVariant(tiles={"BLOCK_K": 256}),  # int4: 128 bytes a row a step
+    "lin16": MoeVariant(linear_tiles={"BLOCK_N": 16}),  # linears in tiles: N tiles of 16, more programs
 }
 _VARIANT_ENV = os.environ.get("P2M_QUANT_MOE_VARIANT", "default")
 
@@ -787,8 +804,9 @@ def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weig
     output [T*k, H] (rows of ids -1 undefined), for the next norm to sum (norm.expert_sum_add_rms_norm).
     num_appended: the last columns of ids are the folded shared expert (experts E - n.., every token):
     at one token their weights are loaded before waiting for the kernel in front (the router). config: the
-    tiled GEMMs' block sizes (moe_configs.py's format; default: `moe_config`). act="fp8" (fp8 weights): x and
-    the intermediate activations quantized per row (`act_quant`), the tiled GEMMs on the fp8 tensor cores.
+    tiled GEMMs' block sizes (moe_configs.py's format; default: `moe_config`). act "fp8" (fp8 weights): x and
+    the intermediate activations quantized per row (`act_quant`), the tiled GEMMs on the fp8 tensor cores;
+    "keep": not; None: `activation_mode`'s default.
     variant: a name of MOE_VARIANTS (default: `moe_variant()`)."""
     v = moe_variant(variant)
     _check_moe(x, w13, w2, weights, ids)
@@ -802,6 +820,7 @@ def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weig
     ids = ids.contiguous()
     weights = weights if weights.stride(-1) == 1 else weights.contiguous()
     g13, g2 = _prep(w13, "w13"), _prep(w2, "w2")
+    act = activation_mode(g13.method, t, act)
     if t == 1 and v.one_token == "gemv":  # matrix-vector products, an expert per column of ids (moe.py's ONE_TOKEN)
         gemv = (v.gemv or {}).get(g13.method, {})
         inter = torch.empty(topk, inter_size, dtype=x.dtype, device=x.device)
