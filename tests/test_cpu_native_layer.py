@@ -146,7 +146,7 @@ def test_quantized_layer(small_ckpt, method, n_seqs):
 
 
 # ------------------------------------------------------------------------------------ where it must not run
-ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_memory=8 << 20)
+ENGINE = dict(device="cpu", dtype="float32", max_model_len=256, kv_cache_memory=8 << 20)  # also on a CUDA machine
 GREEDY = SamplingParams(temperature=0, max_tokens=8, logprobs=0)
 PROMPTS = [[30 + (i * 37) % 400 for i in range(13)], [100, 200, 300, 45, 46]]  # two rows: the fused step's limit
 
