@@ -720,6 +720,11 @@ _PIPE_GEMV = {m: {"gate_up": (2048, 4, 512, 4), "down": (2048, 4, 512, 4), "line
               for m in _PLAIN_GEMV}
 _XSPLIT_GEMV = {INT4: {use: (*cfg, 0, 0, True) for use, cfg in _PLAIN_GEMV[INT4].items()}}
 _XSPLIT_PIPE_GEMV = {INT4: {use: (*cfg[:4], True) for use, cfg in GEMV_CONFIGS[INT4].items()}}
+def _pipe(budget: int, warps: int, chunk: int, stages: int) -> dict:
+    """A pipelined GEMV shape for every method and use (variants around the default's)."""
+    return {m: {use: (budget, warps, chunk, stages) for use in ("gate_up", "down", "linear")} for m in _PLAIN_GEMV}
+
+
 _SMALL_GEMV = {INT4: {"gate_up": (2048, 4), "down": (4096, 4), "linear": (2048, 4)},
                FP8: {"gate_up": (4096, 4), "down": (8192, 4), "linear": (4096, 4)},
                FP8_BLOCK_SCALED: {"gate_up": (4096, 4), "down": (8192, 4), "linear": (4096, 4)}}
@@ -730,6 +735,13 @@ MOE_VARIANTS = {
     "gemv_plain": MoeVariant(gemv=_PLAIN_GEMV),  # the unpipelined GEMV shapes
     "gemv_wide": MoeVariant(gemv=_WIDE_GEMV),  # more bytes in flight a program at one token, unpipelined
     "gemv_pipe": MoeVariant(gemv=_PIPE_GEMV),  # chunks of 512 columns, 4 stages
+    # around the default's (4096 bytes, 4 warps, chunks of 1024, 3 stages): one knob each
+    "pipe_b8k": MoeVariant(gemv=_pipe(8192, 4, 1024, 3)),
+    "pipe_b2k": MoeVariant(gemv=_pipe(2048, 4, 1024, 3)),
+    "pipe_w8": MoeVariant(gemv=_pipe(4096, 8, 1024, 3)),
+    "pipe_c2k": MoeVariant(gemv=_pipe(4096, 4, 2048, 2)),
+    "pipe_s4": MoeVariant(gemv=_pipe(4096, 4, 1024, 4)),
+    "pipe_b8k_w8_c2k": MoeVariant(gemv=_pipe(8192, 8, 2048, 2)),
     "gemv_small": MoeVariant(gemv=_SMALL_GEMV),  # moe.py's one-token shape: few rows, 4 warps, many programs
     "gemv_xsplit": MoeVariant(gemv=_XSPLIT_GEMV),  # int4: x in 16-byte loads, split in registers
     "gemv_pipe_xsplit": MoeVariant(gemv=_XSPLIT_PIPE_GEMV),
