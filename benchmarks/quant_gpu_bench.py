@@ -267,8 +267,10 @@ ACTS = {"w8a8": "fp8", "wo": "keep"}  # variants forcing fp8 activations / weigh
 
 def fp8_activations(op, method, t, variant) -> bool:
     """Whether the row's activations are rounded to fp8 (forced, or fp8 weights' default at t tokens)."""
-    if variant in ACTS or op == "head" or method == "bf16":
+    if isinstance(variant, str) and variant in ACTS:
         return variant == "w8a8"
+    if op == "head" or method == "bf16":
+        return False
     code = {"int8": tq.INT8, "int4": tq.INT4, "fp8": tq.FP8, "fp8-block": tq.FP8_BLOCK_SCALED}[method]
     return tq.activation_mode(code, t) == "fp8"
 
@@ -359,8 +361,8 @@ def variant_jobs(method):
     for n in variant_names():  # the linear layers: a variant's "linear" GEMV, and the joined int4 step's tiles
         v = tq.moe_variant(n)
         ts = [t for t in TS if t <= tq.GEMV_MAX_TOKENS[code]] if (v.gemv or {}).get(code, {}).get("linear") else []
-        ts += ([t for t in TS if t > tq.GEMV_MAX_TOKENS[code]] if (v.int4_join and code == tq.INT4) or v.linear_tiles
-               else [])
+        join_changed = v.int4_join != tq.MoeVariant().int4_join and code == tq.INT4
+        ts += [t for t in TS if t > tq.GEMV_MAX_TOKENS[code]] if join_changed or v.linear_tiles else []
         out += [(f"{op}/{method}/{t}/v:{n}", lambda op=op, m=method, t=t, n=n: run_case(op, m, t, {"variant": n},
                                                                                        label=f"v:{n}"))
                 for op in ("qkv", "dense") for t in ts]

@@ -264,7 +264,7 @@ def test_moe_gemv_pipelined_chunks(method, xsplit, monkeypatch):
     _moe_variant_check(method, "pipe_small", 1, 384, 256)
 
 
-@pytest.mark.parametrize("variant", ["default", "gemv_plain", "gemv_pipe", "gemv_pipe_xsplit", "gemv_small"])
+@pytest.mark.parametrize("variant", ["default", "gemv_plain", "gemv_pipe", "gemv_pipe_noxsplit", "gemv_small"])
 @pytest.mark.parametrize("method", ["int4", "int8", "fp8-block"])
 def test_linear_gemv_variants(method, variant):
     """A variant's "linear" GEMV (the pipelined ones: K 1536 in 3 chunks of 512), 2 tokens, a bias."""

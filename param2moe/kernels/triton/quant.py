@@ -51,11 +51,13 @@ _WORD_VALUES = {INT8: 4, INT4: 8}  # values per int32 word as the GEMV reads the
 GEMV_MAX_TOKENS = {INT8: 4, INT4: 4, FP8: 4, FP8_BLOCK_SCALED: 4}
 _GEMV_OVERRIDE = os.environ.get("P2M_QUANT_GEMV_TOKENS")
 GEMV_CHUNK = 4096  # logical columns a GEMV program holds at once (larger K: a loop of chunks, no preload)
-# A GEMV program: (stored bytes it loads per weight set, warps, chunk columns, pipeline stages); see
-# `_gemv_shape`. Chunks of 1,024 columns through a 3-stage shared-memory pipeline keep enough bytes in flight
-# (on an H100, 2026-12-06: the int4 MoE at one token 1.77x the unpipelined shape, fp8 1.26x; the variant sweep
-# of benchmarks/quant_gpu_bench.py, docs/quant-kernels.md). The unpipelined shapes are variant "gemv_plain".
-GEMV_CONFIGS = {m: {"linear": (4096, 4, 1024, 3), "gate_up": (4096, 4, 1024, 3), "down": (4096, 4, 1024, 3)}
+# A GEMV program: (stored bytes it loads per weight set, warps, chunk columns, pipeline stages[, xsplit]); see
+# `_gemv_shape`. Chunks of 1,024 columns through a 3-stage shared-memory pipeline keep enough bytes in flight,
+# and int4 reads x in 16-byte loads split in registers (on an H100, 2026-12-06: the int4 MoE at one token 2.1x
+# the unpipelined shape, fp8 1.26x; the variant sweeps of benchmarks/quant_gpu_bench.py, docs/quant-kernels.md).
+# The unpipelined shapes are variant "gemv_plain".
+_PIPE_SHAPE = (4096, 4, 1024, 3)
+GEMV_CONFIGS = {m: {use: (*_PIPE_SHAPE, m == INT4) for use in ("linear", "gate_up", "down")}
                 for m in (INT8, INT4, FP8, FP8_BLOCK_SCALED)}
 # fp8 weights: from this many tokens the activations are quantized to fp8 per token (dynamic, as vLLM's fp8) and
 # the tiled GEMMs multiply on the fp8 tensor cores (the MoE 1.45x weight-only at 256 tokens on an H100); below
@@ -719,12 +721,6 @@ _PLAIN_GEMV = {INT8: {"linear": (16384, 8), "gate_up": (8192, 8), "down": (16384
 _PIPE_GEMV = {m: {"gate_up": (2048, 4, 512, 4), "down": (2048, 4, 512, 4), "linear": (2048, 4, 512, 4)}
               for m in _PLAIN_GEMV}
 _XSPLIT_GEMV = {INT4: {use: (*cfg, 0, 0, True) for use, cfg in _PLAIN_GEMV[INT4].items()}}
-_XSPLIT_PIPE_GEMV = {INT4: {use: (*cfg[:4], True) for use, cfg in GEMV_CONFIGS[INT4].items()}}
-def _pipe(budget: int, warps: int, chunk: int, stages: int) -> dict:
-    """A pipelined GEMV shape for every method and use (variants around the default's)."""
-    return {m: {use: (budget, warps, chunk, stages) for use in ("gate_up", "down", "linear")} for m in _PLAIN_GEMV}
-
-
 _SMALL_GEMV = {INT4: {"gate_up": (2048, 4), "down": (4096, 4), "linear": (2048, 4)},
                FP8: {"gate_up": (4096, 4), "down": (8192, 4), "linear": (4096, 4)},
                FP8_BLOCK_SCALED: {"gate_up": (4096, 4), "down": (8192, 4), "linear": (4096, 4)}}
@@ -735,16 +731,9 @@ MOE_VARIANTS = {
     "gemv_plain": MoeVariant(gemv=_PLAIN_GEMV),  # the unpipelined GEMV shapes
     "gemv_wide": MoeVariant(gemv=_WIDE_GEMV),  # more bytes in flight a program at one token, unpipelined
     "gemv_pipe": MoeVariant(gemv=_PIPE_GEMV),  # chunks of 512 columns, 4 stages
-    # around the default's (4096 bytes, 4 warps, chunks of 1024, 3 stages): one knob each
-    "pipe_b8k": MoeVariant(gemv=_pipe(8192, 4, 1024, 3)),
-    "pipe_b2k": MoeVariant(gemv=_pipe(2048, 4, 1024, 3)),
-    "pipe_w8": MoeVariant(gemv=_pipe(4096, 8, 1024, 3)),
-    "pipe_c2k": MoeVariant(gemv=_pipe(4096, 4, 2048, 2)),
-    "pipe_s4": MoeVariant(gemv=_pipe(4096, 4, 1024, 4)),
-    "pipe_b8k_w8_c2k": MoeVariant(gemv=_pipe(8192, 8, 2048, 2)),
+    "gemv_pipe_noxsplit": MoeVariant(gemv={INT4: {use: _PIPE_SHAPE for use in ("gate_up", "down", "linear")}}),
     "gemv_small": MoeVariant(gemv=_SMALL_GEMV),  # moe.py's one-token shape: few rows, 4 warps, many programs
     "gemv_xsplit": MoeVariant(gemv=_XSPLIT_GEMV),  # int4: x in 16-byte loads, split in registers
-    "gemv_pipe_xsplit": MoeVariant(gemv=_XSPLIT_PIPE_GEMV),
     "mma1": MoeVariant(one_token="mma"),  # one token on the tiles: a K loop pipelined through shared memory
     "deep": MoeVariant(tiles={"num_stages": 5}),  # more K steps in flight a tile program
     "nojoin": MoeVariant(int4_join=False),  # int4 tiles: x's even and odd columns loaded apart
