@@ -68,7 +68,8 @@ VENV_PY = os.path.join(WORK, "venv", "bin", "python")
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-perplexity", "llama-quantize")
 CONVERTER_DEPS = ["torch==2.13.0", "transformers>=4.57,<5", "sentencepiece", "protobuf<5", "numpy", "pyyaml",
                   "tqdm", "jinja2", "typing_extensions", "diskcache", "safetensors"]
-FORMATS = (("bf16", None, "BF16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q4_0"))  # name, ours, llama.cpp
+# name, ours, llama.cpp (int4-k: our int4 against llama.cpp's K-quant mix Q4_K_M)
+FORMATS = (("bf16", None, "BF16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q4_0"), ("int4-k", "int4", "Q4_K_M"))
 
 
 def log(*a) -> None:
@@ -360,10 +361,13 @@ def perplexity(a) -> dict:
             for _, _, q in FORMATS[1:]:
                 ggufs[q] = quantize(ggufs["BF16"], q)
         for name, ours_q, theirs_q in FORMATS:
-            try:
-                ours = res[f"param2moe {name}"] = ppl(ours_logprobs(a.ckpt, chunks, "bfloat16", ours_q))
-            except QuantFormatError as e:  # e.g. int4 on widths that are not multiples of its group (128)
-                ours = res[f"param2moe {name}"] = {"ppl": None, "skipped": str(e)}
+            if name == "int4-k":  # ours: the int4 row above
+                ours = res["param2moe int4"]
+            else:
+                try:
+                    ours = res[f"param2moe {name}"] = ppl(ours_logprobs(a.ckpt, chunks, "bfloat16", ours_q))
+                except QuantFormatError as e:  # e.g. int4 on widths that are not multiples of its group (128)
+                    ours = res[f"param2moe {name}"] = {"ppl": None, "skipped": str(e)}
             theirs = res[f"llama.cpp {theirs_q}"] = {"ppl": None, "skipped": unloadable} if unloadable else \
                 ppl(llama_logprobs(ggufs[theirs_q], chunks, a.threads))
             log(f"{name}: ours {ours['ppl'] or ours['skipped']}, llama.cpp {theirs['ppl'] or theirs['skipped']}")
@@ -509,7 +513,7 @@ def main() -> None:
                     help="agree: a config value of the small checkpoint (e.g. partial_rotary_factor=0.5); only this")
     ap.add_argument("--pre-tokenizer", default="gpt-2", help="the pre-tokenizer name the converter is given")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--formats", default="bf16,int8,int4")
+    ap.add_argument("--formats", default="bf16,int8,int4", help="bench: of bf16, int8, int4, int4-k (Q4_K_M)")
     ap.add_argument("--quantize-head", action="store_true",
                     help="bench: param2moe's head quantized too (llama-quantize makes it Q8_0 / Q6_K; ours stays bf16 "
                          "without this)")

@@ -629,9 +629,9 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
     """x [T, K] @ dequantize(qw).T + bias, accumulated in fp32, rounded to out_dtype (default x's dtype; the head:
     float32) (see `usable`). act "fp8" (fp8 weights): x quantized per token first (`act_quant`; the tiled kernel
     multiplies on the fp8 tensor cores); "keep": not; None: `activation_mode`'s default. path "gemv" or "mma"
-    forces a kernel (benchmarks); config:
-    (BLOCK_M, GEMM config) of the tiled one. variant (default `moe_variant()`): its GEMV configs' "linear"
-    entries, its int4_join and its linear_tiles apply here (the same kernels as the MoE's)."""
+    forces a kernel (benchmarks); config: (BLOCK_M, GEMM config) of the tiled one. variant (default
+    `moe_variant()`): its GEMV configs' "linear" entries, its int4_join and its linear_tiles apply here (the same
+    kernels as the MoE's)."""
     if not usable(x, qw) or qw.qweight.dim() != 2:
         raise ValueError(f"quantized linear: x {x.dtype} {list(x.shape)} on {x.device} with the {qw.method} weight "
                          f"{list(qw.shape)} (qweight {qw.qweight.dtype} {list(qw.qweight.shape)}): not served "
@@ -731,6 +731,7 @@ MOE_VARIANTS = {
     "gemv_plain": MoeVariant(gemv=_PLAIN_GEMV),  # the unpipelined GEMV shapes
     "gemv_wide": MoeVariant(gemv=_WIDE_GEMV),  # more bytes in flight a program at one token, unpipelined
     "gemv_pipe": MoeVariant(gemv=_PIPE_GEMV),  # chunks of 512 columns, 4 stages
+    # int4: the default's pipeline with x read by nibble position (strided 2-byte loads)
     "gemv_pipe_noxsplit": MoeVariant(gemv={INT4: {use: _PIPE_SHAPE for use in ("gate_up", "down", "linear")}}),
     "gemv_small": MoeVariant(gemv=_SMALL_GEMV),  # moe.py's one-token shape: few rows, 4 warps, many programs
     "gemv_xsplit": MoeVariant(gemv=_XSPLIT_GEMV),  # int4: x in 16-byte loads, split in registers
