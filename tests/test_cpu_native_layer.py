@@ -226,20 +226,29 @@ def test_eplb_engine_takes_the_per_op_path(tmp_path, fused_calls):
 def test_formats_it_does_not_take(small_ckpt):
     """fp8 weights, uniformly random routing, a folded shared expert and a bias: native_weights or the C
     description is None, so the per-op path runs."""
+    from param2moe.model.native_layer import forget_native_weights
+
     model = load_model(small_ckpt, dtype=torch.float32, progress=False)
     moe_layer = model.model.layers["1"]
-    assert native_layer._layer_struct(moe_layer.native_weights(), torch.float32) is not None
+    lw = moe_layer.native_weights()
+    assert native_layer._layer_struct(lw, torch.float32) is not None
+    assert moe_layer.native_weights() is lw  # kept on the layer
     model.set_uniform_random_routing(True)
     model._draw_random_experts(1, torch.device("cpu"))
-    assert moe_layer.native_weights() is None
+    assert moe_layer.native_weights() is None  # what changes while serving is read at every call
     model.set_uniform_random_routing(False)
+    moe_layer.attention.lora_dense = object()
+    assert moe_layer.native_weights() is None
+    moe_layer.attention.lora_dense = None
     att = moe_layer.attention
     att.dense.bias = torch.nn.Parameter(torch.zeros(att.dense.weight.shape[0]), requires_grad=False)
+    forget_native_weights(moe_layer)  # tensors replaced after the first call: the description is built again
     assert native_layer._layer_struct(moe_layer.native_weights(), torch.float32) is None
     att.dense.bias = None
     fp8 = quantize(att.query_key_value.weight, "fp8")
     del att.query_key_value._parameters["weight"]
     att.query_key_value.weight = fp8
+    forget_native_weights(moe_layer)
     assert native_layer._layer_struct(moe_layer.native_weights(), torch.float32) is None
     assert moe_layer.mlp.fold_shared_experts() and moe_layer.native_weights() is None
 

@@ -15,19 +15,35 @@ from __future__ import annotations
 from ..kernels.cpu.layer import LayerWeights
 
 
-def _has_lora(layer) -> bool:
-    att, mlp = layer.attention, layer.mlp
-    hooks = [att.lora_qkv, att.lora_dense, getattr(mlp, "lora_gate_up", None), getattr(mlp, "lora_experts", None)]
-    shared = getattr(mlp, "shared_experts", None)
-    if shared is not None:
-        hooks.append(shared.lora_gate_up)
-    return any(h is not None for h in hooks)
+def _declines(att, mlp) -> bool:
+    """What may change after a layer's first decode step (plain attributes, cheap to read): LoRA hooks, an expert
+    map, random routing (set each step by benchmarks), a folded shared expert."""
+    a, m = att.__dict__, mlp.__dict__  # (plain attributes live here; a missing one costs an exception otherwise)
+    shared = mlp._modules.get("shared_experts")
+    hooks = (a["lora_qkv"], a["lora_dense"], m.get("lora_gate_up"), m.get("lora_down"), m.get("lora_experts"),
+             *((None, None) if shared is None else (shared.__dict__["lora_gate_up"], shared.__dict__["lora_down"])))
+    return (any(h is not None for h in hooks) or m.get("random_choice") is not None or m.get("expert_map") is not None
+            or bool(m.get("num_folded_shared")))
 
 
 def native_weights(layer) -> LayerWeights | None:
-    """layer: a network.DecoderLayer."""
+    """layer: a network.DecoderLayer. The description is built at the first call and kept on the layer (reading a
+    module's parameters costs microseconds each, every layer and step otherwise); code that replaces the layer's
+    tensors afterwards calls `forget_native_weights(layer)`."""
+    cached = layer.__dict__.get("_native_weights")
+    if cached is None:
+        cached = layer.__dict__["_native_weights"] = (layer.attention, layer.mlp, _describe(layer))
+    att, mlp, lw = cached
+    return None if _declines(att, mlp) else lw
+
+
+def forget_native_weights(layer) -> None:
+    layer.__dict__.pop("_native_weights", None)
+
+
+def _describe(layer) -> LayerWeights | None:
     att, mlp = layer.attention, layer.mlp
-    if att.shard.tp_size > 1 or att.shard.ep_size > 1 or _has_lora(layer):
+    if att.shard.tp_size > 1 or att.shard.ep_size > 1:
         return None
     qn, kn = att.query_layernorm, att.key_layernorm
     lw = LayerWeights(
@@ -40,8 +56,6 @@ def native_weights(layer) -> LayerWeights | None:
     if not hasattr(mlp, "w13"):  # a dense layer's MLP
         lw.mlp_gate_up, lw.mlp_down = mlp.gate_up_proj, mlp.down_proj
         return lw
-    if mlp.random_choice is not None or mlp.num_folded_shared or mlp.expert_map is not None:
-        return None
     c = mlp.cfg
     lw.router, lw.router_bias, lw.w13, lw.w2 = mlp.gate.weight, mlp.gate.expert_bias, mlp.w13, mlp.w2
     lw.top_k, lw.score_function, lw.n_group, lw.topk_group = c.num_experts_per_tok, c.score_function, c.n_group, \

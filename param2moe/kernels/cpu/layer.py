@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -162,13 +162,12 @@ def _layer_struct(lw: LayerWeights, dtype) -> _Layer | None:
 
 
 def _cached_layer(owner, lw: LayerWeights, dtype):
-    """owner's C description for lw (kept on owner while the same tensors are in it), or None."""
-    key = (dtype, *(v if isinstance(v, (int, float, str)) or v is None else id(v)
-                    for v in (getattr(lw, f.name) for f in fields(lw))))
-    cached = getattr(owner, "_p2m_native_layer", None)
-    if cached is None or cached[0] != key:
-        cached = (key, _layer_struct(lw, dtype), lw)  # lw keeps the tensors the struct points into alive
-        owner._p2m_native_layer = cached
+    """owner's C description for lw (kept on owner while it is given the same lw, model/native_layer.py's cached
+    one, and dtype), or None."""
+    cached = owner.__dict__.get("_p2m_native_layer")
+    if cached is None or cached[2] is not lw or cached[0] != dtype:
+        cached = (dtype, _layer_struct(lw, dtype), lw)  # lw keeps the tensors the struct points into alive
+        owner.__dict__["_p2m_native_layer"] = cached
     return cached[1]
 
 
