@@ -21,6 +21,7 @@ import torch
 from .config import Param2MoEConfig
 from .quant.formats import QuantFormatError
 from .quant.loading import init_dummy, load_tensor, make_plan, materialize
+from .quant.plan import input_widths
 from .quant.prequantized import QuantizedCheckpoint, read_checkpoint_quant
 from .weights_file import WeightsFile
 
@@ -335,7 +336,8 @@ def load_model(path: str | None, dtype=torch.bfloat16, device="cpu", shard=None,
     cfg = config or Param2MoEConfig.from_pretrained(path)
     if not dummy:
         cfg = resolve_shared_width(cfg, path)
-    plan = make_plan(quantization, path, quantize_head, None if dummy else weight_files(path))
+    plan = make_plan(quantization, path, quantize_head, None if dummy else weight_files(path),
+                     widths=input_widths(cfg, shard))
     with torch.device("meta"):
         model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard, kernels=kernels, quant=plan)
     _materialize(model, device)

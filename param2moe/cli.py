@@ -275,10 +275,12 @@ def _known_errors() -> tuple:
     from .engine.config import EngineConfigError
     from .hub import ModelNotFoundError
     from .lora import LoRAError
+    from .quant.formats import QuantFormatError
     from .weights_file import WeightsFileError
 
     return (CliError, CheckpointError, ConfigError, EngineError, EngineConfigError, LoRAError, ModelNotFoundError,
-            RankLostError, WeightsFileError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+            QuantFormatError, RankLostError, WeightsFileError, FileNotFoundError, PermissionError, IsADirectoryError,
+            NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,12 @@ def test_bad_engine_settings_are_one_line(capsys, argv, words):
     assert err.startswith("param2moe generate: error: ") and all(w in err for w in words), err
 
 
+def test_a_quantization_the_model_does_not_take_is_one_line(capsys, tmp_path):
+    write_checkpoint(str(tmp_path), preset_config("tiny", {"moe_intermediate_size": 48}), seed=0)
+    err = _error(capsys, ["generate", "--model", str(tmp_path), "--prompt", "hi", "--quantization", "int4"])
+    assert err.startswith("param2moe generate: error: model.layers.") and "int4 needs K (48)" in err, err
+
+
 def test_folder_without_config(capsys, tmp_path):
     err = _error(capsys, ["generate", "--model", str(tmp_path), "--prompt", "hi"])
     assert "no config.json" in err and str(tmp_path) in err

@@ -26,7 +26,7 @@ from param2moe.model.shard import Shard
 from param2moe.quant import QuantizedWeight, dequantize, quantize
 from param2moe.quant.formats import QuantFormatError
 from param2moe.quant.loading import quantized_weights
-from param2moe.quant.plan import OPTIONS, QuantPlan, quantizable
+from param2moe.quant.plan import OPTIONS, QuantPlan, int4_group, quantizable
 from param2moe.writer import preset_config
 
 HELDOUT = os.path.join(os.path.dirname(__file__), "data", "demo_heldout.txt")
@@ -200,3 +200,30 @@ def test_quantized_head_is_a_copy_of_the_tied_embedding(checkpoint):
     head = model.lm_head.weight
     assert isinstance(head, QuantizedWeight)
     assert torch.allclose(dequantize(head), model.model.word_embeddings.weight, rtol=0, atol=head.scale.max() / 2)
+
+
+def test_int4_group_fits_the_input_widths():
+    assert int4_group([2048, 4096, 1408]) == 128
+    assert int4_group([192, 256, 512, 64, 128]) == 64  # the bundled demo model
+    assert int4_group([2048, 704]) == 64  # an expert of 1408 over two ranks
+    assert int4_group([48]) == 128  # nothing down to 32 divides it: the build names the layer (test_cli)
+
+
+def test_int4_on_the_bundled_demo_model(tmp_path):
+    """The demo's hidden size (192) is no multiple of 128: int4 takes groups of 64 there, at load and in
+    `param2moe quantize`'s export, which says so in its config and loads back to the same weights."""
+    from param2moe.engine.config import default_model_path
+    from param2moe.quant.export import quantize_checkpoint
+
+    demo, out = default_model_path(), str(tmp_path / "int4")
+    online = load_model(demo, torch.float32, quantization="int4", progress=False)
+    weights = quantized_weights(online)
+    assert weights and {qw.group_size for *_, qw in weights} == {64}
+    quantize_checkpoint(demo, out, "int4", progress=False)
+    config = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["group_size"] == 64
+    stored = quantized_weights(load_model(out, torch.float32, progress=False))
+    assert [n for n, *_ in stored] == [n for n, *_ in weights]
+    for (name, *_, x), (_, *_, y) in zip(weights, stored):
+        assert x.group_size == y.group_size and torch.equal(x.qweight, y.qweight), name
+        assert torch.equal(x.scale, y.scale), name

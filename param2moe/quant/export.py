@@ -3,10 +3,11 @@ llm-compressor writes and vLLM loads) of the checkpoint at IN, quantized tensor 
 
 Every gate/up/down projection and attention projection is quantized as `--quantization` would at load
 (quant/plan.py); the router, norms, embeddings and head are copied as they are and listed in `ignore`.
-int4 and int8: format pack-quantized (W4A16 group 128, W8A16 per channel); fp8: float-quantized, per channel
-with dynamic per-token fp8 activations (llm-compressor's FP8_DYNAMIC), fp8-block: 128x128 weight blocks with
-dynamic per-128-group activations (FP8_BLOCK). Scales are stored in float32, so param2moe reads back exactly
-the weights it would have made at load (vLLM casts them to its activation dtype where its kernels want that).
+int4 and int8: format pack-quantized (W4A16 group 128, or `plan.int4_group`'s smaller one, W8A16 per channel); fp8:
+float-quantized, per channel with dynamic per-token fp8 activations (llm-compressor's FP8_DYNAMIC), fp8-block:
+128x128 weight blocks with dynamic per-128-group activations (FP8_BLOCK). Scales are stored in float32, so
+param2moe reads back exactly the weights it would have made at load (vLLM casts them to its activation dtype where
+its kernels want that).
 """
 
 from __future__ import annotations
@@ -17,19 +18,19 @@ import shutil
 
 from .convert import to_compressed
 from .formats import FP8_BLOCK, INT4_GROUP, QuantFormatError
-from .plan import QuantPlan, quantizable
+from .plan import QuantPlan, input_widths, int4_group, quantizable
 from .prequantized import read_checkpoint_quant
 
 # Modules that stay in high precision, as compressed-tensors names them (exact names or "re:" + regex).
 IGNORE = ["lm_head", r"re:.*mlp\.gate$", r"re:.*norm$", r"re:.*word_embeddings$"]
 
 
-def compressed_tensors_config(option: str) -> dict:
-    """config.json's quantization_config for a checkpoint of `option`."""
+def compressed_tensors_config(option: str, group_size: int = INT4_GROUP) -> dict:
+    """config.json's quantization_config for a checkpoint of `option` (int4: with this group size)."""
     fp8 = option.startswith("fp8")
     weights = {"num_bits": 4 if option == "int4" else 8, "type": "float" if fp8 else "int", "symmetric": True,
                "dynamic": False, "strategy": {"int4": "group", "fp8-block": "block"}.get(option, "channel"),
-               "group_size": INT4_GROUP if option == "int4" else None,
+               "group_size": group_size if option == "int4" else None,
                "block_structure": [FP8_BLOCK, FP8_BLOCK] if option == "fp8-block" else None,
                "actorder": None, "observer": "minmax", "observer_kwargs": {}}
     activations = None
@@ -50,10 +51,12 @@ def quantize_checkpoint(src: str, out: str, option: str, shard_bytes: int = 2 <<
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from ..checkpoint import iter_checkpoint_tensors
+    from ..checkpoint import iter_checkpoint_tensors, resolve_shared_width
+    from ..config import Param2MoEConfig
     from ..writer import _flush, _write_json
 
-    plan = QuantPlan(option)
+    cfg = resolve_shared_width(Param2MoEConfig.from_pretrained(src), src)
+    plan = QuantPlan(option, group_size=int4_group(input_widths(cfg)))
     if read_checkpoint_quant(src) is not None:
         raise QuantFormatError(f"{src} is already pre-quantized (config.json has a quantization_config)")
     if os.path.abspath(src) == os.path.abspath(out):
@@ -78,7 +81,7 @@ def quantize_checkpoint(src: str, out: str, option: str, shard_bytes: int = 2 <<
     _flush(shards, out, save_file, last=True)
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
-    config["quantization_config"] = compressed_tensors_config(option)
+    config["quantization_config"] = compressed_tensors_config(option, plan.group_size)
     _write_json(os.path.join(out, "config.json"), config)
     for name in os.listdir(src):  # tokenizer, generation config, ...
         if not name.endswith(".safetensors") and name not in ("config.json", "model.safetensors.index.json") \

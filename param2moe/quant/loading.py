@@ -16,20 +16,23 @@ import torch
 
 from .formats import INT4_GROUP, QuantFormatError, QuantizedWeight, dequantize
 from .layout import quantize_in_rows
-from .plan import QuantPlan
+from .plan import QuantPlan, int4_group
 from .prequantized import QuantizedSource, read_checkpoint_quant
 
 
 def make_plan(quantization: str | None, path: str | None, head: bool = False,
-              files: list[str] | None = None) -> QuantPlan | None:
+              files: list[str] | None = None, widths: list[int] | None = None) -> QuantPlan | None:
     """The model's plan: the checkpoint's own when it is pre-quantized (then `quantization`, if given, must name
     the same), else `quantization`'s, else None (nothing quantized). files: the checkpoint's weight files, read
-    (names only) to learn which modules it stores quantized; None (dummy weights): every quantizable one."""
+    (names only) to learn which modules it stores quantized; None (dummy weights): every quantizable one.
+    widths: the model's input widths (plan.input_widths), from which int4 takes its group (plan.int4_group)."""
     if quantization is not None:
         QuantPlan(quantization)  # names a bad option before anything is read
     stored = read_checkpoint_quant(path, files) if path else None
     if stored is None:
-        return QuantPlan(quantization, head) if quantization else None
+        if not quantization:
+            return None
+        return QuantPlan(quantization, head, int4_group(widths) if widths else INT4_GROUP)
     if quantization and quantization != stored.option:
         raise QuantFormatError(f"quantization={quantization!r}, but the checkpoint at {path} is pre-quantized as "
                                f"{stored.option} ({stored.describe()}); leave quantization unset or give "

@@ -7,7 +7,8 @@ router, the norms and the embeddings stay in the model's dtype.
 
 Options (the one list the CLI and the engine take):
   int8       weight-only, symmetric, one scale per output channel
-  int4       weight-only, symmetric, one scale per group of 128 input columns
+  int4       weight-only, symmetric, one scale per group of 128 input columns (`int4_group`: a smaller power of
+             two, down to 32, for a model whose input widths 128 does not divide)
   fp8        float8 e4m3 weights, one scale per output channel
   fp8-block  float8 e4m3 weights, one scale per 128x128 block (the DeepSeek-V3 / Qwen3-FP8 layout)
 """
@@ -30,6 +31,32 @@ HEAD = "lm_head"
 def quantizable(module: str, head: bool = False) -> bool:
     """Whether the checkpoint module `module` (a tensor name without `.weight`) is one that gets quantized."""
     return bool(_QUANTIZABLE.search(module)) or (head and module == HEAD)
+
+
+def input_widths(cfg, shard=None) -> list[int]:
+    """The input widths (K, per rank) of the matrices a plan quantizes: the hidden size (qkv, the MLPs' gate/up,
+    the experts' gate/up, the head), and the widths each rank's row-parallel slice takes (attention's dense,
+    the down projections)."""
+    tp = shard.tp_size if shard is not None else 1
+    widths = [cfg.hidden_size, cfg.num_attention_heads // tp * cfg.head_size, cfg.intermediate_size // tp]
+    if cfg.is_moe:
+        widths.append(shard.local_expert_width(cfg.moe_intermediate_size) if shard is not None
+                      else cfg.moe_intermediate_size)
+        if cfg.shared_expert_intermediate_size:
+            widths.append(cfg.shared_expert_intermediate_size // tp)
+    return widths
+
+
+def int4_group(widths: list[int], preferred: int = INT4_GROUP) -> int:
+    """int4's group for matrices of these input widths: `preferred` where it divides every one, else the largest
+    power of two below it that does, down to 32 (more scales, weights at least as close); else `preferred`, and
+    the first matrix it does not fit is named when the model is built."""
+    group = preferred
+    while group >= 32:
+        if all(w % group == 0 for w in widths):
+            return group
+        group //= 2
+    return preferred
 
 
 def option_of(qw: QuantizedWeight) -> str:
