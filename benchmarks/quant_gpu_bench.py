@@ -17,9 +17,11 @@ int4 (group 128), fp8 (per channel), fp8-block (128 x 128).
    random), so that neither launch gaps nor the L2 flatter a call. Each row: microseconds a call, the bytes it
    must read (weights of the experts its routing touches, scales included, and the activations) over the
    copy bandwidth = the floor, the share of that floor, the speed-up over bf16, and the error against torch
-   on the dequantized weights (asserted: < 1e-2 relative). Variants: the GEMV and the tiled GEMM forced at
-   1 and 8 tokens; unless --quick, sweeps of the GEMV shapes (quant.GEMV_CONFIGS) and of the tiled MoE's
-   and linear's block sizes, best printed;
+   on the dequantized weights (asserted: < 1e-2 relative; 1.5e-1 where the activations are rounded to fp8).
+   Variants: the GEMV and the tiled GEMM forced at 1 and 8 tokens; fp8's other activation mode at each T
+   ("w8a8": fp8 activations where the default keeps bf16, "wo": weight-only where it rounds them); --variants:
+   quant.MOE_VARIANTS beside the default; unless --quick, sweeps of unpipelined GEMV shapes (GEMV_CANDS, in
+   place of quant.GEMV_CONFIGS' entry) and of the tiled MoE's and linear's block sizes, best printed;
 4. --e2e M1,M2..: `param2moe bench latency --load-format dummy --preset param2-17b --batch-size 1 64` with each
    --quantization listed ("none": bf16; "+head" appended: --quantize-head too), decode graphs only;
 5. JSON to --out (default $OUT, else benchmarks/results/quant_gpu_bench): quant_gpu_bench.json, tests.log.
