@@ -117,11 +117,31 @@ def test_linear_groups_longer_than_128(quant_path):
     torch.testing.assert_close(native.quant_linear(x, qw), fake_quant(x) @ dequantize(qw).T, **EXACT[torch.float32])
 
 
-def _moe_inputs(t, k, h, i, e, dtype, method, seed, none_frac=0.1):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,k,n,group", [
+    (1, 192, 40, 64),    # the demo model's hidden size: a short last block of one group
+    (7, 96, 37, 32),     # one short block of three groups, an edge tile
+    (40, 384, 24, 64),   # prefill-like T: VNNI (the AMX tiles take whole blocks of one scale)
+    (16, 256, 64, 32),   # four groups a block
+])
+def test_linear_int4_groups_under_128(dtype, t, k, n, group, quant_path):
+    """int4 groups of 32 or 64 columns (models whose widths 128 does not divide): a sum per group in each block."""
+    g = torch.Generator().manual_seed(t + k + n + group)
+    qw = quantize(torch.randn(n, k, generator=g) / k ** 0.5, "int4", group_size=group)
+    x = torch.randn(t, k, generator=g).to(dtype)
+    got = native.quant_linear(x, qw)
+    assert got is not None and got.dtype == dtype
+    w = dequantize(qw)
+    torch.testing.assert_close(got.float(), fake_quant(x.float()) @ w.T, **EXACT[dtype])
+    assert rel_err(got, x.float() @ w.T) < 1.5e-2
+
+
+def _moe_inputs(t, k, h, i, e, dtype, method, seed, none_frac=0.1, group=128):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, h, generator=g).to(dtype)
-    w13 = quantize(torch.randn(e, 2 * i, h, generator=g) / h ** 0.5, method)
-    w2 = quantize(torch.randn(e, h, i, generator=g) / i ** 0.5, method)
+    kw = {"group_size": group} if method == "int4" else {}
+    w13 = quantize(torch.randn(e, 2 * i, h, generator=g) / h ** 0.5, method, **kw)
+    w2 = quantize(torch.randn(e, h, i, generator=g) / i ** 0.5, method, **kw)
     ids = torch.stack([torch.randperm(e - 1, generator=g)[:k] for _ in range(t)])  # expert e - 1 unused
     ids[torch.rand(t, k, generator=g) < none_frac] = -1
     ids[0, 0] = -1
@@ -150,6 +170,22 @@ def test_moe_matches_the_oracles(method, dtype, t, k, h, i, e, quant_path):
     # the unquantized-activation oracle; the second factor: the activations of down are quantized too
     plain = moe.moe_experts(x.float(), dequantize(w13), dequantize(w2), weights, ids)
     assert rel_err(got, plain) < 3e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,k,h,i,e,group", [
+    (1, 4, 192, 64, 8, 64),    # the demo model's shapes at batch 1
+    (5, 2, 192, 64, 4, 64),
+    (48, 4, 256, 96, 8, 32),   # rows for the AMX tiles, which leave such groups to VNNI
+])
+def test_moe_int4_groups_under_128(dtype, t, k, h, i, e, group, quant_path):
+    x, w13, w2, weights, ids = _moe_inputs(t, k, h, i, e, dtype, "int4", seed=t + h + i, group=group)
+    got = native.quant_moe(x, w13, w2, weights, ids)
+    assert got is not None and got.dtype == dtype
+    want = moe_oracle(x, w13, w2, weights, ids, act_quant=True)
+    close, norm = MOE_EXACT[dtype]
+    torch.testing.assert_close(got.float(), want, **close)
+    assert rel_err(got, want) < norm
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -204,7 +240,7 @@ def test_declines_what_it_does_not_take(fresh_native, monkeypatch):
     x = torch.randn(2, 256, generator=g)
     q8, q4 = quantize(torch.randn(16, 256, generator=g), "int8"), quantize(torch.randn(16, 256, generator=g), "int4")
     assert native.quant_linear(x, quantize(torch.randn(16, 256, generator=g), "fp8")) is None
-    assert native.quant_linear(x, quantize(torch.randn(16, 256, generator=g), "int4", group_size=64)) is None
+    assert native.quant_linear(x, quantize(torch.randn(16, 256, generator=g), "int4", group_size=16)) is None
     assert native.quant_linear(x[:, :128], q8) is None  # K mismatch
     assert native.quant_linear(x.half(), q8) is None
     _, w13, w2, weights, ids = _moe_inputs(2, 2, 256, 128, 4, torch.float32, "int8", seed=2)

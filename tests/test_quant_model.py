@@ -102,12 +102,14 @@ def _perplexity(text: str, **kw) -> float:
     return math.exp(-sum(logprobs) / len(logprobs))
 
 
-def test_native_cpu_int8_keeps_the_demo_models_perplexity():
+@pytest.mark.parametrize("option", ["int8", "int4"])
+def test_native_cpu_kernels_keep_the_demo_models_perplexity(option):
     """The default CPU path runs the native kernels, which round activations to int8 per block of 128 (as
     llama.cpp's Q8_0 dot products do): on the trained demo model (real logits; a random model's amplify
-    any rounding) its perplexity stays within 1% of the weight-only oracle's (the plain torch path)."""
+    any rounding) its perplexity stays within 1% of the weight-only oracle's (the plain torch path). int4 there
+    has groups of 64 (hidden size 192), a scale per group within each block."""
     text = open(HELDOUT).read()[:4000]
-    native, oracle = _perplexity(text, quantization="int8"), _perplexity(text, quantization="int8", kernels="torch")
+    native, oracle = _perplexity(text, quantization=option), _perplexity(text, quantization=option, kernels="torch")
     assert native != oracle  # the native kernels ran (they round activations)
     assert abs(native / oracle - 1) < 0.01
 

@@ -358,7 +358,7 @@ def _quant_lib():
 
 
 _QUANT_METHODS = {"int8": 0, "int4": 1}
-_QB = 128  # quant_decode.c's activation block; int4 groups must be a multiple of it
+_QB = 128  # quant_decode.c's activation block; int4 groups are a multiple of it, or 32 or 64
 
 
 def _quant_ok(qw, lead: int) -> bool:
@@ -369,7 +369,8 @@ def _quant_ok(qw, lead: int) -> bool:
         return False
     if qw.scale.dtype != torch.float32 or qw.qweight.dtype != (torch.int8 if qw.method == "int8" else torch.uint8):
         return False
-    if qw.method == "int4" and (not qw.group_size or qw.group_size % _QB or qw.shape[-1] % qw.group_size):
+    if qw.method == "int4" and (not qw.group_size or qw.shape[-1] % qw.group_size
+                                or (qw.group_size % _QB and qw.group_size not in (32, 64))):
         return False
     return True
 

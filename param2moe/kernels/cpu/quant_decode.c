@@ -4,7 +4,8 @@
  * Weights, as stored (never expanded in memory):
  *   int8  q int8 [N, K], scale fp32 [N]                      w[n, k] = q[n, k] * scale[n]
  *   int4  q uint8 [N, K / 2] (column 2j in the low nibble of byte j, 2j+1 in the high one, each q + 8),
- *         scale fp32 [N, K / G], G the group size (a multiple of 128)   w[n, k] = (nibble - 8) * scale[n, k / G]
+ *         scale fp32 [N, K / G], G the group size (32, 64 or a multiple of 128)   w[n, k] = (nibble - 8) *
+ *         scale[n, k / G]
  *
  * Activations are quantized per row to int8 in blocks of 128 columns (QB), symmetric round-to-nearest-even:
  *   sa = max|x| / 127 over the block,  qa = rint(x * (127 / max|x|))   (all-zero block: qa = 0)
@@ -105,7 +106,7 @@ static inline const float *as_f32(const void *src, int bf16, int n, float *dst) 
 /* acc[r * 4 + c] = weight row r (w + r * ldw bytes) . activation row a[c], for 4 rows and nc <= 4 activation
  * rows, without the int8 per-row scale; int4 scales at ws + r * ldws (group gpb blocks). Generic C. */
 static void tile_generic(int int4, const uint8_t *w, int64_t ldw, const float *ws, int64_t ldws, int gpb,
-                         const arow *a, int nc, int nb, int k, float acc[16]) {
+                         int spb, const arow *a, int nc, int nb, int k, float acc[16]) {
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < nc; c++) {
             const uint8_t *wr = w + r * ldw;
@@ -113,7 +114,16 @@ static void tile_generic(int int4, const uint8_t *w, int64_t ldw, const float *w
             for (int b = 0; b < nb; b++) {
                 const int8_t *q = a[c].q + (int64_t)b * QB;
                 int32_t s = a[c].c[b];
-                if (int4) {
+                if (int4 && spb > 1) { /* groups shorter than a block: a sum per group, its nibbles' offset apart */
+                    const uint8_t *p = wr + (int64_t)b * (QB / 2);
+                    const int gb = QB / 2 / spb, nbytes = (k - b * QB < QB ? k - b * QB : QB) / 2;
+                    for (int g = 0; g * gb < nbytes; g++) {
+                        int32_t sg = 0;
+                        for (int j = g * gb; j < (g + 1) * gb; j++)
+                            sg += ((p[j] & 15) - 8) * q[j] + ((p[j] >> 4) - 8) * q[QB / 2 + j];
+                        f += (float)sg * a[c].s[b] * ws[r * ldws + b * spb + g];
+                    }
+                } else if (int4) {
                     const uint8_t *p = wr + (int64_t)b * (QB / 2);
 #pragma omp simd reduction(+ : s)
                     for (int j = 0; j < QB / 2; j++) s += (p[j] & 15) * q[j] + (p[j] >> 4) * q[QB / 2 + j];
@@ -160,17 +170,26 @@ static inline __mmask64 bytes_mask(int n) { return n >= 64 ? ~0ull : n <= 0 ? 0u
 /* tile_generic with VNNI (NC, INT4 constants after inlining). pf: the weight rows of a later tile (or NULL). */
 static inline __attribute__((always_inline)) void tile_vnni(const int NC, const int INT4, const uint8_t *w,
                                                             int64_t ldw, const float *ws, int64_t ldws, int gpb,
-                                                            const arow *a, int nb, int k, const uint8_t *pf,
-                                                            float acc[16]) {
+                                                            int spb, const arow *a, int nb, int k,
+                                                            const uint8_t *pf, float acc[16]) {
     P2M_ACC(P2M_DECL)
     const __m512i lo4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8((char)0x80);
+    /* spb > 1 (int4 groups shorter than a block): lane i of a block's sums holds weight bytes 4i..4i+3, columns
+     * 8i..8i+7, so group i * spb / 16 of the block; each lane takes its own offset correction and scale. */
+    const __m512i eights = _mm512_set1_epi8(8);
+    const __m512i gidx = _mm512_srli_epi32(_mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                                                               5, 4, 3, 2, 1, 0),
+                                                              _mm512_set1_epi32(spb)), 4);
     const int8_t *q0 = a[0].q, *q1 = a[NC > 1 ? 1 : 0].q, *q2 = a[NC > 2 ? 2 : 0].q, *q3 = a[NC > 3 ? 3 : 0].q;
     for (int b = 0; b < nb; b++) {
         __m512i l0, h0, l1, h1, l2, h2, l3, h3;
         if (INT4) {
             const uint8_t *p = w + (int64_t)b * (QB / 2);
-            __m512i v0 = _mm512_loadu_si512(p), v1 = _mm512_loadu_si512(p + ldw);
-            __m512i v2 = _mm512_loadu_si512(p + 2 * ldw), v3 = _mm512_loadu_si512(p + 3 * ldw);
+            /* a short last block (K not a multiple of 128: groups under 128 only): masked loads, the activations'
+             * zero padding meets zero bytes */
+            const __mmask64 mk = bytes_mask((k - b * QB) / 2);
+            __m512i v0 = _mm512_maskz_loadu_epi8(mk, p), v1 = _mm512_maskz_loadu_epi8(mk, p + ldw);
+            __m512i v2 = _mm512_maskz_loadu_epi8(mk, p + 2 * ldw), v3 = _mm512_maskz_loadu_epi8(mk, p + 3 * ldw);
             l0 = _mm512_and_si512(v0, lo4), h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), lo4);
             l1 = _mm512_and_si512(v1, lo4), h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), lo4);
             l2 = _mm512_and_si512(v2, lo4), h2 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), lo4);
@@ -206,11 +225,22 @@ static inline __attribute__((always_inline)) void tile_vnni(const int NC, const 
 #define P2M_QC(C) q##C + (int64_t)b * QB
 #define P2M_DOT(R, C)                                                                                        \
     if (C < NC) {                                                                                            \
-        __m512i s_ = _mm512_zextsi128_si512(_mm_cvtsi32_si128(a[C].c[b]));                                   \
-        s_ = _mm512_dpbusd_epi32(s_, l##R, _mm512_loadu_si512(P2M_QC(C)));                                   \
-        s_ = _mm512_dpbusd_epi32(s_, h##R, _mm512_loadu_si512(P2M_QC(C) + 64));                              \
+        const __m512i ql_ = _mm512_loadu_si512(P2M_QC(C)), qh_ = _mm512_loadu_si512(P2M_QC(C) + 64);       \
+        __m512i s_;                                                                                          \
+        if (INT4 && spb > 1)                                                                                 \
+            s_ = _mm512_sub_epi32(_mm512_setzero_si512(),                                                    \
+                                  _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), eights, ql_), \
+                                                      eights, qh_));                                         \
+        else                                                                                                 \
+            s_ = _mm512_zextsi128_si512(_mm_cvtsi32_si128(a[C].c[b]));                                       \
+        s_ = _mm512_dpbusd_epi32(s_, l##R, ql_);                                                             \
+        s_ = _mm512_dpbusd_epi32(s_, h##R, qh_);                                                             \
         __m512 f_ = _mm512_mul_ps(_mm512_cvtepi32_ps(s_), _mm512_set1_ps(a[C].s[b]));                        \
-        if (INT4)                                                                                            \
+        if (INT4 && spb > 1) {                                                                               \
+            const int ng_ = ((k - b * QB < QB ? k - b * QB : QB) * spb + QB - 1) / QB;                       \
+            __m512 sg_ = _mm512_maskz_loadu_ps((__mmask16)((1u << ng_) - 1u), ws + R * ldws + b * spb);       \
+            a##R##C = _mm512_fmadd_ps(f_, _mm512_permutexvar_ps(gidx, sg_), a##R##C);                        \
+        } else if (INT4)                                                                                     \
             a##R##C = _mm512_fmadd_ps(f_, _mm512_set1_ps(ws[R * ldws + b / gpb]), a##R##C);                  \
         else                                                                                                 \
             a##R##C = _mm512_add_ps(f_, a##R##C);                                                            \
@@ -224,13 +254,13 @@ static inline __attribute__((always_inline)) void tile_vnni(const int NC, const 
 #endif
 
 static inline void tile(int int4, int nc, const uint8_t *w, int64_t ldw, const float *ws, int64_t ldws, int gpb,
-                        const arow *a, int nb, int k, const uint8_t *pf, float acc[16], int generic) {
+                        int spb, const arow *a, int nb, int k, const uint8_t *pf, float acc[16], int generic) {
 #if defined(P2M_VNNI)
     if (generic != 1) {
 #define P2M_CASE(N)                                                                                    \
     case N:                                                                                            \
-        if (int4) tile_vnni(N, 1, w, ldw, ws, ldws, gpb, a, nb, k, pf, acc);                           \
-        else tile_vnni(N, 0, w, ldw, ws, ldws, gpb, a, nb, k, pf, acc);                                \
+        if (int4) tile_vnni(N, 1, w, ldw, ws, ldws, gpb, spb, a, nb, k, pf, acc);                      \
+        else tile_vnni(N, 0, w, ldw, ws, ldws, gpb, spb, a, nb, k, pf, acc);                           \
         return;
         switch (nc) {
             P2M_CASE(1) P2M_CASE(2) P2M_CASE(3) P2M_CASE(4)
@@ -240,7 +270,7 @@ static inline void tile(int int4, int nc, const uint8_t *w, int64_t ldw, const f
 #endif
     (void)pf;
     (void)generic;
-    tile_generic(int4, w, ldw, ws, ldws, gpb, a, nc, nb, k, acc);
+    tile_generic(int4, w, ldw, ws, ldws, gpb, spb, a, nc, nb, k, acc);
 }
 
 /* A quantized weight matrix: rows of k columns (int8: k bytes a row, scale [rows]; int4: k / 2 bytes a row,
@@ -253,7 +283,9 @@ typedef struct {
 
 /* out[c * ldo + r] = row r of m . activation row a[c], for rows [r0, r1) and c < n. */
 static void rows_times(const qmat *m, int r0, int r1, const arow *a, int n, float *out, int64_t ldo, int generic) {
-    const int nb = (m->k + QB - 1) / QB, gpb = m->int4 ? m->group / QB : 1;
+    /* int4 scales: gpb blocks a group, or (groups under a block) spb groups a block */
+    const int nb = (m->k + QB - 1) / QB, gpb = m->int4 && m->group >= QB ? m->group / QB : 1;
+    const int spb = m->int4 && m->group < QB ? QB / m->group : 1;
     const int64_t ldw = m->int4 ? m->k / 2 : m->k, ldws = m->int4 ? m->k / m->group : 1;
     float acc[16];
     for (int r = r0; r < r1; r += 4) {
@@ -266,9 +298,10 @@ static void rows_times(const qmat *m, int r0, int r1, const arow *a, int n, floa
             for (int q = 0; q < nr; q++) {
                 /* full tiles at once; an edge of fewer than 4 rows row by row (the tile on one row, stride 0) */
                 if (nr == 4 && q == 0)
-                    tile(m->int4, nc, wr, ldw, sr, ldws, gpb, a + c, nb, m->k, pf, acc, generic);
+                    tile(m->int4, nc, wr, ldw, sr, ldws, gpb, spb, a + c, nb, m->k, pf, acc, generic);
                 else if (nr < 4)
-                    tile(m->int4, nc, wr + q * ldw, 0, sr + q * ldws, 0, gpb, a + c, nb, m->k, NULL, acc, generic);
+                    tile(m->int4, nc, wr + q * ldw, 0, sr + q * ldws, 0, gpb, spb, a + c, nb, m->k, NULL, acc,
+                         generic);
                 for (int cc = 0; cc < nc; cc++) {
                     float v = acc[(nr == 4 ? q : 0) * 4 + cc];
                     out[(int64_t)(c + cc) * ldo + r + q] = m->int4 ? v : v * m->s[r + q];
@@ -440,7 +473,7 @@ static void rows_times_amx(const qmat *m, int r0, int r1, const btiles *b, int8_
 static void rows_times_b(const qmat *m, int r0, int r1, const arow *a, int n, const btiles *b, int8_t *ubuf,
                          float *out, int64_t ldo, int generic) {
 #if defined(P2M_AMX)
-    if (b) {
+    if (b && !(m->int4 && m->group < QB)) { /* (the tiles' int4 steps take whole blocks of one scale) */
         int r16 = r0 + (r1 - r0) / 16 * 16;
         rows_times_amx(m, r0, r16, b, ubuf, out, ldo);
         r0 = r16;
