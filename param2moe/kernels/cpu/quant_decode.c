@@ -187,9 +187,15 @@ static inline __attribute__((always_inline)) void tile_vnni(const int NC, const 
             const uint8_t *p = w + (int64_t)b * (QB / 2);
             /* a short last block (K not a multiple of 128: groups under 128 only): masked loads, the activations'
              * zero padding meets zero bytes */
-            const __mmask64 mk = bytes_mask((k - b * QB) / 2);
-            __m512i v0 = _mm512_maskz_loadu_epi8(mk, p), v1 = _mm512_maskz_loadu_epi8(mk, p + ldw);
-            __m512i v2 = _mm512_maskz_loadu_epi8(mk, p + 2 * ldw), v3 = _mm512_maskz_loadu_epi8(mk, p + 3 * ldw);
+            __m512i v0, v1, v2, v3;
+            if (k - b * QB >= QB) {
+                v0 = _mm512_loadu_si512(p), v1 = _mm512_loadu_si512(p + ldw);
+                v2 = _mm512_loadu_si512(p + 2 * ldw), v3 = _mm512_loadu_si512(p + 3 * ldw);
+            } else {
+                const __mmask64 mk = bytes_mask((k - b * QB) / 2);
+                v0 = _mm512_maskz_loadu_epi8(mk, p), v1 = _mm512_maskz_loadu_epi8(mk, p + ldw);
+                v2 = _mm512_maskz_loadu_epi8(mk, p + 2 * ldw), v3 = _mm512_maskz_loadu_epi8(mk, p + 3 * ldw);
+            }
             l0 = _mm512_and_si512(v0, lo4), h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), lo4);
             l1 = _mm512_and_si512(v1, lo4), h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), lo4);
             l2 = _mm512_and_si512(v2, lo4), h2 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), lo4);
