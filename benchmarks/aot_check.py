@@ -178,7 +178,7 @@ def quant_main():
             for v in tq.MOE_VARIANTS:
                 LABEL[0] = f"{method}/{t}/{v}"
                 tq.moe_experts(x, w13, w2, w, ids, num_appended=2, variant=v)
-            if method == "int4" and t > 1:  # the tiled linear (qkv), the default int4 step and the joined one
+            if method == "int4" and t > 1:  # the tiled qkv: the default (joined) int4 step, unjoined, N tiles of 16
                 for v in ("default", "nojoin", "lin16"):
                     LABEL[0] = f"{method}/{t}/qkv/{v}"
                     tq.linear(x, formats.empty((3072, h), method), variant=v)

@@ -265,6 +265,7 @@ def make_calls(op, method, t, variant, ws, x):
 
 
 ACTS = {"w8a8": "fp8", "wo": "keep"}  # variants forcing fp8 activations / weight-only (quant.activation_mode)
+METHOD_CODES = {"int8": tq.INT8, "int4": tq.INT4, "fp8": tq.FP8, "fp8-block": tq.FP8_BLOCK_SCALED}
 
 
 def fp8_activations(op, method, t, variant) -> bool:
@@ -273,8 +274,7 @@ def fp8_activations(op, method, t, variant) -> bool:
         return variant == "w8a8"
     if op == "head" or method == "bf16":
         return False
-    code = {"int8": tq.INT8, "int4": tq.INT4, "fp8": tq.FP8, "fp8-block": tq.FP8_BLOCK_SCALED}[method]
-    return tq.activation_mode(code, t) == "fp8"
+    return tq.activation_mode(METHOD_CODES[method], t) == "fp8"
 
 
 def run_case(op, method, t, variant="default", check=True, label=None):
@@ -355,7 +355,7 @@ def variant_names() -> list[str]:
 
 def variant_jobs(method):
     """The MoE with each variant (`--variants`), at each T where it runs something else than the default."""
-    code = {"int8": tq.INT8, "int4": tq.INT4, "fp8": tq.FP8, "fp8-block": tq.FP8_BLOCK_SCALED}[method]
+    code = METHOD_CODES[method]
     cases = [("moe", t) for t in TS] + [("mlp", 1)]  # mlp: the dense MLP at one token, as one expert
     out = [(f"{op}/{method}/{t}/v:{n}", lambda op=op, m=method, t=t, n=n: run_case(op, m, t, {"variant": n},
                                                                                   label=f"v:{n}"))
@@ -363,8 +363,7 @@ def variant_jobs(method):
     for n in variant_names():  # the linear layers: a variant's "linear" GEMV, and the joined int4 step's tiles
         v = tq.moe_variant(n)
         ts = [t for t in TS if t <= tq.GEMV_MAX_TOKENS[code]] if (v.gemv or {}).get(code, {}).get("linear") else []
-        join_changed = v.int4_join != tq.MoeVariant().int4_join and code == tq.INT4
-        ts += [t for t in TS if t > tq.GEMV_MAX_TOKENS[code]] if join_changed or v.linear_tiles else []
+        ts += [t for t in TS if t > tq.GEMV_MAX_TOKENS[code]] if v.joins_otherwise(code) or v.linear_tiles else []
         out += [(f"{op}/{method}/{t}/v:{n}", lambda op=op, m=method, t=t, n=n: run_case(op, m, t, {"variant": n},
                                                                                        label=f"v:{n}"))
                 for op in ("qkv", "dense") for t in ts]

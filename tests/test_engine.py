@@ -38,13 +38,10 @@ def close(got: float, want: float) -> bool:
 # round differently (seen: 1.1e-5 after 20 tokens); tokens must still be the same.
 RUN_TOL = 1e-4
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------ fixtures
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
     """The tiny preset (Param2 layout: a dense first layer, then MoE with shared experts), 2 layers. A head

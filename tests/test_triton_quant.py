@@ -224,7 +224,7 @@ def _variant_cases():
     for name, v in tq.MOE_VARIANTS.items():
         if v.gemv or v.one_token == "mma" or name == "default":
             cases.append((name, 1))
-        if v.tiles or v.int4_join != tq.MoeVariant().int4_join or name == "default":
+        if v.tiles or v.joins_otherwise(tq.INT4) or name == "default":
             cases.append((name, 3))
     return cases
 

@@ -18,7 +18,8 @@ import shutil
 
 from .convert import to_compressed
 from .formats import FP8_BLOCK, INT4_GROUP, QuantFormatError
-from .plan import QuantPlan, input_widths, int4_group, quantizable
+from .loading import make_plan
+from .plan import QuantPlan, input_widths, quantizable
 from .prequantized import read_checkpoint_quant
 
 # Modules that stay in high precision, as compressed-tensors names them (exact names or "re:" + regex).
@@ -55,10 +56,11 @@ def quantize_checkpoint(src: str, out: str, option: str, shard_bytes: int = 2 <<
     from ..config import Param2MoEConfig
     from ..writer import _flush, _write_json
 
-    cfg = resolve_shared_width(Param2MoEConfig.from_pretrained(src), src)
-    plan = QuantPlan(option, group_size=int4_group(input_widths(cfg)))
+    QuantPlan(option)  # names a bad option before anything is read
     if read_checkpoint_quant(src) is not None:
         raise QuantFormatError(f"{src} is already pre-quantized (config.json has a quantization_config)")
+    cfg = resolve_shared_width(Param2MoEConfig.from_pretrained(src), src)
+    plan = make_plan(option, None, widths=input_widths(cfg))  # as quantization at load makes it, on one process
     if os.path.abspath(src) == os.path.abspath(out):
         raise ValueError("quantize: OUT must be another folder than IN")
     os.makedirs(out, exist_ok=True)

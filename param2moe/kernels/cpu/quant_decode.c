@@ -229,18 +229,24 @@ static inline __attribute__((always_inline)) void tile_vnni(const int NC, const 
             }
         }
 #define P2M_QC(C) q##C + (int64_t)b * QB
+        /* each activation row's offset correction, -8 * its values summed per lane (spb > 1), else the block's
+         * own (a[C].c[b], in lane 0): once per block, for the 4 weight rows */
+        __m512i c0_ = _mm512_setzero_si512(), c1_ = c0_, c2_ = c0_, c3_ = c0_;
+#define P2M_CORR(C)                                                                                          \
+    if (C < NC) {                                                                                            \
+        if (INT4 && spb > 1)                                                                                 \
+            c##C##_ = _mm512_sub_epi32(c##C##_, _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(                   \
+                _mm512_setzero_si512(), eights, _mm512_loadu_si512(P2M_QC(C))), eights,                       \
+                _mm512_loadu_si512(P2M_QC(C) + 64)));                                                        \
+        else                                                                                                 \
+            c##C##_ = _mm512_zextsi128_si512(_mm_cvtsi32_si128(a[C].c[b]));                                  \
+    }
+        P2M_CORR(0) P2M_CORR(1) P2M_CORR(2) P2M_CORR(3)
+#undef P2M_CORR
 #define P2M_DOT(R, C)                                                                                        \
     if (C < NC) {                                                                                            \
-        const __m512i ql_ = _mm512_loadu_si512(P2M_QC(C)), qh_ = _mm512_loadu_si512(P2M_QC(C) + 64);       \
-        __m512i s_;                                                                                          \
-        if (INT4 && spb > 1)                                                                                 \
-            s_ = _mm512_sub_epi32(_mm512_setzero_si512(),                                                    \
-                                  _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), eights, ql_), \
-                                                      eights, qh_));                                         \
-        else                                                                                                 \
-            s_ = _mm512_zextsi128_si512(_mm_cvtsi32_si128(a[C].c[b]));                                       \
-        s_ = _mm512_dpbusd_epi32(s_, l##R, ql_);                                                             \
-        s_ = _mm512_dpbusd_epi32(s_, h##R, qh_);                                                             \
+        __m512i s_ = _mm512_dpbusd_epi32(c##C##_, l##R, _mm512_loadu_si512(P2M_QC(C)));                     \
+        s_ = _mm512_dpbusd_epi32(s_, h##R, _mm512_loadu_si512(P2M_QC(C) + 64));                              \
         __m512 f_ = _mm512_mul_ps(_mm512_cvtepi32_ps(s_), _mm512_set1_ps(a[C].s[b]));                        \
         if (INT4 && spb > 1) {                                                                               \
             const int ng_ = ((k - b * QB < QB ? k - b * QB : QB) * spb + QB - 1) / QB;                       \

@@ -702,12 +702,15 @@ class MoeVariant(NamedTuple):
     # unjoined step on an H100 at 8-256 tokens)
     linear_tiles: dict | None = None  # merged into `linear_config`'s GEMM config (e.g. {"BLOCK_N": 16}: more programs)
 
+    def joins_otherwise(self, method: int) -> bool:
+        """Whether its int4 tiles step otherwise than the default's (int4 weights only)."""
+        return method == INT4 and self.int4_join != MoeVariant._field_defaults["int4_join"]
+
     def changes(self, t: int, method: int) -> bool:
         """Whether, at t tokens with weights of this method, something else runs than the default's."""
         if t == 1 and self.one_token == "gemv":
             return bool(self.gemv and method in self.gemv)
-        join_changed = self.int4_join != MoeVariant._field_defaults["int4_join"]
-        return t == 1 or bool(self.tiles) or (join_changed and method == INT4)
+        return t == 1 or bool(self.tiles) or self.joins_otherwise(method)
 
 
 # GEMV shapes of the variants (`_gemv_shape`), by method and use ("linear": the linear layers at a few tokens).
