@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Param2MoEConfig
+from .mapped import RowPieces, map_weights
 from .quant.formats import QuantFormatError
 from .quant.loading import init_dummy, load_tensor, make_plan, materialize
 from .quant.plan import input_widths
@@ -145,7 +146,8 @@ def _layer_targets(model, i: int) -> dict[str, Target]:
         t[p + "mlp.gate.expert_bias"] = Target([(moe.gate.expert_bias, ())])
     width_rank = 0 if shard.expert_parallel else shard.tp_rank
     for slot, j in enumerate(moe.slot_experts):  # a replicated expert (eplb) fills each of its slots
-        for name, target in _swiglu_targets(f"{p}mlp.experts.{j}.", moe.w13[slot], moe.w2[slot], width_rank).items():
+        w13, w2 = (w if isinstance(w, RowPieces) else w[slot] for w in (moe.w13, moe.w2))
+        for name, target in _swiglu_targets(f"{p}mlp.experts.{j}.", w13, w2, width_rank).items():
             t.setdefault(name, Target([])).parts.extend(target.parts)
     if moe.shared_experts is not None:
         s = moe.shared_experts
@@ -153,11 +155,15 @@ def _layer_targets(model, i: int) -> dict[str, Target]:
     return t
 
 
-def _swiglu_targets(prefix: str, gate_up: torch.Tensor, down: torch.Tensor, rank: int) -> dict[str, Target]:
-    w = gate_up.shape[0] // 2
-    return {prefix + "gate_proj.weight": Target([(gate_up[:w], _rows(rank * w, w))]),
-            prefix + "up_proj.weight": Target([(gate_up[w:], _rows(rank * w, w))]),
-            prefix + "down_proj.weight": Target([(down, _cols(rank * w, w))])}
+def _swiglu_targets(prefix: str, gate_up, down, rank: int) -> dict[str, Target]:
+    """The targets of a gated MLP's three tensors; none for a weight mapped in pieces (mapped.RowPieces)."""
+    w, t = down.shape[-1], {}
+    if not isinstance(gate_up, RowPieces):
+        t[prefix + "gate_proj.weight"] = Target([(gate_up[:w], _rows(rank * w, w))])
+        t[prefix + "up_proj.weight"] = Target([(gate_up[w:], _rows(rank * w, w))])
+    if not isinstance(down, RowPieces):
+        t[prefix + "down_proj.weight"] = Target([(down, _cols(rank * w, w))])
+    return t
 
 
 # ---------------------------------------------------------------------------- files
@@ -239,10 +245,11 @@ def resolve_shared_width(cfg: Param2MoEConfig, path: str) -> Param2MoEConfig:
     return cfg  # absent: load_checkpoint reports it as missing
 
 
-def load_checkpoint(model, path: str, progress: bool = True) -> None:
+def load_checkpoint(model, path: str, progress: bool = True, mapped: frozenset = frozenset()) -> None:
     """Fill the model's parameters from the checkpoint at `path`, checking every name and shape. Each tensor
     goes from the memory-mapped file straight into its parameters (no copy of a file, nor of a tensor, in
-    between), and its pages of the mapping are released once copied."""
+    between), and its pages of the mapping are released once copied. mapped: names whose tensors the model
+    already holds as views of the files (mapped.py), checked and not copied."""
     from tqdm import tqdm
 
     cfg = model.config
@@ -255,7 +262,7 @@ def load_checkpoint(model, path: str, progress: bool = True) -> None:
         for f in open_weights(path, files):
             bar.set_postfix_str(os.path.basename(f.path), refresh=False)
             for name in f.names():
-                _load_tensor(f, name, layout, targets, found, cfg)
+                _load_tensor(f, name, layout, targets, found, cfg, mapped)
                 bar.update(f.nbytes(name))
         bar.update(total - bar.n)  # the files' headers
     missing = [n for n in layout if n not in found]
@@ -268,7 +275,7 @@ def load_checkpoint(model, path: str, progress: bool = True) -> None:
 
 
 def _load_tensor(f: WeightsFile | QuantizedCheckpoint, name: str, layout: dict, targets: dict, found: set,
-                 cfg: Param2MoEConfig) -> None:
+                 cfg: Param2MoEConfig, mapped: frozenset = frozenset()) -> None:
     if _is_mtp(name, cfg) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
         return  # multi-token-prediction layers and a redundant tied head are not used
     where = os.path.basename(f.path)
@@ -281,7 +288,7 @@ def _load_tensor(f: WeightsFile | QuantizedCheckpoint, name: str, layout: dict, 
         raise CheckpointError(f"tensor {name!r} appears twice (again in {where})")
     found.add(name)
     target = targets.get(name)
-    if target is None:  # held by another rank or pipeline stage
+    if target is None or name in mapped:  # held by another rank or pipeline stage, or mapped already
         return
     load_tensor(name, target.parts, f.tensor(name))  # (quantized where the destination is)
     f.release(name)
@@ -327,10 +334,11 @@ def _materialize(model: torch.nn.Module, device) -> None:
 
 def load_model(path: str | None, dtype=torch.bfloat16, device="cpu", shard=None, *, config=None,
                dummy: bool = False, seed: int = 0, progress: bool = True, kernels=None,
-               quantization: str | None = None, quantize_head: bool = False):
+               quantization: str | None = None, quantize_head: bool = False, mmap_weights: bool = False):
     """Build the network on `device` and fill it from the checkpoint at `path` (or randomly, `dummy`);
     kernels: the backend of its hot ops (param2moe.kernels.Kernels; default: "auto"); quantization:
-    quant.plan.OPTIONS (None: as the checkpoint is); quantize_head: the output head too."""
+    quant.plan.OPTIONS (None: as the checkpoint is); quantize_head: the output head too; mmap_weights: on the
+    CPU with one rank, weights in the model's dtype stay views of the memory-mapped files (mapped.py)."""
     from .model import Param2MoEForCausalLM
 
     cfg = config or Param2MoEConfig.from_pretrained(path)
@@ -340,11 +348,34 @@ def load_model(path: str | None, dtype=torch.bfloat16, device="cpu", shard=None,
                      widths=input_widths(cfg, shard))
     with torch.device("meta"):
         model = Param2MoEForCausalLM(cfg, dtype=dtype, shard=shard, kernels=kernels, quant=plan)
+    mapped = frozenset()
+    if mmap_weights and not dummy and torch.device(device).type == "cpu" and _one_rank(model.shard):
+        mapped = _map_files(model, path)
     _materialize(model, device)
     materialize(model, device)
     with torch.no_grad():
         if dummy:
             init_dummy_weights(model, seed)
         else:
-            load_checkpoint(model, path, progress=progress)
+            load_checkpoint(model, path, progress=progress, mapped=mapped)
     return model.eval()
+
+
+def _one_rank(shard) -> bool:
+    return shard.tp_size == 1 and shard.pp_size == 1 and not shard.num_redundant_experts
+
+
+def _map_files(model, path: str) -> frozenset:
+    """mapped.map_weights over the checkpoint's files (none where it is pre-quantized); the files holding mapped
+    tensors stay open, kept on the model as `mapped_files`."""
+    files = weight_files(path)
+    if read_checkpoint_quant(path, files) is not None:
+        return frozenset()
+    opened = [WeightsFile(f) for f in files]
+    by_name = {name: f for f in opened for name in f.names()}
+    mapped = map_weights(model, by_name)
+    model.mapped_files = [f for f in opened if any(by_name.get(n) is f for n in mapped)]
+    for f in opened:
+        if f not in model.mapped_files:
+            f.close()
+    return frozenset(mapped)

@@ -50,6 +50,10 @@ class WeightsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._header[name]["shape"])
 
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The tensor's torch dtype (None: one param2moe does not read)."""
+        return DTYPES.get(self._header[name]["dtype"])
+
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor as a read-only view of the mapped file (do not write to it)."""
         info = self._header[name]

@@ -139,6 +139,9 @@ class EngineConfig:
         None, "weights quantized while they load (default: as the checkpoint is): int8 per channel, int4 groups of "
               "128, fp8 per channel, fp8-block 128x128 blocks", choices=QUANT_OPTIONS, aliases=("-q",))
     quantize_head: bool = setting(False, "with quantization: the output head too (default: high precision)")
+    mmap_weights: bool = setting(
+        True, "on a CPU, weights the checkpoint stores in the model's dtype stay in its memory-mapped files (shared, "
+              "no copy; not with LoRA or EPLB); --no-mmap-weights copies them into the process")
     grammar_compile_timeout: float = setting(
         30.0, "seconds a structured output's grammar may take to compile (a request whose grammar takes longer "
               "fails alone)")

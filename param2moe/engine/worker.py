@@ -27,7 +27,8 @@ def build_runner(config, model_config, dtype, sampler: Sampler, shard=None, comm
     model = load_model(config.model, dtype, device, shard, config=model_config,
                        dummy=config.load_format == "dummy", seed=config.seed,
                        progress=shard is None or (shard.tp_rank == 0 and shard.is_last_stage), kernels=kernels,
-                       quantization=config.quantization, quantize_head=config.quantize_head)
+                       quantization=config.quantization, quantize_head=config.quantize_head,
+                       mmap_weights=config.mmap_weights and not (config.enable_lora or config.enable_eplb))
     if config.enable_lora:  # before any graph capture: the graphs read the slots
         from ..lora.slots import LoRASlots
 

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..mapped import RowPieces
 from ..quant import ops as _quant
 from ..quant.formats import QuantizedWeight
 from . import attention as _attention
@@ -55,6 +56,11 @@ class ExpertOutputs(NamedTuple):
 
 _FP32_OUT_MM = {"ok": True}  # whether torch.mm takes out_dtype here
 _ONE_PAIR: dict = {}  # device -> (weight 1, expert 0) of a dense MLP run as one expert
+
+
+def _one_expert(w):
+    """A matrix [N, K] as a stack of one [1, N, K]."""
+    return w.as_stack() if isinstance(w, RowPieces) else w[None]
 
 
 def _one_pair(device):
@@ -110,6 +116,8 @@ class Kernels:
         two rows on the CPU: the native tiles."""
         if isinstance(weight, QuantizedWeight):
             return _quant.linear(x, weight, bias, native=self.native)
+        if isinstance(weight, RowPieces):  # a weight left in the checkpoint's files in pieces
+            return weight.linear(x, bias=bias, linear=self.linear)
         t = self._pick(x, "gemv")
         if t and t.usable(x, weight, bias):
             return t.gemv(x, weight)
@@ -152,13 +160,13 @@ class Kernels:
             one = _one_pair(x.device)
             y = t.moe_experts(x, gate_up[None], down[None], *one, unsummed=unsummed)
             return ExpertOutputs(y, *one) if unsummed else y
-        if self._cpu_small(x) and isinstance(gate_up, torch.Tensor) and x.dtype == gate_up.dtype == down.dtype:
+        if self._cpu_small(x) and x.dtype == gate_up.dtype == down.dtype:
             # the MLP as one expert of weight 1: one call
             one = _ONE_PAIR.get("cpu")
             if one is None:
                 n = _NATIVE_LINEAR_UP_TO
                 one = _ONE_PAIR["cpu"] = (torch.ones(n, 1), torch.zeros(n, 1, dtype=torch.int64))
-            y = _cpu.moe_decode(x, gate_up[None], down[None], one[0][:x.shape[0]], one[1][:x.shape[0]])
+            y = _cpu.moe_decode(x, _one_expert(gate_up), _one_expert(down), one[0][:x.shape[0]], one[1][:x.shape[0]])
             if y is not None:
                 return y
         return self.linear(silu_and_mul(self.linear(x, gate_up)), down)

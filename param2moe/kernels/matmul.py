@@ -21,6 +21,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from ..mapped import RowPieces
+
 _ATTR = "_p2m_onednn"
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -84,7 +86,10 @@ def packed_weight(w: torch.Tensor, index: int | None = None) -> torch.Tensor | N
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
            index: int | None = None) -> torch.Tensor:
-    """x @ W.T + bias, where W is w, or w[index] when w stacks several weights ([E, N, K])."""
+    """x @ W.T + bias, where W is w, or w[index] when w stacks several weights ([E, N, K]); w may be
+    mapped.RowPieces (a matmul a piece)."""
+    if isinstance(w, RowPieces):
+        return w.linear(x, index, bias, linear=F.linear)
     packed = packed_weight(w, index) if x.dtype == w.dtype else None
     if packed is None:
         return F.linear(x, w if index is None else w[index], bias)

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from ...mapped import RowPieces
+
 log = logging.getLogger("param2moe")
 
 _SRC = Path(__file__).with_name("paged_decode.c")
@@ -230,7 +232,7 @@ def _setup_moe(lib) -> None:
     i32, p = ctypes.c_int, ctypes.c_void_p
     fn = lib.p2m_moe_decode
     fn.restype = i32
-    fn.argtypes = [p, i32, p, p, i32, p, p, p,  # x, bf16, w13, w2, bf16, weights, ids, out
+    fn.argtypes = [p, i32, p, p, p, p, i32, p, p, p,  # x, bf16, w13, w2, their piece tables, bf16, weights, ids, out
                    i32, i32, i32, i32, i32, i32, i32]  # T, K, H, I, E, threads, generic
     _setup_dense(lib)
 
@@ -309,11 +311,25 @@ def _routing_args(weights, ids):
     return wts, idx
 
 
+def expert_pointers(w, pieces: int) -> tuple[int, int | None] | None:
+    """(address of the stack, address of its piece table or None) of an expert stack [E, N, K] the native kernels
+    take: a contiguous CPU tensor, or mapped.RowPieces cut into `pieces` equal pieces a matrix (gate and up: 2;
+    down: 1); else None."""
+    if isinstance(w, RowPieces):
+        if w.device.type != "cpu" or w.pieces_per_matrix() != pieces or not w.stacked:
+            return None
+        table = w.pointer_table()
+        return int(table[0]), table.data_ptr()
+    if w.device.type != "cpu" or not w.is_contiguous():
+        return None
+    return w.data_ptr(), None
+
+
 def moe_decode(x, w13, w2, weights, ids):
     """moe.moe_experts (its sum and roundings; see moe_decode.c) in one native call: x [T, H], w13 [E, 2I, H],
-    w2 [E, H, I] of one dtype (float32 or bfloat16), weights [T, K], ids [T, K] (-1: none). Returns [T, H] in
-    x's dtype, or None where the kernel does not take these inputs (also: a gradient is wanted) or the library is
-    not there."""
+    w2 [E, H, I] of one dtype (float32 or bfloat16; tensors, or mapped.RowPieces), weights [T, K], ids [T, K] (-1:
+    none). Returns [T, H] in x's dtype, or None where the kernel does not take these inputs (also: a gradient is
+    wanted) or the library is not there."""
     if not moe_enabled() or x.device.type != "cpu" or x.dim() != 2 or ids.dim() != 2:
         return None
     if x.dtype not in _DTYPES or w13.dtype != x.dtype or w2.dtype != x.dtype or w13.dim() != 3 or w2.dim() != 3:
@@ -322,9 +338,10 @@ def moe_decode(x, w13, w2, weights, ids):
     if dims is None:
         return None
     t, h, e, i2 = dims
-    if w13.device.type != "cpu" or w2.device.type != "cpu" or not (w13.is_contiguous() and w2.is_contiguous()):
+    gate_up, down = expert_pointers(w13, 2), expert_pointers(w2, 1)
+    if gate_up is None or down is None:
         return None
-    if torch.is_grad_enabled() and any(a.requires_grad for a in (x, w13, w2, weights)):
+    if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in (x, w13, w2, weights)):
         return None  # no autograd here (training runs the torch path)
     lib = _moe_lib()
     if lib is None:
@@ -333,8 +350,8 @@ def moe_decode(x, w13, w2, weights, ids):
     wts, idx = _routing_args(weights, ids)
     out = torch.empty((t, h), dtype=x.dtype)
     bf = _DTYPES[x.dtype]
-    err = lib.p2m_moe_decode(x.data_ptr(), bf, w13.data_ptr(), w2.data_ptr(), bf, wts.data_ptr(), idx.data_ptr(),
-                             out.data_ptr(), t, ids.shape[1], h, i2 // 2, e, torch.get_num_threads(),
+    err = lib.p2m_moe_decode(x.data_ptr(), bf, gate_up[0], down[0], gate_up[1], down[1], bf, wts.data_ptr(),
+                             idx.data_ptr(), out.data_ptr(), t, ids.shape[1], h, i2 // 2, e, torch.get_num_threads(),
                              int(_state["generic"]))
     if err:
         raise RuntimeError(f"native MoE experts: {'an expert id out of range' if err == 1 else 'no memory'}")

@@ -28,8 +28,9 @@ int p2m_gate_route(const void *x, int bf16, const float *gw, const float *bias, 
                    int64_t *ids, int ldo, int nthreads);
 int p2m_dense_linear(const void *x, const void *w, const void *bias, void *out, int bf16, int obf16, int T, int K,
                      int N, int nthreads, int generic);
-int p2m_moe_decode(const void *x, int act_bf16, const void *w13, const void *w2, int wbf16, const float *weights,
-                   const int64_t *ids, void *out, int T, int K, int H, int I, int E, int nthreads, int generic);
+int p2m_moe_decode(const void *x, int act_bf16, const void *w13, const void *w2, const int64_t *w13_parts,
+                   const int64_t *w2_parts, int wbf16, const float *weights, const int64_t *ids, void *out, int T,
+                   int K, int H, int I, int E, int nthreads, int generic);
 int p2m_quant_linear(const void *x, int xbf16, int obf16, int T, int K, const uint8_t *qw, const float *ws, int int4,
                      int group, int N, const float *bias, void *out, int nthreads, int generic);
 int p2m_quant_moe(const void *x, int xbf16, const uint8_t *w13, const float *s13, const uint8_t *w2,
@@ -45,12 +46,14 @@ int p2m_paged_decode(const void *q, int64_t q_stok, int64_t q_shead, int q_bf16,
 enum { MAT_F32 = 0, MAT_BF16 = 1, MAT_INT8 = 2, MAT_INT4 = 3 };
 
 /* A weight matrix [N, K], or [E, N, K] for the experts: the tensor (fp32 / bf16), or int8 / int4 codes and
- * scales (param2moe/quant/formats.py). q NULL: absent. */
+ * scales (param2moe/quant/formats.py). q NULL: absent. parts: an fp32 / bf16 gated MLP's or experts' matrices
+ * left in the checkpoint's files, the addresses of their pieces (moe_decode.c), q then unused but not NULL. */
 typedef struct {
     int kind;
     const void *q;
     const float *scale;
     int n, k, group;
+    const int64_t *parts;
 } p2m_mat;
 
 typedef struct {
@@ -91,8 +94,8 @@ static int experts(const p2m_mat *w13, const p2m_mat *w2, const void *x, const f
                    void *out, int T, int K, int H, int E, int bf16, int nt, int generic) {
     const int I = w2->k;
     if (w13->kind <= MAT_BF16)
-        return p2m_moe_decode(x, bf16, w13->q, w2->q, w13->kind == MAT_BF16, weights, ids, out, T, K, H, I, E, nt,
-                              generic);
+        return p2m_moe_decode(x, bf16, w13->q, w2->q, w13->parts, w2->parts, w13->kind == MAT_BF16, weights, ids, out,
+                              T, K, H, I, E, nt, generic);
     return p2m_quant_moe(x, bf16, w13->q, w13->scale, w2->q, w2->scale, w13->kind == MAT_INT4, w13->group, weights,
                          ids, out, T, K, H, I, E, nt, generic);
 }

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _DTYPES, _MOE_SRC, _OPS_SRC, _QUANT_SRC, _SRC, _load, _quant_ok, enabled, moe_enabled
+from ...mapped import RowPieces
+from . import _DTYPES, _MOE_SRC, _OPS_SRC, _QUANT_SRC, _SRC, _load, _quant_ok, enabled, expert_pointers, moe_enabled
 from . import _state as _native_state
 
 _LAYER_SRC = _SRC.with_name("decode_layer.c")
@@ -73,7 +74,7 @@ class LayerWeights:
 
 class _Mat(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int), ("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("n", ctypes.c_int),
-                ("k", ctypes.c_int), ("group", ctypes.c_int)]
+                ("k", ctypes.c_int), ("group", ctypes.c_int), ("parts", ctypes.c_void_p)]
 
 
 _I, _F, _P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -114,9 +115,15 @@ def _kind(w, dtype, lead: int) -> int | None:
     return _KINDS[w.method] if _quant_ok(w, lead) else None
 
 
-def _mat(w, dtype, lead: int) -> _Mat | None:
+def _mat(w, dtype, lead: int, pieces: int) -> _Mat | None:
+    """The C description of weight w (`lead` expert dims; mapped.RowPieces: a gated MLP's or experts' matrices in
+    `pieces` pieces each, 0 where the C code takes none), or None where it takes no such weight."""
     if w is None:
         return _Mat()
+    if isinstance(w, RowPieces):
+        where = expert_pointers(w.as_stack(), pieces) if pieces and w.dtype == dtype and w.dim() == lead + 2 \
+            else None
+        return None if where is None else _Mat(_KINDS[dtype], where[0], None, w.shape[-2], w.shape[-1], 0, where[1])
     kind = _kind(w, dtype, lead)
     if kind is None:
         return None
@@ -131,7 +138,8 @@ def _layer_struct(lw: LayerWeights, dtype) -> _Layer | None:
         return None
     if lw.q_norm is not None and lw.q_norm.dtype != lw.in_norm.dtype:
         return None
-    mats = {n: _mat(getattr(lw, n), dtype, int(n in ("w13", "w2")))
+    pieces = {"mlp_gate_up": 2, "w13": 2, "mlp_down": 1, "w2": 1}  # taken in pieces: a gated MLP's matrices
+    mats = {n: _mat(getattr(lw, n), dtype, int(n in ("w13", "w2")), pieces.get(n, 0))
             for n in ("qkv", "dense", "mlp_gate_up", "mlp_down", "w13", "w2")}
     if any(m is None for m in mats.values()) or (lw.mlp_gate_up is None) != (lw.mlp_down is None):
         return None
@@ -182,7 +190,8 @@ def decode_layer(owner, lw: LayerWeights, h, residual, cos, sin, k_cache, v_cach
     t, dtype = h.shape[0], h.dtype
     if residual is not None and (residual.dtype != dtype or residual.shape != h.shape or not residual.is_contiguous()):
         return None
-    if any(isinstance(w, torch.Tensor) for w in (lw.qkv, lw.dense, lw.mlp_gate_up, lw.w13)) and t > _DENSE_ROWS:
+    if any(isinstance(w, (torch.Tensor, RowPieces)) for w in (lw.qkv, lw.dense, lw.mlp_gate_up, lw.w13)) \
+            and t > _DENSE_ROWS:
         return None
     if (torch.is_grad_enabled() and h.requires_grad) or (lw.w13 is not None and not moe_enabled()):
         return None

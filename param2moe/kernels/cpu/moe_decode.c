@@ -2,7 +2,10 @@
  * moe_experts, whose roundings it reproduces).
  *
  * x [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], all contiguous, fp32 or bf16 (x and the
- * weights of one dtype); weights [T, K] fp32, ids [T, K] int64 (-1: no expert). out [T, H] in x's dtype:
+ * weights of one dtype); or, where the weights stay in the checkpoint's files as separate tensors
+ * (param2moe/mapped.py), tables of their addresses: w13_parts [2E] (expert e's gate [I, H] at 2e, its up at
+ * 2e + 1) and w2_parts [E] (its down [H, I]), w13 / w2 then unused. weights [T, K] fp32, ids [T, K] int64 (-1: no
+ * expert). out [T, H] in x's dtype:
  *   out[t] = sum_k weights[t, k] * down_e(silu(gate_e . x[t]) * (up_e . x[t])),  e = ids[t, k]
  * with, for bf16, gate and up rounded to bf16, silu(gate) rounded, the product rounded, each down result
  * rounded, then the weighted sum in fp32 (a token's terms by ascending expert, as the oracle's index_add over
@@ -262,8 +265,9 @@ static inline void split(int n, int align, int tid, int nt, int *lo, int *hi) {
 }
 
 /* Returns 0, 1 for an expert id >= E, 2 for no memory. */
-int p2m_moe_decode(const void *x, int act_bf16, const void *w13, const void *w2, int wbf16, const float *weights,
-                   const int64_t *ids, void *out, int T, int K, int H, int I, int E, int nthreads, int generic) {
+int p2m_moe_decode(const void *x, int act_bf16, const void *w13, const void *w2, const int64_t *w13_parts,
+                   const int64_t *w2_parts, int wbf16, const float *weights, const int64_t *ids, void *out, int T,
+                   int K, int H, int I, int E, int nthreads, int generic) {
     int P = T * K;
     int *counts = calloc((size_t)E + 1, sizeof(int));
     int *pair_tok = malloc((size_t)(P > 0 ? P : 1) * sizeof(int));
@@ -350,8 +354,9 @@ int p2m_moe_decode(const void *x, int act_bf16, const void *w13, const void *w2,
             parity ^= 1;
             /* each thread its own row pointers */
             for (int r = 0; r < n; r++) xp[r] = xbase + (size_t)pair_tok[s0 + r] * H * xes;
-            const void *we = wbf16 ? (const void *)((const uint16_t *)w13 + e * w13s) : (const void *)((const float *)w13 + e * w13s);
-            const void *wu = wbf16 ? (const void *)((const uint16_t *)we + (int64_t)I * H) : (const void *)((const float *)we + (int64_t)I * H);
+            const size_t es = wbf16 ? 2 : 4;
+            const char *we = w13_parts ? (const char *)(intptr_t)w13_parts[2 * e] : (const char *)w13 + e * w13s * es;
+            const char *wu = w13_parts ? (const char *)(intptr_t)w13_parts[2 * e + 1] : we + (int64_t)I * H * es;
             rows_times(mode, we, H, jlo, jhi, xp, n, H, gu, I, generic);
             rows_times(mode, wu, H, jlo, jhi, xp, n, H, gu + mi, I, generic);
             for (int r = 0; r < n; r++) {
@@ -379,7 +384,7 @@ int p2m_moe_decode(const void *x, int act_bf16, const void *w13, const void *w2,
             }
 #pragma omp barrier
             for (int r = 0; r < n; r++) ap[r] = a + (size_t)r * I * aes;
-            const void *wd = wbf16 ? (const void *)((const uint16_t *)w2 + e * w2s) : (const void *)((const float *)w2 + e * w2s);
+            const char *wd = w2_parts ? (const char *)(intptr_t)w2_parts[e] : (const char *)w2 + e * w2s * es;
             rows_times(mode, wd, I, hlo, hhi, ap, n, I, dn, H, generic);
             for (int r = 0; r < n; r++) {
                 float wt = pair_w[s0 + r];
