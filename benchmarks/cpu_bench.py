@@ -66,6 +66,7 @@ class _Ours:
 
         self.SamplingParams = SamplingParams
         kw = {"quantization": a.quantization, "quantize_head": a.quantize_head} if a.quantization else {}
+        kw["mmap_weights"] = not a.no_mmap_weights
         self.llm = LLM(a.ckpt, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                        max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=a.kv_gib << 30,
                        enable_prefix_caching=False, seed=0, **kw)
@@ -218,6 +219,8 @@ def run_worker(engine: str, python: str, a, ckpt: str) -> dict:
         args.append(f"--quantization={a.quantization}")
         if getattr(a, "quantize_head", False):
             args.append("--quantize-head")
+    if getattr(a, "no_mmap_weights", False):
+        args.append("--no-mmap-weights")
     idle_before = wait_until_idle(a.wait_idle) if a.wait_idle else None
     load_before = loadavg()
     busy0, total0 = _cpu_jiffies()
@@ -289,6 +292,8 @@ def main() -> None:
                     help="before each engine, wait up to this many seconds for idle CPUs (0: don't)")
     ap.add_argument("--quantization", help="param2moe's weights: int8 or int4 (vLLM runs unquantized)")
     ap.add_argument("--quantize-head", action="store_true", help="with --quantization: the output head too")
+    ap.add_argument("--no-mmap-weights", action="store_true",
+                    help="param2moe copies its weights into the process (default: left in the mapped files)")
     ap.add_argument("--ckpt", help="use this checkpoint (of the one --dtype) instead of writing one")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/cpu_bench_<date>.json)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

@@ -436,13 +436,14 @@ def llama_bench(gguf: str, a) -> dict:
                                                                         "cpu_info", "build_commit")}}
 
 
-def ours_bench(ckpt: str, quantization: str | None, a) -> dict:
-    """cpu_bench.py's worker (a fresh process): latency at batch 1, throughput of --num-seqs requests."""
+def ours_bench(ckpt: str, quantization: str | None, a, copied: bool = False) -> dict:
+    """cpu_bench.py's worker (a fresh process): latency at batch 1, throughput of --num-seqs requests; copied: the
+    weights copied into the process rather than left in the mapped files."""
     args = argparse.Namespace(
         dtype="bfloat16", max_model_len=1024, max_num_seqs=a.num_seqs, max_num_batched_tokens=2048, kv_gib=1,
         num_requests=a.num_seqs, input_len=a.input_len, output_len=a.output_len,
         latency_output_len=a.latency_output_len, wait_idle=a.wait_idle, quantization=quantization,
-        quantize_head=a.quantize_head)
+        quantize_head=a.quantize_head, no_mmap_weights=copied)
     res = cpu_bench.run_worker("param2moe", sys.executable, args, ckpt)
     lat, thr = res["latency"], res["throughput"]
     return {"tpot_ms": lat["tpot_ms"], "throughput_output_tok_s": thr["output_tok_s"], "ttft_ms": lat["ttft_ms"],
@@ -465,6 +466,8 @@ def bench(a) -> dict:
             for name, ours_q, theirs_q in formats:  # back to back: ours, then llama.cpp, per format
                 log(f"[{rep + 1}/{a.repeats}] {name}")
                 runs.setdefault(f"param2moe {name}", []).append(ours_bench(ckpt, ours_q, a))
+                if a.copied:
+                    runs.setdefault(f"param2moe {name}, copied", []).append(ours_bench(ckpt, ours_q, a, copied=True))
                 runs.setdefault(f"llama.cpp {theirs_q}", []).append(llama_bench(ggufs[theirs_q], a))
     best = {k: {"tpot_ms": min(r["tpot_ms"] for r in v),
                 "throughput_output_tok_s": max(r["throughput_output_tok_s"] for r in v),
@@ -522,6 +525,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--latency-output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--copied", action="store_true",
+                    help="bench: also param2moe with its weights copied (--no-mmap-weights) beside the mapped default")
     ap.add_argument("--wait-idle", type=float, default=60)
     ap.add_argument("--nice", type=int, default=0,
                     help="scheduling priority change for this run and every process it starts, both engines alike "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a decode step's GPU time goes: torch.profiler over replays of the captured decode graph.
 
-    python benchmarks/profile_decode.py [--batch 1 64] [--no-fold] [--top 25]
+    python benchmarks/profile_decode.py [--batch 1 64] [--no-fold] [--top 25] [--quantization fp8]
 
 Dummy Param2-17B weights on the GPU, experts chosen uniformly at random (docs/model.md §7), prompts of 128
 tokens. Prints, per batch size, the GPU time of one replay and its kernels (time per step, launches
@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--no-fold", action="store_true")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--replays", type=int, default=10)
+    ap.add_argument("--quantization", default=None, help="quantized weights (int8, int4, fp8, fp8-block)")
+    ap.add_argument("--quantize-head", action="store_true", help="with --quantization: the head too")
     ap.add_argument("--timeline", type=int, nargs=2, metavar=("FIRST", "LAST"),
                     help="also print kernels FIRST..LAST of the last replay in time order: start, duration, and "
                          "how far each moved the end of the step (its cost on the critical path)")
@@ -33,7 +35,8 @@ def main() -> None:
     if args.no_fold:
         Param2MoEForCausalLM.fold_shared_experts = lambda self: 0
     engine = LLMEngine(EngineConfig(preset="param2-17b", load_format="dummy", max_model_len=4096,
-                                    max_num_seqs=max(args.batch)))
+                                    max_num_seqs=max(args.batch), quantization=args.quantization,
+                                    quantize_head=args.quantize_head))
     graphs = engine.runner.graphs
     g = torch.Generator().manual_seed(0)
     for b in args.batch:
@@ -53,7 +56,8 @@ def main() -> None:
         rows.sort(key=lambda e: -e.device_time_total)
         total = sum(e.device_time_total for e in rows) / args.replays
         launches = sum(e.count for e in rows) / args.replays
-        print(f"\n== batch {b}{' (shared expert not folded)' if args.no_fold else ''}: replay {step_s * 1e3:.3f} ms "
+        what = f"{' (shared expert not folded)' if args.no_fold else ''}{', ' + args.quantization if args.quantization else ''}"
+        print(f"\n== batch {b}{what}: replay {step_s * 1e3:.3f} ms "
               f"(events); kernels {total / 1e3:.3f} ms, {launches:.0f} launches per step")
         print(f"{'kernel':<60} {'us/step':>9} {'launches':>9} {'us each':>8}")
         for e in rows[: args.top]:
