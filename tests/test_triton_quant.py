@@ -222,7 +222,7 @@ def _variant_cases():
     GEMV's shapes or the tiles at one token; 3 tokens: the tiles)."""
     cases = []
     for name, v in tq.MOE_VARIANTS.items():
-        if v.gemv or v.one_token == "mma" or name == "default":
+        if any(v.changes(1, m) for m in (tq.INT8, tq.INT4, tq.FP8, tq.FP8_BLOCK_SCALED)) or name == "default":
             cases.append((name, 1))
         if v.tiles or v.joins_otherwise(tq.INT4) or name == "default":
             cases.append((name, 3))
@@ -264,7 +264,8 @@ def test_moe_gemv_pipelined_chunks(method, xsplit, monkeypatch):
     _moe_variant_check(method, "pipe_small", 1, 384, 256)
 
 
-@pytest.mark.parametrize("variant", ["default", "gemv_plain", "gemv_pipe", "gemv_pipe_noxsplit", "gemv_small"])
+@pytest.mark.parametrize("variant", ["default", "gemv_plain", "gemv_pipe", "gemv_pipe_noxsplit", "gemv_small",
+                                     "linear_pipe", "linear_preload"])
 @pytest.mark.parametrize("method", ["int4", "int8", "fp8-block"])
 def test_linear_gemv_variants(method, variant):
     """A variant's "linear" GEMV (the pipelined ones: K 1536 in 3 chunks of 512), 2 tokens, a bias."""

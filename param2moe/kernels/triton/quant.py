@@ -59,6 +59,12 @@ GEMV_CHUNK = 4096  # logical columns a GEMV program holds at once (larger K: a l
 _PIPE_SHAPE = (4096, 4, 1024, 3)
 GEMV_CONFIGS = {m: {use: (*_PIPE_SHAPE, m == INT4) for use in ("linear", "gate_up", "down")}
                 for m in (INT8, INT4, FP8, FP8_BLOCK_SCALED)}
+# A linear layer at a few tokens whose weight fits the GPU's programs at once (attention's qkv and output
+# projection) is instead one chunk a program, loaded BEFORE the wait for the kernel in front (PDL, as gemv.py's
+# bf16 GEMV): its bytes stream in while that kernel runs. The pipelined shape loads after the wait (on an H100 a
+# Param2 fp8 qkv added 4.3 us to a batch-1 step where the preloaded bf16 one added 1.8). Variant "linear_pipe".
+GEMV_PRELOAD = {INT8: (16384, 8), INT4: (8192, 8, 0, 0, True), FP8: (16384, 4), FP8_BLOCK_SCALED: (16384, 4)}
+PRELOAD_MAX_BYTES = 32 << 20
 # fp8 weights: from this many tokens the activations are quantized to fp8 per token (dynamic, as vLLM's fp8) and
 # the tiled GEMMs multiply on the fp8 tensor cores (the MoE 1.45x weight-only at 256 tokens on an H100); below
 # it the GEMVs and tiles read the bf16 activations (weight-only: the weights' bytes bound the time, and the
@@ -650,8 +656,11 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
     a, a_scale = _activations(x, w, act)
     v = moe_variant(variant)
     if (path or ("gemv" if t <= gemv_max_tokens(w) else "mma")) == "gemv":
-        return _gemv(a, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl_flag(x) and k <= GEMV_CHUNK, x_scale=a_scale,
-                     config=(v.gemv or {}).get(w.method, {}).get("linear"))
+        pdl = pdl_flag(x) and k <= GEMV_CHUNK
+        config = (v.gemv or {}).get(w.method, {}).get("linear")
+        if config is None and pdl and qw.qweight.numel() * qw.qweight.element_size() <= PRELOAD_MAX_BYTES:
+            config = GEMV_PRELOAD[w.method]
+        return _gemv(a, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl, x_scale=a_scale, config=config)
     block_m, cfg = config or linear_config(t)
     if v.linear_tiles and config is None:
         cfg = {**cfg, **v.linear_tiles}
@@ -708,8 +717,8 @@ class MoeVariant(NamedTuple):
 
     def changes(self, t: int, method: int) -> bool:
         """Whether, at t tokens with weights of this method, something else runs than the default's."""
-        if t == 1 and self.one_token == "gemv":
-            return bool(self.gemv and method in self.gemv)
+        if t == 1 and self.one_token == "gemv":  # (its "linear" entries are not the MoE's)
+            return any(use in (self.gemv or {}).get(method, {}) for use in ("gate_up", "down"))
         return t == 1 or bool(self.tiles) or self.joins_otherwise(method)
 
 
@@ -737,6 +746,9 @@ MOE_VARIANTS = {
     # int4: the default's pipeline with x read by nibble position (strided 2-byte loads)
     "gemv_pipe_noxsplit": MoeVariant(gemv={INT4: {use: _PIPE_SHAPE for use in ("gate_up", "down", "linear")}}),
     "gemv_small": MoeVariant(gemv=_SMALL_GEMV),  # moe.py's one-token shape: few rows, 4 warps, many programs
+    # linear layers at a few tokens: the pipelined shape even where the preloaded one applies (GEMV_PRELOAD)
+    "linear_pipe": MoeVariant(gemv={m: {"linear": (*_PIPE_SHAPE, m == INT4)} for m in _PLAIN_GEMV}),
+    "linear_preload": MoeVariant(gemv={m: {"linear": GEMV_PRELOAD[m]} for m in _PLAIN_GEMV}),  # (tests: no PDL)
     "gemv_xsplit": MoeVariant(gemv=_XSPLIT_GEMV),  # int4: x in 16-byte loads, split in registers
     "mma1": MoeVariant(one_token="mma"),  # one token on the tiles: a K loop pipelined through shared memory
     "deep": MoeVariant(tiles={"num_stages": 5}),  # more K steps in flight a tile program
