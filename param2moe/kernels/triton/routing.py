@@ -188,6 +188,8 @@ def route(logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, *,
 
 
 GATE_ROUTE_MAX_TOKENS = 16  # up to here one fused launch; beyond, cuBLAS logits + the routing kernel
+EXPERTS_PER_PROGRAM = 2  # the fused launch's programs: E / this many, each computing that many experts' logits
+ROUTER_WARPS = 4
 _COUNTERS: dict = {}
 
 
@@ -244,7 +246,7 @@ def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict, after=N
     logits = torch.empty(t, e, dtype=torch.float32, device=x.device)
     n_group, topk_group = kw.get("n_group"), kw.get("topk_group")
     grouped = n_group is not None and topk_group is not None and n_group > 1
-    per = 2
+    per = EXPERTS_PER_PROGRAM if e % EXPERTS_PER_PROGRAM == 0 else 2
     bias = expert_bias.float().contiguous() if expert_bias is not None else logits
     # as much of the row a load as registers allow: few dependent load rounds (latency, not bandwidth)
     block_h = min(triton.next_power_of_2(hidden), max(64, 4096 // (triton.next_power_of_2(t) * per)))
@@ -257,7 +259,7 @@ def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict, after=N
         BLOCK_H=block_h,
         BLOCK_T=triton.next_power_of_2(t), BLOCK_E=triton.next_power_of_2(e),
         BLOCK_K=triton.next_power_of_2(top_k + n_app), BLOCK_G=triton.next_power_of_2(n_group if grouped else 1),
-        HAS_NORM=norm is not None, PDL=pdl_flag(x), num_warps=4)
+        HAS_NORM=norm is not None, PDL=pdl_flag(x), num_warps=ROUTER_WARPS)
     if after is not None:
         return normed, new_residual, weights, ids, after(normed, ids, (x, gate_weight, logits, bias, *norm_args))
     return (weights, ids) if norm is None else (normed, new_residual, weights, ids)
