@@ -56,7 +56,8 @@ def main() -> None:
         rows.sort(key=lambda e: -e.device_time_total)
         total = sum(e.device_time_total for e in rows) / args.replays
         launches = sum(e.count for e in rows) / args.replays
-        what = f"{' (shared expert not folded)' if args.no_fold else ''}{', ' + args.quantization if args.quantization else ''}"
+        what = (" (shared expert not folded)" if args.no_fold else "") + \
+            (f", {args.quantization}" if args.quantization else "")
         print(f"\n== batch {b}{what}: replay {step_s * 1e3:.3f} ms "
               f"(events); kernels {total / 1e3:.3f} ms, {launches:.0f} launches per step")
         print(f"{'kernel':<60} {'us/step':>9} {'launches':>9} {'us each':>8}")

@@ -3,8 +3,12 @@
 experts, 1/2/4/8 warps; microseconds a launch, 50 back to back in a CUDA graph, and whether the expert ids match
 the default's. On a GPU: `OUT=DIR python benchmarks/router_sweep.py` (writes DIR/router_sweep.json); the engine's
 step with a shape: benchmarks/results/h100_2026-12-06f/call4.sh."""
-import json, os, sys
+import json
+import os
+import sys
+
 import torch
+
 sys.path.insert(0, os.getcwd())
 import param2moe.kernels.triton.routing as r
 
@@ -32,7 +36,10 @@ def timed(per, warps):
     st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     best = 1e9
     for _ in range(7):
-        st.record(); graph.replay(); en.record(); torch.cuda.synchronize()
+        st.record()
+        graph.replay()
+        en.record()
+        torch.cuda.synchronize()
         best = min(best, st.elapsed_time(en) * 1e3 / 50)
     return best, [o.clone() for o in out]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cpu_native_layer import _decode_steps
 
 from param2moe import LLM, SamplingParams
 from param2moe.checkpoint import load_model
@@ -15,8 +16,6 @@ from param2moe.kernels.cpu import layer as native_layer
 from param2moe.mapped import RowPieces
 from param2moe.quant.formats import QuantizedWeight
 from param2moe.writer import preset_config, write_checkpoint
-
-from test_cpu_native_layer import _decode_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
