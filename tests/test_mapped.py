@@ -89,7 +89,7 @@ def test_native_decode_equals_the_copied_model(bf16_ckpt, n_seqs):
 
 
 def test_prompt_steps_match_the_copied_model(bf16_ckpt):
-    """Prompt steps (torch matmuls a piece, not oneDNN's packed copies): the copied model's numbers up to the
+    """Prompt steps (a torch matmul a piece, where the copied model has one for gate and up): its numbers up to the
     matmuls' summation order."""
     mapped = load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False, mmap_weights=True)
     copied = load_model(bf16_ckpt, dtype=torch.bfloat16, progress=False)

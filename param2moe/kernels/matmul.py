@@ -87,9 +87,9 @@ def packed_weight(w: torch.Tensor, index: int | None = None) -> torch.Tensor | N
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
            index: int | None = None) -> torch.Tensor:
     """x @ W.T + bias, where W is w, or w[index] when w stacks several weights ([E, N, K]); w may be
-    mapped.RowPieces (a matmul a piece)."""
+    mapped.RowPieces (a matmul a piece, each piece packed)."""
     if isinstance(w, RowPieces):
-        return w.linear(x, index, bias, linear=F.linear)
+        return w.linear(x, index, bias, linear=linear)
     packed = packed_weight(w, index) if x.dtype == w.dtype else None
     if packed is None:
         return F.linear(x, w if index is None else w[index], bias)
