@@ -426,9 +426,16 @@ def llama_bench(gguf: str, a) -> dict:
     npl = a.num_seqs
     batched = [tool("llama-batched-bench"), "-m", gguf, "-t", str(a.threads), "-tb", str(a.threads),
                "-c", str(npl * (a.input_len + a.output_len) + 64), "-b", "2048", "-ub", "512"]
-    r, cb = run_cpu([*batched, "-npp", str(a.input_len), "-ntg", str(a.output_len), "-npl", str(npl)])
+    for attempt in range(3):  # now and then it prints its table's header and no row (two threads here): again
+        r, cb = run_cpu([*batched, "-npp", str(a.input_len), "-ntg", str(a.output_len), "-npl", str(npl)])
+        try:
+            row = _batched_row(r.stdout, npl)
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
+            log("llama-batched-bench printed no row; running it again")
     _, c0 = run_cpu([*batched, "-npp", "1", "-ntg", "1", "-npl", "1"])
-    row = _batched_row(r.stdout, npl)
     out_tokens = npl * a.output_len
     return {"tpot_ms": 1e3 / tg["avg_ts"], "tg_tok_s": tg["avg_ts"], "tpot_cpu_ms": 1e3 * (c3 - c1) / (2 * n),
             "throughput_output_tok_s": out_tokens / row["t"], "output_tok_per_cpu_s": out_tokens / (cb - c0),
