@@ -13,8 +13,8 @@ file's dtype (quantized ones are computed, so copied); LoRA and expert load bala
 weights, so the engine copies when either is on (`EngineConfig.mmap_weights`). Norms, the router and biases are
 small and copied (the router is kept in float32). Mapped weights are read-only memory: nothing may write into
 them. The batched matmuls' oneDNN packed copies (kernels/matmul.py: a speed cache of at most a quarter of the
-machine's memory, `P2M_CPU_ONEDNN=0` turns it off) are made of mapped weights as of copied ones: unpacked, a bf16
-matmul of 64 rows took 1.6x as long and a batch-64 decode step ~1.8x on this project's CPU machine.
+machine's memory, `P2M_CPU_ONEDNN=0` turns it off) are made of mapped weights as of copied ones: bf16 matmuls of
+many rows are much slower unpacked (README, "On a CPU").
 """
 
 from __future__ import annotations
