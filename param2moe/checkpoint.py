@@ -368,14 +368,14 @@ def _one_rank(shard) -> bool:
 def _map_files(model, path: str) -> frozenset:
     """mapped.map_weights over the checkpoint's files (none where it is pre-quantized); the files holding mapped
     tensors stay open, kept on the model as `mapped_files`."""
-    files = weight_files(path)
-    if read_checkpoint_quant(path, files) is not None:
+    if read_checkpoint_quant(path) is not None:  # (its config says so)
         return frozenset()
-    opened = [WeightsFile(f) for f in files]
+    opened = [WeightsFile(f) for f in weight_files(path)]
     by_name = {name: f for f in opened for name in f.names()}
     mapped = map_weights(model, by_name)
-    model.mapped_files = [f for f in opened if any(by_name.get(n) is f for n in mapped)]
+    holding = {id(by_name[n]) for n in mapped}
+    model.mapped_files = [f for f in opened if id(f) in holding]
     for f in opened:
-        if f not in model.mapped_files:
+        if id(f) not in holding:
             f.close()
     return frozenset(mapped)

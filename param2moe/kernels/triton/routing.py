@@ -188,7 +188,9 @@ def route(logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, *,
 
 
 GATE_ROUTE_MAX_TOKENS = 16  # up to here one fused launch; beyond, cuBLAS logits + the routing kernel
-EXPERTS_PER_PROGRAM = 2  # the fused launch's programs: E / this many, each computing that many experts' logits
+# The fused launch's programs: E / EXPERTS_PER_PROGRAM, each computing that many experts' logits, of ROUTER_WARPS
+# warps (benchmarks/router_sweep.py sweeps both: on an H100 other shapes were faster alone and not in the step).
+EXPERTS_PER_PROGRAM = 2
 ROUTER_WARPS = 4
 _COUNTERS: dict = {}
 
@@ -219,7 +221,8 @@ def fused_norm_route(x: torch.Tensor, residual: torch.Tensor, gate_weight: torch
 
 
 def _fused(x: torch.Tensor, gate_weight: torch.Tensor) -> bool:
-    return x.shape[0] <= GATE_ROUTE_MAX_TOKENS and gate_weight.shape[0] % 2 == 0 and gate_weight.dtype == torch.float32
+    return (x.shape[0] <= GATE_ROUTE_MAX_TOKENS and gate_weight.shape[0] % EXPERTS_PER_PROGRAM == 0
+            and gate_weight.dtype == torch.float32)
 
 
 def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict, after=None):
@@ -246,7 +249,7 @@ def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict, after=N
     logits = torch.empty(t, e, dtype=torch.float32, device=x.device)
     n_group, topk_group = kw.get("n_group"), kw.get("topk_group")
     grouped = n_group is not None and topk_group is not None and n_group > 1
-    per = EXPERTS_PER_PROGRAM if e % EXPERTS_PER_PROGRAM == 0 else 2
+    per = EXPERTS_PER_PROGRAM
     bias = expert_bias.float().contiguous() if expert_bias is not None else logits
     # as much of the row a load as registers allow: few dependent load rounds (latency, not bandwidth)
     block_h = min(triton.next_power_of_2(hidden), max(64, 4096 // (triton.next_power_of_2(t) * per)))
