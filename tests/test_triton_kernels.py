@@ -456,6 +456,19 @@ ATTN_CASES = {
 @pytest.mark.parametrize("splits", [None, 1, 3])
 @pytest.mark.parametrize("name", list(ATTN_CASES))
 def test_paged_attention(name, splits, dtype):
+    _paged_attention_check(name, splits, dtype)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("name", ["decode", "decode-long", "decode-mha"])
+def test_paged_attention_decode_speculated(name, splits, monkeypatch):
+    """attention.DECODE_SPECULATE (decode with a split walk): decode-long's 300 tokens are 3 tiles, so with 2
+    splits the walk is not a tile a split and the speculated pages are read again."""
+    monkeypatch.setattr(tri_attn, "DECODE_SPECULATE", True)
+    _paged_attention_check(name, splits, torch.float32)
+
+
+def _paged_attention_check(name, splits, dtype):
     q_lens, ctx_lens, nh, nkv, d = ATTN_CASES[name]
     q, kc, vc, tables, ctx, qsl = _paged_batch(q_lens, ctx_lens, nh, nkv, d, dtype)
     scale = d**-0.5
@@ -514,12 +527,13 @@ def test_qk_norm_rope_writes_the_kv_cache(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_norm", [True, False])
-@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("splits,speculate", [(None, False), (1, False), (3, False), (2, True), (3, True)])
 @pytest.mark.parametrize("name,rot", [("decode", 64), ("decode-long", 32), ("gqa3", 64), ("chunked-mixed", 64)])
-def test_paged_attention_with_norm_rope_and_cache_write(name, rot, splits, with_norm, dtype):
+def test_paged_attention_with_norm_rope_and_cache_write(name, rot, splits, speculate, with_norm, dtype, monkeypatch):
     """q and k as projected: QK-norm + RoPE and the KV write inside the decode attention's launch (before
     it otherwise), against the oracle composition; the cache ends as qk_norm_rope's write leaves it, the
-    padding row's slot -1 untouched."""
+    padding row's slot -1 untouched. speculate: attention.DECODE_SPECULATE."""
+    monkeypatch.setattr(tri_attn, "DECODE_SPECULATE", speculate)
     q_lens, ctx_lens, nh, nkv, d = ATTN_CASES[name]
     q, kc, vc, tables, ctx, qsl = _paged_batch(q_lens, ctx_lens, nh, nkv, d, dtype)
     t = q.shape[0]

@@ -18,6 +18,7 @@ each split sizes its share of the walk from the device-side context length.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -39,11 +40,15 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
                        INTERP: tl.constexpr,
                        kn_ptr, vn_ptr, slot_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, stride_knt, stride_knh,
                        stride_vnt, stride_vnh, stride_ct, eps, NORM_ROPE: tl.constexpr, HAS_W: tl.constexpr,
-                       HALF: tl.constexpr, PDL: tl.constexpr):
+                       HALF: tl.constexpr, PDL: tl.constexpr, bt_cols, SPECULATE: tl.constexpr):
     release_dependents(PDL)
     pid_q = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if SPECULATE:  # decode, split walk: the pages of tile `split` read first, in parallel with the context length
+        # (the walk gives split s tile s whenever the context has at most NUM_SPLITS tiles; else read again below)
+        js = split * BLOCK_N + tl.arange(0, BLOCK_N)
+        page_s = tl.load(bt_ptr + pid_q * stride_bt + js // PAGE, mask=js // PAGE < bt_cols, other=0).to(tl.int64)
     if DECODE:  # one query a sequence: program = sequence
         b = pid_q
         qblk = 0
@@ -59,10 +64,14 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
                 hi = mid - 1
         b = lo
         qblk = pid_q - (tl.load(qsl_ptr + b).to(tl.int32) // BLOCK_Q + b)
-    q_start = tl.load(qsl_ptr + b).to(tl.int32)
-    q_len = tl.load(qsl_ptr + b + 1).to(tl.int32) - q_start
-    if qblk * BLOCK_Q >= q_len:
-        return
+    if SPECULATE:  # one query a sequence: sequence b's is row b (no round trip through query_start_loc)
+        q_start = b
+        q_len = b * 0 + 1
+    else:
+        q_start = tl.load(qsl_ptr + b).to(tl.int32)
+        q_len = tl.load(qsl_ptr + b + 1).to(tl.int32) - q_start
+        if qblk * BLOCK_Q >= q_len:
+            return
     ctx = tl.load(ctx_ptr + b).to(tl.int32)
 
     rows = tl.arange(0, BLOCK_M)
@@ -113,10 +122,16 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
     for t in range(t0, t1):
         j = t * BLOCK_N + tl.arange(0, BLOCK_N)
         jmask = j < kv_end
-        page = tl.load(bt_row + j // PAGE, mask=jmask, other=0).to(tl.int64)
+        if SPECULATE:
+            page = tl.where(t == split, page_s,
+                            tl.load(bt_row + j // PAGE, mask=jmask & (t != split), other=0).to(tl.int64))
+        else:
+            page = tl.load(bt_row + j // PAGE, mask=jmask, other=0).to(tl.int64)
         k_off = page * stride_kb + (j % PAGE) * stride_ks + kvh * stride_kh
         v_off = page * stride_vb + (j % PAGE) * stride_vs + kvh * stride_vh
         kt = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=jmask[None, :] & dmask[:, None], other=0.0)
+        if SPECULATE:  # v in flight with k (one round of memory latency a tile, not two)
+            v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
         if NORM_ROPE:
             kt = tl.where((j == new_pos)[None, :], kn[:, None], kt)
         s = mma(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE, INTERP) * qk_scale
@@ -127,7 +142,8 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
+        if not SPECULATE:
+            v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
         if NORM_ROPE:
             v = tl.where((j == new_pos)[:, None], vn[None, :], v)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE, INTERP)
@@ -183,6 +199,9 @@ DECODE_CFG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
 DECODE_SPLIT_CFG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 PREFILL_CFG = {"BLOCK_Q": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
 MAX_SPLITS = 64
+# Decode with a split walk (few sequences: a chain of latencies): sequence b's query row taken as b, the pages of
+# the split's first tile read before the context length is known, v loaded beside k. P2M_ATTN_SPECULATE=1 (A/B).
+DECODE_SPECULATE = os.environ.get("P2M_ATTN_SPECULATE", "0") == "1"
 
 
 def choose_splits(num_programs: int, max_context_len: int, block_n: int, num_sms: int) -> int:
@@ -246,8 +265,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_tables.stride(0),
         NH=nh, G=g, G_PAD=g_pad, D=d, BLOCK_D=block_d, PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DECODE=decode, IEEE=q.dtype == torch.float32, INTERP=INTERPRET,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=pdl,
-        **_new_kv_args(new_kv, q, k_cache, v_cache))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=pdl, bt_cols=block_tables.shape[1],
+        SPECULATE=DECODE_SPECULATE and decode and num_splits > 1, **_new_kv_args(new_kv, q, k_cache, v_cache))
     if num_splits > 1:
         _split_reduce_kernel[(t, nh)](po, pml, out, out.stride(0), out.stride(1), NH=nh, D=d, BLOCK_D=block_d,
                                       NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl,
