@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ...quant.formats import FP8_BLOCK, QuantizedWeight
-from ._common import INTERPRET, mma, pdl_flag, pdl_launch, release_dependents, wait_for_previous
+from ._common import INTERPRET, mma, pdl_flag, pdl_launch, wait_for_previous
 from .moe import _silu_mul, _tile_ids, combine, moe_align
 from .moe_configs import get_config
 
@@ -230,22 +230,14 @@ def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N,
                stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K: tl.constexpr, METHOD: tl.constexpr,
                EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr, GATED: tl.constexpr,
                HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               PRELOAD: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr, XSPLIT: tl.constexpr,
-               ROWS: tl.constexpr, RELEASE: tl.constexpr):
+               PRELOAD: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr, XSPLIT: tl.constexpr):
     """Rows nb * BLOCK_N.. of expert e against x rows col * stride_xc + t * stride_xt, t < T, into out rows
     col * stride_oc + t * stride_ot. GATED: the rows n and N + n (gate, up), silu(gate) * up stored.
     X_SCALE: x is fp8 with a scale per token (1) or per column (2). PRELOAD: the weights are loaded before
     waiting for the kernel in front (one chunk only). PIPE > 0 (several chunks): the chunk loop is a
     software pipeline of PIPE stages (Triton's tl.range: the weight loads of the next chunks in flight
     through shared memory while this one is reduced; bytes in flight no longer cost registers). XSPLIT: see
-    `_row_dots`. ROWS > 1 (pipelined, one token): the program takes ROWS blocks of BLOCK_N rows from block
-    nb * ROWS on, one pipeline over all their chunks (`_gemv_row_blocks`). RELEASE: once waited, the kernel
-    behind this one (launched with PDL) may start."""
-    if ROWS > 1:
-        _gemv_row_blocks(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, N, stride_xc, stride_we,
-                         stride_wn, stride_se, stride_sn, stride_oc, K, METHOD, EPW, GROUP, SROWS, GATED, HAS_BIAS,
-                         X_SCALE, BLOCK_N, BLOCK_K, PDL, PIPE, XSPLIT, ROWS, RELEASE)
-        return
+    `_row_dots`."""
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     g_row = e * stride_we + n.to(tl.int64) * stride_wn
@@ -259,8 +251,6 @@ def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N,
             u = _load_rows(w_ptr, u_row, nmask, 0, K, EPW, BLOCK_K)
     if PRELOAD:
         wait_for_previous(PDL)
-        if RELEASE:
-            release_dependents(PDL)
     for t in range(0, T):
         xr = x_ptr + col * stride_xc + t * stride_xt
         if CHUNKS == 1:
@@ -284,76 +274,35 @@ def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N,
                   col if X_SCALE == 2 else t, GATED, HAS_BIAS, X_SCALE)
 
 
-@triton.jit
-def _gemv_row_blocks(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, N, stride_xc, stride_we, stride_wn,
-                     stride_se, stride_sn, stride_oc, K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr,
-                     GROUP: tl.constexpr, SROWS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                     PIPE: tl.constexpr, XSPLIT: tl.constexpr, ROWS: tl.constexpr, RELEASE: tl.constexpr):
-    """One token, ROWS blocks of BLOCK_N rows (from block nb * ROWS) as one software pipeline over every
-    (block, chunk): the next blocks' weights are in flight while this one is reduced, where a program of one
-    block loads its few chunks, waits for them, and ends (each program's ramp and drain, not the bytes, bound
-    a short GEMV). A block's sums are stored at its last chunk."""
-    CHUNKS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-    wait_for_previous(PDL)
-    if RELEASE:
-        release_dependents(PDL)
-    xr = x_ptr + col * stride_xc
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for it in tl.range(0, ROWS * CHUNKS, num_stages=PIPE):
-        c = it % CHUNKS
-        n = (nb * ROWS + it // CHUNKS) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < N
-        g_row = e * stride_we + n.to(tl.int64) * stride_wn
-        u_row = g_row + N * stride_wn
-        g_srow = e * stride_se + (n // SROWS).to(tl.int64) * stride_sn
-        u_srow = e * stride_se + ((N + n) // SROWS).to(tl.int64) * stride_sn
-        acc = tl.where(c == 0, 0.0, acc)
-        acc_u = tl.where(c == 0, 0.0, acc_u)
-        acc, acc_u = _chunk_dots(acc, acc_u, c, w_ptr, s_ptr, xr, g_row, u_row, g_srow, u_srow, nmask, K, METHOD,
-                                 EPW, GROUP, GATED, BLOCK_N, BLOCK_K, XSPLIT)
-        _gemv_out(acc, acc_u, xs_ptr, bias_ptr, out_ptr, col * stride_oc, n, nmask & (c == CHUNKS - 1),
-                  col if X_SCALE == 2 else 0, GATED, HAS_BIAS, X_SCALE)
-
-
 @triton.jit(do_not_specialize=["T", "col_pre", "e_pre"])
 def _qgemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, T, N, col_pre, e_pre,
                   stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot,
                   K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr,
                   GATED: tl.constexpr, HAS_IDS: tl.constexpr, PRE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
                   X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                  PIPE: tl.constexpr, XSPLIT: tl.constexpr, ROWS: tl.constexpr, IDS_READY: tl.constexpr,
-                  RELEASE: tl.constexpr):
+                  PIPE: tl.constexpr, XSPLIT: tl.constexpr):
     """Without ids (a linear layer): one column, expert 0; every program loads its rows, then waits for the
     kernel in front. With ids (the MoE at one token): the first PRE_COLS * num_n programs serve columns
     col_pre.. (the folded shared expert: experts e_pre.., known without the router) and load before
-    waiting as well; the others wait, read their column's expert from ids (-1: nothing to do), then load.
-    IDS_READY: the ids were final when this kernel was released (the gate/up in front released it after its
-    own wait for the router), so every program reads its expert and loads its rows before waiting. A program
-    takes ROWS blocks of BLOCK_N rows (`_gemv_rows`). RELEASE: see `_gemv_rows`."""
+    waiting as well; the others wait, read their column's expert from ids (-1: nothing to do), then load."""
     pid = tl.program_id(0)
-    num_n = tl.cdiv(tl.cdiv(N, BLOCK_N), ROWS)
+    num_n = tl.cdiv(N, BLOCK_N)
     pre = pid < PRE_COLS * num_n if HAS_IDS else pid >= 0
     if pre:
         blk = pid // num_n
         _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col_pre + blk, (e_pre + blk).to(tl.int64),
                    pid % num_n, T, N, stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc,
                    stride_ot, K, METHOD, EPW, GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, True, PDL,
-                   PIPE, XSPLIT, ROWS, RELEASE)
+                   PIPE, XSPLIT)
     elif HAS_IDS:
         p = pid - PRE_COLS * num_n
         col = p // num_n
-        if not IDS_READY:
-            wait_for_previous(PDL)
-            if RELEASE:
-                release_dependents(PDL)
-        e = tl.load(ids_ptr + col, cache_modifier=".cg").to(tl.int64)
+        wait_for_previous(PDL)
+        e = tl.load(ids_ptr + col).to(tl.int64)
         if e >= 0:
             _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, p % num_n, T, N, stride_xc,
                        stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K, METHOD, EPW,
-                       GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, IDS_READY, PDL, PIPE, XSPLIT, ROWS,
-                       RELEASE)
+                       GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, False, PDL, PIPE, XSPLIT)
 
 
 # ------------------------------------------------------------------------------ tiled tensor-core kernel
@@ -596,45 +545,38 @@ def usable(x: torch.Tensor, qw: QuantizedWeight) -> bool:
             and x.device == qw.device and (x.is_cuda or INTERPRET) and _layout_ok(qw))
 
 
-def _gemv_shape(w: _W, k: int, use: str, config: tuple | None = None) -> tuple[int, int, int, int, bool, int]:
-    """(BLOCK_N, num_warps, BLOCK_K, stages, xsplit, rows) of a GEMV program from GEMV_CONFIGS' (or config's)
-    (bytes a weight set, warps[, chunk, stages, xsplit, rows]): the bytes over the stored bytes of a row's chunk
-    (chunk: logical columns, 0 or absent: min(K, GEMV_CHUNK), the whole row while it fits; stages > 0: the chunk
-    loop pipelined; xsplit: int4's x in one load, split in registers; rows: blocks of BLOCK_N rows a program at
-    one token, pipelined together)."""
-    config = tuple(config or GEMV_CONFIGS[w.method][use])
-    budget, warps, chunk, stages, xsplit, rows = config + (0, 0, False, 1)[len(config) - 2:]
+def _gemv_shape(w: _W, k: int, use: str, config: tuple | None = None) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_N, num_warps, BLOCK_K, stages, xsplit) of a GEMV program from GEMV_CONFIGS' (or config's) (bytes a
+    weight set, warps[, chunk, stages, xsplit]): the bytes over the stored bytes of a row's chunk (chunk:
+    logical columns, 0 or absent: min(K, GEMV_CHUNK), the whole row while it fits; stages > 0: the chunk loop
+    pipelined; xsplit: int4's x in one load, split in registers)."""
+    budget, warps, chunk, stages, xsplit = (*(config or GEMV_CONFIGS[w.method][use]), 0, 0, False)[:5]
     block_k = min(triton.next_power_of_2(k), chunk or GEMV_CHUNK)
     if w.method in (INT4, FP8_BLOCK_SCALED):
         block_k = max(block_k, w.group)
     stored = min(k, block_k) // (2 if w.method == INT4 else 1)
-    block_n = max(1, min(64, triton.next_power_of_2(max(1, budget // stored))))
-    return block_n, warps, block_k, stages, bool(xsplit), rows if stages > 0 else 1
+    return max(1, min(64, triton.next_power_of_2(max(1, budget // stored)))), warps, block_k, stages, bool(xsplit)
 
 
 def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x_col_stride: int = 0,
           n_pre: int = 0, col_pre: int = 0, e_pre: int = 0, t: int = 1, bias=None, pdl: bool = False, x_scale=None,
-          config: tuple | None = None, ids_ready: bool = False, release: bool = False):
+          config: tuple | None = None):
     """Launch `_qgemv_kernel` for `use` ("linear": t tokens, one column, expert 0; "gate_up" / "down": the MoE
     at one token, a column per entry of ids, the expert's rows against x (gate_up, the same row for every
     column) or row col of x (down)); N output rows (gate_up: N gate and N up rows, N results). x_scale: x is
-    fp8, with a scale per row (`act_quant`); config: instead of GEMV_CONFIGS' (see `_gemv_shape`). ids_ready:
-    the ids are final before this launch (the kernel in front, with release=True, lets it start once it has
-    waited itself): the weights load before the wait (pdl)."""
-    block_n, num_warps, block_k, stages, xsplit, rows = _gemv_shape(w, k, use, config)
-    rows = rows if t == 1 else 1
+    fp8, with a scale per row (`act_quant`); config: instead of GEMV_CONFIGS' (see `_gemv_shape`)."""
+    block_n, num_warps, block_k, stages, xsplit = _gemv_shape(w, k, use, config)
     wt = w.words if w.words is not None else w.qweight
     stride_oc, stride_ot = (out.stride(0), 0) if ids is not None else (0, out.stride(0))
     stride_xc, stride_xt = (x_col_stride, 0) if ids is not None else (0, x.stride(0))
-    _qgemv_kernel[(cols * triton.cdiv(triton.cdiv(n, block_n), rows),)](
+    _qgemv_kernel[(cols * triton.cdiv(n, block_n),)](
         x, x_scale if x_scale is not None else out, wt, w.scale, out, bias if bias is not None else out,
         ids if ids is not None else out, t, n, col_pre, e_pre, stride_xc, stride_xt, wt.stride(0), wt.stride(1),
         w.scale.stride(0), w.scale.stride(1), stride_oc, stride_ot, K=k, METHOD=w.method,
         EPW=_WORD_VALUES.get(w.method, 1), GROUP=w.group, SROWS=w.srows, GATED=use == "gate_up",
         HAS_IDS=ids is not None, PRE_COLS=n_pre, HAS_BIAS=bias is not None,
         X_SCALE=0 if x_scale is None else 2 if x_col_stride else 1, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        PIPE=stages, XSPLIT=xsplit and w.method == INT4, ROWS=rows, IDS_READY=ids_ready and ids is not None,
-        RELEASE=release and pdl, num_warps=num_warps, **pdl_launch(pdl))
+        PIPE=stages, XSPLIT=xsplit and w.method == INT4, num_warps=num_warps, **pdl_launch(pdl))
     return out
 
 
@@ -768,9 +710,6 @@ class MoeVariant(NamedTuple):
     int4_join: bool = True  # int4 tiles (the MoE's and the linear layers'): `_int4_join_step` (1.3-2.5x the
     # unjoined step on an H100 at 8-256 tokens)
     linear_tiles: dict | None = None  # merged into `linear_config`'s GEMM config (e.g. {"BLOCK_N": 16}: more programs)
-    down_preload: bool = False  # at one token: the down GEMV launched behind the gate/up with PDL, which releases
-    # it once the router's ids are final; its weights (by default one chunk a program, GEMV_PRELOAD's shape) load
-    # while the gate/up's last programs run
 
     def joins_otherwise(self, method: int) -> bool:
         """Whether its int4 tiles step otherwise than the default's (int4 weights only)."""
@@ -779,7 +718,7 @@ class MoeVariant(NamedTuple):
     def changes(self, t: int, method: int) -> bool:
         """Whether, at t tokens with weights of this method, something else runs than the default's."""
         if t == 1 and self.one_token == "gemv":  # (its "linear" entries are not the MoE's)
-            return self.down_preload or any(use in (self.gemv or {}).get(method, {}) for use in ("gate_up", "down"))
+            return any(use in (self.gemv or {}).get(method, {}) for use in ("gate_up", "down"))
         return t == 1 or bool(self.tiles) or self.joins_otherwise(method)
 
 
@@ -811,11 +750,6 @@ MOE_VARIANTS = {
     "linear_pipe": MoeVariant(gemv={m: {"linear": (*_PIPE_SHAPE, m == INT4)} for m in _PLAIN_GEMV}),
     "linear_preload": MoeVariant(gemv={m: {"linear": GEMV_PRELOAD[m]} for m in _PLAIN_GEMV}),  # (tests: no PDL)
     "gemv_xsplit": MoeVariant(gemv=_XSPLIT_GEMV),  # int4: x in 16-byte loads, split in registers
-    "down_preload": MoeVariant(down_preload=True),  # the down's weights loaded during the gate/up's last programs
-    # the default's pipeline over 2, 4 or 8 row blocks a program (fewer, longer programs)
-    "rows2": MoeVariant(gemv={m: {u: (*_PIPE_SHAPE, m == INT4, 2) for u in ("gate_up", "down")} for m in _PLAIN_GEMV}),
-    "rows4": MoeVariant(gemv={m: {u: (*_PIPE_SHAPE, m == INT4, 4) for u in ("gate_up", "down")} for m in _PLAIN_GEMV}),
-    "rows8": MoeVariant(gemv={m: {u: (*_PIPE_SHAPE, m == INT4, 8) for u in ("gate_up", "down")} for m in _PLAIN_GEMV}),
     "mma1": MoeVariant(one_token="mma"),  # one token on the tiles: a K loop pipelined through shared memory
     "deep": MoeVariant(tiles={"num_stages": 5}),  # more K steps in flight a tile program
     "nojoin": MoeVariant(int4_join=False),  # int4 tiles: x's even and odd columns loaded apart
@@ -908,15 +842,13 @@ def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weig
         gemv = (v.gemv or {}).get(g13.method, {})
         inter = torch.empty(topk, inter_size, dtype=x.dtype, device=x.device)
         a, a_scale = _activations(x, g13, act)
-        pdl = pdl_flag(x) and act is None
         _gemv(a, g13, inter, inter_size, hidden, "gate_up", cols=topk, ids=ids, n_pre=num_appended,
-              col_pre=topk - num_appended, e_pre=e - num_appended, pdl=pdl, x_scale=a_scale,
-              config=gemv.get("gate_up"), release=v.down_preload)
+              col_pre=topk - num_appended, e_pre=e - num_appended, pdl=pdl_flag(x) and act is None, x_scale=a_scale,
+              config=gemv.get("gate_up"))
         pair_out = torch.empty(topk, hidden, dtype=x.dtype, device=x.device)
         a, a_scale = _activations(inter, g2, act)
-        down = gemv.get("down") or (GEMV_PRELOAD[g2.method] if v.down_preload else None)
         _gemv(a, g2, pair_out, hidden, inter_size, "down", cols=topk, ids=ids, x_col_stride=a.stride(0),
-              x_scale=a_scale, config=down, pdl=pdl and v.down_preload, ids_ready=v.down_preload)
+              x_scale=a_scale, config=gemv.get("down"))
     else:
         cfg = _variant_config(config or moe_config(t, e, hidden, inter_size, topk, x.dtype, g13.method), v)
         bm = cfg["BLOCK_M"]
