@@ -200,8 +200,9 @@ DECODE_SPLIT_CFG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 PREFILL_CFG = {"BLOCK_Q": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
 MAX_SPLITS = 64
 # Decode with a split walk (few sequences: a chain of latencies): sequence b's query row taken as b, the pages of
-# the split's first tile read before the context length is known, v loaded beside k. P2M_ATTN_SPECULATE=1 (A/B).
-DECODE_SPECULATE = os.environ.get("P2M_ATTN_SPECULATE", "0") == "1"
+# the split's first tile read before the context length is known, v loaded beside k (on an H100 the batch-1 step
+# 0.3-1.1% faster in bf16, fp8 and int4; benchmarks/results/h100_2026-12-06g/). P2M_ATTN_SPECULATE=0: not (A/B).
+DECODE_SPECULATE = os.environ.get("P2M_ATTN_SPECULATE", "1") != "0"
 
 
 def choose_splits(num_programs: int, max_context_len: int, block_n: int, num_sms: int) -> int:
