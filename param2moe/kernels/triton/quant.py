@@ -547,9 +547,9 @@ def usable(x: torch.Tensor, qw: QuantizedWeight) -> bool:
 
 def _gemv_shape(w: _W, k: int, use: str, config: tuple | None = None) -> tuple[int, int, int, int, bool]:
     """(BLOCK_N, num_warps, BLOCK_K, stages, xsplit) of a GEMV program from GEMV_CONFIGS' (or config's) (bytes a
-    weight set, warps[, chunk, stages, xsplit, registers]): the bytes over the stored bytes of a row's chunk (chunk:
+    weight set, warps[, chunk, stages, xsplit]): the bytes over the stored bytes of a row's chunk (chunk:
     logical columns, 0 or absent: min(K, GEMV_CHUNK), the whole row while it fits; stages > 0: the chunk loop
-    pipelined; xsplit: int4's x in one load, split in registers; registers: see `_gemv`)."""
+    pipelined; xsplit: int4's x in one load, split in registers)."""
     budget, warps, chunk, stages, xsplit = (*(config or GEMV_CONFIGS[w.method][use]), 0, 0, False)[:5]
     block_k = min(triton.next_power_of_2(k), chunk or GEMV_CHUNK)
     if w.method in (INT4, FP8_BLOCK_SCALED):
@@ -564,10 +564,8 @@ def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x
     """Launch `_qgemv_kernel` for `use` ("linear": t tokens, one column, expert 0; "gate_up" / "down": the MoE
     at one token, a column per entry of ids, the expert's rows against x (gate_up, the same row for every
     column) or row col of x (down)); N output rows (gate_up: N gate and N up rows, N results). x_scale: x is
-    fp8, with a scale per row (`act_quant`); config: instead of GEMV_CONFIGS' (see `_gemv_shape`; its sixth
-    element, if any, caps the registers a thread: more programs an SM)."""
+    fp8, with a scale per row (`act_quant`); config: instead of GEMV_CONFIGS' (see `_gemv_shape`)."""
     block_n, num_warps, block_k, stages, xsplit = _gemv_shape(w, k, use, config)
-    regs = {"maxnreg": config[5]} if config and len(config) > 5 and not INTERPRET else {}
     wt = w.words if w.words is not None else w.qweight
     stride_oc, stride_ot = (out.stride(0), 0) if ids is not None else (0, out.stride(0))
     stride_xc, stride_xt = (x_col_stride, 0) if ids is not None else (0, x.stride(0))
@@ -578,7 +576,7 @@ def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x
         EPW=_WORD_VALUES.get(w.method, 1), GROUP=w.group, SROWS=w.srows, GATED=use == "gate_up",
         HAS_IDS=ids is not None, PRE_COLS=n_pre, HAS_BIAS=bias is not None,
         X_SCALE=0 if x_scale is None else 2 if x_col_stride else 1, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        PIPE=stages, XSPLIT=xsplit and w.method == INT4, num_warps=num_warps, **regs, **pdl_launch(pdl))
+        PIPE=stages, XSPLIT=xsplit and w.method == INT4, num_warps=num_warps, **pdl_launch(pdl))
     return out
 
 
@@ -752,9 +750,6 @@ MOE_VARIANTS = {
     "linear_pipe": MoeVariant(gemv={m: {"linear": (*_PIPE_SHAPE, m == INT4)} for m in _PLAIN_GEMV}),
     "linear_preload": MoeVariant(gemv={m: {"linear": GEMV_PRELOAD[m]} for m in _PLAIN_GEMV}),  # (tests: no PDL)
     "gemv_xsplit": MoeVariant(gemv=_XSPLIT_GEMV),  # int4: x in 16-byte loads, split in registers
-    # the default's shape at 96 / 80 registers a thread (int4's gate/up takes 120: 4 programs an SM, 5 at 96)
-    "reg96": MoeVariant(gemv={INT4: {u: (*_PIPE_SHAPE, True, 96) for u in ("gate_up", "down")}}),
-    "reg80": MoeVariant(gemv={m: {u: (*_PIPE_SHAPE, m == INT4, 80) for u in ("gate_up", "down")} for m in (INT4, FP8)}),
     "mma1": MoeVariant(one_token="mma"),  # one token on the tiles: a K loop pipelined through shared memory
     "deep": MoeVariant(tiles={"num_stages": 5}),  # more K steps in flight a tile program
     "nojoin": MoeVariant(int4_join=False),  # int4 tiles: x's even and odd columns loaded apart
