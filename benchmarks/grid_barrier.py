@@ -2,16 +2,16 @@
 """What one step of a layer-persistent kernel would cost against a kernel boundary: a grid-wide barrier inside a
 kernel (an atomic counter, each program spinning until every program has arrived) against the next launch of a
 CUDA graph (plain, and with programmatic dependent launch: the next kernel waiting in-kernel). Microseconds a
-barrier or a boundary: (R rounds - 1 round) / (R - 1), the median of 7 replays of a graph of the launches.
+barrier or a boundary: (R rounds - 1 round) / (R - 1), each the median replay time of a graph of the launches.
 GPU only (the programs must all be resident: the interpreter, one program after another, would spin forever).
 `OUT=DIR python benchmarks/grid_barrier.py` writes DIR/grid_barrier.json."""
 import json
 import os
-import statistics
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from param2moe.kernels.triton._common import release_dependents, wait_for_previous
 
@@ -41,22 +41,15 @@ def _step(out_ptr, PDL: tl.constexpr):
     tl.store(out_ptr + tl.program_id(0), tl.program_id(0))
 
 
-def graph_us(launch, reps: int = 7) -> float:
+def graph_us(launch) -> float:
+    """Microseconds a replay of a CUDA graph of `launch` (median, triton.testing.do_bench)."""
     for _ in range(2):
         launch()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         launch()
-    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        st.record()
-        graph.replay()
-        en.record()
-        torch.cuda.synchronize()
-        times.append(st.elapsed_time(en) * 1e3)
-    return statistics.median(times)
+    return triton.testing.do_bench(graph.replay, warmup=5, rep=50, return_mode="median") * 1e3
 
 
 def barrier_us(programs: int, warps: int) -> float:

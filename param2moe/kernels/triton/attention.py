@@ -45,13 +45,13 @@ def _paged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr, bt_ptr, ctx_
     pid_q = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if SPECULATE:  # decode, split walk: the pages of tile `split` read first, in parallel with the context length
-        # (the walk gives split s tile s whenever the context has at most NUM_SPLITS tiles; else read again below)
-        js = split * BLOCK_N + tl.arange(0, BLOCK_N)
-        page_s = tl.load(bt_ptr + pid_q * stride_bt + js // PAGE, mask=js // PAGE < bt_cols, other=0).to(tl.int64)
     if DECODE:  # one query a sequence: program = sequence
         b = pid_q
         qblk = 0
+        if SPECULATE:  # the pages of tile `split` read first, in parallel with the context length (the walk gives
+            # split s tile s whenever the context has at most NUM_SPLITS tiles; else they are read again below)
+            js = split * BLOCK_N + tl.arange(0, BLOCK_N)
+            page_s = tl.load(bt_ptr + b * stride_bt + js // PAGE, mask=js // PAGE < bt_cols, other=0).to(tl.int64)
     else:
         lo = B * 0  # a tensor from the start: the loop carries it
         hi = B - 1
@@ -200,8 +200,8 @@ DECODE_SPLIT_CFG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 PREFILL_CFG = {"BLOCK_Q": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
 MAX_SPLITS = 64
 # Decode with a split walk (few sequences: a chain of latencies): sequence b's query row taken as b, the pages of
-# the split's first tile read before the context length is known, v loaded beside k (on an H100 the batch-1 step
-# 0.3-1.1% faster in bf16, fp8 and int4; benchmarks/results/h100_2026-12-06g/). P2M_ATTN_SPECULATE=0: not (A/B).
+# the split's first tile read before the context length is known, v loaded beside k: fewer memory round trips one
+# after another (docs/quant-kernels.md, benchmarks/results/h100_2026-12-06g/). P2M_ATTN_SPECULATE=0: not (A/B).
 DECODE_SPECULATE = os.environ.get("P2M_ATTN_SPECULATE", "1") != "0"
 
 
