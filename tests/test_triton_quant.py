@@ -9,14 +9,18 @@ what `quantize` would write, and the scales at random.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from test_triton_kernels import CUDA, DEV, check, poisoned
 
 from param2moe.kernels import moe as ref_moe
 from param2moe.kernels import norm as ref_norm
+from param2moe.kernels.triton import moe as tri_moe
 from param2moe.kernels.triton import norm as tri_norm
 from param2moe.kernels.triton import quant as tq
+from param2moe.kernels.triton import routing as tri_routing
 from param2moe.quant import dequantize, quantize
 from param2moe.quant.formats import FP8_BLOCK, QuantizedWeight
 
@@ -297,6 +301,61 @@ def test_moe_variant_names():
     both = tq.moe_variant("gemv_pipe+nojoin+k256")
     assert both.gemv == tq.MOE_VARIANTS["gemv_pipe"].gemv and not both.int4_join and both.tiles == {"BLOCK_K": 256}
     assert tq.moe_variant("default") == tq.MoeVariant()
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+@pytest.mark.parametrize("method", ["int4", "fp8", "fp8-block"])
+def test_gate_up_launched_behind_the_router(method, chunks, monkeypatch):
+    """One token, the shared expert folded in as the last 2 experts: the quantized gate/up launched behind the
+    router (the shared expert's programs norm the row themselves, the routed ones read the router's row and
+    ids) gives the pairs of the gate/up launched after it, and the oracle's sum on the router's normed row.
+    chunks 2: the rows in two pipelined chunks, as Param2's (the registered shapes take these rows whole)."""
+    h, i, e, k = 256, 128, 8, 3
+    variant = None
+    if chunks == 2:
+        two = {m: {"gate_up": (8192, 4, 128, 3, True), "down": (8192, 4, 128, 2, True)}
+               for m in (tq.INT4, tq.FP8, tq.FP8_BLOCK_SCALED)}
+        monkeypatch.setitem(tq.MOE_VARIANTS, "two_chunks", tq.MoeVariant(gemv=two))
+        variant = "two_chunks"
+    gate_up = functools.partial(tq.gate_up_one_token, variant=variant)
+    dtype = torch.bfloat16
+    gate = torch.randn(e, h, device=DEV) / h**0.5
+    bias = 0.1 * torch.randn(e, device=DEV)
+    nw = (1 + 0.1 * torch.randn(h, device=DEV)).to(dtype)
+    w13, w2 = random_qweight(method, e + 2, 2 * i, h, std=2.0), random_qweight(method, e + 2, h, i)
+    kw = dict(num_appended=2, routed_scaling_factor=2.5)
+    a, r = torch.randn(1, h, device=DEV).to(dtype), (3 * torch.randn(1, h, device=DEV)).to(dtype)
+    assert tq.runs_behind_router(a, w13) and not tq.runs_behind_router(a, w13, variant="after_router")
+    with poisoned():
+        xn, res, w, ids, started = tri_moe.add_rms_norm_gate_route_gate_up(
+            a, r, nw, 1e-6, gate, bias, k, w13, overlap=True, gate_up=gate_up, **kw)
+        assert started is not None and started.inter.shape == (k + 2, i)
+        pair_out = tq.moe_experts(xn, w13, w2, w, ids, unsummed=True, num_appended=2, started=started.inter,
+                                  variant=variant)
+        # the shared expert's programs alone, the router's row poisoned: they read h + r, never it
+        shared = gate_up(torch.full_like(xn, float("nan")), w13, ids[:, k:].contiguous(), (a, r, nw, 1e-6, 2),
+                         False, torch.empty(2, i, dtype=dtype, device=DEV))
+    check(shared, started.inter[k:], dtype, tight=2e-5)
+    xn2, res2, w_2, ids2 = tri_routing.add_rms_norm_gate_route(a, r, nw, 1e-6, gate, bias, k, **kw)
+    assert torch.equal(xn, xn2) and torch.equal(res, res2) and torch.equal(ids, ids2)
+    assert ids[0, k:].tolist() == [e, e + 1]
+    after = tq.moe_experts(xn, w13, w2, w, ids, unsummed=True, num_appended=2, variant="after_router")
+    check(pair_out, after, dtype, tight=2e-5)
+    y = tri_norm.expert_sum_add_rms_norm(pair_out, w, ids, res, nw, 1e-6)[1]
+    check(y, ref_norm.add_rms_norm(oracle_moe(xn, w13, w2, w, ids), res, nw, 1e-6)[1], dtype)
+
+
+def test_gate_up_behind_the_router_declines_and_checks():
+    """int8 (x read by value position) and fp8 activations at one token keep the gate/up after the router; a
+    started gate/up of the wrong shape is refused, naming it."""
+    x = torch.randn(1, 128, device=DEV).to(torch.bfloat16)
+    assert not tq.runs_behind_router(x, random_qweight("int8", 4, 128, 128))
+    assert not tq.runs_behind_router(x, random_qweight("int4", 4, 128, 128), variant="gemv_pipe_noxsplit")
+    w13, w2 = random_qweight("fp8", 4, 128, 128), random_qweight("fp8", 4, 128, 64)
+    assert tq.runs_behind_router(x, w13) and not tq.runs_behind_router(x[:, :64], w13)
+    weights, ids = torch.rand(1, 2, device=DEV), torch.tensor([[0, 3]], device=DEV)
+    with pytest.raises(ValueError, match=r"started \[3, 64\]"):
+        tq.moe_experts(x, w13, w2, weights, ids, started=torch.zeros(3, 64, device=DEV, dtype=x.dtype))
 
 
 # ------------------------------------------------------------------------------- fp8 activations

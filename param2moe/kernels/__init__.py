@@ -250,9 +250,14 @@ class Kernels:
         benchmarks' uniform routing; the router still runs). experts_w13: the stacked experts with the shared
         expert folded in (kw num_appended): on Hopper at one token their gate/up GEMM is launched behind the
         router, `started` (else None), for moe_experts to go on from."""
-        if isinstance(experts_w13, torch.Tensor) and self.use_triton(x):  # (not for quantized experts)
-            return _tri("moe").add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps, gate_weight, expert_bias,
-                                                               top_k, experts_w13, choice, **kw)
+        if experts_w13 is not None and self.use_triton(x):
+            gate_up = None  # bf16 experts: moe.py's; quantized ones: the quant module's, where it takes them
+            if isinstance(experts_w13, QuantizedWeight):
+                gate_up = _quant.gate_up_behind_router(x, experts_w13)
+            if gate_up is not None or isinstance(experts_w13, torch.Tensor):
+                return _tri("moe").add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps, gate_weight,
+                                                                   expert_bias, top_k, experts_w13, choice,
+                                                                   gate_up=gate_up, **kw)
         t = self._pick(x, "routing")
         if t:
             normed, residual, weights, ids = t.add_rms_norm_gate_route(x, residual, norm_weight, eps, gate_weight,
@@ -284,7 +289,8 @@ class Kernels:
                 return ExpertOutputs(y, weights, ids) if unsummed else y
             return _lora.moe_experts_lora(x, w13, w2, weights, ids, lora)
         if isinstance(w13, QuantizedWeight):
-            kw = dict(native=self.native, num_appended=num_appended)
+            kw = dict(native=self.native, num_appended=num_appended,
+                      started=started.inter if started is not None else None)
             if unsummed and (y := _quant.moe_pairs(x, w13, w2, weights, ids, **kw)) is not None:
                 return ExpertOutputs(y, weights, ids)
             return _quant.moe_experts(x, w13, w2, weights, ids, **kw)

@@ -9,9 +9,13 @@ optional (absent, or declining the inputs: the torch path):
           usable(x, qw) -> bool                       whether its kernels take x [T, K] and a matrix qw [N, K]
           moe_usable(x, w13, w2) -> bool              the same for the fused MoE (asked once per weights)
           linear(x, qw, bias=None, out_dtype=None)    [T, N] in x.dtype (out_dtype float32: the head)
-          moe_experts(x, w13, w2, weights, ids, unsummed=False, num_appended=0)
+          moe_experts(x, w13, w2, weights, ids, unsummed=False, num_appended=0, started=None)
                                                       [T, H] summed over each token's experts, x.dtype
                                                       (unsummed: [T*K, H], a row per (token, k) pair)
+          runs_behind_router(x, w13) -> bool          whether gate_up_one_token takes one token x and w13
+          gate_up_one_token(x, w13, ids, norm, pdl, inter)
+                                                      the gate/up launched behind the router (moe.py's
+                                                      add_rms_norm_gate_route_gate_up); started=inter above
           one_expert(qw) -> QuantizedWeight            qw [N, K] as a stack [1, N, K] (a view; mlp_one_token)
         These run inside CUDA graphs: no host synchronisation.
   CPU   `param2moe.kernels.cpu`: quant_linear(x, qw, bias, out_dtype=None), quant_mlp(x, gate_up, down) and
@@ -115,12 +119,23 @@ def mlp(x: torch.Tensor, gate_up: QuantizedWeight, down: QuantizedWeight, *, nat
     return linear(silu_and_mul(linear(x, gate_up, native=native)), down, native=native)
 
 
+def gate_up_behind_router(x, w13: QuantizedWeight, *, native: bool = True):
+    """The CUDA kernel's one-token gate/up to launch behind the router (a function for
+    moe.add_rms_norm_gate_route_gate_up), or None where it does not take x [1, H] and these experts."""
+    if not (native and x.is_cuda):
+        return None
+    t = _module("param2moe.kernels.triton.quant")
+    return t.gate_up_one_token if t is not None and t.runs_behind_router(x, w13) else None
+
+
 def moe_experts(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids, *, native: bool = True,
-                num_appended: int = 0):
+                num_appended: int = 0, started=None):
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]), [T, H] in x.dtype. num_appended: the last columns of ids
-    are the folded shared expert's pieces (MoE.fold_shared_experts), which the CUDA kernel starts early."""
+    are the folded shared expert's pieces (MoE.fold_shared_experts), which the CUDA kernel starts early.
+    started: the gate/up's output, launched behind the router (`gate_up_behind_router`); the torch paths
+    compute it again."""
     if (t := _triton_moe(x, w13, w2, native)) is not None:
-        return t.moe_experts(x, w13, w2, weights, ids, num_appended=num_appended)
+        return t.moe_experts(x, w13, w2, weights, ids, num_appended=num_appended, started=started)
     if (fn := _cpu(x, native, "quant_moe")) is not None and (y := fn(x, w13, w2, weights, ids)) is not None:
         return y
     return torch_moe_experts(x, w13, w2, weights, ids)
@@ -136,12 +151,12 @@ def mlp_one_token(x, gate_up: QuantizedWeight, down: QuantizedWeight, weights, i
 
 
 def moe_pairs(x, w13: QuantizedWeight, w2: QuantizedWeight, weights, ids, *, native: bool = True,
-              num_appended: int = 0):
+              num_appended: int = 0, started=None):
     """moe_experts' rows before the sum, [T*K, H] (row t*K + k: the pair (t, k); rows of id -1 undefined), for
     the next norm to sum in its launch (kernels.ExpertOutputs); None where no kernel gives them (then call
     moe_experts)."""
     if (t := _triton_moe(x, w13, w2, native)) is not None:
-        return t.moe_experts(x, w13, w2, weights, ids, unsummed=True, num_appended=num_appended)
+        return t.moe_experts(x, w13, w2, weights, ids, unsummed=True, num_appended=num_appended, started=started)
     return None
 
 

@@ -472,20 +472,22 @@ class StartedGateUp(NamedTuple):
 
 
 def add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps: float, gate_weight, expert_bias, top_k: int,
-                                    w13: torch.Tensor, choice=None, overlap: bool | None = None, **kw):
+                                    w13, choice=None, overlap: bool | None = None, gate_up=None, **kw):
     """routing.add_rms_norm_gate_route, then, at one token with the shared expert folded in (the last
     num_appended experts of w13, taken by every token), the experts' gate/up GEMM launched behind the
     router with PDL (`_gate_up_one_token_kernel`): the shared expert's quarter of the layer's gate/up
     bytes streams while the router works through its chain of short dependent steps. choice: (weights,
     ids) that replace the router's (benchmarks' uniform routing; the router still runs). Returns (normed,
     residual', weights, ids, StartedGateUp or None). overlap (default: where PDL is; elsewhere nothing
-    is gained): the tests force it."""
+    is gained): the tests force it. gate_up(normed, w13, ids, norm, pdl, inter): the launch for experts w13 that
+    are not a bf16/fp32 tensor (quantized: quant.gate_up_one_token), in the place of `_gate_up_one_token`."""
     n_app = kw.get("num_appended", 0)
     e, two_i, hidden = w13.shape
     pdl = pdl_flag(x)
     overlap = pdl if overlap is None else overlap
+    gate_up = gate_up or (_gate_up_one_token if x.dtype == w13.dtype else None)
     if not (x.shape[0] == 1 and n_app > 0 and overlap and routing.fused_norm_route(x, residual, gate_weight)
-            and x.dtype == w13.dtype and x.stride(-1) == 1 and residual.stride(-1) == 1):
+            and gate_up is not None and x.stride(-1) == 1 and residual.stride(-1) == 1):
         out = routing.add_rms_norm_gate_route(x, residual, norm_weight, eps, gate_weight, expert_bias, top_k, **kw)
         return (*out[:2], *(choice or out[2:]), None)
     k_total = top_k + n_app
@@ -496,7 +498,7 @@ def add_rms_norm_gate_route_gate_up(x, residual, norm_weight, eps: float, gate_w
         if choice is not None:
             ids = choice[1]
         assert ids.is_contiguous() and ids.numel() == k_total
-        _gate_up_one_token(normed, w13, ids, (x, residual, norm_weight, eps, n_app), pdl, inter)
+        gate_up(normed, w13, ids, (x, residual, norm_weight, eps, n_app), pdl, inter)
         return StartedGateUp(inter, (*keep, x, residual, norm_weight, ids))
 
     normed, res, weights, ids, started = routing.add_rms_norm_gate_route(

@@ -132,11 +132,10 @@ def _nibble_products(p, raw, x, S: tl.constexpr):
 
 
 @triton.jit
-def _int4_products_xsplit(raw, x_ptr, k0, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """`_row_dots`' int4 products (p, xsum) with x read in one contiguous load (16-byte loads, 8 values a word)
-    and split in registers by nibble position, instead of 8 strided loads of 2 bytes (one a value)."""
-    xk = k0 + tl.arange(0, BLOCK_K)
-    x = tl.reshape(tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32), (BLOCK_K // 8, 2, 2, 2))
+def _int4_products_xsplit(raw, x, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`_row_dots`' int4 products (p, xsum) with x (fp32 [BLOCK_K], read in one contiguous load: 16-byte loads,
+    8 values a word) split in registers by nibble position, instead of 8 strided loads of 2 bytes (one a value)."""
+    x = tl.reshape(x, (BLOCK_K // 8, 2, 2, 2))
     c0, c1 = tl.split(x)  # x[8 j + 4 a + 2 b + c]: split c, then b, then a
     c0b0, c0b1 = tl.split(c0)
     c1b0, c1b1 = tl.split(c1)
@@ -157,18 +156,43 @@ def _int4_products_xsplit(raw, x_ptr, k0, K: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _row_dots(raw, s_ptr, s_off, nmask, x_ptr, k0, K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr,
+def _row_rstd(h_ptr, r_ptr, K: tl.constexpr, eps, BLOCK_K: tl.constexpr):
+    """1 / rms of the row (h + r) rounded to h's dtype, as add_rms_norm (and the router's launch) computes it."""
+    dt = h_ptr.dtype.element_ty
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        s = (tl.load(h_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+             + tl.load(r_ptr + k, mask=k < K, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        ss += s * s
+    return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+
+
+@triton.jit
+def _x_chunk(xr, k0, K: tl.constexpr, r_ptr, nw_ptr, rstd, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+    """x[k0 : k0 + BLOCK_K] in fp32 (0 past K). NORM: x = rms_norm(h + r) * nw computed here from xr = h
+    (rstd from `_row_rstd`), rounded to h's dtype where add_rms_norm rounds it."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    m = k < K
+    if NORM:
+        dt = xr.dtype.element_ty
+        s = (tl.load(xr + k, mask=m, other=0.0).to(tl.float32)
+             + tl.load(r_ptr + k, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        return (s * rstd * tl.load(nw_ptr + k, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+    return tl.load(xr + k, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_dots(raw, s_ptr, s_off, nmask, x_ptr, xv, k0, K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr,
               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XSPLIT: tl.constexpr = False):
-    """[BLOCK_N] fp32: each row's dequantized weights (raw, from `_load_rows`) dot x[k0 : k0 + BLOCK_K].
-    s_off: each row's offset of its scale row (per channel: the scale itself). XSPLIT (int4):
-    `_int4_products_xsplit`."""
+    """[BLOCK_N] fp32: each row's dequantized weights (raw, from `_load_rows`) dot x[k0 : k0 + BLOCK_K]: fp8 and
+    XSPLIT (int4, `_int4_products_xsplit`) take those x values as xv (`_x_chunk`), the others read them from
+    x_ptr by a word's value position. s_off: each row's offset of its scale row (per channel: the scale itself)."""
     j = tl.arange(0, BLOCK_K // EPW)
     if METHOD >= 2:  # fp8
-        xk = k0 + j
-        x = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
-        p = raw.to(tl.float32) * x[None, :]
+        p = raw.to(tl.float32) * xv[None, :]
     elif METHOD == 1 and XSPLIT:
-        p, xsum = _int4_products_xsplit(raw, x_ptr, k0, K, BLOCK_N, BLOCK_K)
+        p, xsum = _int4_products_xsplit(raw, xv, BLOCK_N, BLOCK_K)
     else:
         p = tl.zeros((BLOCK_N, BLOCK_K // EPW), dtype=tl.float32)
         xsum = tl.zeros((BLOCK_K // EPW,), dtype=tl.float32)
@@ -213,31 +237,35 @@ def _gemv_out(acc, acc_u, xs_ptr, bias_ptr, out_ptr, o_off, n, nmask, xs_idx, GA
 
 
 @triton.jit
-def _chunk_dots(acc, acc_u, c, w_ptr, s_ptr, xr, g_row, u_row, g_srow, u_srow, nmask, K: tl.constexpr,
-                METHOD: tl.constexpr, EPW: tl.constexpr, GROUP: tl.constexpr, GATED: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XSPLIT: tl.constexpr):
+def _chunk_dots(acc, acc_u, c, w_ptr, s_ptr, xr, r_ptr, nw_ptr, rstd, g_row, u_row, g_srow, u_srow, nmask,
+                K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr, GROUP: tl.constexpr, GATED: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XSPLIT: tl.constexpr, NORM: tl.constexpr):
     """acc (gate rows) and acc_u (up rows, when GATED) plus chunk c's products."""
-    gc = _load_rows(w_ptr, g_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
-    acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
+    k0 = c * BLOCK_K
+    xv = _x_chunk(xr, k0, K, r_ptr, nw_ptr, rstd, BLOCK_K, NORM) if METHOD >= 2 or XSPLIT else 0.0
+    gc = _load_rows(w_ptr, g_row, nmask, k0, K, EPW, BLOCK_K)
+    acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, xv, k0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
     if GATED:
-        uc = _load_rows(w_ptr, u_row, nmask, c * BLOCK_K, K, EPW, BLOCK_K)
-        acc_u += _row_dots(uc, s_ptr, u_srow, nmask, xr, c * BLOCK_K, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
+        uc = _load_rows(w_ptr, u_row, nmask, k0, K, EPW, BLOCK_K)
+        acc_u += _row_dots(uc, s_ptr, u_srow, nmask, xr, xv, k0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
     return acc, acc_u
 
 
 @triton.jit
-def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N, stride_xc, stride_xt, stride_we,
-               stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K: tl.constexpr, METHOD: tl.constexpr,
-               EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr, GATED: tl.constexpr,
-               HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               PRELOAD: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr, XSPLIT: tl.constexpr):
+def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, r_ptr, nw_ptr, eps, col, e, nb, T, N, stride_xc,
+               stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K: tl.constexpr,
+               METHOD: tl.constexpr, EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr,
+               GATED: tl.constexpr, HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr,
+               XSPLIT: tl.constexpr, NORM: tl.constexpr = False):
     """Rows nb * BLOCK_N.. of expert e against x rows col * stride_xc + t * stride_xt, t < T, into out rows
     col * stride_oc + t * stride_ot. GATED: the rows n and N + n (gate, up), silu(gate) * up stored.
     X_SCALE: x is fp8 with a scale per token (1) or per column (2). PRELOAD: the weights are loaded before
     waiting for the kernel in front (one chunk only). PIPE > 0 (several chunks): the chunk loop is a
     software pipeline of PIPE stages (Triton's tl.range: the weight loads of the next chunks in flight
     through shared memory while this one is reduced; bytes in flight no longer cost registers). XSPLIT: see
-    `_row_dots`."""
+    `_row_dots`. NORM (one token, fp8 or XSPLIT): x is rms_norm(x + r) * nw (eps), computed here (`_x_chunk`)."""
+    tl.static_assert(not NORM or METHOD >= 2 or XSPLIT, "NORM: x read in contiguous chunks only")
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     g_row = e * stride_we + n.to(tl.int64) * stride_wn
@@ -251,58 +279,67 @@ def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, nb, T, N,
             u = _load_rows(w_ptr, u_row, nmask, 0, K, EPW, BLOCK_K)
     if PRELOAD:
         wait_for_previous(PDL)
+    rstd = _row_rstd(x_ptr, r_ptr, K, eps, BLOCK_K) if NORM else 0.0
     for t in range(0, T):
         xr = x_ptr + col * stride_xc + t * stride_xt
         if CHUNKS == 1:
-            acc = _row_dots(g, s_ptr, g_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
+            xv = _x_chunk(xr, 0, K, r_ptr, nw_ptr, rstd, BLOCK_K, NORM) if METHOD >= 2 or XSPLIT else 0.0
+            acc = _row_dots(g, s_ptr, g_srow, nmask, xr, xv, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
             acc_u = acc
             if GATED:
-                acc_u = _row_dots(u, s_ptr, u_srow, nmask, xr, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
+                acc_u = _row_dots(u, s_ptr, u_srow, nmask, xr, xv, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K,
+                                  XSPLIT)
         elif PIPE > 0:
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for c in tl.range(0, CHUNKS, num_stages=PIPE):
-                acc, acc_u = _chunk_dots(acc, acc_u, c, w_ptr, s_ptr, xr, g_row, u_row, g_srow, u_srow, nmask, K,
-                                         METHOD, EPW, GROUP, GATED, BLOCK_N, BLOCK_K, XSPLIT)
+                acc, acc_u = _chunk_dots(acc, acc_u, c, w_ptr, s_ptr, xr, r_ptr, nw_ptr, rstd, g_row, u_row, g_srow,
+                                         u_srow, nmask, K, METHOD, EPW, GROUP, GATED, BLOCK_N, BLOCK_K, XSPLIT, NORM)
         else:  # rows too long for the registers: chunk by chunk, loaded after the wait
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for c in tl.static_range(CHUNKS):
-                acc, acc_u = _chunk_dots(acc, acc_u, c, w_ptr, s_ptr, xr, g_row, u_row, g_srow, u_srow, nmask, K,
-                                         METHOD, EPW, GROUP, GATED, BLOCK_N, BLOCK_K, XSPLIT)
+                acc, acc_u = _chunk_dots(acc, acc_u, c, w_ptr, s_ptr, xr, r_ptr, nw_ptr, rstd, g_row, u_row, g_srow,
+                                         u_srow, nmask, K, METHOD, EPW, GROUP, GATED, BLOCK_N, BLOCK_K, XSPLIT, NORM)
         _gemv_out(acc, acc_u, xs_ptr, bias_ptr, out_ptr, col * stride_oc + t * stride_ot, n, nmask,
                   col if X_SCALE == 2 else t, GATED, HAS_BIAS, X_SCALE)
 
 
 @triton.jit(do_not_specialize=["T", "col_pre", "e_pre"])
-def _qgemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, T, N, col_pre, e_pre,
-                  stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot,
+def _qgemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, h_ptr, r_ptr, nw_ptr, eps, T, N, col_pre,
+                  e_pre, stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot,
                   K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr,
                   GATED: tl.constexpr, HAS_IDS: tl.constexpr, PRE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
                   X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                  PIPE: tl.constexpr, XSPLIT: tl.constexpr):
+                  PIPE: tl.constexpr, XSPLIT: tl.constexpr, PRE_NORM: tl.constexpr):
     """Without ids (a linear layer): one column, expert 0; every program loads its rows, then waits for the
     kernel in front. With ids (the MoE at one token): the first PRE_COLS * num_n programs serve columns
     col_pre.. (the folded shared expert: experts e_pre.., known without the router) and load before
-    waiting as well; the others wait, read their column's expert from ids (-1: nothing to do), then load."""
+    waiting as well; the others wait, read their column's expert from ids (-1: nothing to do), then load.
+    PRE_NORM (launched behind the router, which releases it at its start: `gate_up_one_token`): the
+    first programs need nothing from it: they norm the row themselves from h_ptr + r_ptr (nw_ptr, eps) and
+    stream their weights while the router runs, and wait for it only before they end (so that the kernels
+    after this one find it done); the others read the router's normed row x_ptr."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     pre = pid < PRE_COLS * num_n if HAS_IDS else pid >= 0
     if pre:
         blk = pid // num_n
-        _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col_pre + blk, (e_pre + blk).to(tl.int64),
-                   pid % num_n, T, N, stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc,
-                   stride_ot, K, METHOD, EPW, GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, True, PDL,
-                   PIPE, XSPLIT)
+        _gemv_rows(h_ptr if PRE_NORM else x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, r_ptr, nw_ptr, eps,
+                   col_pre + blk, (e_pre + blk).to(tl.int64), pid % num_n, T, N, stride_xc, stride_xt, stride_we,
+                   stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K, METHOD, EPW, GROUP, SROWS, GATED,
+                   HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, not PRE_NORM, PDL, PIPE, XSPLIT, PRE_NORM)
+        if PRE_NORM:
+            wait_for_previous(PDL)
     elif HAS_IDS:
         p = pid - PRE_COLS * num_n
         col = p // num_n
         wait_for_previous(PDL)
         e = tl.load(ids_ptr + col).to(tl.int64)
         if e >= 0:
-            _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, col, e, p % num_n, T, N, stride_xc,
-                       stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K, METHOD, EPW,
-                       GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, False, PDL, PIPE, XSPLIT)
+            _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, r_ptr, nw_ptr, eps, col, e, p % num_n, T, N,
+                       stride_xc, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K,
+                       METHOD, EPW, GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, False, PDL, PIPE, XSPLIT)
 
 
 # ------------------------------------------------------------------------------ tiled tensor-core kernel
@@ -560,23 +597,26 @@ def _gemv_shape(w: _W, k: int, use: str, config: tuple | None = None) -> tuple[i
 
 def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x_col_stride: int = 0,
           n_pre: int = 0, col_pre: int = 0, e_pre: int = 0, t: int = 1, bias=None, pdl: bool = False, x_scale=None,
-          config: tuple | None = None):
+          config: tuple | None = None, pre_norm: tuple | None = None):
     """Launch `_qgemv_kernel` for `use` ("linear": t tokens, one column, expert 0; "gate_up" / "down": the MoE
     at one token, a column per entry of ids, the expert's rows against x (gate_up, the same row for every
     column) or row col of x (down)); N output rows (gate_up: N gate and N up rows, N results). x_scale: x is
-    fp8, with a scale per row (`act_quant`); config: instead of GEMV_CONFIGS' (see `_gemv_shape`)."""
+    fp8, with a scale per row (`act_quant`); config: instead of GEMV_CONFIGS' (see `_gemv_shape`). pre_norm:
+    (h, residual, norm_weight, eps): the n_pre columns norm their row themselves (the kernel's PRE_NORM)."""
     block_n, num_warps, block_k, stages, xsplit = _gemv_shape(w, k, use, config)
     wt = w.words if w.words is not None else w.qweight
     stride_oc, stride_ot = (out.stride(0), 0) if ids is not None else (0, out.stride(0))
     stride_xc, stride_xt = (x_col_stride, 0) if ids is not None else (0, x.stride(0))
+    h, r, nw, eps = pre_norm or (x, x, x, 0.0)
     _qgemv_kernel[(cols * triton.cdiv(n, block_n),)](
         x, x_scale if x_scale is not None else out, wt, w.scale, out, bias if bias is not None else out,
-        ids if ids is not None else out, t, n, col_pre, e_pre, stride_xc, stride_xt, wt.stride(0), wt.stride(1),
-        w.scale.stride(0), w.scale.stride(1), stride_oc, stride_ot, K=k, METHOD=w.method,
+        ids if ids is not None else out, h, r, nw, eps, t, n, col_pre, e_pre, stride_xc, stride_xt, wt.stride(0),
+        wt.stride(1), w.scale.stride(0), w.scale.stride(1), stride_oc, stride_ot, K=k, METHOD=w.method,
         EPW=_WORD_VALUES.get(w.method, 1), GROUP=w.group, SROWS=w.srows, GATED=use == "gate_up",
         HAS_IDS=ids is not None, PRE_COLS=n_pre, HAS_BIAS=bias is not None,
         X_SCALE=0 if x_scale is None else 2 if x_col_stride else 1, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        PIPE=stages, XSPLIT=xsplit and w.method == INT4, num_warps=num_warps, **pdl_launch(pdl))
+        PIPE=stages, XSPLIT=xsplit and w.method == INT4, PRE_NORM=pre_norm is not None, num_warps=num_warps,
+        **pdl_launch(pdl))
     return out
 
 
@@ -710,6 +750,7 @@ class MoeVariant(NamedTuple):
     int4_join: bool = True  # int4 tiles (the MoE's and the linear layers'): `_int4_join_step` (1.3-2.5x the
     # unjoined step on an H100 at 8-256 tokens)
     linear_tiles: dict | None = None  # merged into `linear_config`'s GEMM config (e.g. {"BLOCK_N": 16}: more programs)
+    behind_router: bool = True  # at one token: the gate/up launched behind the router (`gate_up_one_token`)
 
     def joins_otherwise(self, method: int) -> bool:
         """Whether its int4 tiles step otherwise than the default's (int4 weights only)."""
@@ -755,6 +796,7 @@ MOE_VARIANTS = {
     "nojoin": MoeVariant(int4_join=False),  # int4 tiles: x's even and odd columns loaded apart
     "k256": MoeVariant(tiles={"BLOCK_K": 256}),  # int4: 128 bytes a row a step
     "lin16": MoeVariant(linear_tiles={"BLOCK_N": 16}),  # linears in tiles: N tiles of 16, more programs
+    "after_router": MoeVariant(behind_router=False),  # one token: the gate/up launched after the router has ended
 }
 _VARIANT_ENV = os.environ.get("P2M_QUANT_MOE_VARIANT", "default")
 
@@ -813,9 +855,36 @@ def moe_usable(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight) -> bo
     return (x.is_cuda or INTERPRET) and w13.device == x.device == w2.device
 
 
+def runs_behind_router(x: torch.Tensor, w13: QuantizedWeight, variant: str | None = None) -> bool:
+    """Whether `gate_up_one_token` takes x [1, H] with these stacked experts: the one-token GEMV with bf16/fp32
+    activations reading x in contiguous chunks (fp8, int4's split x; not int8 nor the unsplit int4 shapes)."""
+    v = moe_variant(variant)
+    if not (v.behind_router and v.one_token == "gemv" and usable(x, w13) and w13.qweight.dim() == 3):
+        return False
+    w = _prep(w13, "w13")
+    config = (v.gemv or {}).get(w.method, {}).get("gate_up")
+    return activation_mode(w.method, 1) is None and (w.method in (FP8, FP8_BLOCK_SCALED)
+                                                     or _gemv_shape(w, w13.shape[2], "gate_up", config)[4])
+
+
+def gate_up_one_token(x: torch.Tensor, w13: QuantizedWeight, ids: torch.Tensor, norm: tuple, pdl: bool,
+                      inter: torch.Tensor, variant: str | None = None) -> torch.Tensor:
+    """The experts' gate/up at one token (`runs_behind_router`), launched right behind the router with PDL
+    (`moe.add_rms_norm_gate_route_gate_up`'s gate_up): inter [k, I], row c = silu(x . gate) * up of the expert
+    ids[0, c]. norm = (h, residual, norm_weight, eps, n_app), the router's input: the folded shared expert's
+    programs (the last n_app columns) norm that row themselves and stream their weights while the router runs
+    (`_qgemv_kernel`'s PRE_NORM); the others wait for its x and ids. `moe_experts(..., started=inter)` goes on."""
+    h, residual, norm_weight, eps, n_app = norm
+    w, k = _prep(w13, "w13"), ids.numel()
+    config = (moe_variant(variant).gemv or {}).get(w.method, {}).get("gate_up")
+    return _gemv(x, w, inter, w13.shape[1] // 2, w13.shape[2], "gate_up", cols=k, ids=ids, n_pre=n_app,
+                 col_pre=k - n_app, e_pre=w13.shape[0] - n_app, pdl=pdl, config=config,
+                 pre_norm=(h, residual, norm_weight, eps))
+
+
 def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weights: torch.Tensor, ids: torch.Tensor,
                 *, unsummed: bool = False, num_appended: int = 0, config: dict | None = None,
-                act: str | None = None, variant: str | None = None) -> torch.Tensor:
+                act: str | None = None, variant: str | None = None, started: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k weights[t, k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, k] (-1: nothing), in x's
     dtype; the roundings where moe.py's kernels (and the oracle) have them. unsummed: each (token, k) pair's
     output [T*k, H] (rows of ids -1 undefined), for the next norm to sum (norm.expert_sum_add_rms_norm).
@@ -824,7 +893,8 @@ def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weig
     tiled GEMMs' block sizes (moe_configs.py's format; default: `moe_config`). act "fp8" (fp8 weights): x and
     the intermediate activations quantized per row (`act_quant`), the tiled GEMMs on the fp8 tensor cores;
     "keep": not; None: `activation_mode`'s default.
-    variant: a name of MOE_VARIANTS (default: `moe_variant()`)."""
+    variant: a name of MOE_VARIANTS (default: `moe_variant()`). started: one token's gate/up output [k, I],
+    launched behind the router (`gate_up_one_token`): only the down runs here."""
     v = moe_variant(variant)
     _check_moe(x, w13, w2, weights, ids)
     t, hidden = x.shape
@@ -838,13 +908,18 @@ def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weig
     weights = weights if weights.stride(-1) == 1 else weights.contiguous()
     g13, g2 = _prep(w13, "w13"), _prep(w2, "w2")
     act = activation_mode(g13.method, t, act)
+    if started is not None and (t != 1 or v.one_token != "gemv" or tuple(started.shape) != (topk, inter_size)):
+        raise ValueError(f"moe_experts: started {list(started.shape)} is one token's gate/up [k={topk}, "
+                         f"I={inter_size}], for the one-token GEMV (here {t} tokens, one_token={v.one_token!r})")
     if t == 1 and v.one_token == "gemv":  # matrix-vector products, an expert per column of ids (moe.py's ONE_TOKEN)
         gemv = (v.gemv or {}).get(g13.method, {})
-        inter = torch.empty(topk, inter_size, dtype=x.dtype, device=x.device)
-        a, a_scale = _activations(x, g13, act)
-        _gemv(a, g13, inter, inter_size, hidden, "gate_up", cols=topk, ids=ids, n_pre=num_appended,
-              col_pre=topk - num_appended, e_pre=e - num_appended, pdl=pdl_flag(x) and act is None, x_scale=a_scale,
-              config=gemv.get("gate_up"))
+        inter = started
+        if inter is None:
+            inter = torch.empty(topk, inter_size, dtype=x.dtype, device=x.device)
+            a, a_scale = _activations(x, g13, act)
+            _gemv(a, g13, inter, inter_size, hidden, "gate_up", cols=topk, ids=ids, n_pre=num_appended,
+                  col_pre=topk - num_appended, e_pre=e - num_appended, pdl=pdl_flag(x) and act is None,
+                  x_scale=a_scale, config=gemv.get("gate_up"))
         pair_out = torch.empty(topk, hidden, dtype=x.dtype, device=x.device)
         a, a_scale = _activations(inter, g2, act)
         _gemv(a, g2, pair_out, hidden, inter_size, "down", cols=topk, ids=ids, x_col_stride=a.stride(0),
