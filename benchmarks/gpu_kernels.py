@@ -48,6 +48,7 @@ if ARGS.dry:
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
+from gpu_timing import graph_us  # noqa: E402
 
 from param2moe.kernels import attention as ref_attn  # noqa: E402
 from param2moe.kernels import moe as ref_moe  # noqa: E402
@@ -89,19 +90,13 @@ def _sync():
 
 
 def time_graph(fns, rep=50):
-    """Microseconds a call: the calls captured in one CUDA graph, replayed under do_bench (median)."""
+    """Microseconds a call (gpu_timing.graph_us); NAN where nothing is timed (--warm, --dry)."""
     for f in fns:
         f()
     _sync()
     if WARM or DRY:
         return NAN
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    ms = triton.testing.do_bench(g.replay, warmup=5, rep=rep, return_mode="median")
-    del g
-    return ms * 1e3 / len(fns)
+    return graph_us(fns, rep)
 
 
 def time_eager(fn, rep=50):

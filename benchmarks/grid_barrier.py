@@ -11,7 +11,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-import triton.testing
+from gpu_timing import graph_us
 
 from param2moe.kernels.triton._common import release_dependents, wait_for_previous
 
@@ -41,15 +41,11 @@ def _step(out_ptr, PDL: tl.constexpr):
     tl.store(out_ptr + tl.program_id(0), tl.program_id(0))
 
 
-def graph_us(launch) -> float:
-    """Microseconds a replay of a CUDA graph of `launch` (median, triton.testing.do_bench)."""
+def launch_us(launch) -> float:
+    """Microseconds a replay of a CUDA graph of `launch` (gpu_timing.graph_us)."""
     for _ in range(2):
         launch()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launch()
-    return triton.testing.do_bench(graph.replay, warmup=5, rep=50, return_mode="median") * 1e3
+    return graph_us([launch])
 
 
 def barrier_us(programs: int, warps: int) -> float:
@@ -60,7 +56,7 @@ def barrier_us(programs: int, warps: int) -> float:
         def launch():
             counter.zero_()
             _barriers[(programs,)](counter, out, ROUNDS=rounds, num_warps=warps)
-        return graph_us(launch)
+        return launch_us(launch)
     one, many = run(1), run(ROUNDS)
     assert int(counter.item()) == ROUNDS * programs, f"counter {int(counter.item())} after {ROUNDS} rounds"
     return (many - one) / (ROUNDS - 1)
@@ -73,7 +69,7 @@ def boundary_us(programs: int, pdl: bool) -> float:
         def launch():
             for _ in range(steps):
                 _step[(programs,)](out, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
-        return graph_us(launch)
+        return launch_us(launch)
     return (run(ROUNDS) - run(1)) / (ROUNDS - 1)
 
 

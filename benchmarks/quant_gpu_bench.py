@@ -67,6 +67,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
+from gpu_timing import graph_us  # noqa: E402
 
 from param2moe.kernels import moe as ref_moe  # noqa: E402
 from param2moe.kernels.triton import gemv as tri_gemv  # noqa: E402
@@ -117,19 +118,12 @@ def safe(fn, *a, **k):
 
 # --------------------------------------------------------------------------------- timing
 def time_graph(fns, rep=40):
-    """Microseconds a call: the calls captured in one CUDA graph, replayed under do_bench (median)."""
+    """Microseconds a call (gpu_timing.graph_us); NAN where nothing is timed (--warm, --dry)."""
     for f in fns:
         f()
     if DRY or WARM:
         return NAN
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    ms = triton.testing.do_bench(g.replay, warmup=5, rep=rep, return_mode="median")
-    del g
-    return ms * 1e3 / len(fns)
+    return graph_us(fns, rep)
 
 
 def copy_bandwidth() -> float:

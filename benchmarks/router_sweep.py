@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """The fused norm + router + top-k launch at one token (kernels/triton/routing.py) by shape: programs of 1/2/4/8
-experts, 1/2/4/8 warps; microseconds a launch, 50 back to back in a CUDA graph, and whether the expert ids match
-the default's. On a GPU: `OUT=DIR python benchmarks/router_sweep.py` (writes DIR/router_sweep.json); the engine's
-step with a shape: benchmarks/results/h100_2026-12-06f/call4.sh."""
+experts, 1/2/4/8 warps; microseconds a launch, 50 back to back in a CUDA graph (gpu_timing), and whether the
+expert ids match the default's. On a GPU: `OUT=DIR python benchmarks/router_sweep.py` (writes
+DIR/router_sweep.json); the engine's step with a shape: benchmarks/results/h100_2026-12-06f/call4.sh."""
 import json
 import os
 import sys
 
 import torch
+from gpu_timing import graph_us
 
 sys.path.insert(0, os.getcwd())
 import param2moe.kernels.triton.routing as r
@@ -28,20 +29,7 @@ def timed(per, warps):
     f = lambda: r.add_rms_norm_gate_route(x, res, nw, 1e-6, gate, bias, 6, **kw)
     for _ in range(3):
         out = f()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(50):
-            f()
-    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = 1e9
-    for _ in range(7):
-        st.record()
-        graph.replay()
-        en.record()
-        torch.cuda.synchronize()
-        best = min(best, st.elapsed_time(en) * 1e3 / 50)
-    return best, [o.clone() for o in out]
+    return graph_us([f] * 50), [o.clone() for o in out]
 
 
 rows = {}

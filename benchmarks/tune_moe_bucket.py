@@ -6,7 +6,8 @@
 Param2-17B shapes (64 routed experts + the shared expert folded in as 2 more, hidden 2048, width 2048, top
 6 + 2), bf16, experts chosen uniformly at random. For each token count: the committed config, then gate/up
 tiles (down fixed), then down tiles (the best gate/up), then BLOCK_M 16 / 64; each timed as a CUDA graph of
-the whole `moe_experts` (align, gate/up, down). Prints every time and the best; writes them all as JSON.
+the whole `moe_experts` (align, gate/up, down) by gpu_timing.graph_us. Prints every time and the best; writes
+them all as JSON.
 (`benchmarks/gpu_kernels.py` is the full sweep that made the committed table; this is its short form, used
 for the 128 and 256 buckets in `benchmarks/results/h100_2026-11-26e/ab/call14_tune_moe_128_256.json`.)
 """
@@ -17,6 +18,7 @@ import argparse
 import json
 
 import torch
+from gpu_timing import graph_us
 
 from param2moe.kernels.triton import moe as tri_moe
 
@@ -31,7 +33,7 @@ def tiles(bn: int, bk: int, warps: int, stages: int) -> dict:
     return {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": warps, "num_stages": stages}
 
 
-def time_us(t: int, cfg: dict, w13, w2, replays: int = 40) -> float:
+def time_us(t: int, cfg: dict, w13, w2) -> float:
     dev, dt = w13.device, w13.dtype
     x = torch.randn(t, HIDDEN, device=dev).to(dt)
     routed = torch.rand(t, ROUTED, device=dev).topk(TOPK - 2).indices
@@ -43,18 +45,7 @@ def time_us(t: int, cfg: dict, w13, w2, replays: int = 40) -> float:
 
     for _ in range(3):  # compile
         step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays * 1e3
+    return graph_us([step], rep=40)
 
 
 def main() -> None:
