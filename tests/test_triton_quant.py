@@ -303,20 +303,20 @@ def test_moe_variant_names():
     assert tq.moe_variant("default") == tq.MoeVariant()
 
 
-@pytest.mark.parametrize("chunks,pre_blocks", [(1, 1), (2, 1), (2, 3)])
+@pytest.mark.parametrize("chunks", [1, 2])
 @pytest.mark.parametrize("method", ["int4", "fp8", "fp8-block"])
-def test_gate_up_launched_behind_the_router(method, chunks, pre_blocks, monkeypatch):
+def test_gate_up_launched_behind_the_router(method, chunks, monkeypatch):
     """One token, the shared expert folded in as the last 2 experts: the quantized gate/up launched behind the
     router (the shared expert's programs norm the row themselves, the routed ones read the router's row and
     ids) gives the pairs of the gate/up launched after it, and the oracle's sum on the router's normed row.
-    chunks 2: the rows in two pipelined chunks, as Param2's (the registered shapes take these rows whole);
-    pre_blocks 3: the shared expert's programs take 3 row blocks each (the last program's partly past N)."""
+    chunks 2: the rows in two pipelined chunks, as Param2's (the registered shapes take these rows whole), and
+    row blocks of 8 (fp8) or 16 (int4) rows, several a column."""
     h, i, e, k = 256, 128, 8, 3
     variant = None
     if chunks == 2:
         two = {m: {"gate_up": (1024, 4, 128, 3, True), "down": (8192, 4, 128, 2, True)}
                for m in (tq.INT4, tq.FP8, tq.FP8_BLOCK_SCALED)}
-        monkeypatch.setitem(tq.MOE_VARIANTS, "two_chunks", tq.MoeVariant(gemv=two, pre_blocks=pre_blocks))
+        monkeypatch.setitem(tq.MOE_VARIANTS, "two_chunks", tq.MoeVariant(gemv=two))
         variant = "two_chunks"
     gate_up = functools.partial(tq.gate_up_one_token, variant=variant)
     dtype = torch.bfloat16

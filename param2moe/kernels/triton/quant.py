@@ -311,7 +311,7 @@ def _qgemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, h_ptr
                   K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr, GROUP: tl.constexpr, SROWS: tl.constexpr,
                   GATED: tl.constexpr, HAS_IDS: tl.constexpr, PRE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
                   X_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                  PIPE: tl.constexpr, XSPLIT: tl.constexpr, PRE_NORM: tl.constexpr, PRE_BLOCKS: tl.constexpr):
+                  PIPE: tl.constexpr, XSPLIT: tl.constexpr, PRE_NORM: tl.constexpr):
     """Without ids (a linear layer): one column, expert 0; every program loads its rows, then waits for the
     kernel in front. With ids (the MoE at one token): the first PRE_COLS * num_n programs serve columns
     col_pre.. (the folded shared expert: experts e_pre.., known without the router) and load before
@@ -319,24 +319,20 @@ def _qgemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, ids_ptr, h_ptr
     PRE_NORM (launched behind the router, which releases it at its start: `gate_up_one_token`): the
     first programs need nothing from it: they norm the row themselves from h_ptr + r_ptr (nw_ptr, eps) and
     stream their weights while the router runs, and wait for it only before they end (so that the kernels
-    after this one find it done); the others read the router's normed row x_ptr. A first program takes
-    PRE_BLOCKS row blocks, one after the other (fewer programs: a gentler stream beside the router)."""
+    after this one find it done); the others read the router's normed row x_ptr."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
-    num_pre = tl.cdiv(num_n, PRE_BLOCKS)  # programs a first column
-    pre = pid < PRE_COLS * num_pre if HAS_IDS else pid >= 0
+    pre = pid < PRE_COLS * num_n if HAS_IDS else pid >= 0
     if pre:
-        blk = pid // num_pre
-        for b in tl.static_range(PRE_BLOCKS):
-            _gemv_rows(h_ptr if PRE_NORM else x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, r_ptr, nw_ptr, eps,
-                       col_pre + blk, (e_pre + blk).to(tl.int64), (pid % num_pre) * PRE_BLOCKS + b, T, N, stride_xc,
-                       stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K, METHOD, EPW,
-                       GROUP, SROWS, GATED, HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, not PRE_NORM, PDL, PIPE, XSPLIT,
-                       PRE_NORM)
+        blk = pid // num_n
+        _gemv_rows(h_ptr if PRE_NORM else x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, r_ptr, nw_ptr, eps,
+                   col_pre + blk, (e_pre + blk).to(tl.int64), pid % num_n, T, N, stride_xc, stride_xt, stride_we,
+                   stride_wn, stride_se, stride_sn, stride_oc, stride_ot, K, METHOD, EPW, GROUP, SROWS, GATED,
+                   HAS_BIAS, X_SCALE, BLOCK_N, BLOCK_K, not PRE_NORM, PDL, PIPE, XSPLIT, PRE_NORM)
         if PRE_NORM:
             wait_for_previous(PDL)
     elif HAS_IDS:
-        p = pid - PRE_COLS * num_pre
+        p = pid - PRE_COLS * num_n
         col = p // num_n
         wait_for_previous(PDL)
         e = tl.load(ids_ptr + col).to(tl.int64)
@@ -601,29 +597,26 @@ def _gemv_shape(w: _W, k: int, use: str, config: tuple | None = None) -> tuple[i
 
 def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x_col_stride: int = 0,
           n_pre: int = 0, col_pre: int = 0, e_pre: int = 0, t: int = 1, bias=None, pdl: bool = False, x_scale=None,
-          config: tuple | None = None, pre_norm: tuple | None = None, pre_blocks: int = 1):
+          config: tuple | None = None, pre_norm: tuple | None = None):
     """Launch `_qgemv_kernel` for `use` ("linear": t tokens, one column, expert 0; "gate_up" / "down": the MoE
     at one token, a column per entry of ids, the expert's rows against x (gate_up, the same row for every
     column) or row col of x (down)); N output rows (gate_up: N gate and N up rows, N results). x_scale: x is
     fp8, with a scale per row (`act_quant`); config: instead of GEMV_CONFIGS' (see `_gemv_shape`). pre_norm:
-    (h, residual, norm_weight, eps): the n_pre columns norm their row themselves (the kernel's PRE_NORM), each
-    program of theirs taking pre_blocks row blocks."""
+    (h, residual, norm_weight, eps): the n_pre columns norm their row themselves (the kernel's PRE_NORM)."""
     block_n, num_warps, block_k, stages, xsplit = _gemv_shape(w, k, use, config)
     wt = w.words if w.words is not None else w.qweight
     stride_oc, stride_ot = (out.stride(0), 0) if ids is not None else (0, out.stride(0))
     stride_xc, stride_xt = (x_col_stride, 0) if ids is not None else (0, x.stride(0))
     h, r, nw, eps = pre_norm or (x, x, x, 0.0)
-    num_n = triton.cdiv(n, block_n)
-    pre_blocks = min(pre_blocks, num_n) if pre_norm is not None and n_pre else 1
-    _qgemv_kernel[(n_pre * triton.cdiv(num_n, pre_blocks) + (cols - n_pre) * num_n,)](
+    _qgemv_kernel[(cols * triton.cdiv(n, block_n),)](
         x, x_scale if x_scale is not None else out, wt, w.scale, out, bias if bias is not None else out,
         ids if ids is not None else out, h, r, nw, eps, t, n, col_pre, e_pre, stride_xc, stride_xt, wt.stride(0),
         wt.stride(1), w.scale.stride(0), w.scale.stride(1), stride_oc, stride_ot, K=k, METHOD=w.method,
         EPW=_WORD_VALUES.get(w.method, 1), GROUP=w.group, SROWS=w.srows, GATED=use == "gate_up",
         HAS_IDS=ids is not None, PRE_COLS=n_pre, HAS_BIAS=bias is not None,
         X_SCALE=0 if x_scale is None else 2 if x_col_stride else 1, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        PIPE=stages, XSPLIT=xsplit and w.method == INT4, PRE_NORM=pre_norm is not None, PRE_BLOCKS=pre_blocks,
-        num_warps=num_warps, **pdl_launch(pdl))
+        PIPE=stages, XSPLIT=xsplit and w.method == INT4, PRE_NORM=pre_norm is not None, num_warps=num_warps,
+        **pdl_launch(pdl))
     return out
 
 
@@ -758,7 +751,6 @@ class MoeVariant(NamedTuple):
     # unjoined step on an H100 at 8-256 tokens)
     linear_tiles: dict | None = None  # merged into `linear_config`'s GEMM config (e.g. {"BLOCK_N": 16}: more programs)
     behind_router: bool = True  # at one token: the gate/up launched behind the router (`gate_up_one_token`)
-    pre_blocks: int = 1  # ... its shared expert's programs taking this many row blocks each (fewer programs)
 
     def joins_otherwise(self, method: int) -> bool:
         """Whether its int4 tiles step otherwise than the default's (int4 weights only)."""
@@ -805,7 +797,6 @@ MOE_VARIANTS = {
     "k256": MoeVariant(tiles={"BLOCK_K": 256}),  # int4: 128 bytes a row a step
     "lin16": MoeVariant(linear_tiles={"BLOCK_N": 16}),  # linears in tiles: N tiles of 16, more programs
     "after_router": MoeVariant(behind_router=False),  # one token: the gate/up launched after the router has ended
-    **{f"pre{b}": MoeVariant(pre_blocks=b) for b in (2, 4, 8, 16)},  # a gentler shared-expert stream
 }
 _VARIANT_ENV = os.environ.get("P2M_QUANT_MOE_VARIANT", "default")
 
@@ -885,11 +876,10 @@ def gate_up_one_token(x: torch.Tensor, w13: QuantizedWeight, ids: torch.Tensor, 
     (`_qgemv_kernel`'s PRE_NORM); the others wait for its x and ids. `moe_experts(..., started=inter)` goes on."""
     h, residual, norm_weight, eps, n_app = norm
     w, k = _prep(w13, "w13"), ids.numel()
-    v = moe_variant(variant)
-    config = (v.gemv or {}).get(w.method, {}).get("gate_up")
+    config = (moe_variant(variant).gemv or {}).get(w.method, {}).get("gate_up")
     return _gemv(x, w, inter, w13.shape[1] // 2, w13.shape[2], "gate_up", cols=k, ids=ids, n_pre=n_app,
                  col_pre=k - n_app, e_pre=w13.shape[0] - n_app, pdl=pdl, config=config,
-                 pre_norm=(h, residual, norm_weight, eps), pre_blocks=v.pre_blocks)
+                 pre_norm=(h, residual, norm_weight, eps))
 
 
 def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weights: torch.Tensor, ids: torch.Tensor,
