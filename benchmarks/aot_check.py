@@ -141,8 +141,6 @@ def main():
         for c in ([ta.DECODE_CFG if len(q_lens) == 4 else ta.PREFILL_CFG] if args.committed else cands):
             for s in (1, 8):
                 ta.paged_attention(q, kc, kc, tables, ctx, qsl, 0.125, max(q_lens), 1024, num_splits=s, config=c)
-    ta.write_kv_cache(torch.empty(4, nkv, d, dtype=bf), torch.empty(4, nkv, d, dtype=bf), kc, kc,
-                      torch.zeros(4, dtype=torch.int64))
     for t in (1, 64):
         xx = torch.empty(t, h, dtype=bf)
         tn.rms_norm(xx, torch.empty(h, dtype=bf), 1e-6)
