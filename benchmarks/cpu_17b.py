@@ -5,7 +5,8 @@
                                  [--serve] [--out benchmarks/results/cpu_17b_<method>_<date>.json]
 
 One process: the engine of `param2moe bench --preset param2-17b --load-format dummy --quantization M` (bf16
-activations), its load time and peak RSS (sampled from /proc/self/status every 5 ms, and ru_maxrss), then
+activations), its load time and peak RSS (sampled from /proc/self/status every 5 ms by proc_memory.py, and
+ru_maxrss), then
 `param2moe.bench.bench_latency` rows:
   - decode at each --batch-sizes (a --decode-input-len prompt, --output-len tokens; median step), with the dummy
     weights' uniformly random expert choice (docs/model.md §7: the experts a real model's batch touches);
@@ -28,7 +29,6 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -39,19 +39,7 @@ if ROOT not in sys.path:
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import cpu_bench  # noqa: E402  (machine facts)
-
-PEAK = {"rss": 0}
-
-
-def _sample_rss() -> None:
-    while True:
-        PEAK["rss"] = max(PEAK["rss"], _rss())
-        time.sleep(0.005)
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+from proc_memory import PeakSampler, status  # noqa: E402
 
 
 def engine_args(a) -> list[str]:
@@ -64,14 +52,15 @@ def measure(a) -> dict:
     from param2moe import bench
     from param2moe.cli import build_parser
 
-    threading.Thread(target=_sample_rss, daemon=True).start()
+    sampler = PeakSampler(("VmRSS",), interval=0.005).start()
     bench.TTFT_REPEATS = a.ttft_repeats
     args = build_parser().parse_args(["bench", "latency", *engine_args(a)])
-    rss0 = PEAK["rss"]
+    rss0 = sampler.peak["VmRSS"]
     t = time.perf_counter()
     engine = bench._engine(args)
     load_s = time.perf_counter() - t
-    after_load = {"peak_rss": PEAK["rss"], "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    after_load = {"peak_rss": sampler.peak["VmRSS"],
+                  "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     print(f"loaded in {load_s:.1f} s, peak RSS {after_load['peak_rss'] / 2**30:.2f} GiB", flush=True)
     rows = []
 
@@ -88,10 +77,11 @@ def measure(a) -> dict:
     engine.model.set_uniform_random_routing(False)
     engine.config.uniform_random_routing = False
     row(engine, "decode_router", 1, a.decode_input_len, a.output_len)
-    peak = PEAK["rss"]
+    sampler.stop()
+    peak = sampler.peak["VmRSS"]
     del engine
     gc.collect()
-    print(f"engine freed: RSS {_rss() / 2**30:.2f} GiB", flush=True)
+    print(f"engine freed: RSS {status(('VmRSS',))['VmRSS'] / 2**30:.2f} GiB", flush=True)
     return {"rss_before_load": rss0, "load_s": load_s, "after_load": after_load, "rows": rows,
             "peak_rss": peak, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 

@@ -30,15 +30,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 _CHILD = r"""
 import json, sys, time
 import torch
-
-def status():
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
+from proc_memory import status
 
 torch.set_num_threads(int(sys.argv[3]))
 stages = {"torch imported": status()}
@@ -62,7 +54,8 @@ print(json.dumps({"stages": stages, "load_s": load_s, "ttft_ms": ttft * 1e3,
 
 
 def ours(ckpt: str, mmap: bool, threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", _CHILD, ckpt, str(int(mmap)), str(threads)], capture_output=True,
                        text=True, env=env, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -2,7 +2,7 @@
 
 Writes a checkpoint of a few hundred MB with the writer (one file, and the same weights in shards), then
 loads each in a fresh interpreter (`checkpoint.load_model` onto the CPU, the checkpoint's dtype) while a
-thread samples /proc/self/status every 2 ms: VmRSS (all resident pages), RssAnon (private memory: the
+thread samples /proc/self/status every 2 ms (proc_memory.py): VmRSS (all resident pages), RssAnon (private memory: the
 model's parameters, temporaries) and RssFile (pages of the memory-mapped safetensors files while mapped;
 page cache, which the kernel can drop). Figures are the peaks during loading, less what the interpreter held
 before it (imports). Linux only.
@@ -22,38 +22,18 @@ import tempfile
 import time
 
 _CHILD = r"""
-import json, resource, sys, threading, time
+import json, resource, sys, time
 import torch
 from param2moe.checkpoint import load_model
+from proc_memory import PeakSampler, status
 
-def status():
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-before = status()
-peak = dict(before)
-done = threading.Event()
-
-def sample():
-    while not done.is_set():
-        for k, v in status().items():
-            peak[k] = max(peak[k], v)
-        time.sleep(0.002)
-
-thread = threading.Thread(target=sample)
-thread.start()
-t0 = time.perf_counter()
-model = load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]), device="cpu", progress=False)
-seconds = time.perf_counter() - t0
-done.set()
-thread.join()
+with PeakSampler(("VmRSS", "RssAnon", "RssFile")) as sampler:
+    t0 = time.perf_counter()
+    model = load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]), device="cpu", progress=False)
+    seconds = time.perf_counter() - t0
 params = sum(p.numel() * p.element_size() for p in model.parameters())
-print(json.dumps({"before": before, "peak": peak, "after": status(), "seconds": seconds, "param_bytes": params,
+print(json.dumps({"before": sampler.before, "peak": sampler.peak, "after": status(("VmRSS", "RssAnon", "RssFile")),
+                  "seconds": seconds, "param_bytes": params,
                   "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
@@ -69,7 +49,9 @@ def checkpoint_config(layers: int):
 
 
 def measure(path: str, dtype: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    here = os.path.dirname(os.path.abspath(__file__))  # proc_memory.py, for the child
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", _CHILD, path, dtype], capture_output=True, text=True, env=env,
                           check=True)
     r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -7,9 +7,9 @@
 1. Without --model, writes a bf16 checkpoint of Param2-17B's shapes cut to 2 layers (the dense layer, one MoE
    layer of 64 experts; 1.2B parameters, 2.4 GB) with `param2moe.writer` into a temporary folder.
 2. Loads it once per method (bf16: no quantization) in a fresh process with `load_model` (memory-mapped
-   safetensors, each tensor quantized as it arrives), sampling /proc/self/status every 2 ms: peak RSS, and
-   peak anonymous RSS (RssAnon: the process's own memory; RssFile counts the checkpoint's file pages mapped
-   while they are read, page cache the kernel can drop). Also: load seconds and the model's weight bytes.
+   safetensors, each tensor quantized as it arrives), sampling /proc/self/status every 2 ms (proc_memory.py):
+   peak RSS, and peak anonymous RSS (RssAnon: the process's own memory; RssFile counts the checkpoint's file
+   pages mapped while they are read, page cache the kernel can drop). Also: load seconds and the model's weight bytes.
 3. The weight bytes of the whole Param2-17B-A2.4B per method, from a model built on the meta device.
 4. --dummy-17b METHOD[,METHOD]: loads the 17B model with dummy weights in that format (`--load-format dummy
    --preset param2-17b`) in a fresh process and reports its peak memory (int4 ~9.5 GB, int8 ~17.5 GB).
@@ -34,15 +34,9 @@ if ROOT not in sys.path:
 CUT = {"num_hidden_layers": 2}  # Param2-17B's shapes, 2 layers: the dense one and one MoE layer
 
 _CHILD = r"""
-import json, resource, sys, threading, time
-peak = {"rss": 0, "anon": 0}
-def sample():
-    while True:
-        fields = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-        peak["rss"] = max(peak["rss"], int(fields["VmRSS"].split()[0]) * 1024)
-        peak["anon"] = max(peak["anon"], int(fields["RssAnon"].split()[0]) * 1024)
-        time.sleep(0.002)
-threading.Thread(target=sample, daemon=True).start()
+import json, resource, sys, time
+from proc_memory import PeakSampler
+sampler = PeakSampler(("VmRSS", "RssAnon")).start()  # from before torch's import to the end
 import torch
 from param2moe.checkpoint import load_model
 from param2moe.quant.loading import quantized_weights
@@ -52,7 +46,7 @@ if dummy:
     from param2moe.writer import preset_config
     config = preset_config(preset)
 time.sleep(0.05)
-base = dict(peak)
+base = dict(sampler.peak)
 t = time.perf_counter()
 model = load_model(None if dummy else path, torch.bfloat16, config=config, dummy=dummy, progress=False,
                    quantization=None if method == "bf16" else method)
@@ -61,14 +55,17 @@ time.sleep(0.05)
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 weights += sum(qw.nbytes() for *_, qw in quantized_weights(model))
 maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"method": method, "load_s": seconds, "peak_rss": peak["rss"], "peak_anon": peak["anon"],
-                  "rss_before_load": base["rss"], "ru_maxrss": maxrss, "weight_bytes": weights}))
+sampler.stop()
+print(json.dumps({"method": method, "load_s": seconds, "peak_rss": sampler.peak["VmRSS"],
+                  "peak_anon": sampler.peak["RssAnon"], "rss_before_load": base["VmRSS"], "ru_maxrss": maxrss,
+                  "weight_bytes": weights}))
 """
 
 
 def measure(path: str | None, method: str, dummy_preset: str | None = None) -> dict:
     args = [sys.executable, "-c", _CHILD, path or "", method, "1" if dummy_preset else "0", dummy_preset or ""]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks"),
+                                                       os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{method}: the loading process failed:\n{out.stderr[-3000:]}")
