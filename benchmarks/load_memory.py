@@ -27,12 +27,12 @@ import torch
 from param2moe.checkpoint import load_model
 from proc_memory import PeakSampler, status
 
-with PeakSampler(("VmRSS", "RssAnon", "RssFile")) as sampler:
+with PeakSampler() as sampler:
     t0 = time.perf_counter()
     model = load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]), device="cpu", progress=False)
     seconds = time.perf_counter() - t0
 params = sum(p.numel() * p.element_size() for p in model.parameters())
-print(json.dumps({"before": sampler.before, "peak": sampler.peak, "after": status(("VmRSS", "RssAnon", "RssFile")),
+print(json.dumps({"before": sampler.before, "peak": sampler.peak, "after": status(sampler.keys),
                   "seconds": seconds, "param_bytes": params,
                   "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """

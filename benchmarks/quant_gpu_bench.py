@@ -356,7 +356,7 @@ def variant_jobs(method):
            for n in variant_names() for op, t in cases if tq.moe_variant(n).changes(t, code)]
     for n in variant_names():  # the linear layers: a variant's "linear" GEMV, and the joined int4 step's tiles
         v = tq.moe_variant(n)
-        ts = [t for t in TS if t <= tq.GEMV_MAX_TOKENS[code]] if (v.gemv or {}).get(code, {}).get("linear") else []
+        ts = [t for t in TS if t <= tq.GEMV_MAX_TOKENS[code]] if v.gemv_config(code, "linear") else []
         ts += [t for t in TS if t > tq.GEMV_MAX_TOKENS[code]] if v.joins_otherwise(code) or v.linear_tiles else []
         out += [(f"{op}/{method}/{t}/v:{n}", lambda op=op, m=method, t=t, n=n: run_case(op, m, t, {"variant": n},
                                                                                        label=f"v:{n}"))

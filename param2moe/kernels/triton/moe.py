@@ -30,6 +30,7 @@ import triton.language as tl
 from . import routing
 from ._common import INTERPRET, mma, pdl_flag, pdl_launch, wait_for_previous
 from .moe_configs import get_config
+from .norm import normed_chunk, row_rstd
 
 SMALL_ALIGN_MAX_PAIRS = 1024  # up to this many (token, k) pairs the align is one program
 
@@ -290,13 +291,7 @@ def _shared_gate_up_tile(h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, e, col, pid_n, H,
     (as whole-row GEMV loads it slowed the router by 2.5 us a layer)."""
     dt = out_ptr.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        km = k0 + offs_k < H
-        sv = (tl.load(h_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)
-              + tl.load(r_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-        ss += sv * sv
-    rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / H + eps)
+    rstd = row_rstd(h_ptr, r_ptr, H, eps, BLOCK_K)
     rows = tl.arange(0, 16)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_nc = tl.where(offs_n < N, offs_n, 0)
@@ -306,10 +301,7 @@ def _shared_gate_up_tile(h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, e, col, pid_n, H,
     acc_u = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         km = k0 + offs_k < H
-        sv = (tl.load(h_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)
-              + tl.load(r_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-        nv = tl.load(nw_ptr + k0 + offs_k, mask=km, other=0.0).to(tl.float32)
-        xn = (sv * rstd * nv).to(dt)
+        xn = normed_chunk(h_ptr, r_ptr, nw_ptr, k0 + offs_k, km, rstd)
         a = tl.where(rows[:, None] == 0, xn[None, :], tl.zeros((16, BLOCK_K), dtype=dt))
         bg = tl.load(g_ptrs, mask=km[:, None], other=0.0)
         bu = tl.load(u_ptrs, mask=km[:, None], other=0.0)

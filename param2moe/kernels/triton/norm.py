@@ -36,6 +36,35 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, M, N, stride_x, 
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _residual_chunk(h_ptr, r_ptr, k, m):
+    """(h + r)[k] (0 where not m) rounded to h's dtype as add_rms_norm rounds the new residual, in fp32."""
+    return (tl.load(h_ptr + k, mask=m, other=0.0).to(tl.float32)
+            + tl.load(r_ptr + k, mask=m, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def row_rstd(h_ptr, r_ptr, H, eps, BLOCK: tl.constexpr):
+    """1 / rms of one row h + r of H values (rounded as add_rms_norm rounds it), in chunks of BLOCK: for
+    kernels that norm the row themselves instead of waiting for the kernel that does (the one-token MoE's
+    shared expert, launched behind the router)."""
+    offs = tl.arange(0, BLOCK)
+    ss = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK):
+        s = _residual_chunk(h_ptr, r_ptr, k0 + offs, k0 + offs < H)
+        ss += s * s
+    return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / H + eps)
+
+
+@triton.jit
+def normed_chunk(h_ptr, r_ptr, nw_ptr, k, m, rstd):
+    """rms_norm(h + r) * nw at columns k (0 where not m), in h's dtype, as add_rms_norm gives it (rstd:
+    `row_rstd`)."""
+    s = _residual_chunk(h_ptr, r_ptr, k, m)
+    nw = tl.load(nw_ptr + k, mask=m, other=0.0).to(tl.float32)
+    return (s * rstd * nw).to(h_ptr.dtype.element_ty)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()

@@ -41,6 +41,7 @@ from ...quant.formats import FP8_BLOCK, QuantizedWeight
 from ._common import INTERPRET, mma, pdl_flag, pdl_launch, wait_for_previous
 from .moe import _silu_mul, _tile_ids, combine, moe_align
 from .moe_configs import get_config
+from .norm import normed_chunk, row_rstd
 
 # method codes (constexpr METHOD of the kernels)
 INT8, INT4, FP8, FP8_BLOCK_SCALED = 0, 1, 2, 3
@@ -156,30 +157,13 @@ def _int4_products_xsplit(raw, x, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _row_rstd(h_ptr, r_ptr, K: tl.constexpr, eps, BLOCK_K: tl.constexpr):
-    """1 / rms of the row (h + r) rounded to h's dtype, as add_rms_norm (and the router's launch) computes it."""
-    dt = h_ptr.dtype.element_ty
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        s = (tl.load(h_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-             + tl.load(r_ptr + k, mask=k < K, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-        ss += s * s
-    return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
-
-
-@triton.jit
 def _x_chunk(xr, k0, K: tl.constexpr, r_ptr, nw_ptr, rstd, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
     """x[k0 : k0 + BLOCK_K] in fp32 (0 past K). NORM: x = rms_norm(h + r) * nw computed here from xr = h
-    (rstd from `_row_rstd`), rounded to h's dtype where add_rms_norm rounds it."""
+    (norm.normed_chunk; rstd from norm.row_rstd)."""
     k = k0 + tl.arange(0, BLOCK_K)
-    m = k < K
     if NORM:
-        dt = xr.dtype.element_ty
-        s = (tl.load(xr + k, mask=m, other=0.0).to(tl.float32)
-             + tl.load(r_ptr + k, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-        return (s * rstd * tl.load(nw_ptr + k, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-    return tl.load(xr + k, mask=m, other=0.0).to(tl.float32)
+        return normed_chunk(xr, r_ptr, nw_ptr, k, k < K, rstd).to(tl.float32)
+    return tl.load(xr + k, mask=k < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -279,7 +263,7 @@ def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, r_ptr, nw_ptr, ep
             u = _load_rows(w_ptr, u_row, nmask, 0, K, EPW, BLOCK_K)
     if PRELOAD:
         wait_for_previous(PDL)
-    rstd = _row_rstd(x_ptr, r_ptr, K, eps, BLOCK_K) if NORM else 0.0
+    rstd = row_rstd(x_ptr, r_ptr, K, eps, BLOCK_K) if NORM else 0.0
     for t in range(0, T):
         xr = x_ptr + col * stride_xc + t * stride_xt
         if CHUNKS == 1:
@@ -697,7 +681,7 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
     v = moe_variant(variant)
     if (path or ("gemv" if t <= gemv_max_tokens(w) else "mma")) == "gemv":
         pdl = pdl_flag(x) and k <= GEMV_CHUNK
-        config = (v.gemv or {}).get(w.method, {}).get("linear")
+        config = v.gemv_config(w.method, "linear")
         if config is None and pdl and qw.qweight.numel() * qw.qweight.element_size() <= PRELOAD_MAX_BYTES:
             config = GEMV_PRELOAD[w.method]
         return _gemv(a, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl, x_scale=a_scale, config=config)
@@ -752,6 +736,11 @@ class MoeVariant(NamedTuple):
     linear_tiles: dict | None = None  # merged into `linear_config`'s GEMM config (e.g. {"BLOCK_N": 16}: more programs)
     behind_router: bool = True  # at one token: the gate/up launched behind the router (`gate_up_one_token`)
 
+    def gemv_config(self, method: int, use: str) -> tuple | None:
+        """Its GEMV shape for this method and use ("linear", "gate_up", "down"); None: GEMV_CONFIGS' (or, for
+        a linear layer, GEMV_PRELOAD's where that applies)."""
+        return (self.gemv or {}).get(method, {}).get(use)
+
     def joins_otherwise(self, method: int) -> bool:
         """Whether its int4 tiles step otherwise than the default's (int4 weights only)."""
         return method == INT4 and self.int4_join != MoeVariant._field_defaults["int4_join"]
@@ -759,7 +748,7 @@ class MoeVariant(NamedTuple):
     def changes(self, t: int, method: int) -> bool:
         """Whether, at t tokens with weights of this method, something else runs than the default's."""
         if t == 1 and self.one_token == "gemv":  # (its "linear" entries are not the MoE's)
-            return any(use in (self.gemv or {}).get(method, {}) for use in ("gate_up", "down"))
+            return any(self.gemv_config(method, use) for use in ("gate_up", "down"))
         return t == 1 or bool(self.tiles) or self.joins_otherwise(method)
 
 
@@ -862,9 +851,8 @@ def runs_behind_router(x: torch.Tensor, w13: QuantizedWeight, variant: str | Non
     if not (v.behind_router and v.one_token == "gemv" and usable(x, w13) and w13.qweight.dim() == 3):
         return False
     w = _prep(w13, "w13")
-    config = (v.gemv or {}).get(w.method, {}).get("gate_up")
-    return activation_mode(w.method, 1) is None and (w.method in (FP8, FP8_BLOCK_SCALED)
-                                                     or _gemv_shape(w, w13.shape[2], "gate_up", config)[4])
+    xsplit = _gemv_shape(w, w13.shape[2], "gate_up", v.gemv_config(w.method, "gate_up"))[4]
+    return activation_mode(w.method, 1) is None and (w.method in (FP8, FP8_BLOCK_SCALED) or xsplit)
 
 
 def gate_up_one_token(x: torch.Tensor, w13: QuantizedWeight, ids: torch.Tensor, norm: tuple, pdl: bool,
@@ -876,9 +864,9 @@ def gate_up_one_token(x: torch.Tensor, w13: QuantizedWeight, ids: torch.Tensor, 
     (`_qgemv_kernel`'s PRE_NORM); the others wait for its x and ids. `moe_experts(..., started=inter)` goes on."""
     h, residual, norm_weight, eps, n_app = norm
     w, k = _prep(w13, "w13"), ids.numel()
-    config = (moe_variant(variant).gemv or {}).get(w.method, {}).get("gate_up")
     return _gemv(x, w, inter, w13.shape[1] // 2, w13.shape[2], "gate_up", cols=k, ids=ids, n_pre=n_app,
-                 col_pre=k - n_app, e_pre=w13.shape[0] - n_app, pdl=pdl, config=config,
+                 col_pre=k - n_app, e_pre=w13.shape[0] - n_app, pdl=pdl,
+                 config=moe_variant(variant).gemv_config(w.method, "gate_up"),
                  pre_norm=(h, residual, norm_weight, eps))
 
 
@@ -913,18 +901,17 @@ def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weig
         raise ValueError(f"moe_experts: started {list(started.shape)} is one token's gate/up [k={topk}, "
                          f"I={inter_size}], for the one-token GEMV (here {t} tokens, one_token={v.one_token!r})")
     if t == 1 and v.one_token == "gemv":  # matrix-vector products, an expert per column of ids (moe.py's ONE_TOKEN)
-        gemv = (v.gemv or {}).get(g13.method, {})
         inter = started
         if inter is None:
             inter = torch.empty(topk, inter_size, dtype=x.dtype, device=x.device)
             a, a_scale = _activations(x, g13, act)
             _gemv(a, g13, inter, inter_size, hidden, "gate_up", cols=topk, ids=ids, n_pre=num_appended,
                   col_pre=topk - num_appended, e_pre=e - num_appended, pdl=pdl_flag(x) and act is None,
-                  x_scale=a_scale, config=gemv.get("gate_up"))
+                  x_scale=a_scale, config=v.gemv_config(g13.method, "gate_up"))
         pair_out = torch.empty(topk, hidden, dtype=x.dtype, device=x.device)
         a, a_scale = _activations(inter, g2, act)
         _gemv(a, g2, pair_out, hidden, inter_size, "down", cols=topk, ids=ids, x_col_stride=a.stride(0),
-              x_scale=a_scale, config=gemv.get("down"))
+              x_scale=a_scale, config=v.gemv_config(g13.method, "down"))
     else:
         cfg = _variant_config(config or moe_config(t, e, hidden, inter_size, topk, x.dtype, g13.method), v)
         bm = cfg["BLOCK_M"]
