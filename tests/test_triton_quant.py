@@ -13,7 +13,7 @@ import functools
 
 import pytest
 import torch
-from test_triton_kernels import CUDA, DEV, check, poisoned
+from test_triton_kernels import CUDA, DEV, check, poisoned, rel_err
 
 from param2moe.kernels import moe as ref_moe
 from param2moe.kernels import norm as ref_norm
@@ -157,6 +157,21 @@ def oracle_moe(x, w13, w2, weights, ids):
     return ref_moe.moe_experts(x, dequantize(w13, x.dtype), dequantize(w2, x.dtype), weights, ids)
 
 
+def oracle_moe_int8_x(x, w13, w2, weights, ids):
+    """One token's int4 MoE with x in int8 (variant gemv_a8): the oracle on the dequantized weights (float64)
+    with the gate/up's x and the down's x (the intermediate, rounded to x's dtype) quantized as the kernel
+    quantizes them (`tq.x_int8_reference`)."""
+    g = w13.group_size
+    w13d, w2d = dequantize(w13, torch.float64), dequantize(w2, torch.float64)
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for t, k in zip(*torch.nonzero(ids >= 0, as_tuple=True)):
+        e = ids[t, k]
+        gate, up = (w13d[e] @ tq.x_int8_reference(x[t:t + 1], g)[0].double()).chunk(2)
+        inter = (torch.nn.functional.silu(gate) * up).to(x.dtype)
+        out[t] += weights[t, k].double() * (w2d[e] @ tq.x_int8_reference(inter[None], g)[0].double())
+    return out.to(x.dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(MOE_CASES)))
 @pytest.mark.parametrize("method", ["int8", "int4", "fp8", "fp8-block"])
@@ -244,7 +259,9 @@ def _moe_variant_check(method, variant, t, h, i):
     weights = torch.rand(t, k + 2, device=DEV)
     with poisoned():
         out = tq.moe_experts(x, w13, w2, weights, ids, num_appended=2, variant=variant)
-    check(out, oracle_moe(x, w13, w2, weights, ids), torch.bfloat16)
+    cfg = tq.moe_variant(variant).gemv_config(tq.INT4, "gate_up")
+    int8_x = method.startswith("int4") and t == 1 and cfg is not None and cfg[4:] == (tq.X_INT8,)
+    check(out, (oracle_moe_int8_x if int8_x else oracle_moe)(x, w13, w2, weights, ids), torch.bfloat16)
 
 
 @pytest.mark.parametrize("method", ["int4", "int4-g32", "fp8-block"])
@@ -281,6 +298,36 @@ def test_linear_gemv_variants(method, variant):
     check(out, oracle_linear(x, qw, bias), torch.bfloat16)
 
 
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("method", ["int4", "int4-g32"])
+def test_int4_gemv_with_x_in_int8(method, chunks, t, monkeypatch):
+    """The int4 GEMV with x quantized to int8 per weight group and multiplied 4 values an instruction (dp4a;
+    XSPLIT == X_INT8): against the oracle on x quantized as `x_int8_reference` says, to fp32 rounding (x
+    fp32), which the weight-only oracle misses by far; a group of zeros (scale 0), x from 1e-6 to 1e3 across
+    groups, K = 1536 whole or in 3 pipelined chunks, and groups past K in the last chunk (K 1408)."""
+    shape = (8192, 4, 512 if chunks == 3 else 0, 2 if chunks == 3 else 0, tq.X_INT8)
+    monkeypatch.setitem(tq.MOE_VARIANTS, "a8_test", tq.MoeVariant(gemv={tq.INT4: {"linear": shape}}))
+    for k in (1536, 1408):
+        qw = random_qweight(method, 24, k)
+        x = torch.randn(t, k, device=DEV) * torch.exp2(torch.empty(t, k // 128, device=DEV).uniform_(-20, 10)
+                                                       ).repeat_interleave(128, 1)
+        x[0, 128:256] = 0
+        with poisoned():
+            out = tq.linear(x, qw, path="gemv", variant="a8_test")
+        ref = torch.nn.functional.linear(tq.x_int8_reference(x, qw.group_size).double(),
+                                         dequantize(qw, torch.float64)).float()
+        check(out, ref, torch.float32)
+        assert rel_err(out, oracle_linear(x, qw)) > 1e-4  # the oracle of x in fp32 would not pass
+
+
+def test_x_int8_reference():
+    """x quantized per group to round-to-even(x * 127 / max|x|) * max|x| / 127: the group's max exact, ties to
+    even, a zero group stays zero."""
+    x = torch.tensor([[127.0, -63.5, 0.5, 1.5, 0.0, 0.0, 0.0, 0.0]])
+    assert tq.x_int8_reference(x, 4).tolist() == [[127.0, -64.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0]]
+
+
 @pytest.mark.parametrize("method,variant", [("int4", "default"), ("int4-g32", "default"), ("int4", "nojoin"),
                                             ("int4", "lin16"), ("fp8-block", "lin16")])
 def test_linear_tile_variants(method, variant):
@@ -304,7 +351,7 @@ def test_moe_variant_names():
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
-@pytest.mark.parametrize("method", ["int4", "fp8", "fp8-block"])
+@pytest.mark.parametrize("method", ["int4", "int4-a8", "fp8", "fp8-block"])
 def test_gate_up_launched_behind_the_router(method, chunks, monkeypatch):
     """One token, the shared expert folded in as the last 2 experts: the quantized gate/up launched behind the
     router (the shared expert's programs norm the row themselves, the routed ones read the router's row and
@@ -312,9 +359,11 @@ def test_gate_up_launched_behind_the_router(method, chunks, monkeypatch):
     chunks 2: the rows in two pipelined chunks, as Param2's (the registered shapes take these rows whole), and
     row blocks of 8 (fp8) or 16 (int4) rows, several a column."""
     h, i, e, k = 256, 128, 8, 3
-    variant = None
+    variant = "gemv_a8" if method == "int4-a8" else None
+    xmode = tq.X_INT8 if method == "int4-a8" else True
+    method = method.removesuffix("-a8")
     if chunks == 2:
-        two = {m: {"gate_up": (1024, 4, 128, 3, True), "down": (8192, 4, 128, 2, True)}
+        two = {m: {"gate_up": (1024, 4, 128, 3, xmode), "down": (8192, 4, 128, 2, xmode)}
                for m in (tq.INT4, tq.FP8, tq.FP8_BLOCK_SCALED)}
         monkeypatch.setitem(tq.MOE_VARIANTS, "two_chunks", tq.MoeVariant(gemv=two))
         variant = "two_chunks"
@@ -340,10 +389,12 @@ def test_gate_up_launched_behind_the_router(method, chunks, monkeypatch):
     xn2, res2, w_2, ids2 = tri_routing.add_rms_norm_gate_route(a, r, nw, 1e-6, gate, bias, k, **kw)
     assert torch.equal(xn, xn2) and torch.equal(res, res2) and torch.equal(ids, ids2)
     assert ids[0, k:].tolist() == [e, e + 1]
-    after = tq.moe_experts(xn, w13, w2, w, ids, unsummed=True, num_appended=2, variant="after_router")
+    after = tq.moe_experts(xn, w13, w2, w, ids, unsummed=True, num_appended=2,
+                           variant=f"{variant}+after_router" if variant else "after_router")
     check(pair_out, after, dtype, tight=2e-5)
     y = tri_norm.expert_sum_add_rms_norm(pair_out, w, ids, res, nw, 1e-6)[1]
-    check(y, ref_norm.add_rms_norm(oracle_moe(xn, w13, w2, w, ids), res, nw, 1e-6)[1], dtype)
+    oracle = oracle_moe_int8_x if xmode == tq.X_INT8 else oracle_moe
+    check(y, ref_norm.add_rms_norm(oracle(xn, w13, w2, w, ids), res, nw, 1e-6)[1], dtype)
 
 
 def test_gate_up_behind_the_router_declines_and_checks():

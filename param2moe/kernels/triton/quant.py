@@ -156,6 +156,69 @@ def _int4_products_xsplit(raw, x, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     return p, ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
 
 
+# int4 with x in int8 (XSPLIT == X_INT8): x quantized per weight group, 4 products an instruction (dp4a).
+X_INT8 = tl.constexpr(2)
+_ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: y + _ROUND holds round-to-even(y) in its low bits (|y| < 2^22)
+_ROUND_BITS = tl.constexpr(0x4B400000)  # the bits of _ROUND
+_INTERP = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _x_int8(x, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """x (fp32 [BLOCK_K]) as int8 per GROUP values, q = round-to-even(x * (127 / max|x|)) (the oracle:
+    `x_int8_reference`), packed for `_int4_dots_int8`: per weight word j the int32s of bytes (q[8j], q[8j+2],
+    q[8j+4], q[8j+6]) and (q[8j+1], .., q[8j+7]) (the word's even and odd nibbles); with each group's scale
+    max|x| / 127 and its sum of q."""
+    G: tl.constexpr = BLOCK_K // GROUP
+    xg = tl.reshape(x, (G, GROUP))
+    amax = tl.max(tl.abs(xg), axis=1)
+    inv = 127.0 / tl.maximum(amax, 1e-30)  # a group of zeros: any finite inv
+    bits = (xg * inv[:, None] + _ROUND).to(tl.int32, bitcast=True)
+    qsum = tl.sum(bits - _ROUND_BITS, axis=1)
+    even, odd = tl.split(tl.reshape(bits & 0xFF, (BLOCK_K // 8, 4, 2)))
+    shift = 8 * tl.arange(0, 4)
+    lo = tl.sum(even << shift[None, :], axis=1)
+    hi = tl.sum(odd << shift[None, :], axis=1)
+    return lo, hi, amax / 127.0, qsum
+
+
+@triton.jit
+def _dp4a(a, b, c):
+    """c + the dot product of a's four bytes (unsigned) and b's (signed), int32s elementwise."""
+    if _INTERP:
+        for i in tl.static_range(4):
+            c += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+        return c
+    else:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _int4_dots_int8(raw, xq, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """[BLOCK_N, BLOCK_K // GROUP] fp32: each row's sum over a group of (u - 8) * q * x's scale, the int4 words
+    raw (stored u = q + 8) against `_x_int8`'s xq, in integers (exact) until the scale."""
+    lo, hi, sx, qsum = xq
+    d = _dp4a(raw & 0x0F0F0F0F, lo[None, :], tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.int32))
+    d = _dp4a((raw >> 4) & 0x0F0F0F0F, hi[None, :], d)
+    dg = tl.sum(tl.reshape(d, (BLOCK_N, BLOCK_K // GROUP, GROUP // 8)), axis=2)
+    return (dg - 8 * qsum[None, :]).to(tl.float32) * sx[None, :]
+
+
+@triton.jit
+def _x_operand(xr, k0, K: tl.constexpr, r_ptr, nw_ptr, rstd, METHOD: tl.constexpr, GROUP: tl.constexpr,
+               BLOCK_K: tl.constexpr, XSPLIT: tl.constexpr, NORM: tl.constexpr):
+    """What `_row_dots` takes as xv for x[k0 : k0 + BLOCK_K]: the fp32 chunk (fp8, XSPLIT), `_x_int8`'s
+    (XSPLIT == X_INT8), or nothing (the others read x themselves)."""
+    if XSPLIT == X_INT8:
+        xv = _x_int8(_x_chunk(xr, k0, K, r_ptr, nw_ptr, rstd, BLOCK_K, NORM), BLOCK_K, GROUP)
+    elif METHOD >= 2 or XSPLIT:
+        xv = _x_chunk(xr, k0, K, r_ptr, nw_ptr, rstd, BLOCK_K, NORM)
+    else:
+        xv = 0.0
+    return xv
+
+
 @triton.jit
 def _x_chunk(xr, k0, K: tl.constexpr, r_ptr, nw_ptr, rstd, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
     """x[k0 : k0 + BLOCK_K] in fp32 (0 past K). NORM: x = rms_norm(h + r) * nw computed here from xr = h
@@ -167,14 +230,14 @@ def _x_chunk(xr, k0, K: tl.constexpr, r_ptr, nw_ptr, rstd, BLOCK_K: tl.constexpr
 
 
 @triton.jit
-def _row_dots(raw, s_ptr, s_off, nmask, x_ptr, xv, k0, K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr,
-              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XSPLIT: tl.constexpr = False):
-    """[BLOCK_N] fp32: each row's dequantized weights (raw, from `_load_rows`) dot x[k0 : k0 + BLOCK_K]: fp8 and
-    XSPLIT (int4, `_int4_products_xsplit`) take those x values as xv (`_x_chunk`), the others read them from
-    x_ptr by a word's value position. s_off: each row's offset of its scale row (per channel: the scale itself)."""
+def _products(raw, x_ptr, xv, k0, K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, XSPLIT: tl.constexpr):
+    """(p, xsum): each stored element's product with its x ([BLOCK_N, BLOCK_K // EPW] fp32; int words: the sum
+    over the word's values, the scaled subnormals of `_word_value`) and x's sum a word (int; fp8: zeros)."""
     j = tl.arange(0, BLOCK_K // EPW)
     if METHOD >= 2:  # fp8
         p = raw.to(tl.float32) * xv[None, :]
+        xsum = tl.zeros((BLOCK_K // EPW,), dtype=tl.float32)
     elif METHOD == 1 and XSPLIT:
         p, xsum = _int4_products_xsplit(raw, xv, BLOCK_N, BLOCK_K)
     else:
@@ -185,16 +248,32 @@ def _row_dots(raw, s_ptr, s_off, nmask, x_ptr, xv, k0, K: tl.constexpr, METHOD: 
             x = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
             xsum += x
             p += _word_value(raw, s, METHOD, EPW) * (x * _x_factor(s, METHOD))[None, :]
+    return p, xsum
+
+
+@triton.jit
+def _row_dots(raw, s_ptr, s_off, nmask, x_ptr, xv, k0, K: tl.constexpr, METHOD: tl.constexpr, EPW: tl.constexpr,
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XSPLIT: tl.constexpr = 0):
+    """[BLOCK_N] fp32: each row's dequantized weights (raw, from `_load_rows`) dot x[k0 : k0 + BLOCK_K]: fp8 and
+    XSPLIT (int4) take x as xv (`_x_operand`: the chunk, split in registers by `_int4_products_xsplit`, or
+    quantized to int8 for `_int4_dots_int8`), the others read it from x_ptr by a word's value position.
+    s_off: each row's offset of its scale row (per channel: the scale itself)."""
     if METHOD == 0:  # int8: one scale a row, stored value q + 128
+        p, xsum = _products(raw, x_ptr, xv, k0, K, METHOD, EPW, BLOCK_N, BLOCK_K, XSPLIT)
         return (tl.sum(p, axis=1) * _UNIT - 128.0 * tl.sum(xsum, axis=0)) * tl.load(s_ptr + s_off, mask=nmask,
                                                                                      other=0.0)
     elif METHOD == 2:  # fp8, one scale a row
+        p, xsum = _products(raw, x_ptr, xv, k0, K, METHOD, EPW, BLOCK_N, BLOCK_K, XSPLIT)
         return tl.sum(p, axis=1) * tl.load(s_ptr + s_off, mask=nmask, other=0.0)
     else:  # a scale per GROUP columns of a row (int4, stored q + 8) or per 128x128 block (fp8)
         G: tl.constexpr = BLOCK_K // GROUP
-        pg = tl.sum(tl.reshape(p, (BLOCK_N, G, GROUP // EPW)), axis=2)
-        if METHOD == 1:
-            pg = pg * _UNIT - 8.0 * tl.sum(tl.reshape(xsum, (G, GROUP // EPW)), axis=1)[None, :]
+        if METHOD == 1 and XSPLIT == X_INT8:
+            pg = _int4_dots_int8(raw, xv, BLOCK_N, BLOCK_K, GROUP)
+        else:
+            p, xsum = _products(raw, x_ptr, xv, k0, K, METHOD, EPW, BLOCK_N, BLOCK_K, XSPLIT)
+            pg = tl.sum(tl.reshape(p, (BLOCK_N, G, GROUP // EPW)), axis=2)
+            if METHOD == 1:
+                pg = pg * _UNIT - 8.0 * tl.sum(tl.reshape(xsum, (G, GROUP // EPW)), axis=1)[None, :]
         g = k0 // GROUP + tl.arange(0, G)
         sc = tl.load(s_ptr + s_off[:, None] + g[None, :], mask=nmask[:, None] & (g < tl.cdiv(K, GROUP))[None, :],
                      other=0.0)
@@ -226,7 +305,7 @@ def _chunk_dots(acc, acc_u, c, w_ptr, s_ptr, xr, r_ptr, nw_ptr, rstd, g_row, u_r
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XSPLIT: tl.constexpr, NORM: tl.constexpr):
     """acc (gate rows) and acc_u (up rows, when GATED) plus chunk c's products."""
     k0 = c * BLOCK_K
-    xv = _x_chunk(xr, k0, K, r_ptr, nw_ptr, rstd, BLOCK_K, NORM) if METHOD >= 2 or XSPLIT else 0.0
+    xv = _x_operand(xr, k0, K, r_ptr, nw_ptr, rstd, METHOD, GROUP, BLOCK_K, XSPLIT, NORM)
     gc = _load_rows(w_ptr, g_row, nmask, k0, K, EPW, BLOCK_K)
     acc += _row_dots(gc, s_ptr, g_srow, nmask, xr, xv, k0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
     if GATED:
@@ -267,7 +346,7 @@ def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, r_ptr, nw_ptr, ep
     for t in range(0, T):
         xr = x_ptr + col * stride_xc + t * stride_xt
         if CHUNKS == 1:
-            xv = _x_chunk(xr, 0, K, r_ptr, nw_ptr, rstd, BLOCK_K, NORM) if METHOD >= 2 or XSPLIT else 0.0
+            xv = _x_operand(xr, 0, K, r_ptr, nw_ptr, rstd, METHOD, GROUP, BLOCK_K, XSPLIT, NORM)
             acc = _row_dots(g, s_ptr, g_srow, nmask, xr, xv, 0, K, METHOD, EPW, GROUP, BLOCK_N, BLOCK_K, XSPLIT)
             acc_u = acc
             if GATED:
@@ -570,13 +649,13 @@ def _gemv_shape(w: _W, k: int, use: str, config: tuple | None = None) -> tuple[i
     """(BLOCK_N, num_warps, BLOCK_K, stages, xsplit) of a GEMV program from GEMV_CONFIGS' (or config's) (bytes a
     weight set, warps[, chunk, stages, xsplit]): the bytes over the stored bytes of a row's chunk (chunk:
     logical columns, 0 or absent: min(K, GEMV_CHUNK), the whole row while it fits; stages > 0: the chunk loop
-    pipelined; xsplit: int4's x in one load, split in registers)."""
+    pipelined; xsplit (int4): x in one load, split in registers (1) or quantized to int8 (2, X_INT8))."""
     budget, warps, chunk, stages, xsplit = (*(config or GEMV_CONFIGS[w.method][use]), 0, 0, False)[:5]
     block_k = min(triton.next_power_of_2(k), chunk or GEMV_CHUNK)
     if w.method in (INT4, FP8_BLOCK_SCALED):
         block_k = max(block_k, w.group)
     stored = min(k, block_k) // (2 if w.method == INT4 else 1)
-    return max(1, min(64, triton.next_power_of_2(max(1, budget // stored)))), warps, block_k, stages, bool(xsplit)
+    return max(1, min(64, triton.next_power_of_2(max(1, budget // stored)))), warps, block_k, stages, int(xsplit)
 
 
 def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x_col_stride: int = 0,
@@ -599,9 +678,19 @@ def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x
         EPW=_WORD_VALUES.get(w.method, 1), GROUP=w.group, SROWS=w.srows, GATED=use == "gate_up",
         HAS_IDS=ids is not None, PRE_COLS=n_pre, HAS_BIAS=bias is not None,
         X_SCALE=0 if x_scale is None else 2 if x_col_stride else 1, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        PIPE=stages, XSPLIT=xsplit and w.method == INT4, PRE_NORM=pre_norm is not None, num_warps=num_warps,
+        PIPE=stages, XSPLIT=xsplit if w.method == INT4 else 0, PRE_NORM=pre_norm is not None, num_warps=num_warps,
         **pdl_launch(pdl))
     return out
+
+
+def x_int8_reference(x: torch.Tensor, group: int) -> torch.Tensor:
+    """What the int4 GEMV with x in int8 (XSPLIT == X_INT8) multiplies instead of x [T, K]: x in fp32 quantized
+    per `group` columns to int8 as `_x_int8` does (q = round-to-even(x * (127 / max|x|)), scale max|x| / 127),
+    dequantized (fp32: the oracle's input)."""
+    xg = x.float().unflatten(-1, (-1, group))
+    amax = xg.abs().amax(-1, keepdim=True)
+    inv = 127.0 / amax.clamp_min(1e-30)
+    return (torch.round(xg * inv) * (amax / 127.0)).flatten(-2)
 
 
 def _mma_block_k(w: _W, block_k: int, join: bool = False) -> int:
@@ -780,6 +869,11 @@ MOE_VARIANTS = {
     "linear_pipe": MoeVariant(gemv={m: {"linear": (*_PIPE_SHAPE, m == INT4)} for m in _PLAIN_GEMV}),
     "linear_preload": MoeVariant(gemv={m: {"linear": GEMV_PRELOAD[m]} for m in _PLAIN_GEMV}),  # (tests: no PDL)
     "gemv_xsplit": MoeVariant(gemv=_XSPLIT_GEMV),  # int4: x in 16-byte loads, split in registers
+    # int4 at one token: the default's pipeline with x quantized to int8 per group, 4 products an instruction
+    # (dp4a); _all: the linear layers at a few tokens too (preloaded where GEMV_PRELOAD applies)
+    "gemv_a8": MoeVariant(gemv={INT4: {use: (*_PIPE_SHAPE, X_INT8) for use in ("gate_up", "down")}}),
+    "gemv_a8_all": MoeVariant(gemv={INT4: {"gate_up": (*_PIPE_SHAPE, X_INT8), "down": (*_PIPE_SHAPE, X_INT8),
+                                           "linear": (*GEMV_PRELOAD[INT4][:4], X_INT8)}}),
     "mma1": MoeVariant(one_token="mma"),  # one token on the tiles: a K loop pipelined through shared memory
     "deep": MoeVariant(tiles={"num_stages": 5}),  # more K steps in flight a tile program
     "nojoin": MoeVariant(int4_join=False),  # int4 tiles: x's even and odd columns loaded apart
