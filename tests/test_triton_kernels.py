@@ -251,6 +251,23 @@ def test_add_rms_norm_gate_route(t, dtype):
             torch.testing.assert_close(w, rw, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_gate_route_whole_row_equals_two_passes(dtype, monkeypatch):
+    """One token whose row fits one block: the router's inputs loaded at once (ROUTER_WHOLE_ROW) give the
+    two-pass launch's normed row, residual, weights and ids exactly."""
+    h, e = 512, 64
+    gate = torch.randn(e, h, device=DEV) / h**0.5
+    nw = (1 + 0.1 * torch.randn(h, device=DEV)).to(dtype)
+    a, r = torch.randn(1, h, device=DEV).to(dtype), torch.randn(1, h, device=DEV).to(dtype)
+    outs = []
+    for whole in (True, False):
+        monkeypatch.setattr(tri_routing, "ROUTER_WHOLE_ROW", whole)
+        with poisoned():
+            outs.append(tri_routing.add_rms_norm_gate_route(a, r, nw, 1e-6, gate, None, 6, num_appended=2))
+    for one, two in zip(*outs):
+        assert torch.equal(one, two)
+
+
 def test_route_bias_decides_choice_only():
     logits = torch.zeros(4, 64, device=DEV)
     bias = torch.zeros(64, device=DEV)

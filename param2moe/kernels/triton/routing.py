@@ -13,6 +13,8 @@ found with an atomic counter, routes), beyond that cuBLAS logits and the routing
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -112,7 +114,7 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
                        N_APPENDED: tl.constexpr, EXPERTS_PER_PROGRAM: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                       HAS_NORM: tl.constexpr, PDL: tl.constexpr):
+                       HAS_NORM: tl.constexpr, WHOLE_ROW: tl.constexpr, PDL: tl.constexpr):
     """Router logits and routing in one launch (decode sizes, T <= BLOCK_T): each program computes the
     fp32 logits of EXPERTS_PER_PROGRAM experts for every token (bf16/fp32 x read as fp32, like
     F.linear(x.float(), gate)); the last program to finish (an atomic counter, reset by it) routes.
@@ -125,8 +127,52 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
     t = tl.arange(0, BLOCK_T)
     e = pid * EXPERTS_PER_PROGRAM + tl.arange(0, EXPERTS_PER_PROGRAM)
     h = tl.arange(0, BLOCK_H)
-    dt = x_ptr.dtype.element_ty
     tmask = t[:, None] < T
+    if HAS_NORM and WHOLE_ROW:
+        acc = _norm_logits_whole_row(x_ptr, gate_ptr, r_ptr, nw_ptr, xn_ptr, res_ptr, t, e, h, tmask, H, stride_x,
+                                     stride_r, eps, pid == 0)
+    else:
+        acc = _norm_logits(x_ptr, gate_ptr, r_ptr, nw_ptr, xn_ptr, res_ptr, t, e, h, tmask, H, stride_x, stride_r,
+                           eps, pid == 0, HAS_NORM, BLOCK_T, EXPERTS_PER_PROGRAM, BLOCK_H)
+    tl.store(logits_ptr + t[:, None] * E + e[None, :], acc, mask=tmask)
+    tl.debug_barrier()  # every thread's stores issued before the release below
+    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if done == tl.num_programs(0) - 1:
+        _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, scale, 0, E, K, SOFTMAX, HAS_BIAS, N_GROUP,
+                    TOPK_GROUP, NORM, N_APPENDED, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_G)
+        tl.atomic_xchg(counter_ptr, 0)
+
+
+@triton.jit
+def _norm_logits_whole_row(x_ptr, gate_ptr, r_ptr, nw_ptr, xn_ptr, res_ptr, t, e, h, tmask, H, stride_x, stride_r,
+                           eps, store):
+    """`_norm_logits` with HAS_NORM when a row fits one block: x, the residual, the norm's weight and the gate
+    rows loaded at once (one memory round trip on the router's chain, not two), the same roundings."""
+    dt = x_ptr.dtype.element_ty
+    hm = h < H
+    m = tmask & hm[None, :]
+    wv = tl.load(gate_ptr + e[:, None] * H + h[None, :], mask=hm[None, :], other=0.0)
+    nw = tl.load(nw_ptr + h, mask=hm, other=0.0).to(tl.float32)
+    xv = tl.load(x_ptr + t[:, None] * stride_x + h[None, :], mask=m, other=0.0).to(tl.float32)
+    rv = tl.load(r_ptr + t[:, None] * stride_r + h[None, :], mask=m, other=0.0).to(tl.float32)
+    sv = (xv + rv).to(dt)
+    svf = sv.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(svf * svf, axis=1) / H + eps)
+    xn = (svf * rstd[:, None] * nw[None, :]).to(dt)
+    if store:
+        tl.store(res_ptr + t[:, None] * H + h[None, :], sv, mask=m)
+        tl.store(xn_ptr + t[:, None] * H + h[None, :], xn, mask=m)
+    return tl.sum(xn.to(tl.float32)[:, None, :] * wv[None, :, :], axis=2)
+
+
+@triton.jit
+def _norm_logits(x_ptr, gate_ptr, r_ptr, nw_ptr, xn_ptr, res_ptr, t, e, h, tmask, H, stride_x, stride_r, eps, store,
+                 HAS_NORM: tl.constexpr, BLOCK_T: tl.constexpr, EXPERTS_PER_PROGRAM: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
+    """[BLOCK_T, EXPERTS_PER_PROGRAM] fp32 logits of experts e for tokens t, in blocks of BLOCK_H columns.
+    HAS_NORM: of rms_norm(x + r) * nw (a first pass for each token's rstd), the normed rows and the new
+    residual stored where store."""
+    dt = x_ptr.dtype.element_ty
     if HAS_NORM:  # first pass: each token's rstd
         ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
@@ -146,19 +192,13 @@ def _gate_route_kernel(x_ptr, gate_ptr, logits_ptr, counter_ptr, bias_ptr, w_ptr
             sv = (xv + rv).to(dt)
             nw = tl.load(nw_ptr + h0 + h, mask=hm, other=0.0).to(tl.float32)
             xn = (sv.to(tl.float32) * rstd[:, None] * nw[None, :]).to(dt)
-            if pid == 0:
+            if store:
                 tl.store(res_ptr + t[:, None] * H + h0 + h[None, :], sv, mask=m)
                 tl.store(xn_ptr + t[:, None] * H + h0 + h[None, :], xn, mask=m)
             xv = xn.to(tl.float32)
         wv = tl.load(gate_ptr + e[:, None] * H + h0 + h[None, :], mask=hm[None, :], other=0.0)
         acc += tl.sum(xv[:, None, :] * wv[None, :, :], axis=2)
-    tl.store(logits_ptr + t[:, None] * E + e[None, :], acc, mask=tmask)
-    tl.debug_barrier()  # every thread's stores issued before the release below
-    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    if done == tl.num_programs(0) - 1:
-        _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, scale, 0, E, K, SOFTMAX, HAS_BIAS, N_GROUP,
-                    TOPK_GROUP, NORM, N_APPENDED, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_G)
-        tl.atomic_xchg(counter_ptr, 0)
+    return acc
 
 
 def route(logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, *, score_function: str = "sigmoid",
@@ -192,6 +232,9 @@ GATE_ROUTE_MAX_TOKENS = 16  # up to here one fused launch; beyond, cuBLAS logits
 # warps (benchmarks/router_sweep.py sweeps both: on an H100 other shapes were faster alone and not in the step).
 EXPERTS_PER_PROGRAM = 2
 ROUTER_WARPS = 4
+# A row that fits one block (decode at one token): every input loaded at once (`_norm_logits_whole_row`).
+# P2M_ROUTER_WHOLE_ROW=0: the two passes (A/B runs).
+ROUTER_WHOLE_ROW = os.environ.get("P2M_ROUTER_WHOLE_ROW", "1") != "0"
 _COUNTERS: dict = {}
 
 
@@ -262,7 +305,8 @@ def _gate_route(x, norm, gate_weight, expert_bias, top_k: int, kw: dict, after=N
         BLOCK_H=block_h,
         BLOCK_T=triton.next_power_of_2(t), BLOCK_E=triton.next_power_of_2(e),
         BLOCK_K=triton.next_power_of_2(top_k + n_app), BLOCK_G=triton.next_power_of_2(n_group if grouped else 1),
-        HAS_NORM=norm is not None, PDL=pdl_flag(x), num_warps=ROUTER_WARPS)
+        HAS_NORM=norm is not None, WHOLE_ROW=ROUTER_WHOLE_ROW and block_h >= hidden, PDL=pdl_flag(x),
+        num_warps=ROUTER_WARPS)
     if after is not None:
         return normed, new_residual, weights, ids, after(normed, ids, (x, gate_weight, logits, bias, *norm_args))
     return (weights, ids) if norm is None else (normed, new_residual, weights, ids)
