@@ -259,8 +259,9 @@ def _moe_variant_check(method, variant, t, h, i):
     weights = torch.rand(t, k + 2, device=DEV)
     with poisoned():
         out = tq.moe_experts(x, w13, w2, weights, ids, num_appended=2, variant=variant)
-    cfg = tq.moe_variant(variant).gemv_config(tq.INT4, "gate_up")
-    int8_x = method.startswith("int4") and t == 1 and cfg is not None and cfg[4:] == (tq.X_INT8,)
+    v = tq.moe_variant(variant)
+    cfg = v.gemv_config(tq.INT4, "gate_up") or ()
+    int8_x = method.startswith("int4") and t == 1 and tq.X_INT8 in (v.int4_x, *cfg[4:])
     check(out, (oracle_moe_int8_x if int8_x else oracle_moe)(x, w13, w2, weights, ids), torch.bfloat16)
 
 
@@ -286,15 +287,18 @@ def test_moe_gemv_pipelined_chunks(method, xsplit, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["default", "gemv_plain", "gemv_pipe", "gemv_pipe_noxsplit", "gemv_small",
-                                     "linear_pipe", "linear_preload"])
+                                     "linear_pipe", "linear_preload", "gemv_a8"])
 @pytest.mark.parametrize("method", ["int4", "int8", "fp8-block"])
 def test_linear_gemv_variants(method, variant):
-    """A variant's "linear" GEMV (the pipelined ones: K 1536 in 3 chunks of 512), 2 tokens, a bias."""
+    """A variant's "linear" GEMV (the pipelined ones: K 1536 in 3 chunks of 512), 2 tokens, a bias (gemv_a8,
+    int4: against the oracle on x quantized as the kernel does)."""
     qw = random_qweight(method, 24, 1536)
     x = torch.randn(2, 1536, device=DEV).to(torch.bfloat16)
     bias = torch.randn(24, device=DEV).to(torch.bfloat16)
     with poisoned():
         out = tq.linear(x, qw, bias, path="gemv", variant=variant)
+    if method == "int4" and variant == "gemv_a8":
+        x, bias = tq.x_int8_reference(x, qw.group_size), bias.float()
     check(out, oracle_linear(x, qw, bias), torch.bfloat16)
 
 

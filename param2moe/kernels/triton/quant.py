@@ -645,28 +645,30 @@ def usable(x: torch.Tensor, qw: QuantizedWeight) -> bool:
             and x.device == qw.device and (x.is_cuda or INTERPRET) and _layout_ok(qw))
 
 
-def _gemv_shape(w: _W, k: int, use: str, config: tuple | None = None) -> tuple[int, int, int, int, bool]:
+def _gemv_shape(w: _W, k: int, use: str, config: tuple | None = None, x_mode: int = 0) -> tuple:
     """(BLOCK_N, num_warps, BLOCK_K, stages, xsplit) of a GEMV program from GEMV_CONFIGS' (or config's) (bytes a
     weight set, warps[, chunk, stages, xsplit]): the bytes over the stored bytes of a row's chunk (chunk:
     logical columns, 0 or absent: min(K, GEMV_CHUNK), the whole row while it fits; stages > 0: the chunk loop
-    pipelined; xsplit (int4): x in one load, split in registers (1) or quantized to int8 (2, X_INT8))."""
+    pipelined; xsplit (int4): x in one load, split in registers (1) or quantized to int8 (2, X_INT8); x_mode,
+    where not 0, in its place)."""
     budget, warps, chunk, stages, xsplit = (*(config or GEMV_CONFIGS[w.method][use]), 0, 0, False)[:5]
     block_k = min(triton.next_power_of_2(k), chunk or GEMV_CHUNK)
     if w.method in (INT4, FP8_BLOCK_SCALED):
         block_k = max(block_k, w.group)
     stored = min(k, block_k) // (2 if w.method == INT4 else 1)
-    return max(1, min(64, triton.next_power_of_2(max(1, budget // stored)))), warps, block_k, stages, int(xsplit)
+    xsplit = int(x_mode or xsplit) if w.method == INT4 else 0
+    return max(1, min(64, triton.next_power_of_2(max(1, budget // stored)))), warps, block_k, stages, xsplit
 
 
 def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x_col_stride: int = 0,
           n_pre: int = 0, col_pre: int = 0, e_pre: int = 0, t: int = 1, bias=None, pdl: bool = False, x_scale=None,
-          config: tuple | None = None, pre_norm: tuple | None = None):
+          config: tuple | None = None, pre_norm: tuple | None = None, x_mode: int = 0):
     """Launch `_qgemv_kernel` for `use` ("linear": t tokens, one column, expert 0; "gate_up" / "down": the MoE
     at one token, a column per entry of ids, the expert's rows against x (gate_up, the same row for every
     column) or row col of x (down)); N output rows (gate_up: N gate and N up rows, N results). x_scale: x is
-    fp8, with a scale per row (`act_quant`); config: instead of GEMV_CONFIGS' (see `_gemv_shape`). pre_norm:
+    fp8, with a scale per row (`act_quant`); config, x_mode: see `_gemv_shape`. pre_norm:
     (h, residual, norm_weight, eps): the n_pre columns norm their row themselves (the kernel's PRE_NORM)."""
-    block_n, num_warps, block_k, stages, xsplit = _gemv_shape(w, k, use, config)
+    block_n, num_warps, block_k, stages, xsplit = _gemv_shape(w, k, use, config, x_mode)
     wt = w.words if w.words is not None else w.qweight
     stride_oc, stride_ot = (out.stride(0), 0) if ids is not None else (0, out.stride(0))
     stride_xc, stride_xt = (x_col_stride, 0) if ids is not None else (0, x.stride(0))
@@ -678,7 +680,7 @@ def _gemv(x, w: _W, out, n: int, k: int, use: str, *, cols: int = 1, ids=None, x
         EPW=_WORD_VALUES.get(w.method, 1), GROUP=w.group, SROWS=w.srows, GATED=use == "gate_up",
         HAS_IDS=ids is not None, PRE_COLS=n_pre, HAS_BIAS=bias is not None,
         X_SCALE=0 if x_scale is None else 2 if x_col_stride else 1, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        PIPE=stages, XSPLIT=xsplit if w.method == INT4 else 0, PRE_NORM=pre_norm is not None, num_warps=num_warps,
+        PIPE=stages, XSPLIT=xsplit, PRE_NORM=pre_norm is not None, num_warps=num_warps,
         **pdl_launch(pdl))
     return out
 
@@ -773,7 +775,8 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
         config = v.gemv_config(w.method, "linear")
         if config is None and pdl and qw.qweight.numel() * qw.qweight.element_size() <= PRELOAD_MAX_BYTES:
             config = GEMV_PRELOAD[w.method]
-        return _gemv(a, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl, x_scale=a_scale, config=config)
+        return _gemv(a, w, out, n, k, "linear", t=t, bias=bias, pdl=pdl, x_scale=a_scale, config=config,
+                     x_mode=v.int4_x)
     block_m, cfg = config or linear_config(t)
     if v.linear_tiles and config is None:
         cfg = {**cfg, **v.linear_tiles}
@@ -824,6 +827,8 @@ class MoeVariant(NamedTuple):
     # unjoined step on an H100 at 8-256 tokens)
     linear_tiles: dict | None = None  # merged into `linear_config`'s GEMM config (e.g. {"BLOCK_N": 16}: more programs)
     behind_router: bool = True  # at one token: the gate/up launched behind the router (`gate_up_one_token`)
+    int4_x: int = 0  # every int4 GEMV's x (the MoE's and the linear layers'): 0 its shape's, 1 split in registers,
+    # 2 (X_INT8) quantized to int8 per group (`_gemv_shape`)
 
     def gemv_config(self, method: int, use: str) -> tuple | None:
         """Its GEMV shape for this method and use ("linear", "gate_up", "down"); None: GEMV_CONFIGS' (or, for
@@ -837,7 +842,8 @@ class MoeVariant(NamedTuple):
     def changes(self, t: int, method: int) -> bool:
         """Whether, at t tokens with weights of this method, something else runs than the default's."""
         if t == 1 and self.one_token == "gemv":  # (its "linear" entries are not the MoE's)
-            return any(self.gemv_config(method, use) for use in ("gate_up", "down"))
+            return any(self.gemv_config(method, use) for use in ("gate_up", "down")) or (method == INT4 and
+                                                                                       self.int4_x != 0)
         return t == 1 or bool(self.tiles) or self.joins_otherwise(method)
 
 
@@ -869,11 +875,10 @@ MOE_VARIANTS = {
     "linear_pipe": MoeVariant(gemv={m: {"linear": (*_PIPE_SHAPE, m == INT4)} for m in _PLAIN_GEMV}),
     "linear_preload": MoeVariant(gemv={m: {"linear": GEMV_PRELOAD[m]} for m in _PLAIN_GEMV}),  # (tests: no PDL)
     "gemv_xsplit": MoeVariant(gemv=_XSPLIT_GEMV),  # int4: x in 16-byte loads, split in registers
-    # int4 at one token: the default's pipeline with x quantized to int8 per group, 4 products an instruction
-    # (dp4a); _all: the linear layers at a few tokens too (preloaded where GEMV_PRELOAD applies)
-    "gemv_a8": MoeVariant(gemv={INT4: {use: (*_PIPE_SHAPE, X_INT8) for use in ("gate_up", "down")}}),
-    "gemv_a8_all": MoeVariant(gemv={INT4: {"gate_up": (*_PIPE_SHAPE, X_INT8), "down": (*_PIPE_SHAPE, X_INT8),
-                                           "linear": (*GEMV_PRELOAD[INT4][:4], X_INT8)}}),
+    # int4: every GEMV (the MoE at one token, the linear layers at a few tokens) with x quantized to int8 per
+    # group, 4 products an instruction (dp4a); _moe: the MoE's only
+    "gemv_a8": MoeVariant(int4_x=X_INT8),
+    "gemv_a8_moe": MoeVariant(gemv={INT4: {use: (*_PIPE_SHAPE, X_INT8) for use in ("gate_up", "down")}}),
     "mma1": MoeVariant(one_token="mma"),  # one token on the tiles: a K loop pipelined through shared memory
     "deep": MoeVariant(tiles={"num_stages": 5}),  # more K steps in flight a tile program
     "nojoin": MoeVariant(int4_join=False),  # int4 tiles: x's even and odd columns loaded apart
@@ -945,7 +950,7 @@ def runs_behind_router(x: torch.Tensor, w13: QuantizedWeight, variant: str | Non
     if not (v.behind_router and v.one_token == "gemv" and usable(x, w13) and w13.qweight.dim() == 3):
         return False
     w = _prep(w13, "w13")
-    xsplit = _gemv_shape(w, w13.shape[2], "gate_up", v.gemv_config(w.method, "gate_up"))[4]
+    xsplit = _gemv_shape(w, w13.shape[2], "gate_up", v.gemv_config(w.method, "gate_up"), v.int4_x)[4]
     return activation_mode(w.method, 1) is None and (w.method in (FP8, FP8_BLOCK_SCALED) or xsplit)
 
 
@@ -957,11 +962,10 @@ def gate_up_one_token(x: torch.Tensor, w13: QuantizedWeight, ids: torch.Tensor, 
     programs (the last n_app columns) norm that row themselves and stream their weights while the router runs
     (`_qgemv_kernel`'s PRE_NORM); the others wait for its x and ids. `moe_experts(..., started=inter)` goes on."""
     h, residual, norm_weight, eps, n_app = norm
-    w, k = _prep(w13, "w13"), ids.numel()
+    w, k, v = _prep(w13, "w13"), ids.numel(), moe_variant(variant)
     return _gemv(x, w, inter, w13.shape[1] // 2, w13.shape[2], "gate_up", cols=k, ids=ids, n_pre=n_app,
-                 col_pre=k - n_app, e_pre=w13.shape[0] - n_app, pdl=pdl,
-                 config=moe_variant(variant).gemv_config(w.method, "gate_up"),
-                 pre_norm=(h, residual, norm_weight, eps))
+                 col_pre=k - n_app, e_pre=w13.shape[0] - n_app, pdl=pdl, config=v.gemv_config(w.method, "gate_up"),
+                 pre_norm=(h, residual, norm_weight, eps), x_mode=v.int4_x)
 
 
 def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weights: torch.Tensor, ids: torch.Tensor,
@@ -1001,11 +1005,11 @@ def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weig
             a, a_scale = _activations(x, g13, act)
             _gemv(a, g13, inter, inter_size, hidden, "gate_up", cols=topk, ids=ids, n_pre=num_appended,
                   col_pre=topk - num_appended, e_pre=e - num_appended, pdl=pdl_flag(x) and act is None,
-                  x_scale=a_scale, config=v.gemv_config(g13.method, "gate_up"))
+                  x_scale=a_scale, config=v.gemv_config(g13.method, "gate_up"), x_mode=v.int4_x)
         pair_out = torch.empty(topk, hidden, dtype=x.dtype, device=x.device)
         a, a_scale = _activations(inter, g2, act)
         _gemv(a, g2, pair_out, hidden, inter_size, "down", cols=topk, ids=ids, x_col_stride=a.stride(0),
-              x_scale=a_scale, config=v.gemv_config(g13.method, "down"))
+              x_scale=a_scale, config=v.gemv_config(g13.method, "down"), x_mode=v.int4_x)
     else:
         cfg = _variant_config(config or moe_config(t, e, hidden, inter_size, topk, x.dtype, g13.method), v)
         bm = cfg["BLOCK_M"]
