@@ -212,7 +212,7 @@ def _x_operand(xr, k0, K: tl.constexpr, r_ptr, nw_ptr, rstd, METHOD: tl.constexp
     (XSPLIT == X_INT8), or nothing (the others read x themselves)."""
     if XSPLIT == X_INT8:
         xv = _x_int8(_x_chunk(xr, k0, K, r_ptr, nw_ptr, rstd, BLOCK_K, NORM), BLOCK_K, GROUP)
-    elif METHOD >= 2 or XSPLIT:
+    elif METHOD >= 2 or XSPLIT > 0:
         xv = _x_chunk(xr, k0, K, r_ptr, nw_ptr, rstd, BLOCK_K, NORM)
     else:
         xv = 0.0
@@ -238,7 +238,7 @@ def _products(raw, x_ptr, xv, k0, K: tl.constexpr, METHOD: tl.constexpr, EPW: tl
     if METHOD >= 2:  # fp8
         p = raw.to(tl.float32) * xv[None, :]
         xsum = tl.zeros((BLOCK_K // EPW,), dtype=tl.float32)
-    elif METHOD == 1 and XSPLIT:
+    elif METHOD == 1 and XSPLIT == 1:
         p, xsum = _int4_products_xsplit(raw, xv, BLOCK_N, BLOCK_K)
     else:
         p = tl.zeros((BLOCK_N, BLOCK_K // EPW), dtype=tl.float32)
@@ -328,7 +328,7 @@ def _gemv_rows(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, bias_ptr, r_ptr, nw_ptr, ep
     software pipeline of PIPE stages (Triton's tl.range: the weight loads of the next chunks in flight
     through shared memory while this one is reduced; bytes in flight no longer cost registers). XSPLIT: see
     `_row_dots`. NORM (one token, fp8 or XSPLIT): x is rms_norm(x + r) * nw (eps), computed here (`_x_chunk`)."""
-    tl.static_assert(not NORM or METHOD >= 2 or XSPLIT, "NORM: x read in contiguous chunks only")
+    tl.static_assert(not NORM or METHOD >= 2 or XSPLIT > 0, "NORM: x read in contiguous chunks only")
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     g_row = e * stride_we + n.to(tl.int64) * stride_wn
