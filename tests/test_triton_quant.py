@@ -52,9 +52,15 @@ def random_qweight(method: str, *shape: int, std: float = 1.0) -> QuantizedWeigh
     return QuantizedWeight("fp8", q, s, tuple(shape))
 
 
-def oracle_linear(x, qw, bias=None):
+def oracle_linear(x, qw, bias=None, *, path=None, variant=None):
     """F.linear on the dequantized weight, in x's dtype (bf16: the weight rounded to bf16 first, as a bf16
-    model's would be)."""
+    model's would be). Where `tq.linear(x, qw, path=path, variant=variant)` runs the int4 GEMV with x in int8
+    (`tq.gemv_x_int8`): on x quantized as the kernel quantizes it, in float64."""
+    gemv = path == "gemv" or (path is None and x.shape[0] <= tq.GEMV_MAX_TOKENS[tq.INT4])
+    if gemv and tq.gemv_x_int8(qw, "linear", variant):
+        xq = tq.x_int8_reference(x, qw.group_size).double()
+        return torch.nn.functional.linear(xq, dequantize(qw, torch.float64),
+                                          None if bias is None else bias.double()).to(x.dtype)
     return torch.nn.functional.linear(x, dequantize(qw, x.dtype), bias)
 
 
@@ -88,7 +94,7 @@ def test_linear_both_kernels_with_bias(method, path):
     bias = torch.randn(33, device=DEV).to(torch.float16)
     with poisoned():
         out = tq.linear(x, qw, bias, path=path)
-    check(out, oracle_linear(x, qw, bias), torch.float16)
+    check(out, oracle_linear(x, qw, bias, path=path), torch.float16)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "fp8-block"])
@@ -100,18 +106,18 @@ def test_linear_gemv_in_chunks_of_k(method, monkeypatch):
     x = torch.randn(2, 640, device=DEV)
     with poisoned():
         out = tq.linear(x, qw, path="gemv")
-    check(out, oracle_linear(x, qw), torch.float32)
+    check(out, oracle_linear(x, qw, path="gemv"), torch.float32)
 
 
 def test_linear_extreme_activations():
     """The int kernels scale x by powers of two up to 2^89 before the products (quant.py, `_word_value`):
-    activations from 1e-8 to 1e8 in one row stay exact in fp32."""
+    activations from 1e-8 to 1e8 in one row stay exact in fp32 (int4: x in bf16, variant gemv_a16)."""
     x = torch.randn(1, 256, device=DEV) * torch.exp2(torch.empty(1, 256, device=DEV).uniform_(-26, 26))
     for method in ("int8", "int4"):
         qw = random_qweight(method, 24, 256)
         with poisoned():
-            out = tq.linear(x, qw, path="gemv")
-        check(out, oracle_linear(x.double(), qw).float(), torch.float32)
+            out = tq.linear(x, qw, path="gemv", variant="gemv_a16")
+        check(out, oracle_linear(x.double(), qw, variant="gemv_a16").float(), torch.float32)
 
 
 def test_usable_and_errors():
@@ -153,7 +159,11 @@ def _moe_inputs(method, t, e, h, i, k, dtype, missing):
     return x, w13, w2, torch.rand(t, k, device=DEV), ids
 
 
-def oracle_moe(x, w13, w2, weights, ids):
+def oracle_moe(x, w13, w2, weights, ids, variant=None):
+    """The plain torch MoE on the dequantized weights; at one token, where the int4 GEMV takes x in int8
+    (`tq.gemv_x_int8`), `oracle_moe_int8_x`."""
+    if x.shape[0] == 1 and tq.moe_variant(variant).one_token == "gemv" and tq.gemv_x_int8(w13, "gate_up", variant):
+        return oracle_moe_int8_x(x, w13, w2, weights, ids)
     return ref_moe.moe_experts(x, dequantize(w13, x.dtype), dequantize(w2, x.dtype), weights, ids)
 
 
@@ -259,10 +269,7 @@ def _moe_variant_check(method, variant, t, h, i):
     weights = torch.rand(t, k + 2, device=DEV)
     with poisoned():
         out = tq.moe_experts(x, w13, w2, weights, ids, num_appended=2, variant=variant)
-    v = tq.moe_variant(variant)
-    cfg = v.gemv_config(tq.INT4, "gate_up") or ()
-    int8_x = method.startswith("int4") and t == 1 and tq.X_INT8 in (v.int4_x, *cfg[4:])
-    check(out, (oracle_moe_int8_x if int8_x else oracle_moe)(x, w13, w2, weights, ids), torch.bfloat16)
+    check(out, oracle_moe(x, w13, w2, weights, ids, variant), torch.bfloat16)
 
 
 @pytest.mark.parametrize("method", ["int4", "int4-g32", "fp8-block"])
@@ -287,19 +294,16 @@ def test_moe_gemv_pipelined_chunks(method, xsplit, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["default", "gemv_plain", "gemv_pipe", "gemv_pipe_noxsplit", "gemv_small",
-                                     "linear_pipe", "linear_preload", "gemv_a8"])
+                                     "linear_pipe", "linear_preload", "gemv_a16"])
 @pytest.mark.parametrize("method", ["int4", "int8", "fp8-block"])
 def test_linear_gemv_variants(method, variant):
-    """A variant's "linear" GEMV (the pipelined ones: K 1536 in 3 chunks of 512), 2 tokens, a bias (gemv_a8,
-    int4: against the oracle on x quantized as the kernel does)."""
+    """A variant's "linear" GEMV (the pipelined ones: K 1536 in 3 chunks of 512), 2 tokens, a bias."""
     qw = random_qweight(method, 24, 1536)
     x = torch.randn(2, 1536, device=DEV).to(torch.bfloat16)
     bias = torch.randn(24, device=DEV).to(torch.bfloat16)
     with poisoned():
         out = tq.linear(x, qw, bias, path="gemv", variant=variant)
-    if method == "int4" and variant == "gemv_a8":
-        x, bias = tq.x_int8_reference(x, qw.group_size), bias.float()
-    check(out, oracle_linear(x, qw, bias), torch.bfloat16)
+    check(out, oracle_linear(x, qw, bias, path="gemv", variant=variant), torch.bfloat16)
 
 
 @pytest.mark.parametrize("t", [1, 3])
@@ -322,7 +326,7 @@ def test_int4_gemv_with_x_in_int8(method, chunks, t, monkeypatch):
         ref = torch.nn.functional.linear(tq.x_int8_reference(x, qw.group_size).double(),
                                          dequantize(qw, torch.float64)).float()
         check(out, ref, torch.float32)
-        assert rel_err(out, oracle_linear(x, qw)) > 1e-4  # the oracle of x in fp32 would not pass
+        assert rel_err(out, oracle_linear(x, qw, variant="gemv_a16")) > 1e-4  # the oracle of x in fp32 would not pass
 
 
 def test_x_int8_reference():
@@ -342,7 +346,7 @@ def test_linear_tile_variants(method, variant):
     with poisoned():
         for config in (None, cfg):
             out = tq.linear(x, qw, path="mma", config=config, variant=variant)
-            check(out, oracle_linear(x, qw), torch.bfloat16)
+            check(out, oracle_linear(x, qw, path="mma"), torch.bfloat16)
 
 
 def test_moe_variant_names():
@@ -355,7 +359,7 @@ def test_moe_variant_names():
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
-@pytest.mark.parametrize("method", ["int4", "int4-a8", "fp8", "fp8-block"])
+@pytest.mark.parametrize("method", ["int4", "int4-a16", "fp8", "fp8-block"])
 def test_gate_up_launched_behind_the_router(method, chunks, monkeypatch):
     """One token, the shared expert folded in as the last 2 experts: the quantized gate/up launched behind the
     router (the shared expert's programs norm the row themselves, the routed ones read the router's row and
@@ -363,9 +367,9 @@ def test_gate_up_launched_behind_the_router(method, chunks, monkeypatch):
     chunks 2: the rows in two pipelined chunks, as Param2's (the registered shapes take these rows whole), and
     row blocks of 8 (fp8) or 16 (int4) rows, several a column."""
     h, i, e, k = 256, 128, 8, 3
-    variant = "gemv_a8" if method == "int4-a8" else None
-    xmode = tq.X_INT8 if method == "int4-a8" else True
-    method = method.removesuffix("-a8")
+    variant = "gemv_a16" if method == "int4-a16" else None
+    xmode = tq.X_SPLIT if method == "int4-a16" else tq.X_INT8
+    method = method.removesuffix("-a16")
     if chunks == 2:
         two = {m: {"gate_up": (1024, 4, 128, 3, xmode), "down": (8192, 4, 128, 2, xmode)}
                for m in (tq.INT4, tq.FP8, tq.FP8_BLOCK_SCALED)}
@@ -397,8 +401,7 @@ def test_gate_up_launched_behind_the_router(method, chunks, monkeypatch):
                            variant=f"{variant}+after_router" if variant else "after_router")
     check(pair_out, after, dtype, tight=2e-5)
     y = tri_norm.expert_sum_add_rms_norm(pair_out, w, ids, res, nw, 1e-6)[1]
-    oracle = oracle_moe_int8_x if xmode == tq.X_INT8 else oracle_moe
-    check(y, ref_norm.add_rms_norm(oracle(xn, w13, w2, w, ids), res, nw, 1e-6)[1], dtype)
+    check(y, ref_norm.add_rms_norm(oracle_moe(xn, w13, w2, w, ids, variant), res, nw, 1e-6)[1], dtype)
 
 
 def test_gate_up_behind_the_router_declines_and_checks():
@@ -533,7 +536,7 @@ def test_kernels_dispatch_quantized_weights(method):
     head = random_qweight(method, 1000, 256)
     logits = ops.logits(x, head)
     assert logits.dtype == torch.float32
-    torch.testing.assert_close(logits, x.float() @ dequantize(head).T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, oracle_linear(x.float(), head), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA")

@@ -52,19 +52,24 @@ _WORD_VALUES = {INT8: 4, INT4: 8}  # values per int32 word as the GEMV reads the
 GEMV_MAX_TOKENS = {INT8: 4, INT4: 4, FP8: 4, FP8_BLOCK_SCALED: 4}
 _GEMV_OVERRIDE = os.environ.get("P2M_QUANT_GEMV_TOKENS")
 GEMV_CHUNK = 4096  # logical columns a GEMV program holds at once (larger K: a loop of chunks, no preload)
+# int4's x in the GEMV (XSPLIT): read by value position (0), in one load split in registers (X_SPLIT), or quantized
+# to int8 per weight group in the kernel and multiplied 4 values an instruction (X_INT8: dp4a; the activations
+# as the CPU kernels and llama.cpp quantize them, `x_int8_reference`).
+X_SPLIT, X_INT8 = tl.constexpr(1), tl.constexpr(2)
 # A GEMV program: (stored bytes it loads per weight set, warps, chunk columns, pipeline stages[, xsplit]); see
-# `_gemv_shape`. Chunks of 1,024 columns through a 3-stage shared-memory pipeline keep enough bytes in flight,
-# and int4 reads x in 16-byte loads split in registers (on an H100, 2026-12-06: the int4 MoE at one token 2.1x
-# the unpipelined shape, fp8 1.26x; the variant sweeps of benchmarks/quant_gpu_bench.py, docs/quant-kernels.md).
-# The unpipelined shapes are variant "gemv_plain".
+# `_gemv_shape`. Chunks of 1,024 columns through a 3-stage shared-memory pipeline keep enough bytes in flight
+# (on an H100, 2026-12-06: the int4 MoE at one token 2.1x the unpipelined shape, fp8 1.26x; the variant sweeps of
+# benchmarks/quant_gpu_bench.py, docs/quant-kernels.md), and int4 takes x in int8: its GEMV is bound by instruction
+# issue, and dp4a cuts its loop by a third. The unpipelined shapes are variant "gemv_plain", int4's x in bf16
+# "gemv_a16".
 _PIPE_SHAPE = (4096, 4, 1024, 3)
-GEMV_CONFIGS = {m: {use: (*_PIPE_SHAPE, m == INT4) for use in ("linear", "gate_up", "down")}
+GEMV_CONFIGS = {m: {use: (*_PIPE_SHAPE, X_INT8 if m == INT4 else 0) for use in ("linear", "gate_up", "down")}
                 for m in (INT8, INT4, FP8, FP8_BLOCK_SCALED)}
 # A linear layer at a few tokens whose weight fits the GPU's programs at once (attention's qkv and output
 # projection) is instead one chunk a program, loaded BEFORE the wait for the kernel in front (PDL, as gemv.py's
 # bf16 GEMV): its bytes stream in while that kernel runs. The pipelined shape loads after the wait (on an H100 a
 # Param2 fp8 qkv added 4.3 us to a batch-1 step where the preloaded bf16 one added 1.8). Variant "linear_pipe".
-GEMV_PRELOAD = {INT8: (16384, 8), INT4: (8192, 8, 0, 0, True), FP8: (16384, 4), FP8_BLOCK_SCALED: (16384, 4)}
+GEMV_PRELOAD = {INT8: (16384, 8), INT4: (8192, 8, 0, 0, X_INT8), FP8: (16384, 4), FP8_BLOCK_SCALED: (16384, 4)}
 PRELOAD_MAX_BYTES = 32 << 20
 # fp8 weights: from this many tokens the activations are quantized to fp8 per token (dynamic, as vLLM's fp8) and
 # the tiled GEMMs multiply on the fp8 tensor cores (the MoE 1.45x weight-only at 256 tokens on an H100); below
@@ -156,8 +161,6 @@ def _int4_products_xsplit(raw, x, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     return p, ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
 
 
-# int4 with x in int8 (XSPLIT == X_INT8): x quantized per weight group, 4 products an instruction (dp4a).
-X_INT8 = tl.constexpr(2)
 _ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: y + _ROUND holds round-to-even(y) in its low bits (|y| < 2^22)
 _ROUND_BITS = tl.constexpr(0x4B400000)  # the bits of _ROUND
 _INTERP = tl.constexpr(INTERPRET)
@@ -695,6 +698,15 @@ def x_int8_reference(x: torch.Tensor, group: int) -> torch.Tensor:
     return (torch.round(xg * inv) * (amax / 127.0)).flatten(-2)
 
 
+def gemv_x_int8(qw: QuantizedWeight, use: str, variant: str | None = None) -> bool:
+    """Whether the GEMV for `use` ("linear": a few tokens; "gate_up", "down": the MoE at one token) takes x in
+    int8 (int4 weights, X_INT8): its oracle is then the product on `x_int8_reference(x)`."""
+    if qw.method != "int4":
+        return False
+    w, v = _prep(qw, "weight"), moe_variant(variant)
+    return _gemv_shape(w, qw.in_features, use, v.gemv_config(w.method, use), v.int4_x)[4] == X_INT8
+
+
 def _mma_block_k(w: _W, block_k: int, join: bool = False) -> int:
     """A tiled step's BLOCK_K: within a scale group or block (the joined int4 step spans several groups)."""
     if w.method == FP8_BLOCK_SCALED or (w.method == INT4 and not join):
@@ -857,7 +869,7 @@ _PLAIN_GEMV = {INT8: {"linear": (16384, 8), "gate_up": (8192, 8), "down": (16384
 # MLP's down at one token (N 2048) keeps 256 programs.
 _PIPE_GEMV = {m: {"gate_up": (2048, 4, 512, 4), "down": (2048, 4, 512, 4), "linear": (2048, 4, 512, 4)}
               for m in _PLAIN_GEMV}
-_XSPLIT_GEMV = {INT4: {use: (*cfg, 0, 0, True) for use, cfg in _PLAIN_GEMV[INT4].items()}}
+_XSPLIT_GEMV = {INT4: {use: (*cfg, 0, 0, X_SPLIT) for use, cfg in _PLAIN_GEMV[INT4].items()}}
 _SMALL_GEMV = {INT4: {"gate_up": (2048, 4), "down": (4096, 4), "linear": (2048, 4)},
                FP8: {"gate_up": (4096, 4), "down": (8192, 4), "linear": (4096, 4)},
                FP8_BLOCK_SCALED: {"gate_up": (4096, 4), "down": (8192, 4), "linear": (4096, 4)}}
@@ -875,10 +887,9 @@ MOE_VARIANTS = {
     "linear_pipe": MoeVariant(gemv={m: {"linear": (*_PIPE_SHAPE, m == INT4)} for m in _PLAIN_GEMV}),
     "linear_preload": MoeVariant(gemv={m: {"linear": GEMV_PRELOAD[m]} for m in _PLAIN_GEMV}),  # (tests: no PDL)
     "gemv_xsplit": MoeVariant(gemv=_XSPLIT_GEMV),  # int4: x in 16-byte loads, split in registers
-    # int4: every GEMV (the MoE at one token, the linear layers at a few tokens) with x quantized to int8 per
-    # group, 4 products an instruction (dp4a); _moe: the MoE's only
-    "gemv_a8": MoeVariant(int4_x=X_INT8),
-    "gemv_a8_moe": MoeVariant(gemv={INT4: {use: (*_PIPE_SHAPE, X_INT8) for use in ("gate_up", "down")}}),
+    # int4: every GEMV (the MoE at one token, the linear layers at a few tokens) with x in bf16, split in registers
+    # (weight-only: the products of the dequantized weights with x as it comes)
+    "gemv_a16": MoeVariant(int4_x=X_SPLIT),
     "mma1": MoeVariant(one_token="mma"),  # one token on the tiles: a K loop pipelined through shared memory
     "deep": MoeVariant(tiles={"num_stages": 5}),  # more K steps in flight a tile program
     "nojoin": MoeVariant(int4_join=False),  # int4 tiles: x's even and odd columns loaded apart
