@@ -17,7 +17,8 @@ int4 (group 128), fp8 (per channel), fp8-block (128 x 128).
    random), so that neither launch gaps nor the L2 flatter a call. Each row: microseconds a call, the bytes it
    must read (weights of the experts its routing touches, scales included, and the activations) over the
    copy bandwidth = the floor, the share of that floor, the speed-up over bf16, and the error against torch
-   on the dequantized weights (asserted: < 1e-2 relative; 1.5e-1 where the activations are rounded to fp8).
+   on the dequantized weights (asserted: < 1e-2 relative; 1.5e-1 where the activations are rounded to fp8, 4e-2
+   where int4's GEMV takes them in int8).
    Variants: the GEMV and the tiled GEMM forced at 1 and 8 tokens; fp8's other activation mode at each T
    ("w8a8": fp8 activations where the default keeps bf16, "wo": weight-only where it rounds them); --variants:
    quant.MOE_VARIANTS beside the default; unless --quick, sweeps of unpipelined GEMV shapes (GEMV_CANDS, in
@@ -289,9 +290,11 @@ def run_case(op, method, t, variant="default", check=True, label=None):
         row["share_of_floor"] = row["floor_us"] / row["us"]
     if check:
         row["rel_err"] = rel_err(fns[0](), oracle())
-        # the interpreter rounds bf16 toward zero; w8a8 rounds the activations to fp8 too (the oracle does not)
+        # the interpreter rounds bf16 toward zero; w8a8 rounds the activations to fp8 too, and int4's GEMV at a few
+        # tokens takes x in int8 (quant.X_INT8, ~0.5% of a row at random), where the oracle keeps bf16
         row["fp8_act"] = fp8_activations(op, method, t, variant)
-        row["ok"] = row["rel_err"] < (1.5e-1 if row["fp8_act"] else 4e-2 if DRY else 1e-2)
+        int8_x = method == "int4" and t <= tq.GEMV_MAX_TOKENS[tq.INT4] and variant != "mma"
+        row["ok"] = row["rel_err"] < (1.5e-1 if row["fp8_act"] else 4e-2 if DRY or int8_x else 1e-2)
     return row
 
 
