@@ -168,17 +168,18 @@ def oracle_moe(x, w13, w2, weights, ids, variant=None):
 
 
 def oracle_moe_int8_x(x, w13, w2, weights, ids):
-    """One token's int4 MoE with x in int8 (variant gemv_a8): the oracle on the dequantized weights (float64)
-    with the gate/up's x and the down's x (the intermediate, rounded to x's dtype) quantized as the kernel
-    quantizes them (`tq.x_int8_reference`)."""
+    """One token's int4 MoE with x in int8 (the GEMV's X_INT8): the oracle on the dequantized weights (float64)
+    with the gate/up's x and the down's x quantized as the kernel quantizes them (`tq.x_int8_reference`), and
+    the roundings to x's dtype where the torch MoE has them (gate and up, silu, their product, each down row)."""
     g = w13.group_size
     w13d, w2d = dequantize(w13, torch.float64), dequantize(w2, torch.float64)
-    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for t, k in zip(*torch.nonzero(ids >= 0, as_tuple=True)):
         e = ids[t, k]
-        gate, up = (w13d[e] @ tq.x_int8_reference(x[t:t + 1], g)[0].double()).chunk(2)
-        inter = (torch.nn.functional.silu(gate) * up).to(x.dtype)
-        out[t] += weights[t, k].double() * (w2d[e] @ tq.x_int8_reference(inter[None], g)[0].double())
+        gate_up = (tq.x_int8_reference(x[t:t + 1], g).double() @ w13d[e].T).to(x.dtype)
+        act = ref_moe.silu_and_mul(gate_up)
+        y = (tq.x_int8_reference(act, g).double() @ w2d[e].T).to(x.dtype)
+        out[t] += weights[t, k].float() * y[0].float()
     return out.to(x.dtype)
 
 
