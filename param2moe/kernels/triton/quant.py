@@ -890,6 +890,11 @@ MOE_VARIANTS = {
     # int4: every GEMV (the MoE at one token, the linear layers at a few tokens) with x in bf16, split in registers
     # (weight-only: the products of the dequantized weights with x as it comes)
     "gemv_a16": MoeVariant(int4_x=X_SPLIT),
+    # int4 at one token: 16 rows a program (the x quantization shared by twice the rows), 4 or 8 warps; 4 stages
+    "a8_n16": MoeVariant(gemv={INT4: {use: (8192, 4, 1024, 3, X_INT8) for use in ("gate_up", "down")}}),
+    "a8_n16w8": MoeVariant(gemv={INT4: {use: (8192, 8, 1024, 3, X_INT8) for use in ("gate_up", "down")}}),
+    "a8_n32": MoeVariant(gemv={INT4: {use: (16384, 4, 1024, 3, X_INT8) for use in ("gate_up", "down")}}),
+    "a8_s4": MoeVariant(gemv={INT4: {use: (4096, 4, 1024, 4, X_INT8) for use in ("gate_up", "down")}}),
     "mma1": MoeVariant(one_token="mma"),  # one token on the tiles: a K loop pipelined through shared memory
     "deep": MoeVariant(tiles={"num_stages": 5}),  # more K steps in flight a tile program
     "nojoin": MoeVariant(int4_join=False),  # int4 tiles: x's even and odd columns loaded apart
