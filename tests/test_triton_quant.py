@@ -159,10 +159,22 @@ def _moe_inputs(method, t, e, h, i, k, dtype, missing):
     return x, w13, w2, torch.rand(t, k, device=DEV), ids
 
 
+def moe_int8_x(x, w13, variant=None) -> bool:
+    """Whether tq.moe_experts runs x [T, H] through the int4 GEMV with x in int8 (one token, `tq.gemv_x_int8`)."""
+    return x.shape[0] == 1 and tq.moe_variant(variant).one_token == "gemv" and tq.gemv_x_int8(w13, "gate_up", variant)
+
+
+def moe_loose(x, w13, variant=None) -> float:
+    """check()'s bf16 tolerance against oracle_moe: 3e-2 where the down's x goes to int8 (an intermediate value one
+    bf16 step off the oracle's, the GPU's exp being approximate, moves its group's int8 grid: differences of the
+    quantization's own size, ~1% on random weights; a wrong scale or offset is far larger), else check's 8e-3."""
+    return 3e-2 if moe_int8_x(x, w13, variant) else 8e-3
+
+
 def oracle_moe(x, w13, w2, weights, ids, variant=None):
     """The plain torch MoE on the dequantized weights; at one token, where the int4 GEMV takes x in int8
-    (`tq.gemv_x_int8`), `oracle_moe_int8_x`."""
-    if x.shape[0] == 1 and tq.moe_variant(variant).one_token == "gemv" and tq.gemv_x_int8(w13, "gate_up", variant):
+    (`moe_int8_x`), `oracle_moe_int8_x`."""
+    if moe_int8_x(x, w13, variant):
         return oracle_moe_int8_x(x, w13, w2, weights, ids)
     return ref_moe.moe_experts(x, dequantize(w13, x.dtype), dequantize(w2, x.dtype), weights, ids)
 
@@ -191,7 +203,7 @@ def test_moe_experts(method, case, dtype):
     x, w13, w2, weights, ids = _moe_inputs(method, t, e, h, i, k, dtype, missing)
     with poisoned():
         out = tq.moe_experts(x, w13, w2, weights, ids, config=cfg)
-    check(out, oracle_moe(x, w13, w2, weights, ids), dtype, tight=2e-5)
+    check(out, oracle_moe(x, w13, w2, weights, ids), dtype, tight=2e-5, loose=moe_loose(x, w13))
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
@@ -270,7 +282,7 @@ def _moe_variant_check(method, variant, t, h, i):
     weights = torch.rand(t, k + 2, device=DEV)
     with poisoned():
         out = tq.moe_experts(x, w13, w2, weights, ids, num_appended=2, variant=variant)
-    check(out, oracle_moe(x, w13, w2, weights, ids, variant), torch.bfloat16)
+    check(out, oracle_moe(x, w13, w2, weights, ids, variant), torch.bfloat16, loose=moe_loose(x, w13, variant))
 
 
 @pytest.mark.parametrize("method", ["int4", "int4-g32", "fp8-block"])
@@ -402,7 +414,8 @@ def test_gate_up_launched_behind_the_router(method, chunks, monkeypatch):
                            variant=f"{variant}+after_router" if variant else "after_router")
     check(pair_out, after, dtype, tight=2e-5)
     y = tri_norm.expert_sum_add_rms_norm(pair_out, w, ids, res, nw, 1e-6)[1]
-    check(y, ref_norm.add_rms_norm(oracle_moe(xn, w13, w2, w, ids, variant), res, nw, 1e-6)[1], dtype)
+    check(y, ref_norm.add_rms_norm(oracle_moe(xn, w13, w2, w, ids, variant), res, nw, 1e-6)[1], dtype,
+          loose=moe_loose(xn, w13, variant))
 
 
 def test_gate_up_behind_the_router_declines_and_checks():
@@ -506,7 +519,7 @@ def test_param2_shapes(method, t):
     x, w13, w2, weights, ids = _moe_inputs(method, t, 66, 2048, 2048, 8, torch.bfloat16, False)
     with poisoned():
         out = tq.moe_experts(x, w13, w2, weights, ids, act="keep")
-    check(out, oracle_moe(x, w13, w2, weights, ids), torch.bfloat16)
+    check(out, oracle_moe(x, w13, w2, weights, ids), torch.bfloat16, loose=moe_loose(x, w13))
     qw = random_qweight(method, 3072, 2048)
     with poisoned():
         y = tq.linear(x, qw, act="keep")
@@ -527,13 +540,13 @@ def test_kernels_dispatch_quantized_weights(method):
     weights = torch.cat([weights, torch.ones(1, 2, device=DEV)], dim=1)
     y = ops.moe_experts(x, w13, w2, weights, ids, unsummed=True, num_appended=2)
     assert isinstance(y, ExpertOutputs)
-    check(ref_norm_mod.expert_sum(*y), oracle_moe(x, w13, w2, weights, ids), torch.bfloat16)
+    check(ref_norm_mod.expert_sum(*y), oracle_moe(x, w13, w2, weights, ids), torch.bfloat16, loose=moe_loose(x, w13))
     gate_up, down = random_qweight(method, 2 * 384, 256), random_qweight(method, 256, 384)
     y = ops.mlp(x, gate_up, down, unsummed=True)
     assert isinstance(y, ExpertOutputs)
     one, zero = torch.ones(1, 1, device=DEV), torch.zeros(1, 1, dtype=torch.long, device=DEV)
     check(ref_norm_mod.expert_sum(*y), oracle_moe(x, tq.one_expert(gate_up), tq.one_expert(down), one, zero),
-          torch.bfloat16)
+          torch.bfloat16, loose=moe_loose(x, tq.one_expert(gate_up)))
     head = random_qweight(method, 1000, 256)
     logits = ops.logits(x, head)
     assert logits.dtype == torch.float32
@@ -565,5 +578,5 @@ def test_cuda_graph_capture(method):
     torch.cuda.synchronize()
     check(outs[0], oracle_linear(xs[0], qw), torch.bfloat16)
     check(outs[1], oracle_linear(xs[1], qw), torch.bfloat16)
-    check(outs[2], oracle_moe(xs[2], w13, w2, wts[0], ids[0]), torch.bfloat16)
+    check(outs[2], oracle_moe(xs[2], w13, w2, wts[0], ids[0]), torch.bfloat16, loose=moe_loose(xs[2], w13))
     check(outs[3], oracle_moe(xs[3], w13, w2, wts[1], ids[1]), torch.bfloat16)
