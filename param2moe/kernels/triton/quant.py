@@ -14,9 +14,11 @@ never each weight. Two kernels, the two shapes of the bf16 ones (gemv.py, moe.py
   once, and reduces them against each token's row. It serves linear layers at a few tokens (with PDL: the
   rows are loaded before waiting for the kernel in front, as gemv.py does) and, at one token, the MoE's
   experts (gate/up with SiLU-and-mul, then down; an expert per column of ids, as moe.py's ONE_TOKEN path).
-  int8 / int4 rows are read as int32 words and each value masked in place and read as a subnormal float
-  (`_word_value`), not converted (int-to-float is a quarter-rate instruction on Hopper: at 3 TB/s of
-  int4 an SM must make ~26 values a clock).
+  int8 / int4 rows are read as int32 words. int4 (by default) quantizes x to int8 per weight group in the
+  kernel and multiplies four values an instruction in integers (`_x_int8`, `_int4_dots_int8`: dp4a); int8
+  (and int4 with x in bf16) masks each value in place and reads it as a subnormal float (`_word_value`), not
+  converted (int-to-float is a quarter-rate instruction on Hopper: at 3 TB/s of int4 an SM must make ~26
+  values a clock).
 - `_qmm_kernel`, tiled tensor-core GEMM: weight tiles converted to the activation dtype (int8, int4 and fp8
   values are exact in bf16) and multiplied by the scales in fp32 after the MMA (per K step for group / block
   scales). Linear layers at more tokens, and the fused MoE's two GEMMs on moe.py's expert-aligned slots
