@@ -173,6 +173,34 @@ def test_slow_grammar_fails_alone(checkpoint):
         assert len(out.token_ids) == 4
 
 
+def test_a_grammar_done_before_its_callback_does_not_deadlock(llm):
+    """A compile that finishes before `compile` registers its clean-up (xgrammar's cache answers at once) runs the
+    callback in the calling thread: it must not wait for the lock `compile` holds (it once did, and a request
+    hung the engine). Made certain here: the pool hands back futures already done."""
+    import threading
+    from concurrent.futures import Future
+
+    compiler = llm.llm_engine.structured.compiler
+
+    def done_at_once(fn, *args):
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
+    real_submit = compiler._pool.submit
+    compiler._pool.submit = done_at_once
+    result = []
+    try:
+        worker = threading.Thread(target=lambda: result.append(compiler.compile(StructuredOutputsParams(regex="a+b"))),
+                                  daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+    finally:
+        compiler._pool.submit = real_submit
+    assert not worker.is_alive(), "compile() deadlocked on its own lock"
+    assert result and result[0] is not None and not compiler._inflight
+
+
 # ------------------------------------------------------------------------------------------ outputs
 def test_json_schema_outputs_are_valid(llm):
     outs = llm.generate(["Give me a person:"] * 24, [constrained(COMPACT, s) for s in range(24)], use_tqdm=False)

@@ -77,9 +77,11 @@ class GrammarCompiler:
         key = params.key()
         with self._lock:
             future = self._inflight.get(key)
-            if future is None:
+            fresh = future is None
+            if fresh:
                 future = self._inflight[key] = self._pool.submit(self._compile, params)
-                future.add_done_callback(lambda _: self._forget(key))
+        if fresh:  # outside the lock: a future already done (a cached grammar) runs the callback here, at once
+            future.add_done_callback(lambda _: self._forget(key))
         try:
             return future.result(timeout=self.timeout)
         except FutureTimeout:
