@@ -5,6 +5,8 @@ dots use wgmma. Costs no device time: run it before a GPU call to drop configs t
 
     python benchmarks/aot_check.py            # the configs benchmarks/gpu_kernels.py would sweep
     python benchmarks/aot_check.py --committed  # only the committed tables / defaults
+    python benchmarks/aot_check.py --quant --only qgemv   # the quantized GEMVs, with each one's inner loop:
+                                                          # the instructions a thread issues per chunk (SASS)
 
 How: JITFunction.run is replaced by a compile-only version that specialises the arguments as the real
 launcher would (CPU tensors stand in for CUDA ones: 16-byte aligned pointers, ints divisible by 16)
@@ -51,6 +53,17 @@ def _loads(ptx: str) -> str:
     return " ".join(f"{k}x{v}" for k, v in sorted(counts.items()))
 
 
+def _inner_loop(sass: str) -> int:
+    """Instructions in the kernel's longest innermost loop (sm_90 SASS: a backward branch's body holding no other
+    backward branch), the work a thread issues per trip of a GEMV's chunk loop; 0 without a loop."""
+    ins = [(int(m[1], 16), m[2]) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(m[1], 16), a) for a, text in ins if (m := re.search(r"BRA (0x[0-9a-f]+)", text))
+             and int(m[1], 16) < a]
+    inner = [(lo, hi) for lo, hi in loops if not any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi)
+                                                     for lo2, hi2 in loops)]
+    return max((sum(lo <= a <= hi for a, _ in ins) for lo, hi in inner), default=0)
+
+
 def _compile_only(self, *args, grid, warmup, **kwargs):
     kwargs["debug"] = kwargs.get("debug", self.debug)
     binder = _jit.create_function_from_signature(self.signature, self.params, BACKEND)
@@ -70,6 +83,7 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
         f.write(k.asm["cubin"])
         f.flush()
         ru = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
     line = next((ln.strip() for ln in ru.splitlines() if "REG:" in ln), "")
     fields = dict(p.split(":") for p in line.split() if ":" in p)
     ptx = k.asm["ptx"]
@@ -80,7 +94,8 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
                    "warps": options.num_warps, "stages": options.num_stages, "regs": int(fields.get("REG", -1)),
                    "stack": int(fields.get("STACK", -1)), "smem": k.metadata.shared,
                    "cp_async": "cp.async" in ptx, "tma": "cp.async.bulk" in ptx, "wgmma": "wgmma" in ptx,
-                   "loads": _loads(ptx), "label": LABEL[0], "grid": grid if isinstance(grid, tuple) else None,
+                   "loads": _loads(ptx), "loop": _inner_loop(sass), "label": LABEL[0],
+                   "grid": grid if isinstance(grid, tuple) else None,
                    "secs": round(time.time() - t, 2)}
     return None
 
@@ -196,7 +211,7 @@ QUANT_CONSTS = ("K", "METHOD", "GATED", "BLOCK_M", "BLOCK_N", "BLOCK_K", "JOIN",
 def print_report(only: str, quant: bool = False):
     if quant:
         print(f"{'first use':<22} {'kern':<4} {'consts':<84} {'w':>2} {'s':>2} {'regs':>4} {'stack':>5} {'smem':>6} "
-              f"{'grid':>6} global loads (bytes an instruction x instructions)")
+              f"{'grid':>6} {'loop':>5} global loads (bytes an instruction x instructions)")
     else:
         print(f"{'kernel':<22} {'consts':<70} {'w':>2} {'s':>2} {'regs':>4} {'stack':>5} {'smem':>6} pipe wgmma")
     for r in REPORT.values():
@@ -209,7 +224,8 @@ def print_report(only: str, quant: bool = False):
         if quant:
             c = " ".join(f"{k_}={int(v) if isinstance(v, bool) else v}" for k_, v in c.items() if k_ in QUANT_CONSTS)
             print(f"{r['label']:<22} {r['kernel'][1:5]:<4} {c[:84]:<84} {r['warps']:>2} {r['stages']:>2} "
-                  f"{r['regs']:>4} {r['stack']:>5} {r['smem']:>6} {str(r['grid'] and r['grid'][0]):>6} {r['loads']}")
+                  f"{r['regs']:>4} {r['stack']:>5} {r['smem']:>6} {str(r['grid'] and r['grid'][0]):>6} {r['loop']:>5} "
+                  f"{r['loads']}")
             continue
         print(f"{r['kernel'][:22]:<22} {str(c)[:70]:<70} {r['warps']:>2} {r['stages']:>2} {r['regs']:>4} "
               f"{r['stack']:>5} {r['smem']:>6} {'y' if r['cp_async'] else '-':>4} {'y' if r['wgmma'] else '-':>5}")

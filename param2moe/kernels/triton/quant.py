@@ -245,7 +245,7 @@ def _products(raw, x_ptr, xv, k0, K: tl.constexpr, METHOD: tl.constexpr, EPW: tl
     if METHOD >= 2:  # fp8
         p = raw.to(tl.float32) * xv[None, :]
         xsum = tl.zeros((BLOCK_K // EPW,), dtype=tl.float32)
-    elif METHOD == 1 and XSPLIT == 1:
+    elif METHOD == 1 and XSPLIT == X_SPLIT:
         p, xsum = _int4_products_xsplit(raw, xv, BLOCK_N, BLOCK_K)
     else:
         p = tl.zeros((BLOCK_N, BLOCK_K // EPW), dtype=tl.float32)
@@ -658,7 +658,7 @@ def _gemv_shape(w: _W, k: int, use: str, config: tuple | None = None, x_mode: in
     logical columns, 0 or absent: min(K, GEMV_CHUNK), the whole row while it fits; stages > 0: the chunk loop
     pipelined; xsplit (int4): x in one load, split in registers (1) or quantized to int8 (2, X_INT8); x_mode,
     where not 0, in its place)."""
-    budget, warps, chunk, stages, xsplit = (*(config or GEMV_CONFIGS[w.method][use]), 0, 0, False)[:5]
+    budget, warps, chunk, stages, xsplit = (*(config or GEMV_CONFIGS[w.method][use]), 0, 0, 0)[:5]
     block_k = min(triton.next_power_of_2(k), chunk or GEMV_CHUNK)
     if w.method in (INT4, FP8_BLOCK_SCALED):
         block_k = max(block_k, w.group)
