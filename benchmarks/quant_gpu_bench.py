@@ -273,13 +273,11 @@ def fp8_activations(op, method, t, variant) -> bool:
 
 
 def int8_activations(op, t, variant, w) -> bool:
-    """Whether the int4 row's GEMV takes x in int8 (quant.gemv_x_int8: the MoE at one token, a linear layer at up to
-    GEMV_MAX_TOKENS tokens unless its tiles are forced)."""
-    moe = op in ("moe", "mlp")
-    if variant == "mma" or t > (1 if moe else tq.GEMV_MAX_TOKENS[tq.INT4]):
-        return False
+    """Whether the int4 row runs the GEMV with x in int8 (quant.gemv_x_int8, given the call make_calls makes)."""
     name = variant.get("variant") if isinstance(variant, dict) else None
-    return tq.gemv_x_int8(w[0] if moe else w, "gate_up" if moe else "linear", name)
+    if op in ("moe", "mlp"):
+        return tq.gemv_x_int8(w[0], "gate_up", name, t=t)
+    return tq.gemv_x_int8(w, "linear", name, t=t, path=variant if variant in ("gemv", "mma") else None)
 
 
 def run_case(op, method, t, variant="default", check=True, label=None):

@@ -56,8 +56,7 @@ def oracle_linear(x, qw, bias=None, *, path=None, variant=None):
     """F.linear on the dequantized weight, in x's dtype (bf16: the weight rounded to bf16 first, as a bf16
     model's would be). Where `tq.linear(x, qw, path=path, variant=variant)` runs the int4 GEMV with x in int8
     (`tq.gemv_x_int8`): on x quantized as the kernel quantizes it, in float64."""
-    gemv = path == "gemv" or (path is None and x.shape[0] <= tq.GEMV_MAX_TOKENS[tq.INT4])
-    if gemv and tq.gemv_x_int8(qw, "linear", variant):
+    if tq.gemv_x_int8(qw, "linear", variant, t=x.shape[0], path=path):
         xq = tq.x_int8_reference(x, qw.group_size).double()
         return torch.nn.functional.linear(xq, dequantize(qw, torch.float64),
                                           None if bias is None else bias.double()).to(x.dtype)
@@ -160,8 +159,8 @@ def _moe_inputs(method, t, e, h, i, k, dtype, missing):
 
 
 def moe_int8_x(x, w13, variant=None) -> bool:
-    """Whether tq.moe_experts runs x [T, H] through the int4 GEMV with x in int8 (one token, `tq.gemv_x_int8`)."""
-    return x.shape[0] == 1 and tq.moe_variant(variant).one_token == "gemv" and tq.gemv_x_int8(w13, "gate_up", variant)
+    """Whether tq.moe_experts runs x [T, H] through the int4 GEMV with x in int8 (`tq.gemv_x_int8`)."""
+    return tq.gemv_x_int8(w13, "gate_up", variant, t=x.shape[0])
 
 
 def moe_loose(x, w13, variant=None) -> float:
@@ -169,6 +168,11 @@ def moe_loose(x, w13, variant=None) -> float:
     bf16 step off the oracle's, the GPU's exp being approximate, moves its group's int8 grid: differences of the
     quantization's own size, ~1% on random weights; a wrong scale or offset is far larger), else check's 8e-3."""
     return 3e-2 if moe_int8_x(x, w13, variant) else 8e-3
+
+
+def check_moe(out, x, w13, w2, weights, ids, dtype, variant=None, **kw):
+    """check() of a moe_experts output against `oracle_moe`, at `moe_loose`'s bf16 tolerance."""
+    check(out, oracle_moe(x, w13, w2, weights, ids, variant), dtype, loose=moe_loose(x, w13, variant), **kw)
 
 
 def oracle_moe(x, w13, w2, weights, ids, variant=None):
@@ -203,7 +207,7 @@ def test_moe_experts(method, case, dtype):
     x, w13, w2, weights, ids = _moe_inputs(method, t, e, h, i, k, dtype, missing)
     with poisoned():
         out = tq.moe_experts(x, w13, w2, weights, ids, config=cfg)
-    check(out, oracle_moe(x, w13, w2, weights, ids), dtype, tight=2e-5, loose=moe_loose(x, w13))
+    check_moe(out, x, w13, w2, weights, ids, dtype, tight=2e-5)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
@@ -282,7 +286,7 @@ def _moe_variant_check(method, variant, t, h, i):
     weights = torch.rand(t, k + 2, device=DEV)
     with poisoned():
         out = tq.moe_experts(x, w13, w2, weights, ids, num_appended=2, variant=variant)
-    check(out, oracle_moe(x, w13, w2, weights, ids, variant), torch.bfloat16, loose=moe_loose(x, w13, variant))
+    check_moe(out, x, w13, w2, weights, ids, torch.bfloat16, variant)
 
 
 @pytest.mark.parametrize("method", ["int4", "int4-g32", "fp8-block"])
@@ -519,7 +523,7 @@ def test_param2_shapes(method, t):
     x, w13, w2, weights, ids = _moe_inputs(method, t, 66, 2048, 2048, 8, torch.bfloat16, False)
     with poisoned():
         out = tq.moe_experts(x, w13, w2, weights, ids, act="keep")
-    check(out, oracle_moe(x, w13, w2, weights, ids), torch.bfloat16, loose=moe_loose(x, w13))
+    check_moe(out, x, w13, w2, weights, ids, torch.bfloat16)
     qw = random_qweight(method, 3072, 2048)
     with poisoned():
         y = tq.linear(x, qw, act="keep")
@@ -540,13 +544,12 @@ def test_kernels_dispatch_quantized_weights(method):
     weights = torch.cat([weights, torch.ones(1, 2, device=DEV)], dim=1)
     y = ops.moe_experts(x, w13, w2, weights, ids, unsummed=True, num_appended=2)
     assert isinstance(y, ExpertOutputs)
-    check(ref_norm_mod.expert_sum(*y), oracle_moe(x, w13, w2, weights, ids), torch.bfloat16, loose=moe_loose(x, w13))
+    check_moe(ref_norm_mod.expert_sum(*y), x, w13, w2, weights, ids, torch.bfloat16)
     gate_up, down = random_qweight(method, 2 * 384, 256), random_qweight(method, 256, 384)
     y = ops.mlp(x, gate_up, down, unsummed=True)
     assert isinstance(y, ExpertOutputs)
     one, zero = torch.ones(1, 1, device=DEV), torch.zeros(1, 1, dtype=torch.long, device=DEV)
-    check(ref_norm_mod.expert_sum(*y), oracle_moe(x, tq.one_expert(gate_up), tq.one_expert(down), one, zero),
-          torch.bfloat16, loose=moe_loose(x, tq.one_expert(gate_up)))
+    check_moe(ref_norm_mod.expert_sum(*y), x, tq.one_expert(gate_up), tq.one_expert(down), one, zero, torch.bfloat16)
     head = random_qweight(method, 1000, 256)
     logits = ops.logits(x, head)
     assert logits.dtype == torch.float32
@@ -578,5 +581,5 @@ def test_cuda_graph_capture(method):
     torch.cuda.synchronize()
     check(outs[0], oracle_linear(xs[0], qw), torch.bfloat16)
     check(outs[1], oracle_linear(xs[1], qw), torch.bfloat16)
-    check(outs[2], oracle_moe(xs[2], w13, w2, wts[0], ids[0]), torch.bfloat16, loose=moe_loose(xs[2], w13))
-    check(outs[3], oracle_moe(xs[3], w13, w2, wts[1], ids[1]), torch.bfloat16)
+    check_moe(outs[2], xs[2], w13, w2, wts[0], ids[0], torch.bfloat16)
+    check_moe(outs[3], xs[3], w13, w2, wts[1], ids[1], torch.bfloat16)

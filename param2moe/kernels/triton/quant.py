@@ -702,13 +702,15 @@ def x_int8_reference(x: torch.Tensor, group: int) -> torch.Tensor:
     return (torch.round(xg * inv) * (amax / 127.0)).flatten(-2)
 
 
-def gemv_x_int8(qw: QuantizedWeight, use: str, variant: str | None = None) -> bool:
-    """Whether the GEMV for `use` ("linear": a few tokens; "gate_up", "down": the MoE at one token) takes x in
-    int8 (int4 weights, X_INT8): its oracle is then the product on `x_int8_reference(x)`."""
+def gemv_x_int8(qw: QuantizedWeight, use: str, variant: str | None = None, *, t: int = 1,
+                path: str | None = None) -> bool:
+    """Whether a call at t tokens with this weight runs the int4 GEMV with x in int8 (X_INT8): `linear` ("linear";
+    path as linear's) or `moe_experts` ("gate_up", "down"). Its oracle is then the product on `x_int8_reference(x)`."""
     if qw.method != "int4":
         return False
     w, v = _prep(qw, "weight"), moe_variant(variant)
-    return _gemv_shape(w, qw.in_features, use, v.gemv_config(w.method, use), v.int4_x)[4] == X_INT8
+    gemv = _linear_path(w, t, path) == "gemv" if use == "linear" else v.one_token_gemv(t)
+    return gemv and bool(_gemv_shape(w, qw.in_features, use, v.gemv_config(w.method, use), v.int4_x)[4] == X_INT8)
 
 
 def _mma_block_k(w: _W, block_k: int, join: bool = False) -> int:
@@ -760,6 +762,11 @@ def gemv_max_tokens(w: _W) -> int:
     return int(_GEMV_OVERRIDE) if _GEMV_OVERRIDE else GEMV_MAX_TOKENS[w.method]
 
 
+def _linear_path(w: _W, t: int, path: str | None) -> str:
+    """The kernel `linear` runs at t tokens: "gemv" or "mma" (path, where given, forces it)."""
+    return path or ("gemv" if t <= gemv_max_tokens(w) else "mma")
+
+
 def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, out_dtype=None,
            act: str | None = None, path: str | None = None, config: tuple[int, dict] | None = None,
            variant: str | None = None) -> torch.Tensor:
@@ -786,7 +793,7 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
     act = activation_mode(w.method, t, act, head=out_dtype not in (None, x.dtype))
     a, a_scale = _activations(x, w, act)
     v = moe_variant(variant)
-    if (path or ("gemv" if t <= gemv_max_tokens(w) else "mma")) == "gemv":
+    if _linear_path(w, t, path) == "gemv":
         pdl = pdl_flag(x) and k <= GEMV_CHUNK
         config = v.gemv_config(w.method, "linear")
         if config is None and pdl and qw.qweight.numel() * qw.qweight.element_size() <= PRELOAD_MAX_BYTES:
@@ -851,13 +858,17 @@ class MoeVariant(NamedTuple):
         a linear layer, GEMV_PRELOAD's where that applies)."""
         return (self.gemv or {}).get(method, {}).get(use)
 
+    def one_token_gemv(self, t: int) -> bool:
+        """Whether the MoE at t tokens runs the GEMV (one token, an expert per column of ids), not the tiles."""
+        return t == 1 and self.one_token == "gemv"
+
     def joins_otherwise(self, method: int) -> bool:
         """Whether its int4 tiles step otherwise than the default's (int4 weights only)."""
         return method == INT4 and self.int4_join != MoeVariant._field_defaults["int4_join"]
 
     def changes(self, t: int, method: int) -> bool:
         """Whether, at t tokens with weights of this method, something else runs than the default's."""
-        if t == 1 and self.one_token == "gemv":  # (its "linear" entries are not the MoE's)
+        if self.one_token_gemv(t):  # (its "linear" entries are not the MoE's)
             return any(self.gemv_config(method, use) for use in ("gate_up", "down")) or (method == INT4 and
                                                                                        self.int4_x != 0)
         return t == 1 or bool(self.tiles) or self.joins_otherwise(method)
@@ -1013,10 +1024,11 @@ def moe_experts(x: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight, weig
     weights = weights if weights.stride(-1) == 1 else weights.contiguous()
     g13, g2 = _prep(w13, "w13"), _prep(w2, "w2")
     act = activation_mode(g13.method, t, act)
-    if started is not None and (t != 1 or v.one_token != "gemv" or tuple(started.shape) != (topk, inter_size)):
+    gemv = v.one_token_gemv(t)
+    if started is not None and (not gemv or tuple(started.shape) != (topk, inter_size)):
         raise ValueError(f"moe_experts: started {list(started.shape)} is one token's gate/up [k={topk}, "
                          f"I={inter_size}], for the one-token GEMV (here {t} tokens, one_token={v.one_token!r})")
-    if t == 1 and v.one_token == "gemv":  # matrix-vector products, an expert per column of ids (moe.py's ONE_TOKEN)
+    if gemv:  # matrix-vector products, an expert per column of ids (moe.py's ONE_TOKEN)
         inter = started
         if inter is None:
             inter = torch.empty(topk, inter_size, dtype=x.dtype, device=x.device)
